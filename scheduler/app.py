@@ -1,0 +1,69 @@
+"""The Celery app, configured for long GPU jobs (see DESIGN.md, "Celery for long GPU jobs").
+
+Producers and workers share this module; it holds no model code. Workers register the task
+``reprise.generate`` from ``workers.tasks``; producers send it by name.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from scheduler.settings import ClusterSettings, get_settings
+
+GENERATE_TASK = "reprise.generate"
+
+
+def make_app(settings: ClusterSettings | None = None) -> Celery:
+    s = settings or get_settings()
+    app = Celery("reprise", broker=s.redis_url, backend=s.backend_url)
+    transport = {
+        "visibility_timeout": s.visibility_timeout_s,  # must exceed the longest job, or it runs twice
+        "queue_order_strategy": "priority",  # Redis honours message priorities only with this
+        "priority_steps": list(range(10)),
+        "sep": ":",
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        result_expires=s.result_expires_s,
+        task_acks_late=True,  # a job whose worker dies is redelivered, not lost
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,  # a typed failure (bad request) is final: never retried
+        worker_prefetch_multiplier=1,  # each device slot reserves one job at a time
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=s.soft_time_limit_s,
+        task_time_limit=s.hard_time_limit_s,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_default_priority=5,
+        task_inherit_parent_priority=True,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": s.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_default_queue=f"{s.queue_prefix}.{s.default_model}",
+        task_queues=[Queue(f"{s.queue_prefix}.{s.default_model}")],
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+_default: Celery | None = None
+
+
+def get_app() -> Celery:
+    """The process's app, made on first use so that settings read the environment as it is then."""
+    global _default
+    if _default is None:
+        _default = make_app()
+    return _default
+
+
+def __getattr__(name: str):
+    if name == "app":  # `celery -A scheduler.app` finds the app here
+        return get_app()
+    raise AttributeError(name)

@@ -1,0 +1,66 @@
+"""Typed errors a caller can catch. Celery rebuilds them on the client from (module, type, args),
+so every class takes only JSON-friendly positional arguments and keeps them in ``args``."""
+
+from __future__ import annotations
+
+
+class RepriseError(Exception):
+    """Base of every error Reprise returns to a caller."""
+
+    code = "reprise_error"
+
+    def __init__(self, message: str, details: list | dict | None = None):
+        super().__init__(message, details)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(RepriseError):
+    """The request broke the schema's bounds; ``details`` lists each field's problem. Never retried."""
+
+    code = "invalid_request"
+
+
+class UnknownModel(InvalidRequest):
+    """No worker serves the requested model."""
+
+    code = "unknown_model"
+
+
+class SizeOverLimit(InvalidRequest):
+    """Width or height beyond what the model serves."""
+
+    code = "size_over_limit"
+
+
+class JobCancelled(RepriseError):
+    """The job was cancelled (revoked) before it finished."""
+
+    code = "cancelled"
+
+
+class JobTimeout(RepriseError):
+    """The job ran past its time limit (or the caller's wait timed out)."""
+
+    code = "timeout"
+
+
+class ArtifactWriteError(RepriseError):
+    """The image could not be written to the artifact store (full, read-only, unreachable)."""
+
+    code = "artifact_write_failed"
+
+
+class JobFailed(RepriseError):
+    """Any other failure inside a worker."""
+
+    code = "job_failed"
+
+
+def error_payload(exc: BaseException) -> dict:
+    """The machine-readable form the CLI prints with --json."""
+    code = getattr(exc, "code", "job_failed")
+    return {"error": code, "type": type(exc).__name__, "message": str(exc), "details": getattr(exc, "details", None)}

@@ -1,0 +1,199 @@
+"""The request and result of one generation: declared once, with bounds and descriptions.
+
+Validation, the published JSON schema (`reprise schema`), the CLI's options and the README's
+field table all derive from these models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scheduler.errors import InvalidRequest
+
+SCHEMA_VERSION = "1.0"
+
+SCHEDULERS = ("ddim", "euler", "dpmpp_2m")
+MAX_PROMPT_CHARS = 2000
+MAX_SIDE = 2048
+MAX_SEED = 2**32 - 1
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class FeatureCacheOptions(BaseModel):
+    """Caches inside one request (U-Net work skipped between steps). None means the worker's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["off", "deepcache", "block", "recommended"] | None = Field(
+        None, description="Feature cache to use: off, deepcache, block (block caching), recommended (the project's profile)."
+    )
+    deepcache_interval: int | None = Field(None, ge=1, le=20, description="DeepCache: full U-Net every N steps.")
+    deepcache_branch: int | None = Field(None, ge=0, le=12, description="DeepCache: skip branch id (0 = shallowest).")
+    deepcache_schedule: Literal["uniform", "nonuniform"] | None = Field(
+        None, description="DeepCache: where the full steps fall."
+    )
+    block_delta: float | None = Field(
+        None, gt=0, le=10, description="Block caching: accumulated relative change that forces a recompute."
+    )
+    text_memo: bool = Field(True, description="Reuse the text encoder's output for a prompt seen before.")
+
+
+class CacheOptions(BaseModel):
+    """Which caches this request may use, and whether its result may serve other tenants."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exact: bool = Field(True, description="Return a stored image for an identical earlier request.")
+    approximate: bool = Field(True, description="Resume from a similar prompt's stored noise state.")
+    write: bool = Field(True, description="Store this generation's states and image for later requests.")
+    share: bool = Field(False, description="Let other tenants reuse this result (their own requests must allow shared).")
+    use_shared: bool = Field(True, description="Accept entries other tenants shared.")
+    isolate_timing: bool = Field(
+        False, description="Pad cache hits to the time of a miss so timing reveals nothing (costs the speed-up)."
+    )
+    feature: FeatureCacheOptions = Field(default_factory=FeatureCacheOptions)
+
+
+class GenerationRequest(BaseModel):
+    """One text-to-image job."""
+
+    model_config = ConfigDict(extra="forbid", title="GenerationRequest")
+
+    schema_version: Literal["1.0"] = Field(SCHEMA_VERSION, description="Version of this schema.")
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; chosen and returned when absent.")
+    steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="Image width in pixels; the model's default when absent.")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent.")
+    scheduler: Literal["ddim", "euler", "dpmpp_2m"] = Field("ddim", description="Sampler.")
+    model: str = Field("tiny", pattern=_NAME, description="Model name a worker serves (see `reprise models`).")
+    priority: int = Field(5, ge=0, le=9, description="0 runs first, 9 last.")
+    tenant: str = Field("public", pattern=_NAME, description="Who asked; cache entries are scoped to it.")
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        if "\x00" in value:
+            raise ValueError("prompt contains a NUL character")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("negative_prompt contains a NUL character")
+        return value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("guidance_scale must be finite")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes_together(self) -> "GenerationRequest":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        return self
+
+
+class FeatureReport(BaseModel):
+    method: str = "off"
+    full_unet_passes: int = 0
+    partial_unet_passes: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheReport(BaseModel):
+    hit: Literal["exact", "approximate", "miss", "off"] = "miss"
+    k: int | None = Field(None, description="Steps skipped by resuming from a stored state (approximate hits).")
+    similarity: float | None = None
+    source_id: str | None = Field(None, description="Cache entry the hit came from.")
+    generation: int | None = Field(None, description="Cache generation of the model at lookup time.")
+    steps_computed: int = 0
+    steps_saved: int = 0
+    lookup_ms: float | None = None
+    note: str | None = Field(None, description="Why the cache was skipped, when it was.")
+    feature: FeatureReport = Field(default_factory=FeatureReport)
+
+
+class Timings(BaseModel):
+    queue_wait_s: float = 0.0
+    load_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+
+class GenerationResult(BaseModel):
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    job_id: str
+    image_uri: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    model: str
+    model_version: str
+    device: str
+    worker: str
+    timings: Timings
+    cache: CacheReport
+
+
+def parse_request(data: Any) -> GenerationRequest:
+    """Validate raw input (dict or JSON text) into a request, or raise InvalidRequest listing every problem."""
+    try:
+        if isinstance(data, (str, bytes)):
+            return GenerationRequest.model_validate_json(data)
+        if isinstance(data, GenerationRequest):
+            return data
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"a request must be a JSON object, got {type(data).__name__}", [])
+        return GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(request)", "problem": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+        raise InvalidRequest(f"invalid request: {summary}", problems) from None
+
+
+def request_json_schema() -> dict:
+    """The published, versioned JSON schema of a request (and of the result)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Reprise generation",
+        "version": SCHEMA_VERSION,
+        "request": GenerationRequest.model_json_schema(),
+        "result": GenerationResult.model_json_schema(),
+    }
+
+
+def queue_for(model: str, prefix: str = "reprise") -> str:
+    if not re.match(_NAME, model):
+        raise InvalidRequest(f"bad model name {model!r}", [{"field": "model", "problem": "bad name"}])
+    return f"{prefix}.{model}"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,287 @@
+"""Loading a text-to-image model onto one device: diffusers' components, nothing per job.
+
+A model is a diffusers-format directory, a Hugging Face id, or one of the built-ins below, which are
+assembled offline from configs with seeded random weights (no download is possible on CI machines):
+
+- ``tiny``: SD-1.5-shaped (CLIP text encoder → cross-attention U-Net → VAE), very small; tests, demo.
+- ``sd15-small``: SD 1.5's U-Net block structure with channels (64, 128, 256, 256); benchmarks.
+- ``sd15``: SD 1.5's full U-Net configuration (860M parameters), random weights; GPU timing.
+- ``shapes``: the trained pixel-space model shipped in ``workers/models/shapes`` (see ops/shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("reprise.models")
+# .to(dtype) on a model built in-process prints a float32-modules notice on every load: not useful here.
+logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+
+SHIPPED_DIR = Path(__file__).parent / "models"
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclass
+class ModelSpec:
+    """Static facts about a model that the scheduler side may need (published to Redis by workers)."""
+
+    name: str
+    default_size: int
+    max_size: int
+    pixel_space: bool = False
+
+
+@dataclass
+class Components:
+    """One model's components on one device."""
+
+    name: str
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any | None
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    spec: ModelSpec
+    fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return (self.latent_channels, height // f, width // f)
+
+
+# --- the offline tokenizer -----------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # transformers 5 no longer exports this mapping; it is GPT-2's reversible byte → printable char table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def byte_level_tokenizer(max_length: int = 77):
+    """A CLIPTokenizer over the 256 byte symbols (no merges): every prompt tokenises, offline."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder = Path(tempfile.mkdtemp(prefix="reprise-tok-"))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+# --- built-in random-weight models ---------------------------------------------------------------
+
+SD15_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+)
+
+BUILTINS: dict[str, dict] = {
+    "tiny": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        ),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vae_channels=(8, 16, 16, 16),
+        spec=ModelSpec("tiny", default_size=64, max_size=512),
+    ),
+    "sd15-small": dict(
+        unet=dict(SD15_UNET, block_out_channels=(64, 128, 256, 256), cross_attention_dim=128, norm_num_groups=32),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+        vae_channels=(8, 16, 16, 16),
+        spec=ModelSpec("sd15-small", default_size=256, max_size=512),
+    ),
+    "sd15": dict(
+        unet=dict(SD15_UNET),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        vae_channels=(128, 256, 512, 512),
+        spec=ModelSpec("sd15", default_size=512, max_size=1024),
+    ),
+}
+
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def _build_builtin(name: str, seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    recipe = BUILTINS[name]
+    with _BUILD_LOCK:  # the global RNG is seeded per build: keep concurrent builds apart
+        torch.manual_seed(seed)
+        tokenizer = byte_level_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer.get_vocab()),
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **recipe["text"],
+            )
+        )
+        size = recipe["spec"].default_size
+        unet = UNet2DConditionModel(sample_size=size // 8, in_channels=4, out_channels=4, **recipe["unet"])
+        ch = recipe["vae_channels"]
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(ch),
+            up_block_types=("UpDecoderBlock2D",) * len(ch),
+            block_out_channels=ch,
+            latent_channels=4,
+            norm_num_groups=min(8, ch[0]) if ch[0] < 32 else 32,
+            sample_size=size,
+        )
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        scheduler_config=dict(SD_SCHEDULER_CONFIG),
+        spec=recipe["spec"],
+    )
+
+
+def _load_directory(path: Path, name: str) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise FileNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    extra = index.get("reprise", {})
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    vae_entry = index.get("vae") or [None, None]
+    vae = AutoencoderKL.from_pretrained(path / "vae") if vae_entry[0] and (path / "vae").exists() else None
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    pixel_space = vae is None
+    factor = 1 if pixel_space else 2 ** (len(vae.config.block_out_channels) - 1)
+    default_size = int(extra.get("default_size", unet.config.sample_size * factor))
+    spec = ModelSpec(
+        name=name,
+        default_size=default_size,
+        max_size=int(extra.get("max_size", max(default_size * 2, 64))),
+        pixel_space=pixel_space,
+    )
+    return dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=scheduler_config, spec=spec
+    )
+
+
+def resolve_model(model: str) -> tuple[str, Path | None]:
+    """(served name, directory or None for a built-in / hub id)."""
+    if model in BUILTINS:
+        return model, None
+    if (SHIPPED_DIR / model / "model_index.json").exists():
+        return model, SHIPPED_DIR / model
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve().name, path.resolve()
+    return model.replace("/", "--"), None
+
+
+def fingerprint(parts: dict) -> str:
+    """A short hash of everything that changes outputs: configs and every weight."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(parts["scheduler_config"]), sort_keys=True, default=str).encode())
+    for key in ("text_encoder", "unet", "vae"):
+        module = parts.get(key)
+        if module is None:
+            continue
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        # Keys such as "_use_default_values" are bookkeeping (and unordered): leave them out.
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(parts["tokenizer"].get_vocab(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def load_components(model: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Components:
+    """Load a model onto a device once: fp16 on CUDA, fp32 on the CPU, unless ``dtype`` says otherwise."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    name, directory = resolve_model(model)
+    if model in BUILTINS:
+        parts = _build_builtin(model)
+    elif directory is not None:
+        parts = _load_directory(directory, name)
+    else:
+        parts = _load_from_hub(model, name)
+    fp = fingerprint(parts)
+    for key in ("text_encoder", "unet", "vae"):
+        if parts.get(key) is not None:
+            parts[key] = parts[key].to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Components(name=name, device=device, dtype=dtype, fingerprint=fp, **parts)
+
+
+def _load_from_hub(model_id: str, name: str) -> dict:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(model_id, allow_patterns=["*.json", "*.txt", "*.safetensors"], local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+    except Exception as exc:  # offline machines: say what to do instead
+        raise FileNotFoundError(
+            f"model {model_id!r} is neither a built-in ({', '.join(BUILTINS)}), a shipped model, a local directory, "
+            f"nor downloadable here ({type(exc).__name__}). Pass a diffusers directory with --model."
+        ) from None
+    return _load_directory(Path(local), name)

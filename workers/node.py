@@ -1,0 +1,140 @@
+"""One worker node: every device of the machine served from one process.
+
+Why one process: an embedded Qdrant (the default cache) can be opened by one process only, and
+CUDA must never be touched before a fork. So the node loads one pipeline per device in this
+process, then runs Celery's thread pool with one slot per device; PyTorch releases the GIL inside
+its kernels, so the devices run in parallel. With a Qdrant server (QDRANT_URL) a node may instead
+run one process per GPU (`reprise worker --devices cuda:1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import torch
+
+from scheduler.registry import ModelRegistry
+from scheduler.settings import ClusterSettings
+from workers.artifacts import ArtifactStore
+from workers.models import load_components
+from workers.sampler import DenoiseLoop
+from workers.service import Device, DevicePool, GenerationService
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("reprise.worker")
+
+
+def parse_devices(spec: str) -> list[str]:
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    for name in names:
+        if name == "cpu" or name == "sim" or name.startswith("sim:"):
+            continue
+        if name.startswith("cuda"):
+            index = int(name.split(":")[1]) if ":" in name else 0
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(f"device {name} is not available here (CUDA devices: {torch.cuda.device_count()})")
+            continue
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, sim or cuda:N")
+    if not names:
+        raise ValueError("no devices given")
+    return names
+
+
+def build_service(
+    worker: WorkerSettings,
+    cluster: ClusterSettings,
+    redis_client=None,
+    cache=None,
+    open_cache: bool = True,
+) -> GenerationService:
+    """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
+    names = parse_devices(worker.devices)
+    devices = []
+    memo = _text_memo(worker)
+    for name in names:
+        t = time.perf_counter()
+        if name.startswith("sim"):
+            from workers.sim import load_sim_components
+
+            components = load_sim_components(worker.model, worker.sim_step_ms, worker.sim_latent_size)
+        else:
+            components = load_components(worker.model, name)
+        log.info("loaded %s on %s in %.1fs (version %s)", components.name, name, time.perf_counter() - t, components.fingerprint)
+        devices.append(Device(name=name, loop=DenoiseLoop(components, text_memo=memo)))
+    model_name = devices[0].loop.c.name
+    registry = ModelRegistry(redis_client, cluster.queue_prefix) if redis_client is not None else None
+    if registry is not None:
+        registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
+    if cache is None and open_cache and worker.cache_enabled:
+        cache = _open_cache(redis_client)
+    defaults = {"method": worker.feature_profile}
+    service = GenerationService(
+        model_name,
+        DevicePool(devices),
+        ArtifactStore(worker.artifact_url),
+        cache=cache,
+        registry=registry,
+        feature_defaults=defaults,
+        writeback_queue=worker.writeback_queue,
+    )
+    service.text_memo = memo
+    if worker.warmup:
+        for device in devices:
+            spec = device.loop.c.spec
+            device.loop.denoise(prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size)
+    return service
+
+
+def _text_memo(worker: WorkerSettings):
+    if worker.text_memo_entries <= 0:
+        return None
+    from workers.text_memo import TextEmbeddingMemo
+
+    return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
+
+
+def _open_cache(redis_client):
+    from cache import CacheSettings, LatentCache
+
+    return LatentCache.open(CacheSettings(), redis=redis_client)
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the model's entry in the registry alive while this node serves it."""
+
+    def __init__(self, registry: ModelRegistry, model: str, info: dict, every_s: float):
+        super().__init__(name="reprise-heartbeat", daemon=True)
+        self.registry, self.model, self.info, self.every_s = registry, model, info, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.registry.announce(self.model, self.info, ttl_s=self.every_s * 3)
+            except Exception as exc:  # Redis restarting: try again next beat
+                log.warning("heartbeat failed: %s", exc)
+            self.stopped.wait(self.every_s)
+
+
+def node_info(service: GenerationService, queue: str) -> dict:
+    c = service.components
+    return {
+        "model": service.model_name,
+        "model_version": c.fingerprint,
+        "queue": queue,
+        "devices": [d.name for d in service.pool.devices],
+        "default_size": c.spec.default_size,
+        "max_size": c.spec.max_size,
+        "size_multiple": max(8, c.vae_scale_factor),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,317 @@
+"""One node's generation service: validate → exact lookup → approximate lookup → denoise → decode →
+store → write back. A plain object (no Celery in here), so it is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from scheduler.errors import JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
+from scheduler.schema import CacheReport, FeatureReport, GenerationRequest, GenerationResult, Timings, parse_request
+from workers.artifacts import ArtifactStore
+from workers.models import Components
+from workers.sampler import DenoiseLoop, StopRequested
+
+log = logging.getLogger("reprise.worker")
+
+
+@dataclass
+class JobContext:
+    """What the queue tells the service about one job, and how the service talks back."""
+
+    job_id: str
+    queued_at: float | None = None
+    on_progress: Callable[[int, int], None] | None = None
+    is_cancelled: Callable[[], bool] | None = None
+    deadline: float | None = None  # time.time() past which the job stops at its next step
+
+
+@dataclass
+class Device:
+    name: str
+    loop: DenoiseLoop
+    jobs_done: int = 0
+    busy_s: float = 0.0
+
+
+class DevicePool:
+    """Each device runs one job at a time; a job borrows a free device for its whole run."""
+
+    def __init__(self, devices: list[Device]):
+        self.devices = devices
+        self._free: queue.Queue[Device] = queue.Queue()
+        for d in devices:
+            self._free.put(d)
+
+    def acquire(self) -> Device:
+        return self._free.get()
+
+    def release(self, device: Device) -> None:
+        self._free.put(device)
+
+
+@dataclass
+class StepTimer:
+    """Moving average of seconds per denoising step: used to pad cache hits for timing isolation."""
+
+    per_step_s: float | None = None
+    decode_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, steps: int, denoise_s: float, decode_s: float) -> None:
+        if steps <= 0:
+            return
+        with self.lock:
+            s = denoise_s / steps
+            self.per_step_s = s if self.per_step_s is None else 0.8 * self.per_step_s + 0.2 * s
+            self.decode_s = 0.8 * self.decode_s + 0.2 * decode_s
+
+    def miss_time(self, steps: int) -> float:
+        return (self.per_step_s or 0.0) * steps + self.decode_s
+
+
+class GenerationService:
+    def __init__(
+        self,
+        model_name: str,
+        pool: DevicePool,
+        artifacts: ArtifactStore,
+        cache=None,  # cache.LatentCache or None
+        registry=None,  # scheduler.registry.ModelRegistry or None
+        feature_defaults: dict | None = None,
+        writeback_queue: int = 64,
+        hostname: str | None = None,
+    ):
+        self.model_name = model_name
+        self.pool = pool
+        self.artifacts = artifacts
+        self.cache = cache
+        self.registry = registry
+        self.feature_defaults = feature_defaults or {"method": "off"}
+        self.hostname = hostname or socket.gethostname()
+        self.timer = StepTimer()
+        self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
+        self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
+        self.counters: dict[str, int] = {"jobs": 0, "exact": 0, "approximate": 0, "miss": 0, "writeback_failed": 0, "writeback_dropped": 0}
+
+    @property
+    def components(self) -> Components:
+        return self.pool.devices[0].loop.c
+
+    # --- validation ---------------------------------------------------------------------------
+    def validate(self, payload: Any) -> tuple[GenerationRequest, int, int]:
+        request = parse_request(payload)
+        if request.model != self.model_name:
+            raise UnknownModel(
+                f"this worker serves {self.model_name!r}, not {request.model!r}",
+                [{"field": "model", "problem": f"not served here (serves {self.model_name})"}],
+            )
+        spec = self.components.spec
+        width = request.width or spec.default_size
+        height = request.height or spec.default_size
+        factor = self.components.vae_scale_factor
+        problems = []
+        for side, value in (("width", width), ("height", height)):
+            if value > spec.max_size:
+                problems.append({"field": side, "problem": f"{value} is over {self.model_name}'s limit of {spec.max_size}"})
+            elif value % factor:
+                problems.append({"field": side, "problem": f"{value} is not a multiple of {factor} for {self.model_name}"})
+        if problems:
+            raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
+        return request, width, height
+
+    # --- one job ------------------------------------------------------------------------------
+    def run(self, payload: Any, job: JobContext) -> GenerationResult:
+        started = time.time()
+        request, width, height = self.validate(payload)
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
+        queue_wait = max(0.0, started - job.queued_at) if job.queued_at else 0.0
+        device = self.pool.acquire()
+        try:
+            result = self._run_on(device, request, seed, width, height, job, started, queue_wait)
+        finally:
+            self.pool.release(device)
+        self.counters["jobs"] += 1
+        self.counters[result.cache.hit if result.cache.hit in self.counters else "miss"] += 1
+        return result
+
+    def _run_on(self, device: Device, request, seed, width, height, job: JobContext, started, queue_wait) -> GenerationResult:
+        loop = device.loop
+        c = loop.c
+        steps = request.steps
+        report = CacheReport(hit="off" if self.cache is None else "miss")
+        use_cache = self.cache is not None and (request.cache.exact or request.cache.approximate or request.cache.write)
+        key = vector = None
+        start_latents, start_step = None, 0
+
+        if use_cache:
+            key, report.generation = self._cache_key(request, seed, width, height)
+            t = time.perf_counter()
+            if request.cache.exact:
+                hit = self.cache.lookup_exact(key, allow_shared=request.cache.use_shared)
+                if hit is not None and self.artifacts.exists(hit.image_uri):
+                    uri = hit.image_uri
+                    if hit.tenant != request.tenant:
+                        uri = self.artifacts.copy_for(hit.image_uri, request.tenant, job.job_id)
+                    self.cache.record_hit(hit.entry_id, 0)
+                    report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, steps
+                    report.lookup_ms = (time.perf_counter() - t) * 1000
+                    self._pad_for_isolation(request, started)
+                    return self._result(job, request, seed, width, height, uri, device, report, started, queue_wait, 0.0, 0.0, time.time() - started)
+            if request.cache.approximate or request.cache.write:
+                vector = self.cache.embed(request.prompt)
+            if request.cache.approximate and vector is not None:
+                ahit = self.cache.lookup_approx(key, vector, allow_shared=request.cache.use_shared)
+                if ahit is not None and 0 < ahit.k < steps:
+                    start_latents = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
+                    start_step = ahit.k
+                    self.cache.record_hit(ahit.entry_id, ahit.k)
+                    report.hit, report.k, report.similarity, report.source_id = "approximate", ahit.k, float(ahit.similarity), ahit.entry_id
+            report.lookup_ms = (time.perf_counter() - t) * 1000
+
+        prep_s = time.time() - started  # device, lookups and state fetch: the job's "load" time
+        capture = self.cache.state_steps(steps) if use_cache and request.cache.write else []
+        capture = [k for k in capture if k > start_step]
+        runner = self._unet_runner(c, request, steps, start_step)
+
+        def should_stop() -> bool:
+            if job.is_cancelled is not None and job.is_cancelled():
+                raise JobCancelled(f"job {job.job_id} was cancelled")
+            if job.deadline is not None and time.time() > job.deadline:
+                raise JobTimeout(f"job {job.job_id} ran past its time limit")
+            return False
+
+        try:
+            out = loop.denoise(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=seed,
+                steps=steps,
+                guidance_scale=request.guidance_scale,
+                width=width,
+                height=height,
+                scheduler=request.scheduler,
+                start_latents=start_latents,
+                start_step=start_step,
+                capture_at=capture,
+                unet_runner=runner,
+                on_step=job.on_progress,
+                should_stop=should_stop,
+            )
+        except StopRequested as exc:  # should_stop raised its own typed error before this could
+            raise JobCancelled(str(exc)) from None
+        t = time.perf_counter()
+        image = loop.decode(out.latents)
+        decode_s = time.perf_counter() - t
+        self.timer.observe(out.steps_computed, out.denoise_s, decode_s)
+        report.steps_computed = out.steps_computed
+        report.steps_saved = steps - out.steps_computed
+        if runner is not None and hasattr(runner, "report"):
+            report.feature = FeatureReport(**runner.report())
+        metadata = {"request": request.model_dump(mode="json"), "seed": seed, "model_version": c.fingerprint, "job_id": job.job_id}
+        uri = self.artifacts.write_png(image, request.tenant, job.job_id, metadata)
+        device.jobs_done += 1
+        if use_cache and request.cache.write and out.captured and vector is not None:
+            self._schedule_writeback(key, vector, out.captured, uri, request.cache.share)
+        if report.hit == "approximate":
+            self._pad_for_isolation(request, started)
+        return self._result(job, request, seed, width, height, uri, device, report, started, queue_wait, out.denoise_s, decode_s, prep_s)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _cache_key(self, request: GenerationRequest, seed: int, width: int, height: int):
+        from cache import CacheKey
+
+        generation = self.registry.generation(self.model_name) if self.registry is not None else 0
+        key = CacheKey(
+            model=self.model_name,
+            model_version=self.components.fingerprint,
+            generation=generation,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=seed,
+            steps=request.steps,
+            guidance=request.guidance_scale,
+            width=width,
+            height=height,
+            scheduler=request.scheduler,
+            tenant=request.tenant,
+        )
+        return key, generation
+
+    def _unet_runner(self, components, request: GenerationRequest, steps: int, start_step: int):
+        options = request.cache.feature.model_dump()
+        method = options.get("method") or self.feature_defaults.get("method", "off")
+        if method == "off":
+            return None
+        from workers.feature_cache import make_unet_runner
+
+        return make_unet_runner(components, options, self.feature_defaults, steps=steps, start_step=start_step)
+
+    def _pad_for_isolation(self, request: GenerationRequest, started: float) -> None:
+        if not request.cache.isolate_timing:
+            return
+        remaining = self.timer.miss_time(request.steps) - (time.time() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def _schedule_writeback(self, key, vector, captured: dict, uri: str, shareable: bool) -> None:
+        if not self._writeback_slots.acquire(blocking=False):
+            self.counters["writeback_dropped"] += 1
+            log.warning("write-back queue full: dropping the states of %s", key.prompt[:40])
+            return
+        states = {k: v[0].float().cpu().numpy() for k, v in captured.items()}
+
+        def write() -> None:
+            try:
+                if not self.cache.write_back(key, vector, states, uri, shareable):
+                    self.counters["writeback_failed"] += 1
+            except Exception:  # a failed write-back never fails a job
+                self.counters["writeback_failed"] += 1
+                log.exception("cache write-back failed")
+            finally:
+                self._writeback_slots.release()
+
+        self._writeback.submit(write)
+
+    def drain_writebacks(self, timeout: float = 30.0) -> None:
+        """Wait for pending write-backs (tests, shutdown)."""
+        self._writeback.submit(lambda: None).result(timeout=timeout)
+
+    def _result(self, job, request, seed, width, height, uri, device, report, started, queue_wait, denoise_s, decode_s, load_s):
+        total = time.time() - started
+        return GenerationResult(
+            job_id=job.job_id,
+            image_uri=uri,
+            seed=seed,
+            width=width,
+            height=height,
+            steps=request.steps,
+            model=self.model_name,
+            model_version=self.components.fingerprint,
+            device=device.name,
+            worker=self.hostname,
+            timings=Timings(
+                queue_wait_s=round(queue_wait, 4),
+                load_s=round(load_s, 4),
+                denoise_s=round(denoise_s, 4),
+                decode_s=round(decode_s, 4),
+                total_s=round(total + queue_wait, 4),
+            ),
+            cache=report,
+        )
+
+    def close(self) -> None:
+        self._writeback.shutdown(wait=True)
+        if self.cache is not None:
+            self.cache.close()

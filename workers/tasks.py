@@ -1,0 +1,87 @@
+"""The Celery side of a worker: thin tasks that validate, call the service, and record the result."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import bootsteps
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.worker import state as worker_state
+
+from scheduler.app import GENERATE_TASK, get_app
+from scheduler.errors import JobCancelled, JobTimeout
+from workers.service import GenerationService, JobContext
+
+log = logging.getLogger("reprise.worker")
+app = get_app()
+
+_service: GenerationService | None = None
+_redis = None
+_progress_interval_s = 0.2
+
+
+def install(service: GenerationService, redis_client, progress_interval_s: float) -> None:
+    global _service, _redis, _progress_interval_s
+    _service, _redis, _progress_interval_s = service, redis_client, progress_interval_s
+
+
+def _cancelled(job_id: str) -> bool:
+    if job_id in worker_state.revoked:
+        return True
+    try:
+        return bool(_redis is not None and _redis.exists(f"reprise:cancel:{job_id}"))
+    except Exception:  # Redis briefly away: keep going, the revoke broadcast is still checked
+        return False
+
+
+@app.task(name=GENERATE_TASK, bind=True)
+def generate(self, *args, **kwargs):
+    payload = args[0] if args and not kwargs else kwargs
+    job_id = self.request.id
+    headers = self.request.headers or {}
+    queued_at = headers.get("reprise_queued_at") or getattr(self.request, "reprise_queued_at", None)
+    last = [0.0]
+
+    def on_progress(step: int, total: int) -> None:
+        now = time.monotonic()
+        if step == total or now - last[0] >= _progress_interval_s:
+            last[0] = now
+            self.update_state(state="PROGRESS", meta={"step": step, "total": total, "phase": "denoise"})
+
+    soft = self.request.timelimit[1] if self.request.timelimit and self.request.timelimit[1] else app.conf.task_soft_time_limit
+    job = JobContext(
+        job_id=job_id,
+        queued_at=float(queued_at) if queued_at else None,
+        on_progress=on_progress,
+        is_cancelled=lambda: _cancelled(job_id),
+        deadline=time.time() + float(soft) if soft else None,
+    )
+    try:
+        result = _service.run(payload, job)
+    except JobCancelled as exc:
+        self.backend.mark_as_revoked(job_id, reason=str(exc), request=self.request)
+        raise Ignore() from None
+    except SoftTimeLimitExceeded:
+        raise JobTimeout(f"job {job_id} ran past its time limit") from None
+    return result.model_dump(mode="json")
+
+
+class NodeInfo(bootsteps.StartStopStep):
+    """Adds the node's model, devices, queue and jobs done to `celery inspect stats` (Flower shows it)."""
+
+    def info(self, worker):
+        if _service is None:
+            return {}
+        return {
+            "reprise": {
+                "model": _service.model_name,
+                "model_version": _service.components.fingerprint,
+                "devices": {d.name: {"jobs_done": d.jobs_done} for d in _service.pool.devices},
+                "queue": getattr(worker, "reprise_queue", None),
+                "jobs": dict(_service.counters),
+            }
+        }
+
+
+app.steps["worker"].add(NodeInfo)
