@@ -14,6 +14,22 @@ from scheduler.settings import ClusterSettings, get_settings
 GENERATE_TASK = "reprise.generate"
 
 
+def route_generation(name, args, kwargs, options, task=None, **kw):
+    """Send each generation to its model's queue, so `send_task` callers need not name a queue."""
+    if name != GENERATE_TASK:
+        return None
+    payload = kwargs or (args[0] if args and isinstance(args[0], dict) else {})
+    model = payload.get("model") if isinstance(payload, dict) else None
+    s = get_settings()
+    if not isinstance(model, str) or not model:
+        model = s.default_model
+    route = {"queue": f"{s.queue_prefix}.{model}"}
+    priority = payload.get("priority") if isinstance(payload, dict) else None
+    if isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 9:
+        route["priority"] = priority
+    return route
+
+
 def make_app(settings: ClusterSettings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("reprise", broker=s.redis_url, backend=s.backend_url)
@@ -22,6 +38,8 @@ def make_app(settings: ClusterSettings | None = None) -> Celery:
         "queue_order_strategy": "priority",  # Redis honours message priorities only with this
         "priority_steps": list(range(10)),
         "sep": ":",
+        "unacked_restore_interval": s.restore_interval_s,
+        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         task_serializer="json",
@@ -48,6 +66,7 @@ def make_app(settings: ClusterSettings | None = None) -> Celery:
         task_default_queue=f"{s.queue_prefix}.{s.default_model}",
         task_queues=[Queue(f"{s.queue_prefix}.{s.default_model}")],
         worker_hijack_root_logger=False,
+        task_routes=(route_generation,),
     )
     return app
 

@@ -113,7 +113,7 @@ def _cmd_flower(args) -> int:
     if not s.flower_password:
         print(f"reprise flower: no REPRISE_FLOWER_PASSWORD set; generated one for this run: {s.flower_user}:{password}", flush=True)
     port = args.port or s.flower_port
-    argv = [sys.executable, "-m", "celery", "-A", "scheduler.app", "flower", f"--port={port}", "--address=" + args.address,
+    argv = [sys.executable, "-m", "celery", "-A", "scheduler.flower_app", "flower", f"--port={port}", "--address=" + args.address,
             f"--basic-auth={s.flower_user}:{password}"]
     os.execv(sys.executable, argv)
     return 0  # not reached

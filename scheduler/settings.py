@@ -25,6 +25,7 @@ class ClusterSettings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600, description="Redis redelivers an unacknowledged job after this long: keep it above the longest job."
     )
+    restore_interval_s: int = Field(10, ge=1, description="How often workers look for unacknowledged jobs past their visibility timeout.")
     soft_time_limit_s: float = Field(1800, description="A job past this is stopped at its next step (JobTimeout).")
     hard_time_limit_s: float = Field(2400, description="Hard limit passed to Celery (enforced by the prefork pool only).")
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")

@@ -73,7 +73,11 @@ class LoopOutput:
 
 
 class StopRequested(Exception):
-    """Raised inside the loop when ``should_stop`` says so; the caller maps it to its own error."""
+    """Raised inside the loop when ``should_stop`` gives a reason; the caller maps it to its own error."""
+
+    def __init__(self, reason: str, step: int, steps: int):
+        super().__init__(f"{reason}: stopped before step {step} of {steps}")
+        self.reason, self.step, self.steps = reason, step, steps
 
 
 class DenoiseLoop:
@@ -129,7 +133,7 @@ class DenoiseLoop:
         capture_at: tuple[int, ...] | list[int] = (),
         unet_runner: UNetRunner | None = None,
         on_step: Callable[[int, int], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> LoopOutput:
         """Run steps ``start_step .. steps-1``; ``captured[k]`` is the latent after ``k`` steps."""
         if not 0 <= start_step < steps:
@@ -151,8 +155,9 @@ class DenoiseLoop:
         out = LoopOutput(latents=latents)
         started = time.perf_counter()
         for i in range(start_step, steps):
-            if should_stop is not None and should_stop():
-                raise StopRequested(f"stopped before step {i + 1} of {steps}")
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                raise StopRequested(reason, i + 1, steps)
             t = sched.timesteps[i]
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = sched.scale_model_input(model_in, t)

@@ -185,12 +185,12 @@ class GenerationService:
         capture = [k for k in capture if k > start_step]
         runner = self._unet_runner(c, request, steps, start_step)
 
-        def should_stop() -> bool:
+        def should_stop() -> str | None:
             if job.is_cancelled is not None and job.is_cancelled():
-                raise JobCancelled(f"job {job.job_id} was cancelled")
+                return "cancelled"
             if job.deadline is not None and time.time() > job.deadline:
-                raise JobTimeout(f"job {job.job_id} ran past its time limit")
-            return False
+                return "time limit"
+            return None
 
         try:
             out = loop.denoise(
@@ -209,8 +209,9 @@ class GenerationService:
                 on_step=job.on_progress,
                 should_stop=should_stop,
             )
-        except StopRequested as exc:  # should_stop raised its own typed error before this could
-            raise JobCancelled(str(exc)) from None
+        except StopRequested as exc:
+            error = JobCancelled if exc.reason == "cancelled" else JobTimeout
+            raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
         t = time.perf_counter()
         image = loop.decode(out.latents)
         decode_s = time.perf_counter() - t

@@ -1,0 +1,197 @@
+"""The cluster end to end: producer → Celery/Redis → worker processes → artifacts, watched by Flower."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from scheduler.app import GENERATE_TASK, get_app
+from scheduler.client import submit
+from scheduler.errors import InvalidRequest, JobCancelled, SizeOverLimit, UnknownModel
+
+pytestmark = pytest.mark.integration
+
+
+def _pixels(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(uri.removeprefix("file://")).convert("RGB"))
+
+
+def _nocache(**kw):
+    return {"cache": {"exact": False, "approximate": False, "write": False}, **kw}
+
+
+def test_submit_wait_progress_and_png(cluster):
+    job = submit(prompt="a cute puppy playing in a garden", steps=30, seed=7)
+    seen = []
+    result = job.wait(60, on_progress=lambda p: seen.append(p.get("step") or 0))
+    assert result.seed == 7 and result.steps == 30 and result.model == "tiny"
+    assert max(seen) == 30 and any(0 < s < 30 for s in seen), seen  # per-step progress was visible
+    path = Path(result.image_uri.removeprefix("file://"))
+    assert path.exists() and path.suffix == ".png"
+    meta = json.loads(Image.open(path).info["reprise"])
+    assert meta["request"]["prompt"] == "a cute puppy playing in a garden" and meta["seed"] == 7
+    assert result.timings.total_s >= result.timings.denoise_s > 0
+    assert result.cache.hit in ("miss", "exact", "approximate")
+    assert job.result() == result
+
+
+def test_seed_chosen_and_returned(cluster):
+    result = submit(prompt="a red bicycle", steps=4).wait(60)
+    assert 0 <= result.seed < 2**32
+
+
+def test_same_seed_same_image_across_runs_and_workers(cluster):
+    results = [submit(prompt="a lighthouse at dusk", steps=12, seed=1234, **_nocache()).wait(60) for _ in range(4)]
+    images = [_pixels(r.image_uri) for r in results]
+    for img in images[1:]:
+        assert np.array_equal(img, images[0])
+    assert len({r.worker for r in results}) >= 1
+
+
+def test_send_task_by_name(cluster):
+    app = get_app()
+    ar = app.send_task(GENERATE_TASK, kwargs={"prompt": "a bowl of fruit", "steps": 5, "seed": 3}, queue="reprise.tiny")
+    value = ar.get(timeout=60)
+    assert value["seed"] == 3 and value["image_uri"].endswith(".png")
+
+
+def test_cli_submit_wait(cluster):
+    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", "a cute puppy playing in a garden", "--steps", "8", "--wait", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["steps"] == 8 and Path(result["image_uri"].removeprefix("file://")).exists()
+
+
+def test_cli_reports_typed_errors(cluster):
+    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", "x", "--steps", "0", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert json.loads(out.stderr)["error"] == "invalid_request"
+
+
+def test_client_refuses_bad_requests_before_queueing(cluster):
+    with pytest.raises(InvalidRequest):
+        submit(prompt="", steps=5)
+    with pytest.raises(UnknownModel):
+        submit(prompt="a cat", model="no-such-model")
+    with pytest.raises(SizeOverLimit):
+        submit(prompt="a cat", width=1024, height=1024)
+
+
+BAD_RAW = [
+    {"prompt": ""},
+    {"prompt": "x" * 10_000},
+    {"prompt": "a", "steps": 0},
+    {"prompt": "a", "steps": 10_000},
+    {"prompt": "a", "width": 63, "height": 64},
+    {"prompt": "a", "width": 1024, "height": 1024},
+    {"prompt": "a", "scheduler": "unknown"},
+    {"prompt": "a", "model": "other-model"},
+    {"prompt": "a", "guidance_scale": "lots"},
+    {"steps": 5},
+]
+
+
+def _worker_pids(cluster):
+    return sorted(w.pid for w in cluster.workers if w.alive())
+
+
+def test_bad_raw_messages_get_typed_errors_and_no_worker_restarts(cluster):
+    app = get_app()
+    pids = _worker_pids(cluster)
+    results = [app.send_task(GENERATE_TASK, kwargs=payload, queue="reprise.tiny") for payload in BAD_RAW]
+    results.append(app.send_task(GENERATE_TASK, args=["not an object"], queue="reprise.tiny"))
+    for ar in results:
+        with pytest.raises(InvalidRequest):
+            ar.get(timeout=60)
+        assert ar.state == "FAILURE"
+    assert _worker_pids(cluster) == pids
+    assert submit(prompt="still alive", steps=3).wait(60).steps == 3
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["prompt", "steps", "width", "height", "seed", "guidance_scale", "scheduler", "tenant", "cache", "junk"]),
+                       st.one_of(st.none(), st.integers(-10, 100_000), st.floats(allow_nan=True), st.text(max_size=30), st.booleans()),
+                       min_size=1))
+def test_random_raw_messages_never_crash_a_worker(cluster, payload):
+    app = get_app()
+    if isinstance(payload.get("steps"), int) and not isinstance(payload.get("steps"), bool) and payload["steps"] > 20:
+        payload["steps"] = 20
+    ar = app.send_task(GENERATE_TASK, kwargs=payload, queue="reprise.tiny")
+    try:
+        ar.get(timeout=60)
+    except InvalidRequest:
+        pass
+    assert all(w.alive() for w in cluster.workers)
+
+
+def test_cancel_stops_within_one_step_and_frees_the_worker(cluster):
+    job = submit(prompt="a very long job", steps=200, seed=1, **_nocache())
+    deadline = time.monotonic() + 60
+    while (job.progress().get("step") or 0) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    step_at_cancel = job.progress()["step"]
+    job.cancel()
+    with pytest.raises(JobCancelled):
+        job.wait(60)
+    assert job.status() == "REVOKED"
+    meta = job._ar.backend.get_task_meta(job.id)
+    stopped = int(str(meta["result"]).split("before step ")[1].split()[0])  # "...stopped before step N of 200"
+    assert stopped < 200
+    # The progress shown at cancel may lag by one update interval; the loop stops at its next step check.
+    assert stopped - step_at_cancel <= 30, (step_at_cancel, stopped)
+    assert submit(prompt="next job", steps=3).wait(30).steps == 3
+
+
+def test_worker_sigkill_mid_job_is_redelivered_and_completes_once(cluster):
+    job = submit(prompt="a job that survives a crash", steps=250, seed=99, **_nocache())
+    deadline = time.monotonic() + 60
+    while (job.progress().get("step") or 0) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    host = job._ar.worker
+    victim = next(w for w in cluster.workers if w.hostname == host)
+    victim.kill()
+    result = job.wait(120)
+    assert result.worker and result.steps == 250
+    art = Path(result.image_uri.removeprefix("file://"))
+    assert art.exists()
+    assert sorted(p.name for p in art.parent.glob(f"{job.id}*")) == [f"{job.id}.png"]  # one image, no half-written part
+    cluster.workers.remove(victim)
+    cluster.start_worker("tiny", "cpu", REPRISE_CACHE_PATH=f"{cluster.workdir}/qdrant-w{len(cluster.workers) + 5}")
+
+
+def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
+    url = cluster.start_flower(password="test-pass")
+    auth = cluster.flower_auth
+    assert requests.get(url + "/api/workers", timeout=10).status_code == 401  # basic auth is on
+    done = submit(prompt="seen by flower", steps=3).wait(60)
+    r = requests.post(url + f"/api/task/async-apply/{GENERATE_TASK}", auth=auth, timeout=10,
+                      json={"kwargs": {"prompt": "submitted over http", "steps": 4, "seed": 5}, "options": {"queue": "reprise.tiny"}})
+    assert r.status_code == 200, r.text
+    http_id = r.json()["task-id"]
+    from scheduler.client import job as job_handle
+
+    assert job_handle(http_id).wait(60).seed == 5
+    deadline = time.monotonic() + 30
+    while True:
+        workers = requests.get(url + "/api/workers?refresh=1", auth=auth, timeout=20).json()
+        tasks = requests.get(url + "/api/tasks", auth=auth, timeout=10).json()
+        ours = {w for w in workers if w.startswith("reprise-tiny")}
+        if ours and done.job_id in tasks and http_id in tasks and tasks[http_id]["state"] == "SUCCESS":
+            break
+        assert time.monotonic() < deadline, (list(workers), list(tasks)[:5])
+        time.sleep(1)
+    stats = next(workers[w]["stats"] for w in ours)
+    assert stats["reprise"]["model"] == "tiny" and "cpu" in stats["reprise"]["devices"]

@@ -1,0 +1,474 @@
+"""Caches inside one request: U-Net work skipped between denoising steps.
+
+Two training-free methods, each a ``UNetRunner`` the sampler calls once per step:
+
+- ``DeepCacheUNet`` (Ma et al., CVPR 2024): the whole U-Net on "full" steps; in between only the
+  shallow branch (down layers up to the branch, the up layers from it), fed with the deep feature kept
+  from the last full pass.
+- ``BlockCacheUNet`` (Wimbauer et al., CVPR 2024, the schedule only): each attention block is
+  recomputed when its calibrated change since its last recompute passes δ, reused otherwise.
+
+Runners are made per job by ``make_unet_runner``; they hold their caches, and patch nothing beyond
+the single U-Net call they are running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from workers.models import Components
+from workers.sampler import DenoiseLoop, PlainUNet
+
+FEATURE_DEFAULTS: dict[str, Any] = {
+    "method": "off",  # pixels unchanged unless a request or the worker asks for a cache
+    "deepcache_interval": 3,
+    "deepcache_branch": 0,
+    "deepcache_schedule": "uniform",
+    "deepcache_center": 0.3,  # non-uniform: full steps gather around 30% of the steps (15 of 50, as in the paper)
+    "deepcache_power": 1.4,
+    "block_delta": 0.5,
+    "calibration_dir": None,  # None → ~/.cache/reprise/blockcache
+    "calibration_prompts": 3,
+}
+
+# The project's recommended profile, chosen from ops/bench_feature.py on sd15-small (see the README).
+RECOMMENDED: dict[str, Any] = {"method": "deepcache", "deepcache_interval": 3, "deepcache_branch": 0, "deepcache_schedule": "uniform"}
+
+REQUEST_FIELDS = ("method", "deepcache_interval", "deepcache_branch", "deepcache_schedule", "block_delta")
+
+
+# --- schedules (pure functions) -------------------------------------------------------------------
+
+def uniform_full_steps(steps: int, interval: int) -> list[int]:
+    """Full U-Net passes at 0, N, 2N, ... of ``steps`` steps."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    return list(range(0, steps, interval))
+
+
+def nonuniform_full_steps(steps: int, interval: int, center: float = 0.3, power: float = 1.4) -> list[int]:
+    """As many full passes as the uniform schedule, denser around ``center`` (a fraction of ``steps``).
+
+    DeepCache's non-uniform schedule: evenly spaced points x between -c^(1/p) and (steps-1-c)^(1/p)
+    mapped to c + sign(x)|x|^p, so the gaps grow with the distance from the centre. When rounding
+    merges two steps the power is lowered (towards uniform) until the count is right. Step 0 is
+    always full.
+    """
+    count = len(uniform_full_steps(steps, interval))
+    if count >= steps:
+        return list(range(steps))
+    if count <= 1:
+        return [0]
+    c = min(max(center, 0.0), 1.0) * (steps - 1)
+    p = power
+    while p > 1.0:
+        xs = np.linspace(-(c ** (1 / p)), (steps - 1 - c) ** (1 / p), count)
+        chosen = sorted({int(round(c + math.copysign(abs(x) ** p, x))) for x in xs} | {0})
+        if len(chosen) == count:
+            return chosen
+        p -= 0.02
+    return uniform_full_steps(steps, interval)
+
+
+def block_recompute_steps(changes: Sequence[float], delta: float, start_step: int = 0) -> list[int]:
+    """Steps at which one block is recomputed: ``changes[s]`` is its relative change from step s-1 to s.
+
+    The first step is always computed; afterwards the block is reused until the change accumulated
+    since its last recompute passes ``delta``.
+    """
+    computed = [start_step]
+    accumulated = 0.0
+    for s in range(start_step + 1, len(changes)):
+        accumulated += changes[s]
+        if accumulated > delta:
+            computed.append(s)
+            accumulated = 0.0
+    return computed
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def attention_blocks(unet) -> dict[str, torch.nn.Module]:
+    """The U-Net's transformer (attention) blocks by module name; ResBlocks are never cached."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return {name: m for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
+
+
+@contextmanager
+def _outputs_replaced(outputs: dict[torch.nn.Module, Any]) -> Iterator[None]:
+    """For one U-Net call, the given modules return their stored output instead of computing."""
+    saved = {m: m.__dict__.get("forward") for m in outputs}
+    for module, value in outputs.items():
+        module.forward = lambda *args, _value=value, **kwargs: _value
+    try:
+        yield
+    finally:
+        for module, previous in saved.items():
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+@contextmanager
+def _outputs_recorded(modules: dict[str, torch.nn.Module], into: dict[str, Any]) -> Iterator[None]:
+    """For one U-Net call, ``into[name]`` receives each module's output."""
+    handles = [m.register_forward_hook(lambda _m, _a, out, _n=name: into.__setitem__(_n, out)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --- DeepCache -----------------------------------------------------------------------------------
+
+# Not DeepCacheSDHelper: it patches the shared U-Net's forwards until disable() and finds the step by
+# looking t up in pipe.scheduler, which our loop does not have; it has no non-uniform schedule either.
+class DeepCacheUNet:
+    """Full U-Net on the schedule's steps; otherwise the shallow branch around a cached deep feature.
+
+    Branch b pairs the U-Net's b-th skip connection (0 = the conv_in output) with the up layer that
+    consumes it: a partial pass runs conv_in, the first b down layers, then the up layers from b down
+    to 0, starting from the hidden state that entered up layer b on the last full pass. For SD 1.5
+    the numbering is the deepcache package's ``cache_branch_id`` (0..11).
+    """
+
+    method = "deepcache"
+
+    def __init__(
+        self,
+        unet,
+        *,
+        steps: int,
+        start_step: int = 0,
+        interval: int = 3,
+        branch: int = 0,
+        schedule: str = "uniform",
+        center: float = 0.3,
+        power: float = 1.4,
+    ) -> None:
+        self._check_supported(unet)
+        self.down_layers, self.up_layers = self._layers(unet)
+        if not 0 <= branch < len(self.up_layers):
+            raise ValueError(f"deepcache_branch must be in [0, {len(self.up_layers) - 1}] for this U-Net, got {branch}")
+        remaining = steps - start_step
+        if schedule == "uniform":
+            local = uniform_full_steps(remaining, interval)
+        elif schedule == "nonuniform":
+            local = nonuniform_full_steps(remaining, interval, center, power)
+        else:
+            raise ValueError(f"deepcache_schedule must be uniform or nonuniform, got {schedule!r}")
+        self.full_steps = {start_step + s for s in local}
+        self.branch = branch
+        self.params = {"interval": interval, "branch": branch, "schedule": schedule}
+        if schedule == "nonuniform":
+            self.params.update(center=center, power=power)
+        self.deep_input: torch.Tensor | None = None  # the input of up layer `branch` on the last full pass
+        self.full_passes = 0
+        self.partial_passes = 0
+
+    @staticmethod
+    def _check_supported(unet) -> None:
+        cfg = unet.config
+        extras = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")}
+        extras = {k: v for k, v in extras.items() if v is not None}
+        if extras or cfg.get("num_class_embeds") is not None:
+            raise ValueError(f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}")
+
+    @staticmethod
+    def _layers(unet) -> tuple[list[tuple], list[tuple]]:
+        """Down layers (each makes one skip connection after conv_in's) and up layers (each consumes one),
+        up_layers[j] consuming skip connection j."""
+        down: list[tuple] = []
+        for block in unet.down_blocks:
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            down += [("resnet", resnet, attn) for resnet, attn in zip(block.resnets, attentions)]
+            if block.downsamplers is not None:
+                down.append(("downsample", block.downsamplers, None))
+        up_in_order: list[tuple] = []
+        for block in unet.up_blocks:
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            last = len(block.resnets) - 1
+            up_in_order += [
+                (resnet, attn, block.upsamplers if i == last else None) for i, (resnet, attn) in enumerate(zip(block.resnets, attentions))
+            ]
+        if len(up_in_order) != len(down) + 1:
+            raise ValueError("DeepCache: this U-Net's up path does not mirror its down path")
+        return down, up_in_order[::-1]
+
+    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+        stale = self.deep_input is None or self.deep_input.shape[0] != sample.shape[0]
+        if step_index in self.full_steps or stale:
+            return self._full(unet, sample, t, encoder_hidden_states)
+        return self._partial(unet, sample, t, encoder_hidden_states)
+
+    def _full(self, unet, sample, t, encoder_hidden_states):
+        self.full_passes += 1
+        branch_resnet = self.up_layers[self.branch][0]
+
+        def keep_input(_module, args):
+            self.deep_input = args[0]
+
+        handle = branch_resnet.register_forward_pre_hook(keep_input)
+        try:
+            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+        finally:
+            handle.remove()
+
+    def _partial(self, unet, sample, t, encoder_hidden_states):
+        """UNet2DConditionModel.forward restricted to the shallow branch (no masks, adapters or ControlNet)."""
+        self.partial_passes += 1
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        h = unet.conv_in(sample)
+        skips = [h]
+        for kind, module, attn in self.down_layers[: self.branch]:
+            if kind == "downsample":
+                for downsampler in module:
+                    h = downsampler(h)
+            else:
+                h = self._resnet_attention(module, attn, h, emb, encoder_hidden_states)
+            skips.append(h)
+
+        # The kept input is [deep hidden state, skip b]; the skip is recomputed fresh.
+        h = self.deep_input[:, : self.deep_input.shape[1] - skips[self.branch].shape[1]]
+        up_factor = 2**unet.num_upsamplers
+        forward_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
+        for j in range(self.branch, -1, -1):
+            resnet, attn, upsamplers = self.up_layers[j]
+            h = torch.cat([h, skips[j]], dim=1)
+            h = self._resnet_attention(resnet, attn, h, emb, encoder_hidden_states)
+            if upsamplers is not None:
+                size = skips[j - 1].shape[2:] if forward_size and j > 0 else None
+                for upsampler in upsamplers:
+                    h = upsampler(h, size)
+        if unet.conv_norm_out:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+    @staticmethod
+    def _resnet_attention(resnet, attn, h, emb, encoder_hidden_states):
+        h = resnet(h, emb)
+        if attn is not None:
+            h = attn(h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return h
+
+    def report(self) -> dict:
+        return {"method": self.method, "full_unet_passes": self.full_passes, "partial_unet_passes": self.partial_passes, "params": dict(self.params)}
+
+
+# --- block caching ---------------------------------------------------------------------------------
+
+class BlockCacheUNet:
+    """Each attention block recomputed on its own calibrated schedule, its stored output reused between."""
+
+    method = "block"
+
+    def __init__(self, unet, changes: dict[str, list[float]], *, steps: int, start_step: int = 0, delta: float = 0.5) -> None:
+        self.blocks = attention_blocks(unet)
+        missing = set(self.blocks) - set(changes)
+        if missing:
+            raise ValueError(f"block calibration lacks {sorted(missing)[:3]}...; recalibrate")
+        if any(len(changes[name]) != steps for name in self.blocks):
+            raise ValueError(f"block calibration is for another step count than {steps}")
+        self.recompute = {name: set(block_recompute_steps(changes[name], delta, start_step)) for name in self.blocks}
+        self.params = {"delta": delta}
+        self.outputs: dict[str, Any] = {}
+        self.full_passes = 0
+        self.partial_passes = 0
+        self.blocks_computed = 0
+        self.blocks_reused = 0
+
+    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+        reuse = {
+            name
+            for name in self.blocks
+            if step_index not in self.recompute[name] and name in self.outputs and self._batch(self.outputs[name]) == sample.shape[0]
+        }
+        compute = {name: m for name, m in self.blocks.items() if name not in reuse}
+        if reuse:
+            self.partial_passes += 1
+        else:
+            self.full_passes += 1
+        self.blocks_reused += len(reuse)
+        self.blocks_computed += len(compute)
+        with _outputs_replaced({self.blocks[name]: self.outputs[name] for name in reuse}), _outputs_recorded(compute, self.outputs):
+            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+
+    @staticmethod
+    def _batch(output) -> int:
+        return (output[0] if isinstance(output, tuple) else output.sample).shape[0]
+
+    def report(self) -> dict:
+        total = self.blocks_computed + self.blocks_reused
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": dict(self.params),
+            "attention_reused": round(self.blocks_reused / total, 4) if total else 0.0,
+        }
+
+
+class _ChangeRecorder(PlainUNet):
+    """The plain U-Net, noting each attention block's relative L1 change from the previous step."""
+
+    def __init__(self, unet, steps: int) -> None:
+        super().__init__()
+        self.blocks = attention_blocks(unet)
+        self.previous: dict[str, torch.Tensor] = {}
+        self.changes = {name: [0.0] * steps for name in self.blocks}
+
+    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+        outputs: dict[str, Any] = {}
+        with _outputs_recorded(self.blocks, outputs):
+            noise = super().__call__(unet, sample, t, step_index, encoder_hidden_states)
+        for name, out in outputs.items():
+            out = (out[0] if isinstance(out, tuple) else out.sample).float()
+            before = self.previous.get(name)
+            if before is not None:
+                self.changes[name][step_index] = float((out - before).abs().mean() / before.abs().mean().clamp_min(1e-12))
+            self.previous[name] = out
+        return noise
+
+
+CALIBRATION_PROMPTS = (
+    "a lighthouse on a rocky coast at sunset",
+    "a bowl of ramen, studio photograph",
+    "an astronaut riding a horse, oil painting",
+    "a city street in the rain at night",
+)
+
+
+def calibrate_block_changes(components: Components, steps: int, prompts: int = 3) -> dict[str, list[float]]:
+    """Each attention block's mean relative L1 change per step, over a few plain (DDIM, CFG 7.5) runs."""
+    loop = DenoiseLoop(components)
+    size = components.spec.default_size
+    total: dict[str, np.ndarray] = {}
+    for i in range(prompts):
+        recorder = _ChangeRecorder(components.unet, steps)
+        loop.denoise(
+            prompt=CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)], seed=i, steps=steps, guidance_scale=7.5,
+            width=size, height=size, unet_runner=recorder,
+        )
+        for name, values in recorder.changes.items():
+            total[name] = total.get(name, 0) + np.asarray(values)
+    return {name: [round(float(v) / prompts, 6) for v in values] for name, values in total.items()}
+
+
+class BlockCalibrationStore:
+    """Calibrated block changes as JSON, one file per model fingerprint, one entry per step count."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, prompts: int = 3) -> None:
+        self.directory = Path(directory).expanduser() if directory else Path.home() / ".cache" / "reprise" / "blockcache"
+        self.prompts = prompts
+        self.calibrations_run = 0
+        self._lock = threading.Lock()
+
+    def path(self, fingerprint: str) -> Path:
+        return self.directory / f"{fingerprint}.json"
+
+    def load(self, fingerprint: str, steps: int) -> dict[str, list[float]] | None:
+        try:
+            data = json.loads(self.path(fingerprint).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        entry = data.get("steps", {}).get(str(steps))
+        return entry["blocks"] if entry else None
+
+    def changes(self, components: Components, steps: int) -> dict[str, list[float]]:
+        """The stored calibration for this model and step count; calibrated (and stored) on first use."""
+        with self._lock:  # devices of one worker share the store: calibrate once
+            found = self.load(components.fingerprint, steps)
+            if found is not None:
+                return found
+            started = time.perf_counter()
+            blocks = calibrate_block_changes(components, steps, self.prompts)
+            self.calibrations_run += 1
+            self._save(components, steps, blocks, time.perf_counter() - started)
+            return blocks
+
+    def _save(self, components: Components, steps: int, blocks: dict[str, list[float]], seconds: float) -> None:
+        path = self.path(components.fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            data = {"fingerprint": components.fingerprint, "model": components.name, "steps": {}}
+        data["steps"][str(steps)] = {
+            "prompts": self.prompts, "scheduler": "ddim", "guidance_scale": 7.5, "seconds": round(seconds, 2), "blocks": blocks,
+        }
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)  # atomic: another process may be reading it
+
+
+_STORES: dict[tuple[str, int], BlockCalibrationStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def calibration_store(directory: str | os.PathLike | None = None, prompts: int = 3) -> BlockCalibrationStore:
+    """One store per directory in a process, so concurrent devices share its lock."""
+    key = (str(Path(directory).expanduser()) if directory else "", prompts)
+    with _STORES_LOCK:
+        return _STORES.setdefault(key, BlockCalibrationStore(directory, prompts))
+
+
+# --- the factory the worker uses ---------------------------------------------------------------------
+
+def resolve_feature_options(options: Any = None, defaults: dict | None = None) -> dict[str, Any]:
+    """Request fields over the worker's defaults over FEATURE_DEFAULTS; "recommended" expands to RECOMMENDED."""
+    if options is not None and hasattr(options, "model_dump"):
+        options = options.model_dump()
+    request = {k: v for k, v in (options or {}).items() if k in REQUEST_FIELDS and v is not None}
+    settings = {**FEATURE_DEFAULTS, **{k: v for k, v in (defaults or {}).items() if v is not None}}
+    method = request.pop("method", None) or settings["method"]
+    if method == "recommended":  # the profile replaces the defaults; a request's own fields still win
+        settings.update(RECOMMENDED)
+        method = RECOMMENDED["method"]
+    settings.update(request)
+    settings["method"] = method
+    return settings
+
+
+def make_unet_runner(components: Components, options: Any = None, defaults: dict | None = None, steps: int = 50, start_step: int = 0):
+    """The runner for one job: ``options`` is the request's ``cache.feature``, ``defaults`` the worker's.
+
+    The loop may resume at ``start_step`` (approximate cache): schedules cover the remaining steps and
+    the first step the runner sees is a full pass.
+    """
+    settings = resolve_feature_options(options, defaults)
+    method = settings["method"]
+    if method in ("off", None):
+        return PlainUNet()
+    if method == "deepcache":
+        return DeepCacheUNet(
+            components.unet,
+            steps=steps,
+            start_step=start_step,
+            interval=int(settings["deepcache_interval"]),
+            branch=int(settings["deepcache_branch"]),
+            schedule=settings["deepcache_schedule"],
+            center=float(settings["deepcache_center"]),
+            power=float(settings["deepcache_power"]),
+        )
+    if method == "block":
+        store = calibration_store(settings["calibration_dir"], int(settings["calibration_prompts"]))
+        changes = store.changes(components, steps)
+        return BlockCacheUNet(components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"]))
+    raise ValueError(f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended")
