@@ -16,6 +16,8 @@ GENERATE_TASK = "reprise.generate"
 
 def route_generation(name, args, kwargs, options, task=None, **kw):
     """Send each generation to its model's queue, so `send_task` callers need not name a queue."""
+    if name.startswith("reprise.cache."):
+        return {"queue": f"{get_settings().queue_prefix}.control"}
     if name != GENERATE_TASK:
         return None
     payload = kwargs or (args[0] if args and isinstance(args[0], dict) else {})

@@ -29,7 +29,7 @@ def _cmd_worker(args) -> int:
     from scheduler.app import get_app
     from scheduler.schema import queue_for
     from scheduler.settings import get_settings
-    from workers.node import Heartbeat, build_service, node_info
+    from workers.node import Heartbeat, build_service, node_info, serve_metrics
     from workers.settings import WorkerSettings
 
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,21 +45,23 @@ def _cmd_worker(args) -> int:
 
     tasks.install(service, client, cluster.progress_interval_s)
     queue = queue_for(service.model_name, cluster.queue_prefix)
+    serve_metrics(service, wsettings, client, cluster.queue_prefix)
     info = node_info(service, queue)
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
     app = get_app()
     from kombu import Queue
 
-    app.conf.task_queues = [Queue(queue)]
-    if service.cache is not None:
-        from workers.control import start_control
+    control_queue = f"{cluster.queue_prefix}.control"
+    app.conf.task_queues = [Queue(queue), Queue(control_queue)]
+    from workers import control  # registers the cache control command and tasks
 
-        start_control(service, client, cluster)
+    if service.cache is not None:
+        control.start_control(service, client, cluster)
     hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
     print(f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
           f"{', '.join(info['devices'])}; queue {queue}", flush=True)
     argv = [
-        "worker", "-P", "threads", "-c", str(len(service.pool.devices)), "-Q", queue, "-E",
+        "worker", "-P", "threads", "-c", str(len(service.pool.devices)), "-Q", f"{queue},{control_queue}", "-E",
         "-n", hostname, "--loglevel", args.loglevel, "--without-gossip", "--without-mingle",
     ]
     app.worker_main(argv)

@@ -79,3 +79,12 @@ class ModelRegistry:
                 key = key.decode() if isinstance(key, bytes) else key
                 out[key.split(":", 2)[2]] = json.loads(value)
         return out
+
+
+def count_outcome(client: redis.Redis, prefix: str, model: str, hit: str, k: int | None) -> None:
+    """Hit-rate counters for `reprise cache stats` (per model: exact, approximate, miss, approximate:K)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hincrby(f"{prefix}:hits:{model}", hit, 1)
+        if hit == "approximate" and k is not None:
+            pipe.hincrby(f"{prefix}:hits:{model}", f"approximate:{k}", 1)
+        pipe.execute()

@@ -39,6 +39,7 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "block_delta": 0.5,
     "calibration_dir": None,  # None → ~/.cache/reprise/blockcache
     "calibration_prompts": 3,
+    "calibration_size": None,  # None → the model's default image size
 }
 
 # The project's recommended profile, chosen from ops/bench_feature.py on sd15-small (see the README).
@@ -355,10 +356,10 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def calibrate_block_changes(components: Components, steps: int, prompts: int = 3) -> dict[str, list[float]]:
+def calibrate_block_changes(components: Components, steps: int, prompts: int = 3, size: int | None = None) -> dict[str, list[float]]:
     """Each attention block's mean relative L1 change per step, over a few plain (DDIM, CFG 7.5) runs."""
     loop = DenoiseLoop(components)
-    size = components.spec.default_size
+    size = size or components.spec.default_size
     total: dict[str, np.ndarray] = {}
     for i in range(prompts):
         recorder = _ChangeRecorder(components.unet, steps)
@@ -374,9 +375,10 @@ def calibrate_block_changes(components: Components, steps: int, prompts: int = 3
 class BlockCalibrationStore:
     """Calibrated block changes as JSON, one file per model fingerprint, one entry per step count."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, prompts: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, prompts: int = 3, size: int | None = None) -> None:
         self.directory = Path(directory).expanduser() if directory else Path.home() / ".cache" / "reprise" / "blockcache"
         self.prompts = prompts
+        self.size = size
         self.calibrations_run = 0
         self._lock = threading.Lock()
 
@@ -398,7 +400,7 @@ class BlockCalibrationStore:
             if found is not None:
                 return found
             started = time.perf_counter()
-            blocks = calibrate_block_changes(components, steps, self.prompts)
+            blocks = calibrate_block_changes(components, steps, self.prompts, self.size)
             self.calibrations_run += 1
             self._save(components, steps, blocks, time.perf_counter() - started)
             return blocks
@@ -411,22 +413,24 @@ class BlockCalibrationStore:
         except (FileNotFoundError, json.JSONDecodeError):
             data = {"fingerprint": components.fingerprint, "model": components.name, "steps": {}}
         data["steps"][str(steps)] = {
-            "prompts": self.prompts, "scheduler": "ddim", "guidance_scale": 7.5, "seconds": round(seconds, 2), "blocks": blocks,
+            "prompts": self.prompts, "size": self.size or components.spec.default_size, "scheduler": "ddim", "guidance_scale": 7.5, "seconds": round(seconds, 2), "blocks": blocks,
         }
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)  # atomic: another process may be reading it
 
 
-_STORES: dict[tuple[str, int], BlockCalibrationStore] = {}
+_STORES: dict[tuple, BlockCalibrationStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def calibration_store(directory: str | os.PathLike | None = None, prompts: int = 3) -> BlockCalibrationStore:
-    """One store per directory in a process, so concurrent devices share its lock."""
-    key = (str(Path(directory).expanduser()) if directory else "", prompts)
+def calibration_store(directory: str | os.PathLike | None = None, prompts: int = 3, size: int | None = None) -> BlockCalibrationStore:
+    """One store per directory and recipe in a process, so concurrent devices share its lock."""
+    key = (str(Path(directory).expanduser()) if directory else "", prompts, size)
     with _STORES_LOCK:
-        return _STORES.setdefault(key, BlockCalibrationStore(directory, prompts))
+        if key not in _STORES:
+            _STORES[key] = BlockCalibrationStore(directory, prompts, size)
+        return _STORES[key]
 
 
 # --- the factory the worker uses ---------------------------------------------------------------------
@@ -468,7 +472,7 @@ def make_unet_runner(components: Components, options: Any = None, defaults: dict
             power=float(settings["deepcache_power"]),
         )
     if method == "block":
-        store = calibration_store(settings["calibration_dir"], int(settings["calibration_prompts"]))
+        store = calibration_store(settings["calibration_dir"], int(settings["calibration_prompts"]), settings["calibration_size"])
         changes = store.changes(components, steps)
         return BlockCacheUNet(components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"]))
     raise ValueError(f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended")

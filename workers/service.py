@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from scheduler.errors import JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
+from scheduler.registry import count_outcome
 from scheduler.schema import CacheReport, FeatureReport, GenerationRequest, GenerationResult, Timings, parse_request
 from workers.artifacts import ArtifactStore
 from workers.models import Components
@@ -103,6 +104,7 @@ class GenerationService:
         self.timer = StepTimer()
         self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
         self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
+        self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
         self.counters: dict[str, int] = {"jobs": 0, "exact": 0, "approximate": 0, "miss": 0, "writeback_failed": 0, "writeback_dropped": 0}
 
     @property
@@ -144,6 +146,11 @@ class GenerationService:
             self.pool.release(device)
         self.counters["jobs"] += 1
         self.counters[result.cache.hit if result.cache.hit in self.counters else "miss"] += 1
+        if self.registry is not None and result.cache.hit != "off":
+            try:
+                count_outcome(self.registry.r, self.registry.prefix, self.model_name, result.cache.hit, result.cache.k)
+            except Exception as exc:  # statistics only
+                log.warning("cannot count the cache outcome: %s", exc)
         return result
 
     def _run_on(self, device: Device, request, seed, width, height, job: JobContext, started, queue_wait) -> GenerationResult:
@@ -156,6 +163,8 @@ class GenerationService:
         start_latents, start_step = None, 0
 
         if use_cache:
+            if self.before_lookup is not None:
+                self.before_lookup()
             key, report.generation = self._cache_key(request, seed, width, height)
             t = time.perf_counter()
             if request.cache.exact:

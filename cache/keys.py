@@ -1,0 +1,53 @@
+"""The identity of a cached generation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass
+
+# Fixed namespace so every process derives the same point id for the same key.
+REPRISE_NAMESPACE = uuid.UUID("6f1c1a52-3a0e-5b55-9d0e-7e1f2b8c4a10")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that determines a generation's output, plus who asked for it."""
+
+    model: str
+    model_version: str
+    generation: int  # cache generation: the coordinator bumps it to invalidate older entries
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+    tenant: str = ""
+
+    def content_key(self) -> str:
+        """sha256 over what fixes the image (tenant excluded): the `exact_key` payload field."""
+        fields = {
+            "model": self.model, "model_version": self.model_version, "generation": int(self.generation),
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": int(self.seed),
+            "steps": int(self.steps), "guidance": float(self.guidance), "width": int(self.width),
+            "height": int(self.height), "scheduler": self.scheduler,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def exact_id(self, isolate_by_tenant: bool = True) -> str:
+        """Deterministic point id: UUID5 of the content key, scoped to the tenant when isolating.
+
+        Tenant-scoped ids mean one tenant's write can never occupy (or poison) another tenant's
+        slot; a shareable entry is found by other tenants through the `exact_key` payload index.
+        The generation is part of the key so that entries written after an invalidation do not
+        collide with stale ones still waiting for the sweep.
+        """
+        scope = self.tenant if isolate_by_tenant else ""
+        return str(uuid.uuid5(REPRISE_NAMESPACE, f"{self.content_key()}/{scope}"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
