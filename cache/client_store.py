@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, STATE_SLOTS, CacheLockedError,
+from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheLockedError,
                          CacheSchemaError, Cond, LatentStore, Record, Where)
 
 _INDEX_TYPES = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER,
                 "float": models.PayloadSchemaType.FLOAT, "bool": models.PayloadSchemaType.BOOL}
 
 
-def vectors_config(prompt_dim: int) -> dict[str, models.VectorParams]:
+def vectors_config(prompt_dim: int, slots: tuple[str, ...]) -> dict[str, models.VectorParams]:
     state = models.VectorParams(
         size=STATE_CHUNK, distance=models.Distance.DOT, on_disk=True, datatype=models.Datatype.FLOAT16,
         hnsw_config=models.HnswConfigDiff(m=0),  # stored only, never indexed
         multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM))
     config = {PROMPT_VECTOR: models.VectorParams(size=prompt_dim, distance=models.Distance.COSINE)}
-    config.update({slot: state for slot in STATE_SLOTS})
+    config.update({slot: state for slot in slots})
     return config
 
 
@@ -50,8 +50,9 @@ def _filter(where: Where | None):
 
 
 class ClientStore(LatentStore):
-    def __init__(self, client: QdrantClient, collection: str, backend: str, settings) -> None:
+    def __init__(self, client: QdrantClient, collection: str, backend: str, settings, slots: tuple[str, ...]) -> None:
         self._client = client
+        self.slots = slots
         self.collection = collection
         self.backend = backend
         # local mode is plain Python without locks; a server client is thread-safe
@@ -63,7 +64,7 @@ class ClientStore(LatentStore):
         self._write = {"ordering": models.WriteOrdering(settings.write_ordering)} if backend == "server" else {}
 
     @classmethod
-    def open(cls, settings, prompt_dim: int) -> "ClientStore":
+    def open(cls, settings, prompt_dim: int, slots: tuple[str, ...]) -> "ClientStore":
         if settings.backend == "server":
             client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
                                   prefer_grpc=settings.prefer_grpc, timeout=10)
@@ -79,7 +80,7 @@ class ClientStore(LatentStore):
                     f"cache folder {root / 'local'} is opened by another process — in embedded mode one worker "
                     f"process per node owns the cache; use --devices to serve several devices from it, "
                     f"or set QDRANT_URL") from exc
-        store = cls(client, settings.collection, settings.backend, settings)
+        store = cls(client, settings.collection, settings.backend, settings, slots)
         store._ensure_collection(settings, prompt_dim)
         return store
 
@@ -87,7 +88,7 @@ class ClientStore(LatentStore):
         if not self._client.collection_exists(self.collection):
             try:
                 self._client.create_collection(
-                    self.collection, vectors_config=vectors_config(prompt_dim), on_disk_payload=True,
+                    self.collection, vectors_config=vectors_config(prompt_dim, self.slots), on_disk_payload=True,
                     replication_factor=settings.replication_factor,
                     write_consistency_factor=settings.write_consistency_factor)
             except Exception:
@@ -95,10 +96,12 @@ class ClientStore(LatentStore):
                 if not self._client.collection_exists(self.collection):
                     raise
         params = self._client.get_collection(self.collection).config.params.vectors
-        have = params.get(PROMPT_VECTOR).size if isinstance(params, dict) and PROMPT_VECTOR in params else None
-        if have != prompt_dim:
-            raise CacheSchemaError(f"collection {self.collection} has prompt vectors of size {have}, "
-                                   f"the embedder gives {prompt_dim}: use another collection name")
+        params = params if isinstance(params, dict) else {}
+        have = params[PROMPT_VECTOR].size if PROMPT_VECTOR in params else None
+        if have != prompt_dim or any(s not in params or params[s].size != STATE_CHUNK for s in self.slots):
+            raise CacheSchemaError(f"collection {self.collection} does not match: prompt vectors of size {have} (embedder: "
+                                   f"{prompt_dim}), state slots {sorted(k for k in params if k != PROMPT_VECTOR)} "
+                                   f"(need {list(self.slots)} of {STATE_CHUNK}); use another collection name")
         if self.backend == "server":  # local mode has no payload indexes
             schema = self._client.get_collection(self.collection).payload_schema or {}
             for name, kind in INDEXED_FIELDS.items():

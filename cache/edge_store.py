@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
-from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, STATE_SLOTS, CacheLockedError,
+from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheLockedError,
                          CacheSchemaError, Cond, LatentStore, Record, Where)
 
 _INDEX_TYPES = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
                 "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool}
 
 
-def edge_config(prompt_dim: int) -> qe.EdgeConfig:
+def edge_config(prompt_dim: int, slots: tuple[str, ...]) -> qe.EdgeConfig:
     state = qe.EdgeVectorParams(
         size=STATE_CHUNK, distance=qe.Distance.Dot,
         multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
@@ -33,7 +33,7 @@ def edge_config(prompt_dim: int) -> qe.EdgeConfig:
         hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
     )
     vectors = {PROMPT_VECTOR: qe.EdgeVectorParams(size=prompt_dim, distance=qe.Distance.Cosine)}
-    vectors.update({slot: state for slot in STATE_SLOTS})
+    vectors.update({slot: state for slot in slots})
     return qe.EdgeConfig(vectors=vectors)
 
 
@@ -64,18 +64,19 @@ def _rows(state: np.ndarray) -> list[list[float]]:
 class EdgeStore(LatentStore):
     backend = "edge"
 
-    def __init__(self, shard: qe.EdgeShard, folder: Path, owner_file: Path) -> None:
+    def __init__(self, shard: qe.EdgeShard, folder: Path, owner_file: Path, slots: tuple[str, ...]) -> None:
         self._shard = shard
+        self.slots = slots
         self.folder = folder
         self._owner_file = owner_file
 
     @classmethod
-    def open(cls, settings, prompt_dim: int) -> "EdgeStore":
+    def open(cls, settings, prompt_dim: int, slots: tuple[str, ...]) -> "EdgeStore":
         root = Path(settings.path)
         root.mkdir(parents=True, exist_ok=True)
         folder = root / settings.collection
         owner_file = root / f"{settings.collection}.owner.json"
-        config = edge_config(prompt_dim)
+        config = edge_config(prompt_dim, slots)
         exists = folder.exists() and any(folder.iterdir())
         try:
             shard = qe.EdgeShard.load(str(folder), config) if exists else qe.EdgeShard.create(str(folder), config)
@@ -84,9 +85,10 @@ class EdgeStore(LatentStore):
             if "WouldBlock" in text or "lock" in text.lower():
                 raise CacheLockedError(_locked_message(folder, owner_file)) from exc
             if exists:
-                raise CacheSchemaError(f"cannot open cache shard {folder} with prompt dim {prompt_dim}: {text}") from exc
+                raise CacheSchemaError(f"cannot open cache shard {folder} with prompt dim {prompt_dim} and {len(slots)} "
+                                       f"state slots (a changed embedder or state_fractions needs a new collection): {text}") from exc
             raise
-        store = cls(shard, folder, owner_file)
+        store = cls(shard, folder, owner_file, slots)
         store._ensure_indexes()
         owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         return store

@@ -25,7 +25,7 @@ from cache.keys import CacheKey
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
 from cache.skip_table import choose_k, state_steps
-from cache.store import STATE_CHUNK, STATE_SLOTS, Cond, LatentStore, Where, open_store, rows_to_state, state_to_rows
+from cache.store import STATE_CHUNK, Cond, LatentStore, Where, open_store, rows_to_state, state_to_rows
 
 log = logging.getLogger("reprise.cache")
 
@@ -162,7 +162,10 @@ class _BackgroundOptimizer:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        self._thread.join(timeout=1.0)
+        if self._thread.is_alive():  # the shard cannot close under a running optimisation
+            log.info("waiting for the cache optimiser to finish before closing")
+            self._thread.join()
 
 
 class LatentCache:
@@ -362,8 +365,8 @@ class LatentCache:
                 log.warning("cache write-back: state K=%s has shape %s, expected %s, skipped", k, half.shape, shape)
                 continue
             good[int(k)] = half
-        ks = sorted(good)[-len(STATE_SLOTS):]  # keep the most valuable (largest K) if too many
-        slots = {k: STATE_SLOTS[i] for i, k in enumerate(ks)}
+        ks = sorted(good)[-len(self.store.slots):]  # keep the most valuable (largest K) if too many
+        slots = {k: self.store.slots[i] for i, k in enumerate(ks)}
         payload: dict[str, Any] = {
             "model": key.model, "model_version": key.model_version, "generation": int(key.generation),
             "scheduler": key.scheduler, "steps": int(key.steps), "guidance": float(key.guidance),

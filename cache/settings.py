@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from cache.skip_table import DEFAULT_TABLES, SkipTable, validate_table
 
-MAX_STATE_SLOTS = 8  # named state vectors k1..k8 exist in every collection
+MAX_STATE_SLOTS = 8  # one named state vector per fraction; Edge reserves a row for each empty one
 
 
 def _floats(value):

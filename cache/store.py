@@ -2,11 +2,13 @@
 
 Schema (one point per cached generation, id = UUID5 of the exact key):
 - `prompt`: the prompt embedding, cosine, HNSW-indexed.
-- `k1`..`k8`: stored-only noise states (float16, HNSW m=0, on disk). A state is flattened and
-  split into rows of STATE_CHUNK floats, zero-padded, and stored as a multivector. Fixed rows
-  keep the vector size independent of the latent shape, so one collection holds SD 1.5
-  (4x64x64 = 4 rows) and SDXL (4x128x128 = 16 rows, which a single dense vector could not:
-  65,536 > 65,535) alike, up to 1,048,576 floats per state (256 rows).
+- `k1`..`kS`: stored-only noise states (float16, HNSW m=0, on disk), one slot per state fraction
+  (S = len(state_fractions), 5 by default). A state is flattened, split into rows of STATE_CHUNK
+  floats, zero-padded, and stored as a multivector. Fixed rows keep the vector size independent
+  of the latent shape, so one collection holds SD 1.5 (4x64x64 = 16 rows) and SDXL (4x128x128 =
+  64 rows, which one dense vector could not: 65,536 > 65,535) alike, up to 1,048,576 floats per
+  state. Rows are small because Edge reserves one row for every slot a point leaves empty
+  (measured: 8 KB per empty slot with 4096-float rows, 2 KB with 1024).
   Which K lives in which slot is in the payload (`state_slots`). Distance is Dot, never Cosine:
   cosine vectors are normalised on upload.
 - payload: see `cache.latent_cache`, indexed on INDEXED_FIELDS.
@@ -20,9 +22,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-STATE_CHUNK = 4096
+STATE_CHUNK = 1024
 MAX_STATE_ROWS = 1_048_576 // STATE_CHUNK
-STATE_SLOTS = tuple(f"k{i}" for i in range(1, 9))
+
+
+def state_slot_names(n: int) -> tuple[str, ...]:
+    return tuple(f"k{i}" for i in range(1, n + 1))
 PROMPT_VECTOR = "prompt"
 
 # payload field -> index type
@@ -103,6 +108,7 @@ class LatentStore(ABC):
     """What the cache needs from Qdrant. Implementations: EdgeStore, ClientStore."""
 
     backend: str
+    slots: tuple[str, ...]  # names of the state vectors
 
     @abstractmethod
     def insert(self, point_id: str, prompt_vector: np.ndarray, states: dict[str, np.ndarray], payload: dict) -> None:
@@ -161,11 +167,12 @@ class LatentStore(ABC):
 
 
 def open_store(settings, prompt_dim: int) -> LatentStore:
-    """The store selected by settings.backend."""
+    """The store selected by settings.backend, with one state slot per state fraction."""
+    slots = state_slot_names(len(settings.state_fractions))
     if settings.backend == "edge":
         from cache.edge_store import EdgeStore
 
-        return EdgeStore.open(settings, prompt_dim)
+        return EdgeStore.open(settings, prompt_dim, slots)
     from cache.client_store import ClientStore
 
-    return ClientStore.open(settings, prompt_dim)
+    return ClientStore.open(settings, prompt_dim, slots)

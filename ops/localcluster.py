@@ -159,7 +159,8 @@ class LocalCluster:
     # --- workers ------------------------------------------------------------------------------
     def start_worker(self, model: str = "tiny", devices: str = "cpu", wait: bool = True, timeout: float = 120,
                      extra_args: tuple[str, ...] = (), **env) -> WorkerProcess:
-        n = len(self.workers)
+        self._started = getattr(self, "_started", 0) + 1
+        n = self._started - 1
         hostname = f"reprise-{model.replace('/', '-')}-w{n}-{os.getpid()}@{socket.gethostname()}"
         log = Path(self.workdir) / f"worker{n}.log"
         cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--model", model, "--devices", devices, "--hostname", hostname, *extra_args]

@@ -79,8 +79,10 @@ class CacheAdmin:
     def broadcast(self, op: str, params: dict | None = None, token: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
         """Run ``op`` on every live node's cache; returns {node: reply}."""
         token = self.current_token() if token is None else token
+        nodes = self.registry.live_nodes()  # wait for as many replies as live nodes, not the whole timeout
         replies = self.app.control.broadcast(
-            CONTROL_COMMAND, arguments={"op": op, "params": params or {}, "token": token}, reply=True, timeout=timeout
+            CONTROL_COMMAND, arguments={"op": op, "params": params or {}, "token": token}, reply=True, timeout=timeout,
+            limit=len(nodes) or None,
         ) or []
         out: dict[str, Any] = {}
         for reply in replies:

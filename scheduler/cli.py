@@ -46,7 +46,9 @@ def _cmd_worker(args) -> int:
     tasks.install(service, client, cluster.progress_interval_s)
     queue = queue_for(service.model_name, cluster.queue_prefix)
     serve_metrics(service, wsettings, client, cluster.queue_prefix)
+    hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
     info = node_info(service, queue)
+    info["node"] = hostname
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
     app = get_app()
     from kombu import Queue
@@ -57,7 +59,6 @@ def _cmd_worker(args) -> int:
 
     if service.cache is not None:
         control.start_control(service, client, cluster)
-    hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
     print(f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
           f"{', '.join(info['devices'])}; queue {queue}", flush=True)
     argv = [
@@ -160,7 +161,8 @@ def _passthrough(module: str):
     def run(args) -> int:
         import importlib
 
-        return importlib.import_module(module).main(args.rest) or 0
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return importlib.import_module(module).main(rest) or 0
 
     return run
 
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in ("cache", "coordinator", "loadtest", "eval") and argv[1:2] != ["--"]:
+        argv.insert(1, "--")  # argparse's REMAINDER cannot start with an option (`reprise loadtest --rate 2`)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -67,6 +67,12 @@ class ModelRegistry:
     def announce(self, model: str, info: dict, ttl_s: float) -> None:
         self.r.set(f"{self.prefix}:model:{model}", json.dumps(info), ex=max(1, int(ttl_s)))
 
+    def announce_node(self, node: str, info: dict, ttl_s: float) -> None:
+        self.r.set(f"{self.prefix}:node:{node}", json.dumps(info), ex=max(1, int(ttl_s)))
+
+    def live_nodes(self) -> list[str]:
+        return sorted(k.decode().split(":", 2)[2] for k in self.r.scan_iter(f"{self.prefix}:node:*"))
+
     def served(self, model: str) -> dict | None:
         value = self.r.get(f"{self.prefix}:model:{model}")
         return json.loads(value) if value else None

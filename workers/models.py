@@ -228,7 +228,7 @@ def resolve_model(model: str) -> tuple[str, Path | None]:
     """(served name, directory or None for a built-in / hub id)."""
     if model in BUILTINS:
         return model, None
-    if (SHIPPED_DIR / model / "model_index.json").exists():
+    if "/" not in model and (SHIPPED_DIR / model / "model_index.json").exists():
         return model, SHIPPED_DIR / model
     path = Path(model).expanduser()
     if path.exists():
@@ -285,3 +285,28 @@ def _load_from_hub(model_id: str, name: str) -> dict:
             f"nor downloadable here ({type(exc).__name__}). Pass a diffusers directory with --model."
         ) from None
     return _load_directory(Path(local), name)
+
+
+def save_builtin(name: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a built-in model as a diffusers directory (what `--model <dir>` loads)."""
+    directory = Path(directory)
+    parts = _build_builtin(name, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in ("tokenizer", "text_encoder", "unet", "vae"):
+        parts[key].save_pretrained(directory / key)
+    (directory / "scheduler").mkdir(exist_ok=True)
+    (directory / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", **parts["scheduler_config"]}, indent=2)
+    )
+    spec = parts["spec"]
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "reprise": {"default_size": spec.default_size, "max_size": spec.max_size},
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    return directory

@@ -58,6 +58,9 @@ def build_service(
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
     names = parse_devices(worker.devices)
+    n_cpu = sum(1 for n in names if n == "cpu")
+    if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them
+        torch.set_num_threads(worker.torch_threads or max(1, (os.cpu_count() or 1) // n_cpu))
     devices = []
     memo = _text_memo(worker)
     for name in names:
@@ -77,6 +80,8 @@ def build_service(
     if cache is None and open_cache and worker.cache_enabled:
         cache = _open_cache(redis_client)
     defaults = {"method": worker.feature_profile}
+    if worker.blockcache_dir:
+        defaults["calibration_dir"] = worker.blockcache_dir
     service = GenerationService(
         model_name,
         DevicePool(devices),
@@ -120,9 +125,19 @@ class Heartbeat(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.registry.announce(self.model, self.info, ttl_s=self.every_s * 3)
+                if self.info.get("node"):
+                    self.registry.announce_node(self.info["node"], self.info, ttl_s=self.every_s * 3)
             except Exception as exc:  # Redis restarting: try again next beat
                 log.warning("heartbeat failed: %s", exc)
             self.stopped.wait(self.every_s)
+
+
+def serve_metrics(service: GenerationService, worker: WorkerSettings, redis_client, prefix: str) -> int | None:
+    """Serve the node's Prometheus metrics (workers/metrics.py); the port taken ends up in node_info."""
+    from workers import metrics
+
+    service.metrics_port = metrics.serve(service, redis_client, prefix, worker.metrics_port, worker.metrics_addr)
+    return service.metrics_port
 
 
 def node_info(service: GenerationService, queue: str) -> dict:
@@ -137,4 +152,5 @@ def node_info(service: GenerationService, queue: str) -> dict:
         "size_multiple": max(8, c.vae_scale_factor),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "metrics_port": getattr(service, "metrics_port", None),
     }

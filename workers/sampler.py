@@ -134,8 +134,15 @@ class DenoiseLoop:
         unet_runner: UNetRunner | None = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
+        snap_dtype: torch.dtype | None = None,
     ) -> LoopOutput:
-        """Run steps ``start_step .. steps-1``; ``captured[k]`` is the latent after ``k`` steps."""
+        """Run steps ``start_step .. steps-1``; ``captured[k]`` is the latent after ``k`` steps.
+
+        ``snap_dtype``: the dtype the cache stores states in. The trajectory itself continues from
+        the rounded state at each capture, so a later resume from the stored state reproduces
+        this run bit for bit (the rounding moves at most one 8-bit level in about 1% of pixels
+        against a run that captures nothing).
+        """
         if not 0 <= start_step < steps:
             raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
         runner = unet_runner or PlainUNet()
@@ -168,12 +175,19 @@ class DenoiseLoop:
             latents = sched.step(noise, t, latents).prev_sample
             out.steps_computed += 1
             if i + 1 in wanted:
+                if snap_dtype is not None:
+                    latents = self._snap(sched, scheduler, latents, snap_dtype)
                 out.captured[i + 1] = self._capture_state(sched, scheduler, latents)
             if on_step is not None:
                 on_step(i + 1, steps)
         out.latents = latents
         out.denoise_s = time.perf_counter() - started
         return out
+
+    def _snap(self, sched, scheduler: str, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if scheduler in MULTISTEP:
+            sched.model_outputs[-1] = sched.model_outputs[-1].to(dtype).to(latents.dtype)
+        return latents.to(dtype).to(latents.dtype)
 
     def _capture_state(self, sched, scheduler: str, latents: torch.Tensor) -> torch.Tensor:
         if scheduler in MULTISTEP:

@@ -217,6 +217,7 @@ class GenerationService:
                 unet_runner=runner,
                 on_step=job.on_progress,
                 should_stop=should_stop,
+                snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
             )
         except StopRequested as exc:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout

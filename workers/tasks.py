@@ -11,6 +11,7 @@ from celery.worker import state as worker_state
 
 from scheduler.app import GENERATE_TASK, get_app
 from scheduler.errors import JobCancelled, JobTimeout
+from workers import metrics
 from workers.service import GenerationService, JobContext
 
 log = logging.getLogger("reprise.worker")
@@ -60,10 +61,16 @@ def generate(self, *args, **kwargs):
     try:
         result = _service.run(payload, job)
     except JobCancelled as exc:
+        metrics.observe_failure(_service.model_name, "cancelled")
         self.backend.mark_as_revoked(job_id, reason=str(exc), request=self.request)
         raise Ignore() from None
     except SoftTimeLimitExceeded:
+        metrics.observe_failure(_service.model_name, "timeout")
         raise JobTimeout(f"job {job_id} ran past its time limit") from None
+    except Exception as exc:
+        metrics.observe_failure(_service.model_name, exc)
+        raise
+    metrics.observe_result(result)
     return result.model_dump(mode="json")
 
 

@@ -1,0 +1,210 @@
+"""Feature caches inside one request: U-Net speed-up and image deviation against the plain loop.
+
+``reprise bench feature`` runs, for each prompt and repeat, every setting back to back (same process,
+prompts and seeds, so a shared CPU's load hits them alike). ``unet_speedup`` is the median, over
+those interleaved runs, of plain U-Net time / the setting's U-Net time, where U-Net time is the time
+spent inside the runner's calls: this thread's CPU time on the CPU (other processes' load does not
+count), elapsed time on a GPU (synchronised). ``wall_speedup`` is the same ratio of the elapsed time of
+the whole denoising loop (decode excluded). ``psnr``/``ssim`` compare the decoded image with the plain
+one (mean over prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.feature_cache import calibration_store, make_unet_runner
+from workers.models import load_components
+from workers.sampler import DenoiseLoop
+
+PROMPTS = (
+    "a red fox in a snowy forest, morning light",
+    "a watercolor painting of a harbor with sailboats",
+    "a futuristic city skyline at dusk, neon lights",
+    "a close-up photo of a ceramic teapot on a wooden table",
+    "a mountain lake reflecting pine trees",
+)
+
+SETTINGS: tuple[dict, ...] = (
+    {"method": "off"},
+    {"method": "deepcache", "deepcache_interval": 1},
+    {"method": "deepcache", "deepcache_interval": 3},
+    {"method": "deepcache", "deepcache_interval": 5},
+    {"method": "deepcache", "deepcache_interval": 3, "deepcache_schedule": "nonuniform"},
+    {"method": "deepcache", "deepcache_interval": 5, "deepcache_schedule": "nonuniform"},
+    {"method": "block", "block_delta": 0.1},
+    {"method": "block", "block_delta": 0.3},
+    {"method": "block", "block_delta": 0.5},
+    {"method": "block", "block_delta": 1.0},
+)
+
+
+class TimedRunner:
+    """Adds up the time spent inside a runner's U-Net calls."""
+
+    def __init__(self, runner, device: torch.device) -> None:
+        self.runner = runner
+        self.cuda = device.type == "cuda"
+        # With one intra-op thread all CPU work runs in this thread: its CPU time is the work, whatever the load.
+        self.clock = time.thread_time if not self.cuda and torch.get_num_threads() == 1 else time.perf_counter
+        self.seconds = 0.0
+
+    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+        started = self.clock()
+        noise = self.runner(unet, sample, t, step_index, encoder_hidden_states)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds += self.clock() - started
+        return noise
+
+    def report(self) -> dict:
+        return self.runner.report()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _gaussian_blur(x: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    half = size // 2
+    k = np.exp(-(np.arange(-half, half + 1) ** 2) / (2 * sigma**2))
+    k /= k.sum()
+    x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, x)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, x)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: 11×11 Gaussian window, σ 1.5) over the RGB channels of two uint8 images.
+
+    A few lines of numpy instead of adding scikit-image (not installed) for one function.
+    """
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    for ch in range(a.shape[2]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx, my = _gaussian_blur(x), _gaussian_blur(y)
+        vx = _gaussian_blur(x * x) - mx * mx
+        vy = _gaussian_blur(y * y) - my * my
+        cov = _gaussian_blur(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        scores.append(s.mean())
+    return float(np.mean(scores))
+
+
+def _label(setting: dict) -> str:
+    params = {k.split("_", 1)[1] if k.startswith(("deepcache_", "block_")) else k: v for k, v in setting.items() if k != "method"}
+    return setting["method"] + ("" if not params else " " + " ".join(f"{k}={v}" for k, v in params.items()))
+
+
+def run(model: str, steps: int, prompts: int, repeats: int, size: int | None, calibration_dir: str | None, calibration_prompts: int = 2, log=print) -> dict:
+    components = load_components(model)
+    loop = DenoiseLoop(components)
+    size = size or components.spec.default_size
+    defaults = {"calibration_dir": calibration_dir, "calibration_prompts": calibration_prompts, "calibration_size": size}
+
+    started = time.perf_counter()
+    store = calibration_store(calibration_dir, calibration_prompts, size)
+    store.changes(components, steps)  # calibrate once up front (stored), so no timed run pays for it
+    calibration_s = time.perf_counter() - started
+    log(f"{model} {size}x{size}px, {steps} steps, {prompts} prompts x {repeats} repeats; block calibration {calibration_s:.1f}s")
+
+    unet_s = {i: [] for i in range(len(SETTINGS))}
+    wall_s = {i: [] for i in range(len(SETTINGS))}
+    images: dict[tuple[int, int], np.ndarray] = {}
+    reports: dict[int, dict] = {}
+    for r in range(repeats):
+        for p in range(prompts):
+            for i, setting in enumerate(SETTINGS):
+                runner = TimedRunner(make_unet_runner(components, setting, defaults, steps=steps), components.device)
+                out = loop.denoise(
+                    prompt=PROMPTS[p % len(PROMPTS)], seed=1000 + p, steps=steps, guidance_scale=7.5,
+                    width=size, height=size, unet_runner=runner,
+                )
+                unet_s[i].append(runner.seconds)
+                wall_s[i].append(out.denoise_s)
+                reports[i] = runner.report()
+                if r == 0:
+                    images[i, p] = np.asarray(loop.decode(out.latents))
+                log(f"  repeat {r} prompt {p} {_label(setting):40s} unet {runner.seconds:6.2f}s")
+
+    results = []
+    for i, setting in enumerate(SETTINGS):
+        report = reports[i]
+        psnrs = [psnr(images[0, p], images[i, p]) for p in range(prompts)]
+        mean_psnr = float(np.mean(psnrs))
+        result = {
+            "method": setting["method"],
+            "params": report["params"],
+            "unet_speedup": round(statistics.median(a / b for a, b in zip(unet_s[0], unet_s[i])), 3),
+            "wall_speedup": round(statistics.median(a / b for a, b in zip(wall_s[0], wall_s[i])), 3),
+            "psnr": None if mean_psnr == float("inf") else round(mean_psnr, 2),  # None: identical to plain
+            "ssim": round(float(np.mean([ssim(images[0, p], images[i, p]) for p in range(prompts)])), 4),
+            "full_unet_passes": report["full_unet_passes"],
+            "partial_unet_passes": report["partial_unet_passes"],
+            "unet_s_median": round(statistics.median(unet_s[i]), 3),
+        }
+        if "attention_reused" in report:
+            result["attention_reused"] = report["attention_reused"]
+        results.append(result)
+    return {
+        "model": model,
+        "steps": steps,
+        "size": size,
+        "prompts": prompts,
+        "repeats": repeats,
+        "device": f"{components.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "block_calibration_s": round(calibration_s, 2),
+        "timing": "unet: CPU time (thread) or GPU-synchronised time inside runner calls; wall: loop elapsed; medians of per-run plain/setting ratios",
+        "results": results,
+    }
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['model']} · {report['steps']} steps · {report['size']}px · {report['device']}")
+    header = f"{'method':10s} {'params':60s} {'unet×':>6s} {'wall×':>6s} {'psnr':>6s} {'ssim':>6s} {'full':>5s} {'part':>5s}"
+    print(header)
+    print("-" * len(header))
+    for r in report["results"]:
+        params = " ".join(f"{k}={v}" for k, v in r["params"].items())
+        psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        print(
+            f"{r['method']:10s} {params:60s} {r['unet_speedup']:6.2f} {r['wall_speedup']:6.2f} {psnr_text:>6s} "
+            f"{r['ssim']:6.4f} {r['full_unet_passes']:5d} {r['partial_unet_passes']:5d}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="reprise bench feature", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-small", help="model to load (default: sd15-small)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128: 16x16 latents)")
+    parser.add_argument("--calibration-dir", default=None, help="block-cache calibrations (default ~/.cache/reprise/blockcache)")
+    parser.add_argument("--calibration-prompts", type=int, default=2, help="prompts for a block-cache calibration (stored, one-off)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: on a shared CPU more threads spin against other processes, 20x slower here)",
+    )
+    parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = run(args.model, args.steps, args.prompts, args.repeats, args.size, args.calibration_dir, args.calibration_prompts)
+    print_table(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

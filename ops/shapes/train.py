@@ -1,0 +1,394 @@
+"""Train the small pixel-space text-to-image model shipped in ``workers/models/shapes``.
+
+Usage::
+
+    python -m ops.shapes.train --out workers/models/shapes --minutes 70 --seed 0
+
+Data recipe (generated on the fly, never stored):
+  * one scene per sample from :func:`ops.shapes.scene.random_scene`: background and shape
+    colour drawn from an 8-colour palette (always different), shape in {circle, square,
+    triangle}, size in {small, large}, position in a 3x3 grid;
+  * rendered with hard edges at 32x32 by :func:`ops.shapes.scene.render_array`, scaled to
+    [-1, 1];
+  * captioned by :func:`ops.shapes.scene.caption` (9 templates x colour/shape/size/position
+    synonyms x adjective order); the caption is replaced by "" with probability 0.1 for
+    classifier-free guidance.
+
+Model: a word-level ``CLIPTokenizer`` (BPE merges built so that every caption word is one
+token; unknown words fall back to byte symbols), a small ``CLIPTextModel`` trained jointly from
+scratch, and a ``UNet2DConditionModel`` working directly on 3-channel pixels with
+cross-attention (``only_cross_attention``: no self-attention) at every resolution plus an
+attention-pooled text embedding added to the time embedding (``addition_embed_type="text"``).
+Conditioning is ``text_encoder(input_ids)[0]`` on ids padded to ``model_max_length`` with no
+attention mask, exactly what a StableDiffusionPipeline-style loop computes.  Objective:
+v-prediction, cosine ("squaredcos_cap_v2") schedule with 1000 steps, AdamW, linear warm-up then
+cosine decay, EMA of unet and text encoder weights; the saved model holds the EMA weights.
+A checkpoint of the full pipeline directory is written every ``--ckpt-minutes`` minutes and at
+the end, so an interrupted run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ops.shapes import scene as sc
+
+MODEL_MAX_LENGTH = 32
+DIFFUSERS_VERSION = "0.42.1"
+
+# ----------------------------------------------------------------------------- tokenizer
+_PRETOK = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def caption_words(n: int = 20000, seed: int = 1234) -> list[str]:
+    """All pre-tokenized words that the caption generator emits (plus a few prompt words)."""
+    rng = np.random.default_rng(seed)
+    words: Counter[str] = Counter()
+    for _ in range(n):
+        words.update(_PRETOK.findall(sc.caption(sc.random_scene(rng), rng).lower()))
+    extra = "a an the of with in on at and image picture photo shape corner centre center middle".split()
+    words.update(extra)
+    return sorted(words)
+
+
+def build_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Byte-level base vocabulary plus BPE merges learnt until every word is one symbol."""
+    b2u = _bytes_to_unicode()
+    base = list(b2u.values())
+    vocab_list = base + [c + "</w>" for c in base]
+    segs = {w: [b2u[b] for b in w.encode()] for w in words}
+    for w, s in segs.items():
+        s[-1] = s[-1] + "</w>"
+    merges: list[str] = []
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for s in segs.values():
+            for a, b in zip(s, s[1:]):
+                pairs[(a, b)] += 1
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]  # deterministic tie-break
+        merges.append(f"{best[0]} {best[1]}")
+        new = best[0] + best[1]
+        vocab_list.append(new)
+        for w, s in segs.items():
+            i, out = 0, []
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            segs[w] = out
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    seen: dict[str, int] = {}
+    for t in vocab_list:
+        if t not in seen:
+            seen[t] = len(seen)
+    return seen, merges
+
+
+def build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_vocab_and_merges(caption_words())
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=MODEL_MAX_LENGTH)
+    return tok
+
+
+# ----------------------------------------------------------------------------- models
+TEXT_CFG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+UNET_CFG = dict(
+    block_out_channels=(32, 64, 64),
+    # conv only at 32x32; cross-attention at 16x16 and 8x8 (and in the mid block)
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+    norm_num_groups=8,
+    only_cross_attention=True,
+    addition_embed_type="text",
+    addition_embed_type_num_heads=4,
+)
+
+
+def build_text_encoder(tok, text_cfg: dict | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        projection_dim=(text_cfg or TEXT_CFG)["hidden_size"],
+        **(text_cfg or TEXT_CFG),
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_unet(cross_dim: int, size: int = 32, unet_cfg: dict | None = None):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(UNET_CFG if unet_cfg is None else unet_cfg)
+    return UNet2DConditionModel(sample_size=size, in_channels=3, out_channels=3, cross_attention_dim=cross_dim, **cfg)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+# ----------------------------------------------------------------------------- data
+def make_batch(rng: np.random.Generator, bs: int, size: int = 32, p_uncond: float = 0.1):
+    scenes = [sc.random_scene(rng) for _ in range(bs)]
+    caps = [sc.caption(s, rng) if rng.random() >= p_uncond else "" for s in scenes]
+    imgs = np.stack([sc.render_array(s, size) for s in scenes])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x, caps, scenes
+
+
+def tokenize(tok, texts: list[str]) -> torch.Tensor:
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------- saving
+def save_pipeline(out: Path, tok, text_encoder, unet, scheduler, extra: dict | None = None) -> None:
+    """Write the diffusers-layout directory atomically (tmp dir, then rename)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tok.save_pretrained(tmp / "tokenizer")
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None],
+        "reprise": {
+            "pixel_space": True,
+            "channels": 3,
+            "value_range": [-1, 1],
+            "default_size": 32,
+            "max_size": 64,
+            "default_guidance_scale": 4.0,
+            "default_steps": 25,
+            **(extra or {}),
+        },
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def generate(tok, text_encoder, unet, scheduler, prompts: list[str], steps: int = 25, guidance: float = 4.0,
+             size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Standard SD-style loop in pixel space; returns images in [0, 1], shape (n, 3, size, size)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler.config)
+    n = len(prompts)
+    cond = text_encoder(tokenize(tok, prompts))[0]
+    uncond = text_encoder(tokenize(tok, [""] * n))[0]
+    emb = torch.cat([uncond, cond])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g) * sched.init_noise_sigma
+    sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        out = unet(inp, t, encoder_hidden_states=emb).sample
+        u, c = out.chunk(2)
+        x = sched.step(u + guidance * (c - u), t, x).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def quick_eval(tok, text_encoder, unet, scheduler, n: int = 64, seed: int = 999, guidance: float = 4.0, steps: int = 25):
+    from ops.shapes.checker import attribute_accuracy
+
+    rng = np.random.default_rng(seed)
+    scenes = [sc.random_scene(rng) for _ in range(n)]
+    prompts = [sc.caption(s, rng) for s in scenes]
+    imgs = generate(tok, text_encoder, unet, scheduler, prompts, steps=steps, guidance=guidance, seed=seed)
+    arr = (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return attribute_accuracy(list(arr), scenes)
+
+
+# ----------------------------------------------------------------------------- training
+def v_target(x0, noise, ac):
+    return ac.sqrt() * noise - (1 - ac).sqrt() * x0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="workers/models/shapes")
+    ap.add_argument("--minutes", type=float, default=70.0)
+    ap.add_argument("--steps", type=int, default=0, help="total steps (default: estimated from --minutes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
+    ap.add_argument("--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)")
+    ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    tok = build_tokenizer()
+    text_encoder = build_text_encoder(tok)
+    unet = build_unet(text_encoder.config.hidden_size, args.size)
+    scheduler = build_scheduler()
+    n_te = sum(p.numel() for p in text_encoder.parameters())
+    n_un = sum(p.numel() for p in unet.parameters())
+    print(f"vocab {len(tok)}  text_encoder {n_te/1e6:.2f}M  unet {n_un/1e6:.2f}M params", flush=True)
+
+    models = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
+    ema = copy.deepcopy(models).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ac_all = scheduler.alphas_cumprod.float()
+
+    t0 = time.time()
+    deadline = t0 + args.minutes * 60
+    total = args.steps or 10**9  # replaced by an estimate after 30 steps when only --minutes is given
+    t_warm = t0
+    last_ckpt = t0
+    step = 0
+    loss_avg = None
+    tick = time.time()
+    while True:
+        if args.steps and step >= args.steps:
+            break
+        if not args.steps and time.time() >= deadline:
+            break
+        if step == args.warmup:
+            t_warm = time.time()
+        if step < args.warmup:
+            lr = args.lr * (step + 1) / args.warmup
+        else:
+            if args.steps:
+                prog = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+            else:  # time-based: the CPU is shared, so the step rate is not known in advance
+                prog = min(1.0, (time.time() - t_warm) / max(1.0, deadline - t_warm))
+            lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+
+        x0, caps, _ = make_batch(rng, args.batch, args.size)
+        ids = tokenize(tok, caps)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (x0.shape[0],))
+        ac = ac_all[t].view(-1, 1, 1, 1)
+        xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        emb = text_encoder(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        loss = torch.nn.functional.mse_loss(pred, v_target(x0, noise, ac))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), models.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+
+        if args.bench and step >= args.bench:
+            dt = time.time() - t0
+            print(f"bench: {step} steps in {dt:.1f}s = {dt/step:.3f} s/step (batch {args.batch})", flush=True)
+            return 0
+        if step == 30 and not args.steps:
+            rate = step / (time.time() - t0)
+            total = int(rate * args.minutes * 60)
+            print(f"estimated total steps: {total}", flush=True)
+        if step % 25 == 0:
+            now = time.time()
+            print(f"step {step}/{total if total < 10**9 else '?'}  loss {loss.item():.4f} (avg {loss_avg:.4f})  lr {lr:.2e}  "
+                  f"{25/(now-tick):.2f} it/s  elapsed {(now-t0)/60:.1f} min", flush=True)
+            tick = now
+        want_eval = args.eval_every and step % args.eval_every == 0
+        if time.time() - last_ckpt >= args.ckpt_minutes * 60 or want_eval:
+            _checkpoint(args, tok, ema, scheduler, step, t0, evaluate=True)
+            last_ckpt = time.time()
+            tick = time.time()
+    _checkpoint(args, tok, ema, scheduler, step, t0, evaluate=True)
+    print(f"done: {step} steps in {(time.time()-t0)/60:.1f} min", flush=True)
+    return 0
+
+
+def _checkpoint(args, tok, ema, scheduler, step, t0, evaluate: bool) -> None:
+    te, un = ema["text_encoder"], ema["unet"]
+    save_pipeline(Path(args.out), tok, te, un, scheduler,
+                  extra={"train_steps": step, "train_minutes": round((time.time() - t0) / 60, 1), "seed": args.seed})
+    msg = f"checkpoint step {step} -> {args.out}"
+    if evaluate:
+        try:
+            acc = quick_eval(tok, te, un, scheduler, n=48)
+            msg += "  quick eval (48 prompts, ddim 25, cfg 4): " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items())
+        except Exception as e:  # pragma: no cover - the eval must never kill training
+            msg += f"  (eval failed: {e!r})"
+    print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Prompt embedding with the real all-MiniLM-L6-v2 (bundled, offline), end to end with Edge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+
+from cache import CacheKey, CacheSettings, LatentCache
+from cache.embedding import CallableEmbedder, PromptEmbedder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    embedder = PromptEmbedder(memo_entries=30)
+    embedder.embed("warm up")  # loads the model once for the module
+    return embedder
+
+
+def test_minilm_vectors_are_normalised_and_memoised(minilm):
+    v = minilm.embed("a red fox in the snow")
+    assert v.shape == (384,) and v.dtype == np.float32 and np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5)
+    assert minilm.embed("a red fox in the snow") is v  # memo hit: the same array
+    with pytest.raises(ValueError):
+        v[0] = 1.0  # shared memo arrays are read-only
+    minilm.drop_memos()
+    again = minilm.embed("a red fox in the snow")
+    assert again is not v and np.allclose(again, v, atol=1e-5)
+
+
+def test_similar_prompts_score_higher_than_different_ones(minilm):
+    a, b, c = minilm.embed_many(["a red fox in the snow", "a red fox in the snow, highly detailed", "a bowl of ramen"])
+    assert float(a @ b) > 0.8 > float(a @ c)
+
+
+def test_memo_is_bounded_and_thread_safe(minilm):
+    minilm.drop_memos()
+    prompts = [f"a house number {i}" for i in range(45)]
+    results = {}
+
+    def work(chunk):
+        for p in chunk:
+            results[p] = minilm.embed(p)
+
+    threads = [threading.Thread(target=work, args=(prompts[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 45 and len(minilm._memo) <= 30
+    assert np.allclose(results["a house number 7"], minilm.embed("a house number 7"), atol=1e-5)
+
+
+def test_callable_embedder_for_clip():
+    calls = []
+
+    def pooled(prompt):
+        calls.append(prompt)
+        return np.arange(1, 9, dtype=np.float64) * len(prompt)
+
+    emb = CallableEmbedder(pooled, version="sd15-clip", dim=8)
+    v = emb.embed("abc")
+    assert v.dtype == np.float32 and np.linalg.norm(v) == pytest.approx(1.0) and emb.embed("abc") is v
+    assert calls == ["abc"]
+    with pytest.raises(ValueError):
+        CallableEmbedder(pooled, version="bad", dim=4).embed("x")
+
+
+def test_approximate_reuse_with_real_embeddings(minilm, tmp_path):
+    # tmpfs when there is one: Edge fsyncs its WAL on every update
+    folder = tempfile.mkdtemp(dir="/dev/shm") if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    settings = CacheSettings(backend="edge", path=folder, lookup_timeout_ms=5000)
+    cache = LatentCache.open(settings, embedder=minilm)
+    try:
+        def key(prompt):
+            return CacheKey("sd15", "v1", 0, prompt, "", 1, 50, 7.5, 512, 512, "ddim", "acme")
+
+        source = "a red fox sitting in fresh snow at dawn"
+        states = {k: np.full((4, 64, 64), k, dtype=np.float32) for k in cache.state_steps(50)}
+        assert cache.write_back(key(source), cache.embed(source), states, "file:///fox.png", shareable=False)
+
+        near = "a red fox sitting in fresh snow at dawn."
+        hit = cache.lookup_approx(key(near), cache.embed(near))
+        assert hit is not None and hit.k == 25 and hit.source_prompt == source
+        assert np.all(hit.state == 25)
+
+        edited = "a red fox sitting in fresh snow at dawn, oil painting"
+        hit = cache.lookup_approx(key(edited), cache.embed(edited))
+        assert hit is not None and 5 <= hit.k < 25
+
+        assert cache.lookup_approx(key("a bowl of ramen on a wooden table"), cache.embed("a bowl of ramen on a wooden table")) is None
+    finally:
+        cache.close()
+        shutil.rmtree(folder, ignore_errors=True)

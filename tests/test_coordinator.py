@@ -1,0 +1,196 @@
+"""The coordinator and cache invalidation, with real worker processes, a real Redis and real
+coordinator processes (issue: versioned invalidation and one consistent cache across nodes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ops.localcluster import LocalCluster
+from scheduler.cache_admin import CacheAdmin
+from scheduler.client import submit
+from scheduler.registry import ModelRegistry
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def node(redis_server, tmp_path_factory):
+    """One worker node serving a model from a directory, two device slots sharing one embedded cache."""
+    from workers.models import save_builtin
+
+    work = tmp_path_factory.mktemp("coord")
+    model_dir = save_builtin("tiny", work / "coordmodel", seed=0)
+    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url})
+    c.ensure_redis()
+    c.start_worker(str(model_dir), "cpu,cpu", REPRISE_CACHE_PATH=str(work / "qdrant"))
+    c.model_dir = model_dir
+    yield c
+    c.stop()
+
+
+def _job(prompt, seed=11, **kw):
+    return submit(prompt=prompt, model="coordmodel", steps=10, seed=seed, **kw).wait(60)
+
+
+def _cli(*args):
+    out = subprocess.run([sys.executable, "-m", "scheduler.cli", *args], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_identical_request_is_an_exact_hit_with_zero_steps(node):
+    first = _job("an owl reading a book by candlelight")
+    time.sleep(0.5)  # write-back runs after the result
+    second = _job("an owl reading a book by candlelight")
+    assert first.cache.hit == "miss" and first.cache.steps_computed == 10
+    assert second.cache.hit == "exact" and second.cache.steps_computed == 0 and second.cache.steps_saved == 10
+
+
+def test_invalidate_model_under_load_never_serves_the_old_generation(node, redis_client):
+    registry = ModelRegistry(redis_client)
+    _job("a steady stream prompt")
+    time.sleep(0.5)
+    stop = threading.Event()
+    seen = []
+
+    def stream():
+        while not stop.is_set():
+            t = time.time()
+            seen.append((t, _job("a steady stream prompt")))
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    time.sleep(1.0)
+    out = json.loads(_cli("cache", "invalidate", "--model", "coordmodel", "--json"))
+    returned = time.time()
+    new_generation = out["generation"]
+    assert registry.generation("coordmodel") == new_generation
+    time.sleep(2.0)
+    stop.set()
+    thread.join(60)
+    before = [r for t, r in seen if t < returned - 1]
+    after = [r for t, r in seen if t > returned]
+    assert after, "no job ran after the invalidation"
+    assert any(r.cache.hit == "exact" for r in before)
+    for r in after:  # every job started after the command returned looked up the new generation only
+        assert r.cache.generation >= new_generation, r.cache
+    first_in_new = next(r for _, r in seen if r.cache.generation == new_generation)
+    assert first_in_new.cache.hit == "miss"  # the new generation starts empty
+
+
+def test_worker_without_pubsub_still_serves_nothing_stale(node, redis_client):
+    _job("a prompt before the cut")
+    time.sleep(0.5)
+    assert _job("a prompt before the cut").cache.hit == "exact"
+    killed = redis_client.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    CacheAdmin().invalidate_model("coordmodel", reason="test: pubsub cut")
+    assert _job("a prompt before the cut").cache.hit == "miss"
+
+
+def test_invalidate_tenant_and_prompt_prefix(node):
+    _job("tenant scoped prompt", tenant="acme")
+    _job("prefix one: a red car", tenant="other")
+    time.sleep(0.5)
+    assert _job("tenant scoped prompt", tenant="acme").cache.hit == "exact"
+    out = json.loads(_cli("cache", "invalidate", "--tenant", "acme", "--json"))
+    assert out["seq"] >= 1 and any(v.get("deleted", 0) >= 1 for v in out["nodes"].values())
+    assert _job("tenant scoped prompt", tenant="acme").cache.hit == "miss"
+    assert _job("prefix one: a red car", tenant="other").cache.hit == "exact"
+    CacheAdmin().invalidate(prompt_prefix="prefix one:")  # no broadcast: the node applies it before its next lookup
+    assert _job("prefix one: a red car", tenant="other").cache.hit == "miss"
+
+
+def test_tenants_are_isolated_unless_shared(node):
+    _job("a private dragon sketch", tenant="alice", seed=3)
+    time.sleep(0.5)
+    assert _job("a private dragon sketch", tenant="bob", seed=3).cache.hit == "miss"
+    _job("a shared dragon sketch", tenant="alice", seed=3, cache={"share": True})
+    time.sleep(0.5)
+    shared = _job("a shared dragon sketch", tenant="bob", seed=3)
+    assert shared.cache.hit == "exact"
+    assert "/bob/" in shared.image_uri  # bob gets his own copy, never alice's path
+
+
+def test_stats_json(node):
+    out = json.loads(_cli("cache", "stats", "--json"))
+    assert out["totals"]["entries"] >= 1 and "coordmodel" in out["generations"]
+    assert set(out["hits"]["coordmodel"]["hit_rate"]) == {"exact", "approximate", "miss"}
+
+
+def _coordinator(env_extra):
+    env = dict(os.environ, REPRISE_COORDINATOR_LEASE_S="1.5", REPRISE_COORDINATOR_SWEEP_INTERVAL_S="0.5",
+               REPRISE_COORDINATOR_METRICS_PORT="0", **env_extra)
+    return subprocess.Popen([sys.executable, "-m", "scheduler.cli", "coordinator", "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _status():
+    from scheduler.coordinator import status
+
+    return status()
+
+
+def test_leader_killed_during_duties_standby_takes_over_and_stale_tokens_are_refused(node):
+    for i in range(6):
+        _job(f"entry for gc {i}")
+    CacheAdmin().invalidate_model("coordmodel", reason="test: gc")  # everything above is now garbage
+    a, b = _coordinator({}), _coordinator({})
+    try:
+        deadline = time.monotonic() + 30
+        while not _status()["leader"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        first = _status()
+        old_token = first["token"]
+        leader_pid = int(first["leader"].split("-")[-2])
+        victim = a if a.pid == leader_pid else b
+        os.kill(victim.pid, signal.SIGKILL)  # duties run every 0.5 s: this lands during or between rounds
+        killed_at = time.monotonic()
+        while True:
+            s = _status()
+            if s["leader"] and s["token"] > old_token:
+                break
+            assert time.monotonic() - killed_at < 10, s
+            time.sleep(0.1)
+        takeover_s = time.monotonic() - killed_at
+        assert takeover_s < 6
+        replies = CacheAdmin().broadcast("gc", token=old_token)
+        assert replies and all("refused" in r for r in replies.values()), replies
+        time.sleep(1.5)  # the new leader's GC round
+        stats = CacheAdmin().broadcast("stats")
+        for reply in stats.values():
+            assert reply["states"] == sum(reply["per_k"].values())
+        assert _status()["sweeps"].get("gc", 0) >= 1
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+def test_replaced_weights_never_hit_the_old_entries(node, redis_client):
+    from workers.models import save_builtin
+
+    _job("a prompt cached under old weights", seed=5)
+    time.sleep(0.5)
+    assert _job("a prompt cached under old weights", seed=5).cache.hit == "exact"
+    registry = ModelRegistry(redis_client)
+    before = registry.generation("coordmodel")
+    worker = node.workers[0]
+    worker.stop()
+    node.workers.remove(worker)
+    save_builtin("tiny", node.model_dir, seed=1)  # different weights, same directory and name
+    node.start_worker(str(node.model_dir), "cpu,cpu", REPRISE_CACHE_PATH=str(Path(node.workdir) / "qdrant"))
+    assert registry.generation("coordmodel") == before + 1
+    again = _job("a prompt cached under old weights", seed=5)
+    assert again.cache.hit == "miss" and again.model_version != ""

@@ -1,0 +1,107 @@
+"""Shapes data, checker and the shipped pixel-space model in workers/models/shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ops.shapes import scene as sc
+from ops.shapes.checker import attribute_accuracy, check, read
+
+MODEL = Path(__file__).resolve().parents[1] / "workers" / "models" / "shapes"
+
+
+def test_checker_accuracy_on_renders():
+    rng = np.random.default_rng(7)
+    scenes = [sc.random_scene(rng) for _ in range(300)]
+    acc = attribute_accuracy([sc.render_array(s, 32) for s in scenes], scenes)
+    assert acc["all"] >= 0.99, acc
+    for k in sc.ATTRIBUTES:
+        assert acc[k] >= 0.99, (k, acc)
+
+
+def test_checker_reads_pil_and_other_sizes():
+    s = sc.Scene("blue", "triangle", "yellow", "large", "bottom right")
+    assert read(sc.render(s, 64)) == s.as_dict()
+    assert all(check(sc.render_array(s, 48), s).values())
+    wrong = sc.Scene("blue", "circle", "red", "small", "top left")
+    assert check(sc.render_array(s), wrong) == {
+        "background": True, "color": False, "position": False, "size": False, "shape": False}
+
+
+def test_caption_parse_round_trip():
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(2000):
+        s = sc.random_scene(rng)
+        c = sc.caption(s, rng)
+        seen.add(c)
+        assert sc.parse_prompt(c) == s.as_dict(), c
+        assert sc.parse_scene(c) == s
+    assert len(seen) > 1900  # varied phrasings
+
+
+def test_parse_partial_prompt():
+    assert sc.parse_prompt("a crimson disk") == {"color": "red", "shape": "circle"}
+    assert sc.parse_prompt("blue backdrop with a large crimson disk near the top-left corner") == {
+        "background": "blue", "color": "red", "shape": "circle", "size": "large", "position": "top left"}
+
+
+def test_tokenizer_is_word_level():
+    from ops.shapes.train import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok("a small scarlet triangle in the upper-right on an azure backdrop").input_ids
+    assert len(ids) == 15  # bos + 13 words/punctuation ("upper", "-", "right") + eos
+    assert len(tok("a purple hexagon").input_ids) > 5  # unknown words fall back to byte symbols
+
+
+def _files():
+    return [p for p in MODEL.rglob("*") if p.is_file()]
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="model not trained yet")
+def test_model_dir_layout_and_size():
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["vae"] == [None, None]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["reprise"]["pixel_space"] is True
+    assert sum(p.stat().st_size for p in _files()) <= 25 * 2**20
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".ckpt") for p in _files())
+    sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["steps_offset"] == 1
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="model not trained yet")
+def test_model_loads_offline_and_generates():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    te = CLIPTextModel.from_pretrained(MODEL / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(MODEL / "unet")
+    sched = DDIMScheduler.from_pretrained(MODEL / "scheduler")
+    assert unet.config.in_channels == unet.config.out_channels == 3
+    assert unet.config.cross_attention_dim == te.config.hidden_size
+    assert te.config.max_position_embeddings >= tok.model_max_length
+
+    prompts = ["a small red circle in the top left on a blue background", ""]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = te(ids)[0]
+        sched.set_timesteps(4)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        for t in sched.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb, emb])).sample
+            u, c = out.chunk(2)
+            x = sched.step(u + 4.0 * (c - u), t, x).prev_sample
+    img = (x / 2 + 0.5).clamp(0, 1)
+    assert img.shape == (2, 3, 32, 32)
+    assert torch.isfinite(img).all()

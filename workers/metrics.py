@@ -1,0 +1,210 @@
+"""Prometheus metrics of a worker node, served over HTTP on ``metrics_port``.
+
+The names are fixed (the dashboards use them):
+
+- ``reprise_jobs_total{model,outcome}``: outcome is success, invalid, cancelled, timeout or failed.
+- ``reprise_job_queue_wait_seconds{model}``, ``reprise_job_service_seconds{model}``,
+  ``reprise_job_end_to_end_seconds{model}``: histograms (queue wait needs the producer's
+  ``reprise_queued_at`` header, which ``scheduler.client.submit`` sets).
+- ``reprise_cache_hits_total{model,type,k}``: type exact / approximate / miss; k is the step an
+  approximate hit resumed from ("-" for exact hits and misses).
+- ``reprise_steps_saved_total{model}``, ``reprise_gpu_seconds_saved_total{model}`` (steps saved ×
+  this node's measured seconds per step), ``reprise_cache_lookup_seconds{model}``.
+- ``reprise_cache_writeback_failures_total{model}``: write-backs that failed or were dropped
+  because the write-back queue was full.
+- ``reprise_queue_depth{queue}``: messages waiting in each ``<prefix>.*`` queue, read from Redis at
+  scrape time; the priority sub-queues (``reprise.tiny:3``) are summed into their queue. Flower has
+  no queue-length metric, so this fills that gap.
+- ``reprise_device_busy_ratio{device}``: share of the last ``BUSY_WINDOW_S`` seconds the device
+  spent on jobs (devices with the same name are averaged).
+- ``reprise_devices{model}``: devices this node serves.
+
+The task records each job with one call (``observe_result`` / ``observe_failure``); everything
+read from the service or Redis is read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from scheduler.errors import InvalidRequest, JobCancelled, JobTimeout
+
+log = logging.getLogger("reprise.metrics")
+
+disable_created_metrics()  # the *_created series only double the scrape size
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes etc.: memory per worker process
+
+OUTCOMES = ("success", "invalid", "cancelled", "timeout", "failed")
+JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+BUSY_WINDOW_S = 60.0
+
+JOBS = Counter("reprise_jobs", "Jobs finished, by outcome.", ["model", "outcome"], registry=REGISTRY)
+QUEUE_WAIT = Histogram("reprise_job_queue_wait_seconds", "Time from submit to a worker starting the job.", ["model"],
+                       buckets=JOB_BUCKETS, registry=REGISTRY)
+SERVICE = Histogram("reprise_job_service_seconds", "Time a worker spent on the job (lookups, denoise, decode, store).", ["model"],
+                    buckets=JOB_BUCKETS, registry=REGISTRY)
+END_TO_END = Histogram("reprise_job_end_to_end_seconds", "Queue wait plus service time.", ["model"],
+                       buckets=JOB_BUCKETS, registry=REGISTRY)
+CACHE_HITS = Counter("reprise_cache_hits", "Cache outcomes of finished jobs.", ["model", "type", "k"], registry=REGISTRY)
+STEPS_SAVED = Counter("reprise_steps_saved", "Denoising steps skipped thanks to the caches.", ["model"], registry=REGISTRY)
+GPU_SECONDS_SAVED = Counter("reprise_gpu_seconds_saved", "Steps saved times the measured seconds per step.", ["model"], registry=REGISTRY)
+LOOKUP = Histogram("reprise_cache_lookup_seconds", "Exact plus approximate cache lookup time of a job.", ["model"],
+                   buckets=LOOKUP_BUCKETS, registry=REGISTRY)
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The ``outcome`` label of a job that raised ``exc``."""
+    if isinstance(exc, InvalidRequest):
+        return "invalid"
+    if isinstance(exc, JobCancelled):
+        return "cancelled"
+    if isinstance(exc, JobTimeout) or type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+        return "timeout"
+    return "failed"
+
+
+class _StepClock:
+    """Moving average of seconds per denoising step, per model (for the GPU seconds saved)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[str, float] = {}
+
+    def observe(self, model: str, steps: int, seconds: float) -> None:
+        if steps > 0 and seconds > 0:
+            s = seconds / steps
+            old = self.per_step.get(model)
+            self.per_step[model] = s if old is None else 0.9 * old + 0.1 * s
+
+    def seconds_for(self, model: str, steps: int) -> float:
+        return self.per_step.get(model, 0.0) * steps
+
+
+class _BusyTracker:
+    """Busy intervals per device name over a sliding window."""
+
+    def __init__(self, window_s: float = BUSY_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.intervals: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.lock = threading.Lock()
+
+    def observe(self, device: str, start: float, end: float) -> None:
+        with self.lock:
+            self.intervals[device].append((start, end))
+
+    def ratio(self, device: str, slots: int, now: float) -> float:
+        lo = now - self.window_s
+        with self.lock:
+            q = self.intervals.get(device, collections.deque())
+            while q and q[0][1] < lo:
+                q.popleft()
+            busy = sum(min(end, now) - max(start, lo) for start, end in q if end > lo)
+        return min(1.0, busy / (self.window_s * max(1, slots)))
+
+
+_clock = _StepClock()
+_busy = _BusyTracker()
+
+
+def observe_result(result) -> None:
+    """Record one successful job (a ``GenerationResult``)."""
+    model = result.model
+    t, cache = result.timings, result.cache
+    service_s = max(0.0, t.total_s - t.queue_wait_s)
+    JOBS.labels(model, "success").inc()
+    QUEUE_WAIT.labels(model).observe(t.queue_wait_s)
+    SERVICE.labels(model).observe(service_s)
+    END_TO_END.labels(model).observe(t.total_s)
+    _clock.observe(model, cache.steps_computed, t.denoise_s)
+    if cache.hit != "off":
+        CACHE_HITS.labels(model, cache.hit, str(cache.k) if cache.hit == "approximate" and cache.k else "-").inc()
+    if cache.steps_saved:
+        STEPS_SAVED.labels(model).inc(cache.steps_saved)
+        GPU_SECONDS_SAVED.labels(model).inc(_clock.seconds_for(model, cache.steps_saved))
+    if cache.lookup_ms is not None:
+        LOOKUP.labels(model).observe(cache.lookup_ms / 1000.0)
+    now = time.time()
+    _busy.observe(result.device, now - service_s, now)
+
+
+def observe_failure(model: str, exc_or_outcome: BaseException | str) -> None:
+    """Record one job that ended without a result."""
+    outcome = exc_or_outcome if isinstance(exc_or_outcome, str) else outcome_of(exc_or_outcome)
+    JOBS.labels(model, outcome if outcome in OUTCOMES else "failed").inc()
+
+
+class NodeCollector:
+    """What is read at scrape time: queue depths from Redis, the service's devices and write-back counters."""
+
+    def __init__(self, service, redis_client, prefix: str = "reprise") -> None:
+        self.service, self.redis, self.prefix = service, redis_client, prefix
+
+    def queue_depths(self) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        keys = [k.decode() if isinstance(k, bytes) else k for k in self.redis.scan_iter(f"{self.prefix}.*", count=500, _type="list")]
+        if keys:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.llen(key)
+                lengths = pipe.execute()
+            for key, n in zip(keys, lengths):
+                depths[key.split(":", 1)[0]] = depths.get(key.split(":", 1)[0], 0) + int(n)
+        # Served queues that are empty have no key in Redis: still report them.
+        depths.setdefault(f"{self.prefix}.{self.service.model_name}", 0)
+        return depths
+
+    def collect(self):
+        model = self.service.model_name
+        depth = GaugeMetricFamily("reprise_queue_depth", "Jobs waiting in each queue (priority sub-queues summed).", labels=["queue"])
+        try:
+            for queue, n in sorted(self.queue_depths().items()):
+                depth.add_metric([queue], n)
+        except Exception as exc:  # Redis away: the other metrics still scrape
+            log.warning("queue depth unavailable: %s", exc)
+        yield depth
+        names = collections.Counter(d.name for d in self.service.pool.devices)
+        busy = GaugeMetricFamily("reprise_device_busy_ratio", f"Share of the last {BUSY_WINDOW_S:.0f}s each device spent on jobs.",
+                                 labels=["device"])
+        now = time.time()
+        for name, slots in sorted(names.items()):
+            busy.add_metric([name], _busy.ratio(name, slots, now))
+        yield busy
+        devices = GaugeMetricFamily("reprise_devices", "Devices this node serves.", labels=["model"])
+        devices.add_metric([model], len(self.service.pool.devices))
+        yield devices
+        failures = CounterMetricFamily("reprise_cache_writeback_failures", "Cache write-backs that failed or were dropped.",
+                                       labels=["model"])
+        counters = self.service.counters
+        failures.add_metric([model], counters.get("writeback_failed", 0) + counters.get("writeback_dropped", 0))
+        yield failures
+
+
+_collector: NodeCollector | None = None
+
+
+def serve(service, redis_client, prefix: str, port: int, addr: str = "127.0.0.1", tries: int = 50) -> int | None:
+    """Serve the metrics on ``port``, or the next free port after it; returns the port taken (None when 0)."""
+    global _collector
+    if not port:
+        return None
+    if _collector is None:
+        _collector = NodeCollector(service, redis_client, prefix)
+        REGISTRY.register(_collector)
+    for candidate in range(port, port + tries):
+        try:
+            start_http_server(candidate, addr=addr, registry=REGISTRY)
+        except OSError:
+            continue
+        if candidate != port:
+            log.warning("metrics port %d is taken: serving metrics on %d instead", port, candidate)
+        log.info("metrics on http://%s:%d/metrics", addr, candidate)
+        return candidate
+    log.error("no free metrics port in %d..%d: metrics are not served", port, port + tries - 1)
+    return None

@@ -1,0 +1,85 @@
+"""The simulated accelerator `sim`: a device whose U-Net step costs a fixed time and no CPU.
+
+It exists to load-test and scale-test the cluster on machines without GPUs. Everything around the
+U-Net is real: the tiny model's tokenizer and text encoder, the scheduler, real-sized latents
+(4 × latent_size × latent_size; 64 = SD 1.5 at 512 px) so that cache lookups and write-backs move
+real-sized noise states, the artifact store. Only two parts are stand-ins:
+
+- ``SleepingUNet``: its forward sleeps ``step_ms`` (``time.sleep`` releases the GIL and uses no
+  CPU, as a GPU kernel would) and returns ``0.1 * sample`` (deterministic, input-shaped).
+- ``LatentPreview`` as the VAE: ``decode`` takes the first three latent channels as the picture
+  (a latent_size × latent_size PNG) instead of running a decoder. It reports SD's scale factor 8, so
+  the served sizes and latent shapes are those of the model it stands in for; the sampler's decode
+  needs no change.
+
+Served as model ``sim`` (queue ``reprise.sim``): ``reprise worker --model sim --devices sim:0,sim:1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+
+from workers.models import SD_SCHEDULER_CONFIG, Components, ModelSpec, _build_builtin, fingerprint
+
+SIM_MODEL = "sim"
+
+
+class SleepingUNet(torch.nn.Module):
+    """Stands in for a U-Net on an accelerator: each call sleeps ``step_ms``; the output is 0.1 × input."""
+
+    def __init__(self, step_ms: float, latent_size: int, channels: int = 4):
+        super().__init__()
+        self.step_s = step_ms / 1000.0
+        self.config = SimpleNamespace(in_channels=channels, out_channels=channels, sample_size=latent_size)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, **kwargs):
+        if self.step_s > 0:
+            time.sleep(self.step_s)
+        return SimpleNamespace(sample=0.1 * sample)
+
+
+class LatentPreview:
+    """Stands in for the VAE: the first three latent channels are the image (no decoder run)."""
+
+    def __init__(self):
+        self.config = SimpleNamespace(block_out_channels=(1, 1, 1, 1), scaling_factor=1.0)  # scale factor 8, like SD
+
+    def decode(self, latents: torch.Tensor):
+        return SimpleNamespace(sample=torch.tanh(latents[:, :3]))
+
+
+@lru_cache(maxsize=1)
+def _text_side():
+    """The tiny model's tokenizer and text encoder, built once per process and shared by every sim device
+    (inference only, so threads may share it)."""
+    tiny = _build_builtin("tiny")
+    text_encoder = tiny["text_encoder"].eval().requires_grad_(False)
+    text_fp = fingerprint({"scheduler_config": SD_SCHEDULER_CONFIG, "text_encoder": text_encoder, "tokenizer": tiny["tokenizer"]})
+    return tiny["tokenizer"], text_encoder, text_fp
+
+
+def load_sim_components(model: str = SIM_MODEL, step_ms: float = 50.0, latent_size: int = 64) -> Components:
+    """Components of the simulated device. ``model`` is not used: the served name is always ``sim``."""
+    tokenizer, text_encoder, text_fp = _text_side()
+    # The step time changes no output, so it is not part of the fingerprint: sim workers with different
+    # step times share one cache generation.
+    fp = hashlib.sha256(f"sim-v1|latent={latent_size}|{text_fp}".encode()).hexdigest()[:16]
+    size = latent_size * 8
+    return Components(
+        name=SIM_MODEL,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=SleepingUNet(step_ms, latent_size),
+        vae=LatentPreview(),
+        scheduler_config=dict(SD_SCHEDULER_CONFIG),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        spec=ModelSpec(SIM_MODEL, default_size=size, max_size=size * 2),
+        fingerprint=fp,
+        extra={"simulated": True, "step_ms": step_ms, "latent_size": latent_size},
+    )
