@@ -5,14 +5,15 @@
 For each model (``tiny`` at its 64 px default, ``sd15-small`` — SD 1.5's block structure, random
 weights — at 256 px) it measures:
 
-- *direct*: ``DenoiseLoop.denoise`` + ``decode`` in this process (same device, steps, seed, guidance,
-  size, scheduler), the median of ``--repeats`` runs;
+- *direct*: ``DenoiseLoop.denoise`` + ``decode`` in this process (same device, torch threads, steps,
+  seed, guidance, size, scheduler), the median of ``--repeats`` runs;
 - *cluster*: the same request submitted through ``scheduler.client.submit`` to a real worker process of
   an embedded cluster (ops/localcluster.py), one job at a time, timed from just before the submit to
   ``Job.wait`` returning, with the caches off in the request
   (``cache: {exact: false, approximate: false, write: false}``), the median of ``--repeats`` jobs.
 
-Every repeat uses its own prompt on both sides (so neither side's text-encoder memo helps). The report
+Every repeat uses its own prompt on both sides (so neither side's text-encoder memo helps), and the
+two sides alternate job by job, so background load on a shared machine hits both alike. The report
 gives the ratio cluster ÷ direct and the per-job overhead in ms (cluster − direct). The step count of
 the larger model is chosen so its job takes at least ``--min-job-s`` (2 s) here.
 """
@@ -35,28 +36,26 @@ def _prompt(i: int) -> str:
     return f"a lighthouse on a cliff at dusk, oil painting, take {i}"
 
 
-def measure_direct(model: str, size: int, steps: int | None, repeats: int, min_job_s: float, guidance: float) -> dict:
-    from workers.models import load_components
-    from workers.sampler import DenoiseLoop
+class DirectRunner:
+    """The same denoise + decode as a worker, called in this process."""
 
-    loop = DenoiseLoop(load_components(model, "cpu"))
+    def __init__(self, model: str, size: int, guidance: float):
+        from workers.models import load_components
+        from workers.sampler import DenoiseLoop
 
-    def one(i: int, n_steps: int) -> float:
+        self.loop = DenoiseLoop(load_components(model, "cpu"))
+        self.size, self.guidance = size, guidance
+
+    def __call__(self, i: int, steps: int) -> float:
         t = time.perf_counter()
-        out = loop.denoise(prompt=_prompt(i), seed=i, steps=n_steps, guidance_scale=guidance, width=size, height=size)
-        loop.decode(out.latents)
+        out = self.loop.denoise(prompt=_prompt(i), seed=i, steps=steps, guidance_scale=self.guidance, width=self.size, height=self.size)
+        self.loop.decode(out.latents)
         return time.perf_counter() - t
 
-    one(10_000, 2)  # warm-up, as a worker does at start
-    if steps is None:  # enough steps for a job of at least min_job_s
-        probe = 4
-        per_step = one(10_001, probe) / probe
-        steps = max(10, math.ceil(min_job_s * 1.15 / per_step))
-    times = [one(i, steps) for i in range(repeats)]
-    return {"steps": steps, "times_s": times, "median_s": statistics.median(times)}
 
-
-def measure_cluster(model: str, size: int, steps: int, repeats: int, guidance: float) -> dict:
+def measure(model: str, size: int, steps: int | None, repeats: int, min_job_s: float, guidance: float, threads: int) -> dict:
+    """Direct and cluster runs interleaved (direct i, job i, direct i+1, ...): on a machine shared with other
+    work, both sides see the same background load."""
     from ops.loadtest import _reset_producer
     from ops.localcluster import LocalCluster
 
@@ -66,17 +65,28 @@ def measure_cluster(model: str, size: int, steps: int, repeats: int, guidance: f
         _reset_producer(cluster.redis_url)
         from scheduler.client import submit
 
-        cluster.start_worker(model, "cpu", timeout=600, REPRISE_METRICS_PORT=0)
+        cluster.start_worker(model, "cpu", timeout=600, REPRISE_METRICS_PORT=0, REPRISE_TORCH_THREADS=threads)
+        direct = DirectRunner(model, size, guidance)
+        direct(10_000, 2)  # warm-up, as a worker does at start
+        if steps is None:  # enough steps for a job of at least min_job_s
+            probe = 4
+            per_step = min(direct(10_001 + k, probe) for k in range(2)) / probe
+            steps = max(10, math.ceil(min_job_s * 1.15 / per_step))
         request = dict(model=model, steps=steps, guidance_scale=guidance, width=size, height=size, cache=NO_CACHE)
         submit(prompt=_prompt(10_000), seed=0, **{**request, "steps": 2}).wait(600)  # first job: connections, imports
-        times, parts = [], []
+        direct_s, cluster_s, parts = [], [], []
         for i in range(repeats):
+            direct_s.append(direct(i, steps))
             t = time.perf_counter()
             result = submit(prompt=_prompt(i), seed=i, **request).wait(600)
-            times.append(time.perf_counter() - t)
+            cluster_s.append(time.perf_counter() - t)
             parts.append(result.timings.model_dump())
-    return {"times_s": times, "median_s": statistics.median(times), "timings": parts,
-            "median_denoise_decode_s": statistics.median(p["denoise_s"] + p["decode_s"] for p in parts)}
+    return {
+        "steps": steps,
+        "direct": {"times_s": direct_s, "median_s": statistics.median(direct_s)},
+        "cluster": {"times_s": cluster_s, "median_s": statistics.median(cluster_s), "timings": parts,
+                    "median_denoise_decode_s": statistics.median(p["denoise_s"] + p["decode_s"] for p in parts)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,16 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-job-s", type=float, default=2.0)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on both sides (1: on a shared 2-core machine, 2 OpenMP threads stall whenever a core is taken)")
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     rows = []
     for spec in args.models.split(","):
         model, size, steps = spec.split(":")
-        direct = measure_direct(model, int(size), None if steps == "auto" else int(steps), args.repeats, args.min_job_s, args.guidance)
-        cluster = measure_cluster(model, int(size), direct["steps"], args.repeats, args.guidance)
+        m = measure(model, int(size), None if steps == "auto" else int(steps), args.repeats, args.min_job_s, args.guidance, args.threads)
+        direct, cluster = m["direct"], m["cluster"]
         row = {
-            "model": model, "size": int(size), "steps": direct["steps"], "repeats": args.repeats,
+            "model": model, "size": int(size), "steps": m["steps"], "repeats": args.repeats, "threads": args.threads,
             "direct_median_s": direct["median_s"], "cluster_median_s": cluster["median_s"],
             "ratio": cluster["median_s"] / direct["median_s"],
             "overhead_ms": 1000 * (cluster["median_s"] - direct["median_s"]),

@@ -78,7 +78,7 @@ def build_service(
     if registry is not None:
         registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
     if cache is None and open_cache and worker.cache_enabled:
-        cache = _open_cache(redis_client)
+        cache = _open_cache(redis_client, devices[0].loop.c)
     defaults = {"method": worker.feature_profile}
     if worker.blockcache_dir:
         defaults["calibration_dir"] = worker.blockcache_dir
@@ -107,10 +107,30 @@ def _text_memo(worker: WorkerSettings):
     return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
 
 
-def _open_cache(redis_client):
+def _open_cache(redis_client, components=None):
     from cache import CacheSettings, LatentCache
 
-    return LatentCache.open(CacheSettings(), redis=redis_client)
+    settings = CacheSettings()
+    embedder = None
+    if settings.embedder == "clip" and components is not None:
+        embedder = clip_embedder(components)
+        settings = settings.model_copy(update={"clip_dim": int(components.text_encoder.config.hidden_size)})
+    return LatentCache.open(settings, redis=redis_client, embedder=embedder)
+
+
+def clip_embedder(components):
+    """The pipeline's own text encoder, pooled: the `clip` prompt embedder of the cache."""
+    lock = threading.Lock()  # the devices' threads share this one encoder
+
+    @torch.no_grad()
+    def embed(prompt: str):
+        tok = components.tokenizer([prompt], padding="max_length", max_length=components.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt")
+        with lock:
+            pooled = components.text_encoder(tok.input_ids.to(components.device)).pooler_output
+        return pooled[0].float().cpu().numpy()
+
+    return embed
 
 
 class Heartbeat(threading.Thread):
