@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 NO_CACHE = {"exact": False, "approximate": False, "write": False}
+_USER_REDIS_URL = os.environ.get("REDIS_URL")  # read before the first cluster points REDIS_URL at its own Redis
 
 
 def _prompt(i: int) -> str:
@@ -61,6 +63,10 @@ def measure(model: str, size: int, steps: int | None, repeats: int, min_job_s: f
 
     workdir = tempfile.mkdtemp(prefix="reprise-bench-overhead-")
     Path(workdir, "redis").mkdir()
+    for name in ("REDIS_URL", "REPRISE_REDIS_URL"):  # a fresh Redis per model, unless the user gave one
+        os.environ.pop(name, None)
+        if _USER_REDIS_URL:
+            os.environ[name] = _USER_REDIS_URL
     with LocalCluster(workdir=workdir) as cluster:
         _reset_producer(cluster.redis_url)
         from scheduler.client import submit

@@ -51,12 +51,13 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed and REDIS_URL is not set: install Redis or point REDIS_URL at one")
         self.port = self.port or free_port()
         self.directory = self.directory or tempfile.mkdtemp(prefix="reprise-redis-")
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
         if self.appendonly:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: redis_reachable(self.url, 0.2), 10, f"redis-server on port {self.port}")
+        _wait(lambda: redis_reachable(self.url, 0.2), 10, f"redis-server on port {self.port}", self.proc)
         return self
 
     def stop(self, hard: bool = False) -> None:

@@ -93,6 +93,8 @@ def build_service(
     )
     service.text_memo = memo
     if worker.warmup:
+        if cache is not None:
+            cache.embed("warm-up")  # loads the prompt embedder now, not on the first job
         for device in devices:
             spec = device.loop.c.spec
             device.loop.denoise(prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size)

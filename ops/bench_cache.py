@@ -1,0 +1,192 @@
+"""`reprise bench cache`: what the latent cache buys on a prompt stream, measured through the cluster.
+
+Replays one stream twice through the same running workers and model — caches off, then on (the
+model's cache generation is bumped first, so the second pass starts cold) — and reports throughput,
+hit rates, steps computed and latency. The stream is a prompt file plus the repeat/refinement model
+of ops/workload.py (its parameters are in the JSON); `--as-is` replays the file as it is.
+
+    reprise bench cache --prompts ../shared/prompts/PartiPrompts.tsv --n 200 --steps 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ops.workload import Workload, WorkloadParams, read_prompts
+
+CACHE_OFF = {"exact": False, "approximate": False, "write": False}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: float = 600) -> dict:
+    """Closed loop: ``concurrency`` clients each submit and wait, until the stream is done."""
+    from scheduler.client import submit
+
+    results, errors, lock = [], [], threading.Lock()
+    queue = list(enumerate(requests))
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                _, req = queue.pop(0)
+            req = dict(req, cache=dict(cache)) if cache is not None else dict(req)
+            t0 = time.perf_counter()
+            try:
+                result = submit(req, check_model=False).wait(timeout)
+                with lock:
+                    results.append((time.perf_counter() - t0, result))
+            except Exception as exc:  # counted and reported, never hidden
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    latencies = [lat for lat, _ in results]
+    hits = [r.cache.hit for _, r in results]
+    steps = [r.steps for _, r in results]
+    computed = [r.cache.steps_computed for _, r in results]
+    lookups = [r.cache.lookup_ms for _, r in results if r.cache.lookup_ms is not None]
+    n = len(results)
+    by_k: dict[str, int] = {}
+    for _, r in results:
+        if r.cache.hit == "approximate":
+            by_k[str(r.cache.k)] = by_k.get(str(r.cache.k), 0) + 1
+    return {
+        "completed": n,
+        "errors": errors,
+        "wall_s": wall,
+        "throughput": n / wall if wall else 0.0,
+        "hit_rate_exact": hits.count("exact") / n if n else 0.0,
+        "hit_rate_approx": hits.count("approximate") / n if n else 0.0,
+        "approx_hits_by_k": by_k,
+        "mean_steps_computed": statistics.fmean(computed) if computed else 0.0,
+        "steps_saved_fraction": 1 - sum(computed) / sum(steps) if steps else 0.0,
+        "p50_latency": _pct(latencies, 0.5),
+        "p95_latency": _pct(latencies, 0.95),
+        "lookup_p50_ms": _pct(lookups, 0.5),
+        "lookup_p99_ms": _pct(lookups, 0.99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reprise bench cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="prompt file (TSV, CSV, JSONL or one prompt per line)")
+    p.add_argument("--n", type=int, default=200, help="requests in the stream")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--concurrency", type=int, default=2, help="closed-loop clients")
+    p.add_argument("--as-is", action="store_true", help="replay the file in order, no synthetic repeats")
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--session-p", type=float, default=0.5)
+    p.add_argument("--edit-p", type=float, default=0.6)
+    p.add_argument("--tenants", type=int, default=1)
+    p.add_argument("--pool", type=int, default=None, help="use only the first N prompts of the file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedded", action="store_true", help="start a local cluster (Redis if needed, one worker) for the run")
+    p.add_argument("--devices", default="cpu", help="with --embedded: the worker's devices")
+    p.add_argument("--json", dest="json_out")
+    args = p.parse_args(argv)
+
+    rows = read_prompts(args.prompts)
+    params = WorkloadParams(zipf=args.zipf, session_p=args.session_p, edit_p=args.edit_p, tenants=args.tenants,
+                            steps=args.steps, pool=args.pool, seed=args.seed, as_is=args.as_is, model=args.model,
+                            file_params=False)
+    workload = Workload(rows, params)
+    stream = [req for req, _ in workload.take(args.n)]
+    console = Console()
+
+    cluster = None
+    if args.embedded:
+        from ops.localcluster import LocalCluster
+
+        cluster = LocalCluster(workdir=str(Path("var/bench-cache").resolve())).__enter__()
+        os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = cluster.redis_url
+        console.print(f"{cluster.how_redis}; starting a {args.model} worker on {args.devices} ...")
+        cluster.start_worker(args.model, args.devices, timeout=300)
+    try:
+        from scheduler.cache_admin import CacheAdmin
+        from scheduler.registry import ModelRegistry
+
+        admin = CacheAdmin()
+        if ModelRegistry(admin.r).served(args.model) is None:
+            console.print(f"[red]no live worker serves {args.model!r}: start one (`reprise worker --model {args.model}`) or pass --embedded")
+            return 2
+        console.print(f"pass 1/2: caches off, {len(stream)} requests ...")
+        off = replay(stream, args.concurrency, CACHE_OFF)
+        admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
+        console.print(f"pass 2/2: caches on (cold), {len(stream)} requests ...")
+        on = replay(stream, args.concurrency, None)
+    finally:
+        if cluster is not None:
+            cluster.__exit__(None, None, None)
+
+    from cache import CacheSettings
+
+    report = {
+        "n": len(stream),
+        "model": args.model,
+        "steps": args.steps,
+        "prompts": str(args.prompts),
+        "throughput_off": off["throughput"],
+        "throughput_on": on["throughput"],
+        "throughput_ratio": on["throughput"] / off["throughput"] if off["throughput"] else None,
+        "hit_rate_exact": on["hit_rate_exact"],
+        "hit_rate_approx": on["hit_rate_approx"],
+        "approx_hits_by_k": on["approx_hits_by_k"],
+        "mean_steps_computed": on["mean_steps_computed"],
+        "steps_saved_fraction": on["steps_saved_fraction"],
+        "p50_latency_on": on["p50_latency"],
+        "p95_latency_on": on["p95_latency"],
+        "p50_latency_off": off["p50_latency"],
+        "p95_latency_off": off["p95_latency"],
+        "lookup_p50_ms": on["lookup_p50_ms"],
+        "lookup_p99_ms": on["lookup_p99_ms"],
+        "errors": {"off": off["errors"], "on": on["errors"]},
+        "skip_table": [list(row) for row in CacheSettings().table()],
+        "workload": workload.describe(),
+    }
+    table = Table(title=f"reprise bench cache — {report['n']} requests, {args.model}, {args.steps} steps")
+    table.add_column("metric")
+    table.add_column("caches off", justify="right")
+    table.add_column("caches on", justify="right")
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    table.add_row("throughput (jobs/s)", fmt(off["throughput"]), fmt(on["throughput"]))
+    table.add_row("p50 / p95 latency (s)", f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}", f"{fmt(on['p50_latency'])} / {fmt(on['p95_latency'])}")
+    table.add_row("hit rate exact / approx", "-", f"{on['hit_rate_exact']:.1%} / {on['hit_rate_approx']:.1%}")
+    table.add_row("mean steps computed", fmt(off["mean_steps_computed"], "{:.1f}"), fmt(on["mean_steps_computed"], "{:.1f}"))
+    table.add_row("steps saved", "-", f"{on['steps_saved_fraction']:.1%}")
+    table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
+    table.add_row("errors", str(len(off["errors"])), str(len(on["errors"])))
+    console.print(table)
+    console.print(f"throughput ratio (on/off): {fmt(report['throughput_ratio'])}x")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {args.json_out}")
+    return 0 if not (off["errors"] or on["errors"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
