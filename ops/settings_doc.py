@@ -1,0 +1,53 @@
+"""`reprise settings`: every setting with its environment variable, default and meaning (the
+README's settings table is this output)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def settings_classes():
+    from cache.settings import CacheSettings
+    from scheduler.coordinator import CoordinatorSettings
+    from scheduler.settings import ClusterSettings
+    from workers.settings import WorkerSettings
+
+    return [("Cluster (producer, queue, Flower)", ClusterSettings), ("Worker", WorkerSettings),
+            ("Latent cache", CacheSettings), ("Coordinator", CoordinatorSettings)]
+
+
+def env_names(cls, name: str, field) -> list[str]:
+    alias = field.validation_alias
+    if alias is not None and hasattr(alias, "choices"):
+        return [str(c) for c in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return [(cls.model_config.get("env_prefix") or "") + name.upper()]
+
+
+def rows():
+    for title, cls in settings_classes():
+        for name, field in cls.model_fields.items():
+            default = field.default if field.default_factory is None else field.default_factory()
+            yield title, " / ".join(f"`{n}`" for n in env_names(cls, name, field)), default, field.description or ""
+
+
+def markdown() -> str:
+    out, current = [], None
+    for title, env, default, text in rows():
+        if title != current:
+            out += ["", f"**{title}**", "", "| variable | default | meaning |", "|---|---|---|"]
+            current = title
+        shown = "" if default is None else str(default)
+        text = text.replace("|", "\\|")
+        out.append(f"| {env} | `{shown}` | {text} |" if shown != "" else f"| {env} | (unset) | {text} |")
+    return "\n".join(out).strip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
