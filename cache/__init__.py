@@ -6,11 +6,11 @@ from cache.latent_cache import ApproxHit, ExactHit, HitCounter, LatentCache, sta
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
 from cache.skip_table import CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, choose_k, choose_skip_fraction
-from cache.store import CacheError, CacheLockedError, CacheSchemaError
+from cache.store import CacheError, CacheLockedError, CacheSchemaError, CacheUnavailableError
 
 __all__ = [
     "ApproxHit", "CLIP_SKIP_TABLE", "CacheError", "CacheKey", "CacheLockedError", "CacheSchemaError",
-    "CacheSettings", "CallableEmbedder", "EntryStats", "ExactHit", "HitCounter", "LatentCache",
+    "CacheSettings", "CacheUnavailableError", "CallableEmbedder", "EntryStats", "ExactHit", "HitCounter", "LatentCache",
     "MINILM_SKIP_TABLE", "PromptEmbedder", "choose_k", "choose_skip_fraction", "make_policy",
     "plan_eviction", "state_checksum",
 ]

@@ -1,15 +1,24 @@
 """LatentStore on qdrant-edge-py: the Qdrant engine in-process, one shard folder per collection.
 
 Edge has no background optimiser: until `optimize()` runs, new points are searched by brute
-force. LatentCache schedules `optimize()` on a background thread, never on the lookup path.
+force. And `EdgeShard.optimize()` holds the GIL for its whole run (measured: a 10 ms ticker
+thread stalled for 19 s while it optimised 8k points), so calling it on a background thread
+still freezes every thread of the worker. `optimize()` here therefore closes the shard, runs
+the optimiser in a child process (`python -c ...`, it needs only qdrant_edge) and reopens it;
+meanwhile the store is offline: every call fails fast with CacheUnavailableError, so lookups
+miss and write-backs are dropped instead of waiting.
 One process owns a shard folder (its WAL is locked); a second open fails with CacheLockedError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +26,8 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
-from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheLockedError,
-                         CacheSchemaError, Cond, LatentStore, Record, Where)
+from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheError, CacheLockedError,
+                         CacheSchemaError, CacheUnavailableError, Cond, LatentStore, Record, Where)
 
 _INDEX_TYPES = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
                 "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool}
@@ -61,14 +70,39 @@ def _rows(state: np.ndarray) -> list[list[float]]:
     return np.asarray(state, dtype=np.float32).tolist()
 
 
+# The child needs nothing but qdrant_edge: it opens the shard, optimises, closes, and says what it did.
+_OPTIMIZE_CHILD = ("import sys, qdrant_edge as qe; shard = qe.EdgeShard.load(sys.argv[1]); changed = shard.optimize(); "
+                   "shard.close(); print('optimized' if changed else 'already optimal')")
+
+
 class EdgeStore(LatentStore):
     backend = "edge"
 
-    def __init__(self, shard: qe.EdgeShard, folder: Path, owner_file: Path, slots: tuple[str, ...]) -> None:
+    def __init__(self, shard: qe.EdgeShard, folder: Path, owner_file: Path, slots: tuple[str, ...],
+                 config: qe.EdgeConfig, optimize_in_subprocess: bool = True) -> None:
         self._shard = shard
         self.slots = slots
         self.folder = folder
         self._owner_file = owner_file
+        self._config = config
+        self._subprocess = optimize_in_subprocess
+        self._state = threading.Condition()
+        self._in_flight = 0
+        self._offline = False
+
+    @contextlib.contextmanager
+    def _using(self):
+        """Count a call in flight; fail fast while the shard is closed for optimisation."""
+        with self._state:
+            if self._offline or self._shard is None:
+                raise CacheUnavailableError(f"cache shard {self.folder} is being optimised or is closed")
+            self._in_flight += 1
+        try:
+            yield self._shard
+        finally:
+            with self._state:
+                self._in_flight -= 1
+                self._state.notify_all()
 
     @classmethod
     def open(cls, settings, prompt_dim: int, slots: tuple[str, ...]) -> "EdgeStore":
@@ -88,16 +122,17 @@ class EdgeStore(LatentStore):
                 raise CacheSchemaError(f"cannot open cache shard {folder} with prompt dim {prompt_dim} and {len(slots)} "
                                        f"state slots (a changed embedder or state_fractions needs a new collection): {text}") from exc
             raise
-        store = cls(shard, folder, owner_file, slots)
+        store = cls(shard, folder, owner_file, slots, config, getattr(settings, "optimize_in_subprocess", True))
         store._ensure_indexes()
         owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         return store
 
     def _ensure_indexes(self) -> None:
-        present = set(self._shard.info().payload_schema)
-        for name, kind in INDEXED_FIELDS.items():
-            if name not in present:
-                self._shard.update(qe.UpdateOperation.create_field_index(name, _INDEX_TYPES[kind]))
+        with self._using() as shard:
+            present = set(shard.info().payload_schema)
+            for name, kind in INDEXED_FIELDS.items():
+                if name not in present:
+                    shard.update(qe.UpdateOperation.create_field_index(name, _INDEX_TYPES[kind]))
 
     def insert(self, point_id, prompt_vector, states, payload) -> None:
         self.insert_many([(point_id, prompt_vector, states, payload)])
@@ -108,16 +143,20 @@ class EdgeStore(LatentStore):
             vector: dict[str, Any] = {PROMPT_VECTOR: np.asarray(prompt_vector, dtype=np.float32).tolist()}
             vector.update({slot: _rows(rows) for slot, rows in states.items()})
             built.append(qe.Point(point_id, vector, payload))
-        self._shard.update(qe.UpdateOperation.upsert_points(built, update_mode=qe.UpdateMode.InsertOnly))
+        with self._using() as shard:
+            shard.update(qe.UpdateOperation.upsert_points(built, update_mode=qe.UpdateMode.InsertOnly))
 
     def search(self, vector, where, limit=1) -> list[Record]:
-        hits = self._shard.query(qe.QueryRequest(
+        request = qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist(), using=PROMPT_VECTOR),
-            filter=_filter(where), with_payload=True, with_vector=False))
+            filter=_filter(where), with_payload=True, with_vector=False)
+        with self._using() as shard:
+            hits = shard.query(request)
         return [Record(str(h.id), h.payload or {}, score=h.score) for h in hits]
 
     def retrieve(self, ids, with_payload=True, slots=()) -> list[Record]:
-        records = self._shard.retrieve(list(ids), with_payload=with_payload, with_vector=list(slots) if slots else False)
+        with self._using() as shard:
+            records = shard.retrieve(list(ids), with_payload=with_payload, with_vector=list(slots) if slots else False)
         out = []
         for r in records:
             vectors = r.vector or {}
@@ -126,41 +165,73 @@ class EdgeStore(LatentStore):
         return out
 
     def scroll(self, where, fields, limit, offset=None):
-        records, next_offset = self._shard.scroll(qe.ScrollRequest(
-            offset=offset, limit=limit, filter=_filter(where),
-            with_payload=fields if fields is not None else True, with_vector=False))
+        request = qe.ScrollRequest(offset=offset, limit=limit, filter=_filter(where),
+                                   with_payload=fields if fields is not None else True, with_vector=False)
+        with self._using() as shard:
+            records, next_offset = shard.scroll(request)
         return [Record(str(r.id), r.payload or {}) for r in records], next_offset
 
     def count(self, where=None) -> int:
-        return self._shard.count(qe.CountRequest(exact=True, filter=_filter(where)))
+        with self._using() as shard:
+            return shard.count(qe.CountRequest(exact=True, filter=_filter(where)))
 
     def delete(self, ids) -> None:
         if ids:
-            self._shard.update(qe.UpdateOperation.delete_points(list(ids)))
+            self._update(qe.UpdateOperation.delete_points(list(ids)))
 
     def delete_where(self, where) -> None:
-        self._shard.update(qe.UpdateOperation.delete_points_by_filter(_filter(where)))
+        self._update(qe.UpdateOperation.delete_points_by_filter(_filter(where)))
 
     def delete_states(self, ids, slots) -> None:
         if ids and slots:
-            self._shard.update(qe.UpdateOperation.delete_vectors(list(ids), list(slots)))
+            self._update(qe.UpdateOperation.delete_vectors(list(ids), list(slots)))
 
     def update_states(self, point_id, states) -> None:
-        self._shard.update(qe.UpdateOperation.update_vectors(
+        self._update(qe.UpdateOperation.update_vectors(
             [qe.PointVectors(point_id, {slot: _rows(rows) for slot, rows in states.items()})]))
 
     def set_payload(self, ids, payload) -> None:
         if ids:
-            self._shard.update(qe.UpdateOperation.set_payload(list(ids), payload))
+            self._update(qe.UpdateOperation.set_payload(list(ids), payload))
+
+    def _update(self, operation) -> None:
+        with self._using() as shard:
+            shard.update(operation)
 
     def optimize(self) -> bool:
-        return bool(self._shard.optimize())
+        """Build the HNSW and payload indexes. In a child process by default (see the module doc)."""
+        if not self._subprocess:
+            with self._using() as shard:
+                return bool(shard.optimize())
+        with self._state:
+            if self._shard is None:
+                raise CacheUnavailableError(f"cache shard {self.folder} is closed")
+            self._offline = True  # new calls fail fast from here on
+            while self._in_flight:
+                self._state.wait()
+            self._shard.close()
+            self._shard = None
+        try:
+            done = subprocess.run([sys.executable, "-c", _OPTIMIZE_CHILD, str(self.folder.resolve())],
+                                  capture_output=True, text=True)
+            if done.returncode != 0 or not ("optimized" in done.stdout or "already optimal" in done.stdout):
+                raise CacheError(f"optimiser process failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+            return "optimized" in done.stdout.split()
+        finally:
+            with self._state:
+                self._shard = qe.EdgeShard.load(str(self.folder), self._config)
+                self._offline = False
 
     def flush(self) -> None:
-        self._shard.flush()
+        with self._using() as shard:
+            shard.flush()
 
     def close(self) -> None:
-        shard, self._shard = self._shard, None
+        with self._state:
+            self._offline = True
+            while self._in_flight:
+                self._state.wait()
+            shard, self._shard = self._shard, None
         if shard is not None:
             shard.close()
             self._owner_file.unlink(missing_ok=True)
@@ -176,3 +247,4 @@ def _locked_message(folder: Path, owner_file: Path) -> str:
         pass
     return (f"cache folder {folder} is opened by {owner} — in embedded mode one worker process per node "
             f"owns the cache; use --devices to serve several devices from it, or set QDRANT_URL")
+

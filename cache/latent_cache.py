@@ -25,7 +25,7 @@ from cache.keys import CacheKey
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
 from cache.skip_table import choose_k, state_steps
-from cache.store import STATE_CHUNK, Cond, LatentStore, Where, open_store, rows_to_state, state_to_rows
+from cache.store import STATE_CHUNK, CacheUnavailableError, Cond, LatentStore, Where, open_store, rows_to_state, state_to_rows
 
 log = logging.getLogger("reprise.cache")
 
@@ -226,6 +226,9 @@ class LatentCache:
         except FutureTimeout:
             self.health[f"{what}_timeout"] += 1
             log.warning("cache %s lookup exceeded %.0f ms; generating fresh", what, self._timeout_s * 1000)
+        except CacheUnavailableError:
+            self.health[f"{what}_unavailable"] += 1
+            log.debug("cache offline (optimising); %s lookup skipped", what)
         except Exception as exc:
             self.health[f"{what}_error"] += 1
             log.warning("cache %s lookup failed (%s: %s); generating fresh", what, type(exc).__name__, exc)
@@ -331,6 +334,10 @@ class LatentCache:
         """Insert this generation (first writer wins). True if this call's entry is the stored one."""
         try:
             return self._write_back(key, vector, states, image_uri, shareable)
+        except CacheUnavailableError:
+            self.health["write_unavailable"] += 1
+            log.info("cache offline (optimising): write-back of %s dropped", key.exact_id())
+            return False
         except Exception as exc:
             self.health["write_error"] += 1
             log.warning("cache write-back of %s failed (%s: %s)", key.exact_id(), type(exc).__name__, exc)

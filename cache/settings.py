@@ -50,6 +50,8 @@ class CacheSettings(BaseSettings):
     isolate_by_tenant: bool = Field(True, description="Lookups only see the tenant's own entries plus shareable ones.")
     optimize_after_writes: int = Field(1000, ge=1, description="Edge: run optimize() in the background after this many writes.")
     optimize_interval_s: float = Field(300.0, gt=0, description="Edge: also run optimize() this often when writes are pending.")
+    optimize_in_subprocess: bool = Field(
+        True, description="Edge: optimise in a child process (the cache is offline meanwhile) instead of in-process, where it holds the GIL and freezes the worker.")
     memo_entries: int = Field(50_000, ge=1, description="Prompt embeddings memoised per process.")
 
     @field_validator("state_fractions", mode="before")

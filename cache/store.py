@@ -47,6 +47,10 @@ class CacheLockedError(CacheError):
     """The embedded cache folder is opened by another process (or another handle)."""
 
 
+class CacheUnavailableError(CacheError):
+    """The store is briefly offline (Edge shard closed for optimisation) or closed."""
+
+
 class CacheSchemaError(CacheError):
     """An existing collection does not match this configuration (e.g. another embedder)."""
 

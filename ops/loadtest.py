@@ -471,11 +471,7 @@ def write_plots(reports: list[dict], directory: str | Path) -> list[str]:
             v = s[key]
             if v:
                 ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], style, label=f"{rep['label']} {key[:-2].replace('_', ' ')}")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("fraction of jobs")
-    ax.set_title("Latency CDF")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "Latency CDF", "seconds", "fraction of jobs")
     paths.append(_save(fig, directory / "latency_cdf.png"))
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -485,28 +481,36 @@ def write_plots(reports: list[dict], directory: str | Path) -> list[str]:
             top.step(s["t"] + [s["t"][-1] + s["bin_s"]], s["throughput_jobs_s"] + s["throughput_jobs_s"][-1:], where="post", label=rep["label"])
         if s["queue_depth"]:
             bottom.plot([t for t, _ in s["queue_depth"]], [d for _, d in s["queue_depth"]], label=rep["label"])
-    top.set_ylabel("jobs/s completed")
-    top.set_title("Throughput and queue depth over time")
-    bottom.set_ylabel("jobs queued")
-    bottom.set_xlabel("seconds since start")
-    for a in (top, bottom):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+    _label(top, "Throughput and queue depth over time", None, "jobs/s completed")
+    _label(bottom, None, "seconds since start", "jobs queued")
     paths.append(_save(fig, directory / "throughput_queue.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for rep in reports:
         s = rep["series"]
         pts = [(t, h) for t, h in zip(s["t"], s["hit_rate"]) if h is not None]
-        ax.plot([t for t, _ in pts], [h for _, h in pts], marker=".", label=rep["label"])
+        line, = ax.plot([t for t, _ in pts], [h for _, h in pts], marker=".", alpha=0.5, label=f"{rep['label']} per {s['bin_s']:.0f}s")
+        hits = done = 0
+        cumulative = []
+        for h, d in zip(s["hit_rate"], s["throughput_jobs_s"]):
+            n = d * s["bin_s"]
+            done, hits = done + n, hits + (h or 0) * n
+            cumulative.append(hits / done if done else None)
+        ax.plot(s["t"], cumulative, color=line.get_color(), linewidth=2, label=f"{rep['label']} cumulative")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("cache hit rate (exact + approximate)")
-    ax.set_title("Hit rate over time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "Hit rate over time", "seconds since start", "cache hit rate (exact + approximate)")
     paths.append(_save(fig, directory / "hit_rate.png"))
     return paths
+
+
+def _label(ax, title: str | None, xlabel: str | None, ylabel: str) -> None:
+    if title:
+        ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _save(fig, path: Path) -> str:

@@ -47,6 +47,7 @@ def _cmd_worker(args) -> int:
     queue = queue_for(service.model_name, cluster.queue_prefix)
     serve_metrics(service, wsettings, client, cluster.queue_prefix)
     hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
+    service.queue = queue
     info = node_info(service, queue)
     info["node"] = hostname
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()

@@ -16,6 +16,7 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from scheduler import errors  # noqa: F401  (imported so Celery can rebuild our typed errors)
 from scheduler.app import GENERATE_TASK, get_app
@@ -23,6 +24,9 @@ from scheduler.errors import JobCancelled, JobFailed, JobTimeout, RepriseError, 
 from scheduler.registry import ModelRegistry
 from scheduler.schema import GenerationRequest, GenerationResult, parse_request, queue_for
 from scheduler.settings import get_settings
+
+# What a Redis restart looks like to a waiting client (redis-py, kombu, the socket itself).
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError)
 
 
 class Job:
@@ -74,17 +78,23 @@ class Job:
             if deadline is not None and time.monotonic() > deadline:
                 raise JobTimeout(f"job {self.id} did not finish within {timeout}s")
             time.sleep(poll_s)
-        remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-        try:
-            value = self._ar.get(timeout=remaining, propagate=True, interval=poll_s)
-        except CeleryTimeout:
-            raise JobTimeout(f"job {self.id} did not finish within {timeout}s") from None
-        except TaskRevokedError:
-            raise JobCancelled(f"job {self.id} was cancelled") from None
-        except RepriseError:
-            raise
-        except Exception as exc:  # anything else a worker raised, rebuilt by Celery
-            raise JobFailed(f"job {self.id} failed: {type(exc).__name__}: {exc}") from exc
+        while True:
+            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+            try:
+                value = self._ar.get(timeout=remaining, propagate=True, interval=poll_s)
+                break
+            except CONNECTION_ERRORS as exc:  # Redis restarting: the job and its result survive it; ask again
+                if deadline is not None and time.monotonic() > deadline:
+                    raise JobTimeout(f"job {self.id} did not finish within {timeout}s (Redis unreachable: {exc})") from None
+                time.sleep(0.5)
+            except CeleryTimeout:
+                raise JobTimeout(f"job {self.id} did not finish within {timeout}s") from None
+            except TaskRevokedError:
+                raise JobCancelled(f"job {self.id} was cancelled") from None
+            except RepriseError:
+                raise
+            except Exception as exc:  # anything else a worker raised, rebuilt by Celery
+                raise JobFailed(f"job {self.id} failed: {type(exc).__name__}: {exc}") from exc
         if on_progress is not None:
             on_progress(self.progress())
         return GenerationResult.model_validate(value)

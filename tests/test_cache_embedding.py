@@ -96,3 +96,12 @@ def test_approximate_reuse_with_real_embeddings(minilm, tmp_path):
     finally:
         cache.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_clip_embedder_is_passed_in_by_the_worker(tmp_path):
+    settings = CacheSettings(backend="local", path=str(tmp_path), embedder="clip", clip_dim=8)
+    with pytest.raises(ValueError, match="embedder=clip"):
+        LatentCache.open(settings)
+    with LatentCache.open(settings, embedder=lambda prompt: np.ones(8) * len(prompt)) as cache:
+        assert cache.embed("abc").shape == (8,) and cache.embedder.version == "clip"
+        assert cache._table == settings.table()  # NIRVANA's CLIP thresholds

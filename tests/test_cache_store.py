@@ -468,3 +468,23 @@ def test_reopening_with_another_schema_is_refused(open_cache, backend):
     open_cache().close()
     with pytest.raises(CacheSchemaError):
         open_cache(state_fractions=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # a sixth slot
+
+
+def test_edge_optimize_keeps_the_process_responsive(open_cache, backend):
+    if backend != "edge":
+        pytest.skip("Edge only: the other backends optimise inside Qdrant")
+    cache = open_cache(lookup_timeout_ms=200)
+    for i in range(20):
+        cache.write_back(key(f"p{i}"), unit(100 + i), latent_states([5]), f"file:///{i}.png", shareable=False)
+    done = threading.Event()
+    threading.Thread(target=lambda: (cache.optimize_now(), done.set())).start()
+    slowest = 0.0
+    while not done.is_set():  # lookups keep answering (a hit, or a miss while the shard is offline)
+        start = time.perf_counter()
+        cache.lookup_exact(key("p3"))
+        slowest = max(slowest, time.perf_counter() - start)
+        time.sleep(0.01)
+    assert slowest < 1.0
+    assert "optimize_error" not in cache.health
+    assert cache.lookup_exact(key("p3")).image_uri == "file:///3.png"
+    assert cache.stats()["entries"] == 20

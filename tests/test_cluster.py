@@ -195,3 +195,14 @@ def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
         time.sleep(1)
     stats = next(workers[w]["stats"] for w in ours)
     assert stats["reprise"]["model"] == "tiny" and "cpu" in stats["reprise"]["devices"]
+
+
+def test_feature_cache_options_reach_the_worker_and_are_reported(cluster):
+    plain = submit(prompt="a feature cached job", steps=12, seed=2, **_nocache()).wait(60)
+    deep = submit(prompt="a feature cached job", steps=12, seed=2,
+                  cache={"exact": False, "approximate": False, "write": False,
+                         "feature": {"method": "deepcache", "deepcache_interval": 3}}).wait(60)
+    assert plain.cache.feature.method == "off"
+    assert deep.cache.feature.method == "deepcache"
+    assert deep.cache.feature.full_unet_passes == 4 and deep.cache.feature.partial_unet_passes == 8
+    assert not np.array_equal(_pixels(plain.image_uri), _pixels(deep.image_uri))

@@ -194,3 +194,47 @@ def test_replaced_weights_never_hit_the_old_entries(node, redis_client):
     assert registry.generation("coordmodel") == before + 1
     again = _job("a prompt cached under old weights", seed=5)
     assert again.cache.hit == "miss" and again.model_version != ""
+
+
+def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
+    """A node with room for 4 entries under a stream of 9 distinct prompts: one coordinator round
+    brings it back within the bound, keeps the most used entry, and the metrics show it."""
+    import requests
+
+    from ops.localcluster import free_port
+    from workers.models import save_builtin
+
+    model_dir = save_builtin("tiny", tmp_path / "capmodel", seed=2)
+    c = LocalCluster(workdir=str(tmp_path), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url})
+    c.ensure_redis()
+    c.start_worker(str(model_dir), "cpu", REPRISE_CACHE_PATH=str(tmp_path / "q"), REPRISE_CACHE_CAPACITY_ENTRIES="4",
+                   REPRISE_CACHE_POLICY="lcbfu")
+    port = free_port()
+    coordinator = None
+    try:
+        run = lambda p: submit(prompt=p, model="capmodel", steps=10, seed=1).wait(60)  # noqa: E731
+        for i in range(9):
+            run(f"distinct prompt number {i} about {['cats', 'ships', 'trees'][i % 3]}")
+        time.sleep(0.5)
+        for _ in range(3):  # the most used entry: three exact hits
+            assert run("distinct prompt number 0 about cats").cache.hit == "exact"
+        before = CacheAdmin().broadcast("stats")
+        assert sum(r["entries"] for r in before.values()) > 4
+        coordinator = _coordinator({"REPRISE_COORDINATOR_METRICS_PORT": str(port), "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "60"})
+        deadline = time.monotonic() + 60
+        while True:
+            after = CacheAdmin().broadcast("stats")
+            if after and sum(r["entries"] for r in after.values()) <= 4:
+                break
+            assert time.monotonic() < deadline, after
+            time.sleep(0.5)
+        assert run("distinct prompt number 0 about cats").cache.hit == "exact"  # highest K x hits survived
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "reprise_coordinator_is_leader 1.0" in text
+        assert 'reprise_sweeps_total{kind="evict"}' in text
+        assert "reprise_evictions_total" in text
+    finally:
+        if coordinator is not None and coordinator.poll() is None:
+            coordinator.terminate()
+            coordinator.wait(15)
+        c.stop()

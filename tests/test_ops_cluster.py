@@ -92,3 +92,37 @@ def test_short_loadtest_writes_report_plots_and_agrees_with_flower(sim_worker, c
     for path in report["plots"]:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_locust_user_reports_each_job_as_a_request(sim_worker, monkeypatch):
+    """ops/locustfile.py with Locust's four names stood in when Locust (an optional extra) is absent."""
+    import importlib
+    import sys
+    import types
+
+    fired = []
+    try:
+        import locust  # noqa: F401
+
+        real = True
+    except ImportError:
+        real = False
+        fake = types.ModuleType("locust")
+        fake.User = type("User", (), {"__init__": lambda self, *a, **k: None})
+        fake.between = lambda a, b: (lambda self: a)
+        fake.task = lambda f: f
+        fake.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))
+        monkeypatch.setitem(sys.modules, "locust", fake)
+    monkeypatch.setenv("REPRISE_LOCUST_MODEL", "sim")
+    monkeypatch.setenv("REPRISE_LOCUST_STEPS", "3")
+    locustfile = importlib.reload(importlib.import_module("ops.locustfile")) if "ops.locustfile" in sys.modules else importlib.import_module("ops.locustfile")
+    if real:
+        locustfile.events.request.add_listener(lambda **kw: fired.append(kw))
+    user = locustfile.GenerationUser.__new__(locustfile.GenerationUser)
+    user.generate()
+    user.generate()
+    assert len(fired) == 2
+    for event in fired:
+        assert event["request_type"] == "generate" and event["exception"] is None
+        assert event["name"].startswith("sim ") and event["response_time"] > 0
+

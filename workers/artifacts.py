@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from scheduler.errors import ArtifactWriteError
+
+STALE_PART_S = 10.0  # a temporary file older than this was left by a delivery that died
 
 
 class ArtifactStore:
@@ -32,6 +35,20 @@ class ArtifactStore:
 
     def path_for(self, tenant: str, job_id: str) -> str:
         return f"{self.base}/{tenant}/{job_id}.png"
+
+    def uri_for(self, tenant: str, job_id: str) -> str:
+        return self._uri(self.path_for(tenant, job_id))
+
+    def read_metadata(self, tenant: str, job_id: str) -> dict | None:
+        """The metadata of a job's stored image, or None if there is none (or it cannot be read)."""
+        path = self.path_for(tenant, job_id)
+        try:
+            if not self.fs.exists(path):
+                return None
+            with self.fs.open(path, "rb") as f:
+                return json.loads(Image.open(f).text["reprise"])
+        except Exception:  # unreadable or foreign file: treat as absent, the job writes it again
+            return None
 
     def write_png(self, image: Image.Image, tenant: str, job_id: str, metadata: dict) -> str:
         """Store ``image`` for ``tenant``; returns its URI. Raises ArtifactWriteError on any failure."""
@@ -64,6 +81,7 @@ class ArtifactStore:
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
             self.fs.mv(tmp, path)
+            self._remove_stale_parts(path)
         except (OSError, ValueError) as exc:
             try:
                 if self.fs.exists(tmp):
@@ -72,3 +90,14 @@ class ArtifactStore:
                 pass
             raise ArtifactWriteError(f"cannot write {path}: {exc}") from None
         return self._uri(path)
+
+    def _remove_stale_parts(self, path: str) -> None:
+        """Temporary files of this name left by a delivery that died mid-write. Only old ones: a
+        concurrent duplicate delivery's file, seconds old, is left alone."""
+        try:
+            for part in self.fs.glob(f"{path}.*.part"):
+                mtime = self.fs.info(part).get("mtime") or self.fs.info(part).get("created")
+                if mtime is not None and time.time() - float(mtime) > STALE_PART_S:
+                    self.fs.rm(part)
+        except (OSError, ValueError, TypeError):
+            pass

@@ -21,6 +21,7 @@ from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
 from workers.artifacts import ArtifactStore
 from workers.models import load_components
+from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
 from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService
 from workers.settings import WorkerSettings
@@ -77,8 +78,9 @@ def build_service(
     registry = ModelRegistry(redis_client, cluster.queue_prefix) if redis_client is not None else None
     if registry is not None:
         registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
+    reopen = None
     if cache is None and open_cache and worker.cache_enabled:
-        cache = _open_cache(redis_client, devices[0].loop.c)
+        cache, reopen = _open_cache_or_defer(redis_client, devices[0].loop.c, cluster)
     defaults = {"method": worker.feature_profile}
     if worker.blockcache_dir:
         defaults["calibration_dir"] = worker.blockcache_dir
@@ -92,6 +94,11 @@ def build_service(
         writeback_queue=worker.writeback_queue,
     )
     service.text_memo = memo
+    resilience = ResilienceSettings()
+    service.share_grants = resilience.share_grants()
+    if reopen is not None:  # the cache could not open: serve uncached, keep trying in the background
+        service.cache_note = f"cache unavailable ({reopen}); retrying every {resilience.cache_reopen_s:g}s"
+        _reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s)
     if worker.warmup:
         if cache is not None:
             cache.embed("warm-up")  # loads the prompt embedder now, not on the first job
@@ -117,7 +124,30 @@ def _open_cache(redis_client, components=None):
     if settings.embedder == "clip" and components is not None:
         embedder = clip_embedder(components)
         settings = settings.model_copy(update={"clip_dim": int(components.text_encoder.config.hidden_size)})
-    return LatentCache.open(settings, redis=redis_client, embedder=embedder)
+    # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
+    clock = RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
+    return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock)
+
+
+def _open_cache_or_defer(redis_client, components, cluster):
+    """(cache, None), or (None, why) when the cache cannot open now: a node never needs its cache to serve."""
+    try:
+        return _open_cache(redis_client, components), None
+    except Exception as exc:
+        log.error("CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
+                  type(exc).__name__, exc)
+        return None, type(exc).__name__
+
+
+def _reopen_later(service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float) -> None:
+    def on_open(cache) -> None:
+        from workers import control
+
+        service.cache = cache
+        service.cache_note = None
+        control.start_control(service, redis_client, cluster)
+
+    CacheReopener(lambda: _open_cache(redis_client, components), on_open, every_s).start()
 
 
 def clip_embedder(components):

@@ -4,9 +4,9 @@ store → write back. A plain object (no Celery in here), so it is tested withou
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
-import random
 import socket
 import threading
 import time
@@ -25,6 +25,11 @@ from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
 
 log = logging.getLogger("reprise.worker")
+
+
+def seed_for_job(job_id: str) -> int:
+    """The seed of a request that gave none: fixed by the job id, so every delivery draws the same image."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big")
 
 
 @dataclass
@@ -68,18 +73,21 @@ class StepTimer:
 
     per_step_s: float | None = None
     decode_s: float = 0.0
+    other_s: float = 0.0  # a miss's time outside denoise and decode: lookups, embedding, artifact write
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def observe(self, steps: int, denoise_s: float, decode_s: float) -> None:
+    def observe(self, steps: int, denoise_s: float, decode_s: float, other_s: float | None = None) -> None:
         if steps <= 0:
             return
         with self.lock:
             s = denoise_s / steps
             self.per_step_s = s if self.per_step_s is None else 0.8 * self.per_step_s + 0.2 * s
             self.decode_s = 0.8 * self.decode_s + 0.2 * decode_s
+            if other_s is not None:
+                self.other_s = 0.8 * self.other_s + 0.2 * max(0.0, other_s)
 
     def miss_time(self, steps: int) -> float:
-        return (self.per_step_s or 0.0) * steps + self.decode_s
+        return (self.per_step_s or 0.0) * steps + self.decode_s + self.other_s
 
 
 class GenerationService:
@@ -105,6 +113,8 @@ class GenerationService:
         self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
         self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
         self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
+        self.share_grants: frozenset[str] | None = None  # tenants that may set cache.share; None = all
+        self.cache_note: str | None = None  # why there is no cache right now (it is being reopened)
         self.counters: dict[str, int] = {"jobs": 0, "exact": 0, "approximate": 0, "miss": 0, "writeback_failed": 0, "writeback_dropped": 0}
 
     @property
@@ -137,7 +147,8 @@ class GenerationService:
     def run(self, payload: Any, job: JobContext) -> GenerationResult:
         started = time.time()
         request, width, height = self.validate(payload)
-        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
+        # A redelivered job (worker died, visibility timeout) must redo the same image: no seed, one per job id.
+        seed = request.seed if request.seed is not None else seed_for_job(job.job_id)
         queue_wait = max(0.0, started - job.queued_at) if job.queued_at else 0.0
         device = self.pool.acquire()
         try:
@@ -157,7 +168,16 @@ class GenerationService:
         loop = device.loop
         c = loop.c
         steps = request.steps
-        report = CacheReport(hit="off" if self.cache is None else "miss")
+        report = CacheReport(hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None)
+        done = self._already_stored(request, seed, width, height, job)
+        if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
+            report.hit, report.steps_saved = "exact", steps
+            report.note = "redelivered job: its image was already stored"
+            return self._result(job, request, seed, width, height, done, device, report, started, queue_wait, 0.0, 0.0, time.time() - started)
+        shareable = request.cache.share
+        if shareable and self.share_grants is not None and request.tenant not in self.share_grants:
+            shareable = False
+            report.note = f"share ignored: tenant {request.tenant!r} is not granted sharing (REPRISE_SHARE_TENANTS)"
         use_cache = self.cache is not None and (request.cache.exact or request.cache.approximate or request.cache.write)
         key = vector = None
         start_latents, start_step = None, 0
@@ -173,7 +193,10 @@ class GenerationService:
                     uri = hit.image_uri
                     if hit.tenant != request.tenant:
                         uri = self.artifacts.copy_for(hit.image_uri, request.tenant, job.job_id)
-                    self.cache.record_hit(hit.entry_id, 0)
+                    # An exact hit saves all N steps; LCBFU scores states, so credit the deepest one
+                    # (K_max x hits keeps the entry, and with it the image, among the most beneficial).
+                    ks = self.cache.state_steps(steps)
+                    self.cache.record_hit(hit.entry_id, ks[-1] if ks else steps)
                     report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, steps
                     report.lookup_ms = (time.perf_counter() - t) * 1000
                     self._pad_for_isolation(request, started)
@@ -225,7 +248,6 @@ class GenerationService:
         t = time.perf_counter()
         image = loop.decode(out.latents)
         decode_s = time.perf_counter() - t
-        self.timer.observe(out.steps_computed, out.denoise_s, decode_s)
         report.steps_computed = out.steps_computed
         report.steps_saved = steps - out.steps_computed
         if runner is not None and hasattr(runner, "report"):
@@ -233,13 +255,25 @@ class GenerationService:
         metadata = {"request": request.model_dump(mode="json"), "seed": seed, "model_version": c.fingerprint, "job_id": job.job_id}
         uri = self.artifacts.write_png(image, request.tenant, job.job_id, metadata)
         device.jobs_done += 1
+        # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
+        other_s = time.time() - started - out.denoise_s - decode_s if report.hit == "miss" else None
+        self.timer.observe(out.steps_computed, out.denoise_s, decode_s, other_s)
         if use_cache and request.cache.write and out.captured and vector is not None:
-            self._schedule_writeback(key, vector, out.captured, uri, request.cache.share)
+            self._schedule_writeback(key, vector, out.captured, uri, shareable)
         if report.hit == "approximate":
             self._pad_for_isolation(request, started)
         return self._result(job, request, seed, width, height, uri, device, report, started, queue_wait, out.denoise_s, decode_s, prep_s)
 
     # --- helpers ------------------------------------------------------------------------------
+    def _already_stored(self, request: GenerationRequest, seed: int, width: int, height: int, job: JobContext) -> str | None:
+        """The URI of this job's own image if an earlier delivery of it already stored it (same request)."""
+        meta = self.artifacts.read_metadata(request.tenant, job.job_id)
+        if (meta is not None and meta.get("job_id") == job.job_id and meta.get("seed") == seed
+                and meta.get("model_version") == self.components.fingerprint
+                and meta.get("request") == request.model_dump(mode="json")):
+            return self.artifacts.uri_for(request.tenant, job.job_id)
+        return None
+
     def _cache_key(self, request: GenerationRequest, seed: int, width: int, height: int):
         from cache import CacheKey
 

@@ -85,7 +85,7 @@ class NodeInfo(bootsteps.StartStopStep):
                 "model": _service.model_name,
                 "model_version": _service.components.fingerprint,
                 "devices": {d.name: {"jobs_done": d.jobs_done} for d in _service.pool.devices},
-                "queue": getattr(worker, "reprise_queue", None),
+                "queue": getattr(_service, "queue", None),
                 "jobs": dict(_service.counters),
             }
         }

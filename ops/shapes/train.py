@@ -167,8 +167,9 @@ def build_scheduler():
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="v_prediction",
-        clip_sample=True,
-        clip_sample_range=1.0,
+        # no x0 clipping: DDIM clips x0 but not the epsilon it derives from the (guided) v, so with
+        # guidance > 1 clipping pushes samples the opposite way (complementary colours).
+        clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="leading",

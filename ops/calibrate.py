@@ -1,0 +1,372 @@
+"""Fit the MiniLM similarity -> K table from measured accuracy: ``python -m ops.calibrate``.
+
+    python -m ops.calibrate --n 24 --json calibration.json --plot calibration.png
+
+1. Runs the quality harness (``ops.eval_quality``) with fresh and approximate-at-every-K conditions
+   over many (source, target) caption pairs of the shapes model: paraphrases, one attribute changed
+   (shape colour, shape, position, background, size), two changed, and unrelated scenes. Each pair
+   gets its MiniLM cosine similarity s, the checker accuracy of the fresh target and of the target
+   resumed from the source's state at each K. (``--records`` reuses the records of earlier runs.)
+2. For each K fraction f, the threshold t_f is the lowest similarity such that every upper tail
+   {pairs with s > t}, t >= t_f (with at least ``--min-pairs`` pairs), keeps the paired accuracy of
+   "resume at f" within ``--tolerance`` points of fresh generation. Rows a larger f dominates are
+   dropped; then each band of the table (the pairs it sends to one K) must itself stay within the
+   tolerance, or its threshold moves up. No threshold goes below the lowest similarity measured.
+3. The curve: tables fitted at other tolerances, plus the old tables and "always K=f", as (steps
+   saved, accuracy) over the same pairs. JSON and a PNG plot.
+4. Mixed real streams (``../shared/prompts``): share of prompts whose most similar earlier prompt in
+   the file passes each threshold (MiniLM only, no generation), and the steps the table would skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from cache.skip_table import (CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, SkipTable, calibration_pairs, choose_skip_fraction,
+                              fraction_to_k, validate_table)
+from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
+
+TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
+
+
+# --- pairs from harness records ----------------------------------------------------------------------
+
+def pairs_from_records(records: Iterable[dict], steps: int, fractions: Sequence[float] = STATE_FRACTIONS) -> list[dict]:
+    """One row per (scene, target): similarity, relation, fresh accuracy, accuracy resumed at each fraction."""
+    by_k = {fraction_to_k(f, steps): f for f in fractions}
+    pairs: dict[tuple, dict] = {}
+    for r in records:
+        if "error" in r or r.get("family") not in ("fresh", "approx"):
+            continue
+        row = pairs.setdefault((r["scene"], r["target_prompt"], r.get("seed")), {
+            "scene": r["scene"], "relation": r["relation"], "similarity": r["similarity"],
+            "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"], "resumed": {}})
+        if r["family"] == "fresh":
+            row["fresh"] = r["accuracy"]
+        elif r.get("k") in by_k:
+            row["resumed"][str(by_k[r["k"]])] = r["accuracy"]
+    return [p for p in pairs.values() if "fresh" in p and len(p["resumed"]) == len(fractions)]
+
+
+def _loss(pairs: Sequence[dict], fraction: float) -> float:
+    """Mean accuracy lost (points) by resuming at ``fraction`` instead of generating fresh."""
+    return float(np.mean([p["fresh"] - p["resumed"][str(fraction)] for p in pairs]))
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+def _candidates(pairs: Sequence[dict]) -> list[float]:
+    """Thresholds just below each measured similarity (a pair passes when s > t), lowest first."""
+    sims = sorted({round(p["similarity"], 4) for p in pairs})
+    return [round(s - 1e-4, 4) for s in sims]
+
+
+def tail_threshold(pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int) -> float | None:
+    """Lowest t such that every tail s > t' (t' >= t, at least min_pairs pairs) loses <= tolerance points."""
+    best = None
+    for t in reversed(_candidates(pairs)):  # from the top down: stop at the first failing tail
+        tail = [p for p in pairs if p["similarity"] > t]
+        if len(tail) < min_pairs:
+            continue
+        if _loss(tail, fraction) > tolerance:
+            break
+        best = t
+    return best
+
+
+def assign(similarity: float, table: SkipTable) -> float:
+    return choose_skip_fraction(similarity, table) if table else 0.0
+
+
+def fit_table(pairs: Sequence[dict], tolerance: float = 2.0, min_pairs: int = 15,
+              fractions: Sequence[float] = STATE_FRACTIONS) -> SkipTable:
+    """The table that skips the most steps while every tail and every band stays within ``tolerance``."""
+    rows: list[tuple[float, float]] = []
+    for f in sorted(fractions, reverse=True):
+        t = tail_threshold(pairs, f, tolerance, min_pairs)
+        if t is None:
+            continue
+        if rows and t >= rows[-1][0]:  # a larger skip already covers every pair this row would take
+            continue
+        rows.append((t, f))
+    candidates = _candidates(pairs)
+    for _ in range(len(candidates) * max(len(rows), 1)):  # bands: raise a failing band's threshold
+        table = validate_table(rows) if rows else ()
+        failing = None
+        for i, (t, f) in enumerate(rows):
+            band = [p for p in pairs if assign(p["similarity"], table) == f]
+            if len(band) >= min_pairs and _loss(band, f) > tolerance:
+                failing = i
+                break
+        if failing is None:
+            return table
+        t, f = rows[failing]
+        above = [c for c in candidates if c > t]
+        upper = rows[failing - 1][0] if failing > 0 else 1.0
+        if not above or above[0] >= upper:
+            rows.pop(failing)
+        else:
+            rows[failing] = (above[0], f)
+    return validate_table(rows) if rows else ()
+
+
+def score_table(pairs: Sequence[dict], table: SkipTable, steps: int) -> dict:
+    """Over all pairs: hit rate, steps saved, accuracy with the table (misses generated fresh) vs fresh."""
+    got, fresh, saved, hits = [], [], [], 0
+    bands: dict[str, list[dict]] = {}
+    for p in pairs:
+        f = assign(p["similarity"], table)
+        fresh.append(p["fresh"])
+        if f > 0:
+            hits += 1
+            got.append(p["resumed"][str(f)])
+            saved.append(fraction_to_k(f, steps) / steps)
+            bands.setdefault(str(f), []).append(p)
+        else:
+            got.append(p["fresh"])
+            saved.append(0.0)
+    hit_pairs = [p for p in pairs if assign(p["similarity"], table) > 0]
+    return {
+        "table": [list(r) for r in table], "pairs": len(pairs), "hit_pct": round(100.0 * hits / len(pairs), 2),
+        "steps_saved_pct": round(100.0 * float(np.mean(saved)), 2),
+        "accuracy": round(float(np.mean(got)), 3), "fresh_accuracy": round(float(np.mean(fresh)), 3),
+        "delta": round(float(np.mean(got) - np.mean(fresh)), 3),
+        "hits_delta": round(-float(np.mean([p["fresh"] - p["resumed"][str(assign(p["similarity"], table))] for p in hit_pairs])), 3) if hit_pairs else None,
+        "bands": {f: {"n": len(b), "loss": round(_loss(b, float(f)), 3), "relations": _counts(p["relation"] for p in b)}
+                  for f, b in sorted(bands.items(), reverse=True)},
+    }
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def curve(pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS) -> dict:
+    fitted = [{"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions), steps)} for tol in TOLERANCES]
+    lowest = min(p["similarity"] for p in pairs) - 1e-4
+    references = {"no cache": (), "old MiniLM table": MINILM_SKIP_TABLE, "NIRVANA CLIP table": CLIP_SKIP_TABLE}
+    references.update({f"always K={fraction_to_k(f, steps)}/{steps}": ((lowest, f),) for f in fractions})
+    return {"fitted": fitted, "references": {name: score_table(pairs, table, steps) for name, table in references.items()}}
+
+
+def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_FRACTIONS) -> list[dict]:
+    """Per relation: similarity quantiles and the accuracy lost at each K."""
+    out = []
+    for relation in dict.fromkeys(p["relation"] for p in pairs):
+        rs = [p for p in pairs if p["relation"] == relation]
+        sims = np.array([p["similarity"] for p in rs])
+        out.append({
+            "relation": relation, "n": len(rs),
+            "similarity": {q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
+            "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
+            "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
+        })
+    return out
+
+
+# --- real prompt streams (similarity only) -----------------------------------------------------------
+
+STREAM_FILES = {"PartiPrompts": "PartiPrompts.tsv", "COCO (first 3000)": "coco_captions_30k.txt",
+                "Krea 1k (by time)": "krea_1k_by_time.csv", "DrawBench": "drawbench_imagen.csv"}
+
+
+def stream_similarities(prompts_dir: str, limit: int = 3000) -> dict[str, dict]:
+    """MiniLM similarities the stream report needs (table-independent, so they can be stored and reused):
+    per file, each prompt's most similar earlier prompt (exact repeats apart: exact-cache hits); per kind
+    of edited pair (cache.skip_table.calibration_pairs), the pair's similarity."""
+    from cache.embedding import PromptEmbedder
+    from ops.workload import read_prompts
+
+    embedder = PromptEmbedder()
+    out: dict[str, dict] = {"files": {}, "pair kinds": {}}
+    for name, filename in STREAM_FILES.items():
+        path = Path(prompts_dir) / filename
+        if not path.exists():
+            continue
+        prompts = [r.prompt for r in read_prompts(path)][:limit]
+        vecs = embedder.embed_many(prompts)
+        sims = vecs @ vecs.T
+        best = np.array([sims[i, :i].max() if i else -1.0 for i in range(len(prompts))])
+        repeats = best > 0.9999
+        out["files"][name] = {"prompts": len(prompts), "exact_repeats": int(repeats.sum()),
+                              "nearest_earlier": [round(float(v), 4) for v in best[~repeats]]}
+    for kind, pairs in calibration_pairs(prompts_dir, limit=600, embed_many=embedder.embed_many).items():
+        left = embedder.embed_many([a for a, _ in pairs])
+        right = embedder.embed_many([b for _, b in pairs])
+        out["pair kinds"][kind] = [round(float(v), 4) for v in np.sum(left * right, axis=1)]
+    return out
+
+
+def stream_report(similarities: dict, tables: dict[str, SkipTable], steps: int = 50) -> dict:
+    """Per file and table: the share of prompts whose most similar earlier prompt would hit at each K
+    and the steps skipped (an infinite cache, prompts in file order); per kind of pair, the hit share."""
+    out: dict[str, dict] = {}
+    for name, entry in similarities["files"].items():
+        nearest = np.asarray(entry["nearest_earlier"])
+        row = {"prompts": entry["prompts"], "exact_repeats_pct": round(100.0 * entry["exact_repeats"] / entry["prompts"], 2),
+               "nearest_earlier": {q: round(float(np.quantile(nearest, v)), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+               "tables": {}}
+        for tname, table in tables.items():
+            ks = [fraction_to_k(assign(float(s), table), steps) for s in nearest]
+            row["tables"][tname] = {"hit_pct": round(100.0 * float(np.mean([k > 0 for k in ks])), 2),
+                                    "steps_saved_pct": round(100.0 * float(np.mean(ks)) / steps, 2),
+                                    f"share_by_K_of_{steps}": {str(k): round(100.0 * ks.count(k) / len(ks), 2) for k in sorted(set(ks), reverse=True)}}
+        out[name] = row
+    out["pair kinds"] = {
+        kind: {"n": len(s), "p50": round(float(np.median(s)), 3),
+               "hit_pct": {tname: round(100.0 * float(np.mean([assign(float(v), t) > 0 for v in s])), 1) for tname, t in tables.items()}}
+        for kind, s in similarities["pair kinds"].items()}
+    return out
+
+
+# --- plot --------------------------------------------------------------------------------------------
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    fitted = report["curve"]["fitted"]
+    fresh = fitted[0]["fresh_accuracy"]
+    ax.plot([p["steps_saved_pct"] for p in fitted], [p["accuracy"] for p in fitted], "o-", label="fitted tables (tolerance)")
+    for p in fitted:
+        ax.annotate(f"{p['tolerance']:g}", (p["steps_saved_pct"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, p in report["curve"]["references"].items():
+        marker = "s" if name.startswith("always") else "^"
+        ax.plot(p["steps_saved_pct"], p["accuracy"], marker, label=name)
+    ax.axhline(fresh, color="gray", lw=0.8)
+    ax.axhline(fresh - report["tolerance"], color="gray", lw=0.8, ls="--", label=f"fresh - {report['tolerance']:g} points")
+    ax.set_xlabel("steps saved over the calibration pairs (%)")
+    ax.set_ylabel("checker attribute accuracy (points)")
+    ax.set_title(f"{report['meta']['model']}: accuracy vs steps saved ({len(report['pairs'])} pairs)")
+    ax.legend(fontsize=7)
+    pairs = report["pairs"]
+    relations = list(dict.fromkeys(p["relation"] for p in pairs))
+    fractions = [float(f) for f in pairs[0]["resumed"]]
+    for f in fractions:
+        xs = np.array([p["similarity"] for p in pairs])
+        loss = np.array([p["fresh"] - p["resumed"][str(f)] for p in pairs])
+        order = np.argsort(xs)
+        # loss of the upper tail above each similarity: what a threshold there would cost
+        tails = [loss[order][i:].mean() for i in range(len(order))]
+        bx.plot(xs[order], tails, label=f"K={fraction_to_k(f, report['meta']['steps'])}/{report['meta']['steps']}")
+    for t, f in report["table"]:
+        bx.axvline(t, color="gray", lw=0.6, ls=":")
+    bx.axhline(report["tolerance"], color="gray", ls="--", lw=0.8)
+    bx.set_xlabel("MiniLM cosine similarity threshold t")
+    bx.set_ylabel("accuracy lost by pairs with s > t (points)")
+    bx.set_title("tail loss per K (dotted: fitted thresholds); relations: " + ", ".join(relations), fontsize=8)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=24, help="source scenes (each gives one pair per relation)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--relations", default=",".join(ALL_RELATIONS))
+    parser.add_argument("--records", nargs="*", default=[], help="reuse the records of earlier runs (eval quality or calibrate JSON)")
+    parser.add_argument("--no-run", action="store_true", help="only the --records, no new generations")
+    parser.add_argument("--tolerance", type=float, default=2.0, help="accuracy points a hit may lose against fresh generation")
+    parser.add_argument("--min-pairs", type=int, default=15, help="smallest tail or band judged")
+    parser.add_argument("--streams", default="../shared/prompts", help="prompt files for the stream report ('' to skip)")
+    parser.add_argument("--stream-cache", default=None, help="keep the streams' MiniLM similarities in this JSON and reuse them")
+    parser.add_argument("--json", dest="json_out", default="calibration.json")
+    parser.add_argument("--plot", default="calibration.png")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    records, meta = [], {"model": args.model, "steps": args.steps}
+    for path in args.records:
+        data = json.loads(Path(path).read_text())
+        if data["meta"]["steps"] != args.steps:
+            raise SystemExit(f"{path}: {data['meta']['steps']} steps, not {args.steps}")
+        offset = 10_000 * (len(records) + 1)  # keep scene numbers of different runs apart
+        records += [{**r, "scene": r["scene"] + offset, "seed": r.get("seed")} for r in data["records"]]
+        meta = data["meta"]
+    if not args.no_run:
+        relations = [r.strip() for r in args.relations.split(",") if r.strip()]
+        conditions = [Condition("fresh", "fresh")] + [
+            Condition(f"approx K={fraction_to_k(f, args.steps)}/{args.steps}", "approx", fraction=f) for f in STATE_FRACTIONS]
+        run = evaluate("generated", args.n, args.steps, args.model, args.seed, relations, conditions)
+        write_json(run, Path(args.json_out).with_suffix(".records.json"))
+        records += run["records"]
+        meta = run["meta"]
+    pairs = pairs_from_records(records, args.steps)
+    if not pairs:
+        raise SystemExit("no complete (fresh + every K) pairs in the records")
+    table = fit_table(pairs, args.tolerance, args.min_pairs)
+    report = {
+        "meta": {**meta, "calibration_s": round(time.perf_counter() - started, 1), "min_pairs": args.min_pairs},
+        "tolerance": args.tolerance,
+        "table": [list(r) for r in table],
+        "score": score_table(pairs, table, args.steps),
+        "relations": relation_profile(pairs),
+        "curve": curve(pairs, args.steps, args.min_pairs),
+        "pairs": pairs,
+    }
+    if args.streams:
+        cached = Path(args.stream_cache) if args.stream_cache else None
+        if cached is not None and cached.exists():
+            similarities = json.loads(cached.read_text())
+        else:
+            similarities = stream_similarities(args.streams)
+            if cached is not None:
+                cached.write_text(json.dumps(similarities))
+        report["streams"] = stream_report(similarities, {"calibrated": table, "old MiniLM": MINILM_SKIP_TABLE, "CLIP (NIRVANA)": CLIP_SKIP_TABLE})
+    Path(args.json_out).write_text(json.dumps(report, indent=1))
+    plot(report, args.plot)
+    print_report(report)
+    print(f"\nwrote {args.json_out} and {args.plot} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    s = report["score"]
+    print(f"\n{len(report['pairs'])} pairs; fresh accuracy {s['fresh_accuracy']:.1f} points")
+    print(f"{'relation':<12} {'n':>4} {'s p10':>6} {'p50':>6} {'p90':>6} {'fresh':>6}  loss at K fraction " + " ".join(f"{f:>5}" for f in STATE_FRACTIONS))
+    for r in report["relations"]:
+        q = r["similarity"]
+        print(f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
+              + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()))
+    print(f"\ncalibrated table (tolerance {report['tolerance']:g} points): {report['table']}")
+    print(f"  hits {s['hit_pct']}%  steps saved {s['steps_saved_pct']}%  accuracy {s['accuracy']} vs fresh {s['fresh_accuracy']} "
+          f"(delta {s['delta']:+}; on hits {s['hits_delta']})  bands {s['bands']}")
+    print("\ncurve (tolerance: steps saved %, accuracy):")
+    for p in report["curve"]["fitted"]:
+        print(f"  tol {p['tolerance']:>5g}: saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})  table {p['table']}")
+    for name, p in report["curve"]["references"].items():
+        print(f"  {name:<22} saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})")
+    for name, entry in report.get("streams", {}).items():
+        if name == "pair kinds":
+            for g, v in entry.items():
+                print(f"  pairs {g:<28} n={v['n']:<5} p50 {v['p50']:.3f}  hit% {v['hit_pct']}")
+            continue
+        print(f"stream {name}: {entry['prompts']} prompts, nearest earlier {entry['nearest_earlier']}")
+        for tname, t in entry["tables"].items():
+            print(f"    {tname:<14} hit {t['hit_pct']:>5.1f}%  steps saved {t['steps_saved_pct']:>5.2f}%  K shares {list(t.values())[2]}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

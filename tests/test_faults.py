@@ -1,0 +1,153 @@
+"""Faults, for real (issue 8), the fast part: a worker SIGKILLed mid-write, a cache that cannot open
+and comes back, share grants, TTLs under clock skew, the artifact store refusing writes.
+`make faults` (ops/faults.py) runs the long version with every fault and prints the table."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ops.localcluster import LocalCluster, WorkerProcess
+from scheduler.client import submit
+from scheduler.errors import ArtifactWriteError
+
+pytestmark = pytest.mark.integration
+
+
+def _start_hooked_worker(c: LocalCluster, model: str, wait: bool = True, **env) -> WorkerProcess:
+    """`reprise worker` under ops.faults' injection hooks (they do nothing unless REPRISE_FAULT_* asks)."""
+    n = len(c.workers)
+    hostname = f"reprise-faulty-w{n}-{os.getpid()}@test"
+    log = Path(c.workdir) / f"faulty{n}.log"
+    cmd = [sys.executable, "-m", "ops.faults", "--with-hooks", "worker", "--model", model, "--devices", "cpu", "--hostname", hostname]
+    proc = subprocess.Popen(cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    worker = WorkerProcess(proc, log, model, hostname)
+    c.workers.append(worker)
+    if wait:
+        c.wait_worker_ready(worker, 180)
+    return worker
+
+
+@pytest.fixture(scope="module")
+def faulty(redis_server, tmp_path_factory):
+    """A model of its own (queue reprise.fmodel), so that no other test's worker picks up its jobs."""
+    from workers.models import save_builtin
+
+    work = tmp_path_factory.mktemp("faults")
+    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REPRISE_CACHE_REOPEN_S": "1", "REPRISE_SHARE_TENANTS": "studio",
+                                                                       "REPRISE_METRICS_PORT": "0"})
+    c.ensure_redis()
+    c.model_dir = str(save_builtin("tiny", work / "fmodel", seed=0))
+    yield c
+    c.stop()
+
+
+def test_sigkill_mid_artifact_write_redelivers_and_one_whole_image_remains(faulty):
+    """The worker dies with half the PNG in its temporary file; the job comes back (visibility timeout) on
+    a node that starts while the cache folder is locked by someone else: it serves uncached, then the cache
+    comes back by itself."""
+    from cache import CacheSettings, LatentCache
+    from workers.service import seed_for_job
+
+    folder = Path(faulty.workdir) / "qdrant"
+    victim = _start_hooked_worker(faulty, faulty.model_dir, REPRISE_FAULT_KILL_AT="artifact", REPRISE_CACHE_PATH=str(folder))
+    job = submit(prompt="a job killed while its image is written", model="fmodel", steps=6)  # no seed: derived from the job id
+    deadline = time.monotonic() + 60
+    while victim.alive():
+        assert time.monotonic() < deadline, "the hook did not kill the worker"
+        time.sleep(0.1)
+    assert victim.proc.returncode == -signal.SIGKILL
+    art = Path(faulty.workdir) / "artifacts" / "public"
+    assert [p.name for p in art.glob(f"{job.id}*")] == [p.name for p in art.glob(f"{job.id}.png.*.part")] != []  # only a half file
+    faulty.workers.remove(victim)
+
+    holder = LatentCache.open(CacheSettings(path=str(folder)))  # the node cannot open its cache: it must serve anyway
+    try:
+        node = faulty.start_worker(faulty.model_dir, "cpu", REPRISE_CACHE_PATH=str(folder))
+        result = job.wait(90)
+        assert result.seed == seed_for_job(job.id)
+        assert result.cache.hit == "off" and "cache unavailable" in result.cache.note
+        assert [p.name for p in art.glob(f"{job.id}*")] == [f"{job.id}.png"]  # the stale half file went too
+        assert "CACHE UNAVAILABLE" in node.log.read_text()
+    finally:
+        holder.close()
+    deadline = time.monotonic() + 30
+    probe = dict(prompt="a probe once the cache is back", model="fmodel", steps=6, seed=1)
+    while submit(**probe).wait(30).cache.hit != "exact":
+        assert time.monotonic() < deadline, "the cache never came back"
+        time.sleep(0.5)
+
+
+def test_share_needs_a_grant_and_shared_hits_are_copies(faulty):
+    fields = dict(model="fmodel", steps=6, seed=4)
+    poison = submit(prompt="a poisoned lighthouse", tenant="mallory", cache={"share": True}, **fields).wait(60)
+    assert "not granted" in poison.cache.note
+    time.sleep(0.5)
+    assert submit(prompt="a poisoned lighthouse", tenant="alice", **fields).wait(60).cache.hit == "miss"
+    shared = submit(prompt="a granted castle", tenant="studio", cache={"share": True}, **fields).wait(60)
+    assert shared.cache.note is None
+    time.sleep(0.5)
+    bob = submit(prompt="a granted castle", tenant="bob", **fields).wait(60)
+    assert bob.cache.hit == "exact" and "/bob/" in bob.image_uri and bob.image_uri != shared.image_uri
+
+
+def test_artifact_store_that_refuses_writes_fails_typed_and_not_done(faulty, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    node = faulty.start_worker(faulty.model_dir, "cpu", REPRISE_ARTIFACT_URL=str(blocker / "artifacts"),
+                               REPRISE_CACHE_PATH=str(tmp_path / "qdrant"))
+    try:
+        job = submit(prompt="an image with nowhere to go", model="fmodel", steps=3, seed=1,
+                     cache={"exact": False, "approximate": False, "write": False})
+        for _ in range(3):  # the other node of this model may take it: retry until this one did
+            try:
+                job.wait(60)
+            except ArtifactWriteError as exc:
+                assert "cannot write" in str(exc)
+                assert job.status() == "FAILURE"
+                break
+            job = submit(prompt="an image with nowhere to go", model="fmodel", steps=3, seed=1,
+                         cache={"exact": False, "approximate": False, "write": False})
+        else:
+            pytest.fail("no job reached the node whose artifact store refuses writes")
+    finally:
+        node.stop()
+        faulty.workers.remove(node)
+
+
+def test_disk_full_is_an_artifact_write_error(tmp_path):
+    from PIL import Image
+
+    from workers.artifacts import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+
+    class FullFile:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.fs.open = lambda path, mode="rb", **kw: FullFile()
+    with pytest.raises(ArtifactWriteError, match="No space left"):
+        store.write_png(Image.new("RGB", (8, 8)), "t", "job", {})
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_cache_ttl_uses_one_clock_whatever_the_node_clocks_say(redis_server, tmp_path):
+    from ops.faults import ttl_under_skew
+
+    premature_with_local_clocks, kept_with_redis_clock = ttl_under_skew(redis_server.url, tmp_path / "qdrant")
+    assert premature_with_local_clocks  # the fault is real: a reader 2 h ahead drops a 1 h entry at once
+    assert kept_with_redis_clock
