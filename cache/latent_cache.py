@@ -239,7 +239,10 @@ class LatentCache:
         isolate = self.settings.isolate_by_tenant
         for record in self.store.retrieve([key.exact_id(isolate)], with_payload=True):
             p = record.payload
-            if p.get("exact_key") == key.content_key() and p.get("image_uri") and float(p.get("expires_at", 0)) > now:
+            # The id is tenant-scoped, but validate the payload too: an entry planted under this id for
+            # another tenant (written around the API) is never served.
+            mine = not isolate or p.get("audience") in (key.tenant, SHARED_AUDIENCE)
+            if mine and p.get("exact_key") == key.content_key() and p.get("image_uri") and float(p.get("expires_at", 0)) > now:
                 return ExactHit(record.id, p["image_uri"], p.get("tenant", ""))
         if isolate and allow_shared:
             where = Where(must=(Cond("exact_key", key.content_key()), Cond("audience", SHARED_AUDIENCE), Cond("expires_at", gt=now)))

@@ -60,6 +60,13 @@ def _loss(pairs: Sequence[dict], fraction: float) -> float:
     return float(np.mean([p["fresh"] - p["resumed"][str(fraction)] for p in pairs]))
 
 
+def _within(pairs: Sequence[dict], fraction: float, tolerance: float, z: float) -> bool:
+    """Loss + z standard errors (paired) <= tolerance: z = 0 trusts the mean, z > 0 asks for evidence."""
+    losses = np.array([p["fresh"] - p["resumed"][str(fraction)] for p in pairs])
+    se = losses.std(ddof=1) / np.sqrt(len(losses)) if len(losses) > 1 else 0.0
+    return float(losses.mean() + z * se) <= tolerance
+
+
 # --- fitting -----------------------------------------------------------------------------------------
 
 def _candidates(pairs: Sequence[dict]) -> list[float]:
@@ -68,14 +75,14 @@ def _candidates(pairs: Sequence[dict]) -> list[float]:
     return [round(s - 1e-4, 4) for s in sims]
 
 
-def tail_threshold(pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int) -> float | None:
+def tail_threshold(pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0) -> float | None:
     """Lowest t such that every tail s > t' (t' >= t, at least min_pairs pairs) loses <= tolerance points."""
     best = None
     for t in reversed(_candidates(pairs)):  # from the top down: stop at the first failing tail
         tail = [p for p in pairs if p["similarity"] > t]
         if len(tail) < min_pairs:
             continue
-        if _loss(tail, fraction) > tolerance:
+        if not _within(tail, fraction, tolerance, z):
             break
         best = t
     return best
@@ -86,11 +93,11 @@ def assign(similarity: float, table: SkipTable) -> float:
 
 
 def fit_table(pairs: Sequence[dict], tolerance: float = 2.0, min_pairs: int = 15,
-              fractions: Sequence[float] = STATE_FRACTIONS) -> SkipTable:
+              fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0) -> SkipTable:
     """The table that skips the most steps while every tail and every band stays within ``tolerance``."""
     rows: list[tuple[float, float]] = []
     for f in sorted(fractions, reverse=True):
-        t = tail_threshold(pairs, f, tolerance, min_pairs)
+        t = tail_threshold(pairs, f, tolerance, min_pairs, z)
         if t is None:
             continue
         if rows and t >= rows[-1][0]:  # a larger skip already covers every pair this row would take
@@ -102,7 +109,7 @@ def fit_table(pairs: Sequence[dict], tolerance: float = 2.0, min_pairs: int = 15
         failing = None
         for i, (t, f) in enumerate(rows):
             band = [p for p in pairs if assign(p["similarity"], table) == f]
-            if len(band) >= min_pairs and _loss(band, f) > tolerance:
+            if len(band) >= min_pairs and not _within(band, f, tolerance, z):
                 failing = i
                 break
         if failing is None:
@@ -133,11 +140,13 @@ def score_table(pairs: Sequence[dict], table: SkipTable, steps: int) -> dict:
             got.append(p["fresh"])
             saved.append(0.0)
     hit_pairs = [p for p in pairs if assign(p["similarity"], table) > 0]
+    diffs = np.array(got) - np.array(fresh)
     return {
         "table": [list(r) for r in table], "pairs": len(pairs), "hit_pct": round(100.0 * hits / len(pairs), 2),
         "steps_saved_pct": round(100.0 * float(np.mean(saved)), 2),
         "accuracy": round(float(np.mean(got)), 3), "fresh_accuracy": round(float(np.mean(fresh)), 3),
         "delta": round(float(np.mean(got) - np.mean(fresh)), 3),
+        "delta_se": round(float(diffs.std(ddof=1) / np.sqrt(len(diffs))), 3) if len(diffs) > 1 else None,
         "hits_delta": round(-float(np.mean([p["fresh"] - p["resumed"][str(assign(p["similarity"], table))] for p in hit_pairs])), 3) if hit_pairs else None,
         "bands": {f: {"n": len(b), "loss": round(_loss(b, float(f)), 3), "relations": _counts(p["relation"] for p in b)}
                   for f, b in sorted(bands.items(), reverse=True)},
@@ -151,8 +160,8 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def curve(pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS) -> dict:
-    fitted = [{"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions), steps)} for tol in TOLERANCES]
+def curve(pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0) -> dict:
+    fitted = [{"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions, z), steps)} for tol in TOLERANCES]
     lowest = min(p["similarity"] for p in pairs) - 1e-4
     references = {"no cache": (), "old MiniLM table": MINILM_SKIP_TABLE, "NIRVANA CLIP table": CLIP_SKIP_TABLE}
     references.update({f"always K={fraction_to_k(f, steps)}/{steps}": ((lowest, f),) for f in fractions})
@@ -170,6 +179,8 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
             "similarity": {q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
             "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
             "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
+            "loss_se_at": {str(f): round(float(np.std([p["fresh"] - p["resumed"][str(f)] for p in rs], ddof=1) / np.sqrt(len(rs))), 2)
+                           if len(rs) > 1 else None for f in fractions},
         })
     return out
 
@@ -259,9 +270,10 @@ def plot(report: dict, path: str) -> None:
         xs = np.array([p["similarity"] for p in pairs])
         loss = np.array([p["fresh"] - p["resumed"][str(f)] for p in pairs])
         order = np.argsort(xs)
-        # loss of the upper tail above each similarity: what a threshold there would cost
-        tails = [loss[order][i:].mean() for i in range(len(order))]
-        bx.plot(xs[order], tails, label=f"K={fraction_to_k(f, report['meta']['steps'])}/{report['meta']['steps']}")
+        # loss of the upper tail above each similarity (tails of at least min_pairs): what a threshold there costs
+        judged = max(len(order) - report["meta"]["min_pairs"] + 1, 1)
+        tails = [loss[order][i:].mean() for i in range(judged)]
+        bx.plot(xs[order][:judged], tails, label=f"K={fraction_to_k(f, report['meta']['steps'])}/{report['meta']['steps']}")
     for t, f in report["table"]:
         bx.axvline(t, color="gray", lw=0.6, ls=":")
     bx.axhline(report["tolerance"], color="gray", ls="--", lw=0.8)
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-run", action="store_true", help="only the --records, no new generations")
     parser.add_argument("--tolerance", type=float, default=2.0, help="accuracy points a hit may lose against fresh generation")
     parser.add_argument("--min-pairs", type=int, default=15, help="smallest tail or band judged")
+    parser.add_argument("--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance (0: the mean alone)")
     parser.add_argument("--streams", default="../shared/prompts", help="prompt files for the stream report ('' to skip)")
     parser.add_argument("--stream-cache", default=None, help="keep the streams' MiniLM similarities in this JSON and reuse them")
     parser.add_argument("--json", dest="json_out", default="calibration.json")
@@ -316,14 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs = pairs_from_records(records, args.steps)
     if not pairs:
         raise SystemExit("no complete (fresh + every K) pairs in the records")
-    table = fit_table(pairs, args.tolerance, args.min_pairs)
+    table = fit_table(pairs, args.tolerance, args.min_pairs, z=args.z)
     report = {
-        "meta": {**meta, "calibration_s": round(time.perf_counter() - started, 1), "min_pairs": args.min_pairs},
+        "meta": {**meta, "calibration_s": round(time.perf_counter() - started, 1), "min_pairs": args.min_pairs, "z": args.z},
         "tolerance": args.tolerance,
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
-        "curve": curve(pairs, args.steps, args.min_pairs),
+        "curve": curve(pairs, args.steps, args.min_pairs, z=args.z),
         "pairs": pairs,
     }
     if args.streams:
@@ -352,12 +365,12 @@ def print_report(report: dict) -> None:
               + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()))
     print(f"\ncalibrated table (tolerance {report['tolerance']:g} points): {report['table']}")
     print(f"  hits {s['hit_pct']}%  steps saved {s['steps_saved_pct']}%  accuracy {s['accuracy']} vs fresh {s['fresh_accuracy']} "
-          f"(delta {s['delta']:+}; on hits {s['hits_delta']})  bands {s['bands']}")
+          f"(delta {s['delta']:+} ± {s['delta_se']} s.e.; on hits {s['hits_delta']})  bands {s['bands']}")
     print("\ncurve (tolerance: steps saved %, accuracy):")
     for p in report["curve"]["fitted"]:
         print(f"  tol {p['tolerance']:>5g}: saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})  table {p['table']}")
     for name, p in report["curve"]["references"].items():
-        print(f"  {name:<22} saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})")
+        print(f"  {name:<22} saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f} ± {p['delta_se'] or 0:.1f})")
     for name, entry in report.get("streams", {}).items():
         if name == "pair kinds":
             for g, v in entry.items():

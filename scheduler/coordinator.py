@@ -54,7 +54,7 @@ class CoordinatorSettings(BaseSettings):
     lease_s: float = Field(3.0, gt=0, description="Leader lease; a standby takes over within about this long of the leader's death.")
     sweep_interval_s: float = Field(60.0, gt=0, description="Least time between two rounds of the leader's duties.")
     evict_to_fraction: float = Field(1.0, gt=0, le=1, description="Capacity enforcement evicts down to this fraction of each node's capacity.")
-    metrics_port: int = Field(9102, ge=0, description="Prometheus metrics port of the coordinator (0 = off).")
+    metrics_port: int = Field(9200, ge=0, description="Prometheus metrics port of the coordinator (0 = off); away from the workers' 9101+ range.")
     broadcast_timeout_s: float = Field(20.0, gt=0, description="How long a duty waits for the nodes' replies.")
 
 

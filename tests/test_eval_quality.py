@@ -53,6 +53,16 @@ def test_cases_change_what_the_relation_says():
         assert case.target_prompt != case.source_prompt
 
 
+def test_prompt_files_give_the_scenes_they_name(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a small red circle in the top left on a blue background\na purple hexagon\n"
+                    "a large golden square in the center, black backdrop\n")
+    cases = build_cases(str(path), 5, ("paraphrase", "position"))
+    assert [c.source for c in cases[::2]] == [sc.Scene("blue", "circle", "red", "small", "top left"),
+                                              sc.Scene("black", "square", "yellow", "large", "center")]
+    assert len(cases) == 4  # the line that names no whole scene is skipped
+
+
 def test_every_condition_is_reported_and_exact_hits_are_the_fresh_images(report, tmp_path):
     rows = {r["condition"]: r for r in report["summary"]}
     assert set(rows) == {"fresh", "exact", "approx K=2/10", "approx K=5/10", "block d=0.5", "approx K=2/10 + block d=0.5"}

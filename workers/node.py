@@ -58,6 +58,7 @@ def build_service(
     open_cache: bool = True,
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
+    guard_broker_consumer()
     names = parse_devices(worker.devices)
     n_cpu = sum(1 for n in names if n == "cpu")
     if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them
@@ -106,6 +107,32 @@ def build_service(
             spec = device.loop.c.spec
             device.loop.denoise(prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size)
     return service
+
+
+def guard_broker_consumer() -> None:
+    """One undecodable item pushed onto a queue list (not JSON, not a kombu envelope) makes kombu's Redis
+    consumer raise inside the worker's event loop, which Celery treats as unrecoverable: the node stops
+    serving. Drop such an item with an error line instead. (BRPOP has already removed it from Redis.)"""
+    from queue import Empty
+
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    if getattr(channel, "_reprise_guarded", False):
+        return
+    read = channel._brpop_read
+
+    def guarded_read(self, **options):
+        try:
+            return read(self, **options)
+        except (Empty, *self.connection_errors):
+            raise
+        except Exception as exc:
+            log.error("dropped an undecodable message from the broker (%s: %s)", type(exc).__name__, str(exc)[:200])
+            return True
+
+    channel._brpop_read = guarded_read
+    channel._reprise_guarded = True
 
 
 def _text_memo(worker: WorkerSettings):
