@@ -185,6 +185,24 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
     return out
 
 
+def relation_similarities(relations: Sequence[str], n: int = 300, seed: int = 7) -> dict[str, dict]:
+    """MiniLM similarity of many more shape caption pairs per relation than are generated (no images):
+    how well similarity alone tells a paraphrase from an edit or an unrelated scene."""
+    from cache.embedding import PromptEmbedder
+    from ops.eval_quality import build_cases
+
+    embedder = PromptEmbedder()
+    cases = build_cases("generated", n, relations, seed)
+    left = embedder.embed_many([c.source_prompt for c in cases])
+    right = embedder.embed_many([c.target_prompt for c in cases])
+    sims = np.sum(left * right, axis=1)
+    out = {}
+    for relation in relations:
+        s = sims[[c.relation == relation for c in cases]]
+        out[relation] = {q: round(float(np.quantile(s, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
+    return out
+
+
 # --- real prompt streams (similarity only) -----------------------------------------------------------
 
 STREAM_FILES = {"PartiPrompts": "PartiPrompts.tsv", "COCO (first 3000)": "coco_captions_30k.txt",
@@ -336,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
+        "relation_similarities": relation_similarities(list(dict.fromkeys(p["relation"] for p in pairs))),
         "curve": curve(pairs, args.steps, args.min_pairs, z=args.z),
         "pairs": pairs,
     }
@@ -363,6 +382,9 @@ def print_report(report: dict) -> None:
         q = r["similarity"]
         print(f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
               + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()))
+    print("\nMiniLM similarity of shape caption pairs by relation (300 pairs each, no generation):")
+    for relation, q in report["relation_similarities"].items():
+        print(f"  {relation:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
     print(f"\ncalibrated table (tolerance {report['tolerance']:g} points): {report['table']}")
     print(f"  hits {s['hit_pct']}%  steps saved {s['steps_saved_pct']}%  accuracy {s['accuracy']} vs fresh {s['fresh_accuracy']} "
           f"(delta {s['delta']:+} ± {s['delta_se']} s.e.; on hits {s['hits_delta']})  bands {s['bands']}")

@@ -134,6 +134,29 @@ def guard_broker_consumer() -> None:
     channel._brpop_read = guarded_read
     channel._reprise_guarded = True
 
+    # A well-formed envelope around a malformed task body (e.g. not [args, kwargs, embed]) raises inside
+    # Celery's task handler: left alone, the message stays reserved and the node stops fetching. Reject
+    # it as an invalid task, as Celery does for the malformations it knows.
+    from celery.exceptions import InvalidTaskError
+    from celery.worker.consumer.consumer import Consumer
+
+    make_handler = Consumer.create_task_handler
+
+    def create_task_handler(self, *args, **kwargs):
+        handler = make_handler(self, *args, **kwargs)
+
+        def on_task_received(message):
+            try:
+                return handler(message)
+            except Exception as exc:
+                if isinstance(exc, self.connection_errors):
+                    raise
+                return self.on_invalid_task(None, message, InvalidTaskError(f"{type(exc).__name__}: {exc}"))
+
+        return on_task_received
+
+    Consumer.create_task_handler = create_task_handler
+
 
 def _text_memo(worker: WorkerSettings):
     if worker.text_memo_entries <= 0:
