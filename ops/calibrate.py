@@ -50,9 +50,19 @@ def pairs_from_records(records: Iterable[dict], steps: int, fractions: Sequence[
             "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"], "resumed": {}})
         if r["family"] == "fresh":
             row["fresh"] = r["accuracy"]
+            row["fresh_inherited"] = _share(r.get("inherited"))
         elif r.get("k") in by_k:
             row["resumed"][str(by_k[r["k"]])] = r["accuracy"]
+            row.setdefault("inherited", {})[str(by_k[r["k"]])] = _share(r.get("inherited"))
     return [p for p in pairs.values() if "fresh" in p and len(p["resumed"]) == len(fractions)]
+
+
+def _share(checks: dict | None) -> float | None:
+    return 100.0 * float(np.mean(list(checks.values()))) if checks else None
+
+
+# A model that ignores its prompt but draws valid scenes scores about this (1/8, 1/7, 1/9, 1/2, 1/3 per attribute).
+CHANCE_ACCURACY = 100.0 * (1 / 8 + 1 / 7 + 1 / 9 + 1 / 2 + 1 / 3) / 5
 
 
 def _loss(pairs: Sequence[dict], fraction: float) -> float:
@@ -168,6 +178,11 @@ def curve(pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence
     return {"fitted": fitted, "references": {name: score_table(pairs, table, steps) for name, table in references.items()}}
 
 
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 2) if values else None
+
+
 def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_FRACTIONS) -> list[dict]:
     """Per relation: similarity quantiles and the accuracy lost at each K."""
     out = []
@@ -179,6 +194,8 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
             "similarity": {q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
             "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
             "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
+            "inherited_at": {str(f): _mean_or_none(p.get("inherited", {}).get(str(f)) for p in rs) for f in fractions},
+            "fresh_inherited": _mean_or_none(p.get("fresh_inherited") for p in rs),
             "loss_se_at": {str(f): round(float(np.std([p["fresh"] - p["resumed"][str(f)] for p in rs], ddof=1) / np.sqrt(len(rs))), 2)
                            if len(rs) > 1 else None for f in fractions},
         })
@@ -316,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-run", action="store_true", help="only the --records, no new generations")
     parser.add_argument("--tolerance", type=float, default=2.0, help="accuracy points a hit may lose against fresh generation")
     parser.add_argument("--min-pairs", type=int, default=15, help="smallest tail or band judged")
+    parser.add_argument("--min-above-chance", type=float, default=15.0,
+                        help="fresh accuracy must beat a prompt-ignoring model by this many points for the table to be trusted")
     parser.add_argument("--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance (0: the mean alone)")
     parser.add_argument("--streams", default="../shared/prompts", help="prompt files for the stream report ('' to skip)")
     parser.add_argument("--stream-cache", default=None, help="keep the streams' MiniLM similarities in this JSON and reuse them")
@@ -348,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         raise SystemExit("no complete (fresh + every K) pairs in the records")
     table = fit_table(pairs, args.tolerance, args.min_pairs, z=args.z)
+    fresh = float(np.mean([p["fresh"] for p in pairs]))
     report = {
+        "prompt_following": {"fresh_accuracy": round(fresh, 2), "chance_accuracy": round(CHANCE_ACCURACY, 2),
+                             "trusted": fresh - CHANCE_ACCURACY >= args.min_above_chance},
         "meta": {**meta, "calibration_s": round(time.perf_counter() - started, 1), "min_pairs": args.min_pairs, "z": args.z},
         "tolerance": args.tolerance,
         "table": [list(r) for r in table],
@@ -376,12 +398,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(report: dict) -> None:
     s = report["score"]
-    print(f"\n{len(report['pairs'])} pairs; fresh accuracy {s['fresh_accuracy']:.1f} points")
-    print(f"{'relation':<12} {'n':>4} {'s p10':>6} {'p50':>6} {'p90':>6} {'fresh':>6}  loss at K fraction " + " ".join(f"{f:>5}" for f in STATE_FRACTIONS))
+    pf = report["prompt_following"]
+    print(f"\n{len(report['pairs'])} pairs; fresh accuracy {s['fresh_accuracy']:.1f} points (a prompt-ignoring model: "
+          f"{pf['chance_accuracy']:.1f}){'' if pf['trusted'] else '  -- the model barely follows its prompts: the table below says little'}")
+    print(f"{'relation':<12} {'n':>4} {'s p10':>6} {'p50':>6} {'p90':>6} {'fresh':>6}  loss at K fraction " + " ".join(f"{f:>5}" for f in STATE_FRACTIONS)
+          + "   inherited % (fresh, per K)")
     for r in report["relations"]:
         q = r["similarity"]
+        inh = "" if r["fresh_inherited"] is None else f"   {r['fresh_inherited']:.0f}, " + " ".join(f"{v:.0f}" for v in r["inherited_at"].values())
         print(f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
-              + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()))
+              + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()) + inh)
     print("\nMiniLM similarity of shape caption pairs by relation (300 pairs each, no generation):")
     for relation, q in report["relation_similarities"].items():
         print(f"  {relation:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))

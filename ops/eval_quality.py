@@ -48,7 +48,7 @@ from ops.shapes.checker import check
 
 STATE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 HARNESS_RELATIONS = ("paraphrase", "colour", "shape", "position", "background")
-ALL_RELATIONS = HARNESS_RELATIONS + ("size", "two", "unrelated")
+ALL_RELATIONS = HARNESS_RELATIONS + ("synonym", "size", "two", "reworded", "unrelated")
 FEATURE_SETTINGS: tuple[dict, ...] = (
     {"method": "deepcache", "deepcache_interval": 3},
     {"method": "deepcache", "deepcache_interval": 5},
@@ -72,6 +72,11 @@ class Case:
     target_prompt: str
 
 
+# What each relation changes. Attribute edits keep the source's wording (a user editing a prompt);
+# "paraphrase", "reworded" (one attribute, new wording) and "unrelated" are written afresh.
+EDITS = {"colour": ("color",), "shape": ("shape",), "position": ("position",), "background": ("background",), "size": ("size",)}
+
+
 def _other(values: Sequence[str], rng: np.random.Generator, *avoid: str) -> str:
     choices = [v for v in values if v not in avoid]
     return choices[int(rng.integers(len(choices)))]
@@ -80,7 +85,7 @@ def _other(values: Sequence[str], rng: np.random.Generator, *avoid: str) -> str:
 def edit_scene(scene: sc.Scene, relation: str, rng: np.random.Generator) -> sc.Scene:
     """The target scene of a relation: what changes from the source."""
     d = scene.as_dict()
-    if relation == "paraphrase":
+    if relation in ("paraphrase", "synonym"):
         return scene
     if relation == "colour":
         d["color"] = _other(sc.COLORS, rng, scene.color, scene.background)
@@ -93,8 +98,10 @@ def edit_scene(scene: sc.Scene, relation: str, rng: np.random.Generator) -> sc.S
     elif relation == "size":
         d["size"] = _other(sc.SIZES, rng, scene.size)
     elif relation == "two":  # two attributes at once
-        first, second = rng.choice(["colour", "shape", "position", "background", "size"], size=2, replace=False)
+        first, second = rng.choice(list(EDITS), size=2, replace=False)
         return edit_scene(edit_scene(scene, str(first), rng), str(second), rng)
+    elif relation == "reworded":
+        return edit_scene(scene, str(rng.choice(list(EDITS))), rng)
     elif relation == "unrelated":
         while (other := sc.random_scene(rng)) == scene:
             pass
@@ -112,17 +119,45 @@ def _caption(scene: sc.Scene, rng: np.random.Generator, avoid: str = "") -> str:
     return text
 
 
-def source_scenes(prompts: str, n: int, rng: np.random.Generator) -> list[tuple[sc.Scene, str]]:
-    """``generated``: n random scenes, captioned; else a file of shape captions, one a line (the first n
-    that name all five attributes)."""
+def _same_wording(scene: sc.Scene, wording: dict) -> str:
+    """The caption the source's random draws give for another scene: the same template and synonym
+    choices, only the changed attributes' words differ."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = wording
+    return sc.caption(scene, rng)
+
+
+_SYNONYMS = [ws for table in (sc.COLOR_SYNONYMS, sc.SHAPE_SYNONYMS, sc.SIZE_SYNONYMS) for ws in table.values()]
+
+
+def _swap_synonym(text: str, scene: sc.Scene, rng: np.random.Generator) -> str:
+    """The same caption with one word replaced by a synonym (the scene it names unchanged)."""
+    import re
+
+    spots = [(m, ws) for ws in _SYNONYMS for w in ws if " " not in w for m in re.finditer(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)]
+    for i in rng.permutation(len(spots)):
+        match, words = spots[int(i)]
+        new = text[: match.start()] + _other(words, rng, match.group(0)) + text[match.end():]
+        if sc.parse_scene(new) == scene:
+            return new
+    return _caption(scene, rng, avoid=text)
+
+
+def source_scenes(prompts: str, n: int, rng: np.random.Generator) -> list[tuple[sc.Scene, str, dict | None]]:
+    """(scene, caption, the caption's random state) for ``generated`` (n random scenes); else for the
+    first n lines of a file of shape captions that name all five attributes (no state: edits are reworded)."""
     if prompts == "generated":
-        scenes = [sc.random_scene(rng) for _ in range(n)]
-        return [(s, sc.caption(s, rng)) for s in scenes]
+        out = []
+        for _ in range(n):
+            scene = sc.random_scene(rng)
+            wording = rng.bit_generator.state
+            out.append((scene, sc.caption(scene, rng), wording))
+        return out
     out = []
     for line in Path(prompts).read_text().splitlines():
         scene = sc.parse_scene(line.strip()) if line.strip() else None
         if scene is not None:
-            out.append((scene, line.strip()))
+            out.append((scene, line.strip(), None))
         if len(out) == n:
             break
     if not out:
@@ -130,13 +165,23 @@ def source_scenes(prompts: str, n: int, rng: np.random.Generator) -> list[tuple[
     return out
 
 
+def target_prompt(relation: str, source_prompt: str, target: sc.Scene, wording: dict | None, rng: np.random.Generator) -> str:
+    if relation == "synonym":
+        return _swap_synonym(source_prompt, target, rng)
+    if wording is not None and relation in (*EDITS, "two"):
+        text = _same_wording(target, wording)
+        if sc.parse_scene(text) == target:
+            return text
+    return _caption(target, rng, avoid=source_prompt)
+
+
 def build_cases(prompts: str, n: int, relations: Sequence[str], seed: int = 0) -> list[Case]:
     rng = np.random.default_rng(seed)
     cases = []
-    for i, (scene, prompt) in enumerate(source_scenes(prompts, n, rng)):
+    for i, (scene, prompt, wording) in enumerate(source_scenes(prompts, n, rng)):
         for relation in relations:
             target = edit_scene(scene, relation, rng)
-            cases.append(Case(i, seed * 1000 + i, relation, scene, prompt, target, _caption(target, rng, avoid=prompt)))
+            cases.append(Case(i, seed * 1000 + i, relation, scene, prompt, target, target_prompt(relation, prompt, target, wording, rng)))
     return cases
 
 
@@ -209,7 +254,6 @@ class QualityHarness:
     def __init__(self, model: str = "shapes", steps: int = 25, guidance: float | None = None, workdir: str | None = None,
                  fractions: Sequence[float] = STATE_FRACTIONS) -> None:
         from cache import CacheSettings, LatentCache
-        from cache.store import open_store
         from workers.artifacts import ArtifactStore
         from workers.models import load_components
         from workers.sampler import DenoiseLoop
@@ -234,7 +278,6 @@ class QualityHarness:
             self.model, pool, ArtifactStore(str(self.workdir / "artifacts")), cache=self.cache,
             feature_defaults={"method": "off", "calibration_dir": str(self.workdir / "blockcache")})
         self._jobs = 0
-        self.fresh: dict[tuple[int, str], dict] = {}  # (scene, target prompt) -> the fresh record and image
 
     @staticmethod
     def _model_index(model: str) -> dict:
@@ -267,6 +310,7 @@ class QualityHarness:
 
     def _record(self, case: Case, condition: Condition, result, image: np.ndarray, wall: float, sim: float) -> dict:
         checks = check(image, case.target)
+        changed = {k: v for k, v in case.source.as_dict().items() if case.target.as_dict()[k] != v}
         feature = result.cache.feature
         full = feature.full_unet_passes if feature.method != "off" else result.cache.steps_computed
         return {
@@ -277,6 +321,8 @@ class QualityHarness:
             "full_unet_passes": full, "partial_unet_passes": feature.partial_unet_passes,
             "wall_s": round(wall, 4), "denoise_s": result.timings.denoise_s,
             "checks": checks, "accuracy": 100.0 * float(np.mean(list(checks.values()))), "all_correct": all(checks.values()),
+            # the changed attributes the image shows as the SOURCE had them: what a bad hit inherits
+            "inherited": check(image, changed) if changed else {},
             "image_uri": result.image_uri, "_image": image,
         }
 

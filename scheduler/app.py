@@ -63,6 +63,11 @@ def make_app(settings: ClusterSettings | None = None) -> Celery:
         task_inherit_parent_priority=True,
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": s.visibility_timeout_s},
+        # A result finished during a Redis restart is retried until Redis is back (about 2 min at most),
+        # rather than failing the store and waiting a whole visibility timeout for a redelivery.
+        result_backend_always_retry=True,
+        result_backend_max_retries=60,
+        result_backend_max_sleep_between_retries_ms=2000,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_default_queue=f"{s.queue_prefix}.{s.default_model}",

@@ -29,7 +29,7 @@ def node(redis_server, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("coord")
     model_dir = save_builtin("tiny", work / "coordmodel", seed=0)
-    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url})
+    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url, "REPRISE_SHARE_TENANTS": "alice"})
     c.ensure_redis()
     c.start_worker(str(model_dir), "cpu,cpu", REPRISE_CACHE_PATH=str(work / "qdrant"))
     c.model_dir = model_dir
@@ -118,6 +118,10 @@ def test_tenants_are_isolated_unless_shared(node):
     time.sleep(0.5)
     shared = _job("a shared dragon sketch", tenant="bob", seed=3)
     assert shared.cache.hit == "exact"
+    _job("bob tries to share", tenant="bob", seed=3, cache={"share": True})  # bob holds no grant
+    time.sleep(0.5)
+    refused = _job("bob tries to share", tenant="carol", seed=3)
+    assert refused.cache.hit != "exact"
     assert "/bob/" in shared.image_uri  # bob gets his own copy, never alice's path
 
 
@@ -128,8 +132,8 @@ def test_stats_json(node):
 
 
 def _coordinator(env_extra):
-    env = dict(os.environ, REPRISE_COORDINATOR_LEASE_S="1.5", REPRISE_COORDINATOR_SWEEP_INTERVAL_S="0.5",
-               REPRISE_COORDINATOR_METRICS_PORT="0", **env_extra)
+    env = {**os.environ, "REPRISE_COORDINATOR_LEASE_S": "1.5", "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "0.5",
+           "REPRISE_COORDINATOR_METRICS_PORT": "0", **env_extra}
     return subprocess.Popen([sys.executable, "-m", "scheduler.cli", "coordinator", "run"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ops import calibrate
-from ops.eval_quality import Condition, HARNESS_RELATIONS, build_cases, contact_sheet, evaluate, main, write_json
+from ops.eval_quality import ALL_RELATIONS, Condition, build_cases, contact_sheet, evaluate, main, write_json
 from ops.shapes import scene as sc
 from workers.models import SHIPPED_DIR
 
@@ -39,15 +39,17 @@ def report(tmp_path_factory):
 
 
 def test_cases_change_what_the_relation_says():
-    cases = build_cases("generated", 4, HARNESS_RELATIONS + ("size", "two", "unrelated"), seed=3)
+    cases = build_cases("generated", 6, ALL_RELATIONS, seed=3)
     for case in cases:
         changed = {k for k in sc.ATTRIBUTES if case.source.as_dict()[k] != case.target.as_dict()[k]}
-        expected = {"paraphrase": set(), "colour": {"color"}, "shape": {"shape"}, "position": {"position"},
+        expected = {"paraphrase": set(), "synonym": set(), "colour": {"color"}, "shape": {"shape"}, "position": {"position"},
                     "background": {"background"}, "size": {"size"}}.get(case.relation)
         if expected is not None:
             assert changed == expected, case
-        elif case.relation == "two":
-            assert len(changed) == 2
+        else:
+            assert len(changed) == {"two": 2, "reworded": 1}.get(case.relation, len(changed) or 1) and changed, case
+        if case.relation in ("colour", "shape", "size", "background", "synonym"):  # edits keep the source's wording
+            assert len(set(case.source_prompt.split()) ^ set(case.target_prompt.split())) <= 4, case
         assert case.target.color != case.target.background
         assert sc.parse_scene(case.target_prompt) == case.target  # the caption names the target scene
         assert case.target_prompt != case.source_prompt

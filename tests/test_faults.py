@@ -122,7 +122,7 @@ def test_artifact_store_that_refuses_writes_fails_typed_and_not_done(faulty, tmp
         faulty.workers.remove(node)
 
 
-def test_disk_full_is_an_artifact_write_error(tmp_path):
+def test_disk_full_is_an_artifact_write_error(tmp_path, monkeypatch):
     from PIL import Image
 
     from workers.artifacts import ArtifactStore
@@ -139,7 +139,8 @@ def test_disk_full_is_an_artifact_write_error(tmp_path):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    store.fs.open = lambda path, mode="rb", **kw: FullFile()
+    # fsspec shares one LocalFileSystem per process: patch it for this test only
+    monkeypatch.setattr(store.fs, "open", lambda path, mode="rb", **kw: FullFile())
     with pytest.raises(ArtifactWriteError, match="No space left"):
         store.write_png(Image.new("RGB", (8, 8)), "t", "job", {})
     assert not list(tmp_path.rglob("*.png"))

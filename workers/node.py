@@ -122,10 +122,13 @@ def guard_broker_consumer() -> None:
         return
     read = channel._brpop_read
 
+    def io_errors(errors: tuple) -> tuple:  # kombu counts KeyError as a connection error; from a message it is not
+        return tuple(e for e in errors if e is not KeyError)
+
     def guarded_read(self, **options):
         try:
             return read(self, **options)
-        except (Empty, *self.connection_errors):
+        except (Empty, *io_errors(self.connection_errors)):
             raise
         except Exception as exc:
             log.error("dropped an undecodable message from the broker (%s: %s)", type(exc).__name__, str(exc)[:200])
@@ -149,7 +152,7 @@ def guard_broker_consumer() -> None:
             try:
                 return handler(message)
             except Exception as exc:
-                if isinstance(exc, self.connection_errors):
+                if isinstance(exc, io_errors(self.connection_errors)):
                     raise
                 return self.on_invalid_task(None, message, InvalidTaskError(f"{type(exc).__name__}: {exc}"))
 
