@@ -417,6 +417,10 @@ def account(row: Row, harness: Harness, outcomes: list[dict], since: float, expe
                 duplicate = True
         row.duplicated += int(duplicate)
         row.retried += int(starts.get(o["id"], 0) > 1)
+    lost = [o["id"] for o in outcomes if o["state"] not in ("SUCCESS", "FAILURE")]
+    if lost:  # where did they go? A job no worker ever logged as received was lost in the broker transport
+        logs = "".join(p.read_text(errors="replace") for p in harness.workdir.glob("worker*.log"))
+        row.notes.append({"lost": [{"id": i, "received_by_a_worker": f"[{i}] received" in logs} for i in lost[:10]]})
     row.check("no lost jobs", row.lost == 0, row.lost or None)
     row.check("no duplicated results", row.duplicated == 0, row.duplicated or None)
     row.check("every served image is whole and its own", not bad_images, bad_images[:5] or None)
@@ -495,8 +499,13 @@ def fault_worker_kill(h: Harness, row: Row) -> None:
     producer.join()
     h.cluster.wait_worker_ready(victim, 180)
     h.cluster.wait_worker_ready(base, 180)
-    outcomes = _wait_all(h, sent, 120)
+    outcomes = _wait_all(h, sent, 150)
     account(row, h, outcomes, since)
+    import redis
+
+    resent = int(redis.Redis.from_url(h.redis.url).hget("reprise:ledger:resent", "jobs") or 0)
+    row.notes.append(f"jobs lost by the broker transport (popped by a worker killed before it recorded them) and "
+                     f"sent again from the ledger: {resent}")
     deaths = [e["phase"] for e in h.journal() if e["event"] == "killed" and e["t"] >= since]
     row.check("each planned point killed a worker", set(plan) <= set(deaths), {"kills": kills, "deaths": deaths})
     parts = glob.glob(str(_artifacts(h) / "**" / "*.part"), recursive=True)

@@ -10,9 +10,11 @@ def settings_classes():
     from cache.settings import CacheSettings
     from scheduler.coordinator import CoordinatorSettings
     from scheduler.settings import ClusterSettings
+    from workers.resilient_cache import ResilienceSettings
     from workers.settings import WorkerSettings
 
     return [("Cluster (producer, queue, Flower)", ClusterSettings), ("Worker", WorkerSettings),
+            ("Worker resilience and tenants", ResilienceSettings),
             ("Latent cache", CacheSettings), ("Coordinator", CoordinatorSettings)]
 
 

@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("metrics port %d unavailable (%s): metrics off", settings.metrics_port, exc)
     signal.signal(signal.SIGTERM, coordinator.stop)
     signal.signal(signal.SIGINT, coordinator.stop)
-    print(f"reprise coordinator {coordinator.member}: running (Redis {get_settings().redis_url})", flush=True)
+    from kombu.utils.url import maybe_sanitize_url
+
+    print(f"reprise coordinator {coordinator.member}: running (Redis {maybe_sanitize_url(get_settings().redis_url)})", flush=True)
     coordinator.run()
     return 0
 

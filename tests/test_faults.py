@@ -152,3 +152,25 @@ def test_cache_ttl_uses_one_clock_whatever_the_node_clocks_say(redis_server, tmp
     premature_with_local_clocks, kept_with_redis_clock = ttl_under_skew(redis_server.url, tmp_path / "qdrant")
     assert premature_with_local_clocks  # the fault is real: a reader 2 h ahead drops a 1 h entry at once
     assert kept_with_redis_clock
+
+
+def test_a_job_lost_in_transport_is_sent_again_from_the_ledger(faulty, redis_client):
+    """What a worker SIGKILLed right after BRPOP leaves behind: an accepted job in the ledger that no
+    queue, worker or result holds. The sweeper (every node runs one) sends it again under its own id."""
+    import json
+    import uuid
+
+    from scheduler.client import job as job_handle
+    from scheduler.settings import get_settings
+    from workers.node import LedgerSweeper
+
+    job_id = str(uuid.uuid4())
+    entry = {"args": [], "kwargs": {"prompt": "lost in transport", "model": "fmodel", "steps": 3, "seed": 1},
+             "queue": "reprise.fmodel", "at": time.time() - 3600}
+    redis_client.hset("reprise:ledger", job_id, json.dumps(entry))
+    LedgerSweeper(redis_client, get_settings()).sweep()
+    assert job_handle(job_id).wait(60).seed == 1
+    deadline = time.monotonic() + 10
+    while redis_client.hexists("reprise:ledger", job_id):  # cleared when the job ended
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
