@@ -389,7 +389,16 @@ class QualityHarness:
             raise RuntimeError(f"{condition.name}: expected a {expect} outcome, got {result.cache.hit} ({result.cache})")
         return self._record(case, condition, result, image, wall, sim)
 
+    def warm_up(self, conditions: Sequence[Condition]) -> None:
+        """Block caching calibrates once per model and step count, inside its first job: do it before timing."""
+        from workers.feature_cache import make_unet_runner
+
+        for condition in conditions:
+            if condition.feature and condition.feature.get("method") == "block":
+                make_unet_runner(self.components, condition.feature, self.service.feature_defaults, steps=self.steps)
+
     def run(self, cases: Sequence[Case], conditions: Sequence[Condition], progress=None) -> list[dict]:
+        self.warm_up(conditions)
         by_scene: dict[int, list[Case]] = {}
         for case in cases:
             by_scene.setdefault(case.index, []).append(case)

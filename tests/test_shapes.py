@@ -52,9 +52,14 @@ def test_parse_partial_prompt():
 
 
 def test_tokenizer_is_word_level():
-    from ops.shapes.train import build_tokenizer
+    if (MODEL / "tokenizer").exists():  # the shipped one (building it takes a few seconds)
+        from transformers import CLIPTokenizer
 
-    tok = build_tokenizer()
+        tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    else:
+        from ops.shapes.train import build_tokenizer
+
+        tok = build_tokenizer()
     ids = tok("a small scarlet triangle in the upper-right on an azure backdrop").input_ids
     assert len(ids) == 15  # bos + 13 words/punctuation ("upper", "-", "right") + eos
     assert len(tok("a purple hexagon").input_ids) > 5  # unknown words fall back to byte symbols

@@ -181,8 +181,6 @@ _MULTI = {  # multi-word / hyphenated synonyms collapsed to one token before par
     "grass-green": "green", "snow-white": "white", "jet-black": "black",
     "round shape": "circle", "square tile": "square", "triangular shape": "triangle",
 }
-_COLOR_WORDS.update({"grass-green": "green", "snow-white": "white", "jet-black": "black", "centre": "center"})
-_COLOR_WORDS.pop("centre")
 
 
 def _tokens(text: str) -> list[str]:

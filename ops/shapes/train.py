@@ -49,20 +49,10 @@ from ops.shapes import scene as sc
 MODEL_MAX_LENGTH = 32
 DIFFUSERS_VERSION = "0.42.1"
 
+from workers.models import _bytes_to_unicode  # noqa: E402  (GPT-2's byte table, shared with the built-in tokenizer)
+
 # ----------------------------------------------------------------------------- tokenizer
 _PRETOK = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def caption_words(n: int = 20000, seed: int = 1234) -> list[str]:
@@ -219,7 +209,7 @@ def save_pipeline(out: Path, tok, text_encoder, unet, scheduler, extra: dict | N
             "value_range": [-1, 1],
             "default_size": 32,
             "max_size": 64,
-            "default_guidance_scale": 4.0,
+            "default_guidance_scale": 2.0,
             "default_steps": 25,
             **(extra or {}),
         },
