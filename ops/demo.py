@@ -20,15 +20,15 @@ SHAPES_PROMPTS = [
     "a green triangle at the bottom right on a white background",
     # the same scene again: an exact hit for the same seed, or a resume from its stored state
     "a small red circle in the top left on a blue background",
-    # a paraphrase of the first: close enough to resume from its noise state
-    "blue backdrop with a small crimson circle near the top-left corner",
+    # a close rewording of the first: similar enough to resume from its noise state
+    "a small red circle in the top left corner on a blue background",
 ]
 FREE_PROMPTS = [
     "a cute puppy playing in a garden",
     "a lighthouse on a cliff at dusk, oil painting",
     "a bowl of ramen with a soft-boiled egg, studio photo",
     "a cute puppy playing in a garden",
-    "a cute little puppy playing in the garden",
+    "a cute puppy playing in a garden, watercolor painting",
 ]
 
 
@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model to serve (default: the shipped `shapes` model, else `tiny`)")
     p.add_argument("--devices", default="auto")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale (the shapes model is best at 2)")
     p.add_argument("--workdir", default="var/demo")
     args = p.parse_args(argv)
     model = args.model or default_model()
     prompts = SHAPES_PROMPTS if model == "shapes" else FREE_PROMPTS
-    console = Console()
+    console = Console(width=max(Console().width, 160))
 
     with LocalCluster(workdir=str(Path(args.workdir).resolve())) as cluster:
         console.print(f"[bold]Redis:[/] {cluster.how_redis}")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             for wave in (prompts[:3], prompts[3:]):
                 jobs = []
                 for prompt in wave:
-                    job = submit(prompt=prompt, steps=args.steps, seed=42, model=model, guidance_scale=4.0)
+                    job = submit(prompt=prompt, steps=args.steps, seed=42, model=model, guidance_scale=args.guidance)
                     jobs.append((prompt, job, bar.add_task(prompt[:48], total=args.steps), time.perf_counter()))
                 pending = list(jobs)
                 while pending:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         table = Table(title=f"reprise demo — model {model}, {args.steps} steps")
         for col in ("prompt", "seconds", "cache", "steps run", "image"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for prompt, seconds, result, _ in rows:
             cache = result.cache.hit + (f" (K={result.cache.k}, s={result.cache.similarity:.2f})" if result.cache.hit == "approximate" else "")
             table.add_row(prompt, f"{seconds:.2f}", cache, str(result.cache.steps_computed), result.image_uri.removeprefix("file://"))

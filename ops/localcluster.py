@@ -165,7 +165,7 @@ class LocalCluster:
         hostname = f"reprise-{model.replace('/', '-')}-w{n}-{os.getpid()}@{socket.gethostname()}"
         log = Path(self.workdir) / f"worker{n}.log"
         cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--model", model, "--devices", devices, "--hostname", hostname, *extra_args]
-        handle = open(log, "ab")
+        handle = open(log, "wb")  # a fresh log per start: readiness is read from it
         proc = subprocess.Popen(cmd, env=self.process_env(**env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         worker = WorkerProcess(proc, log, model, hostname)
         self.workers.append(worker)
@@ -185,7 +185,7 @@ class LocalCluster:
         log = Path(self.workdir) / "flower.log"
         env = self.process_env(REPRISE_FLOWER_PASSWORD=password, REPRISE_FLOWER_PORT=self.flower_port)
         self.flower = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "flower"], env=env,
-                                       stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                                       stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
         def up() -> bool:
             try:
