@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embedded", action="store_true", help="start a local cluster (Redis if needed, one worker) for the run")
     p.add_argument("--devices", default="cpu", help="with --embedded: the worker's devices")
+    p.add_argument("--skip-table", default=None,
+                   help="with --embedded: the worker's similarity->fraction table 's:f,s:f' (default: the shipped one for its embedder)")
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
 
@@ -125,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(workdir=str(Path("var/bench-cache").resolve())).__enter__()
         os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = cluster.redis_url
         console.print(f"{cluster.how_redis}; starting a {args.model} worker on {args.devices} ...")
-        cluster.start_worker(args.model, args.devices, timeout=300)
+        env = {"REPRISE_CACHE_SKIP_TABLE": args.skip_table} if args.skip_table else {}
+        cluster.start_worker(args.model, args.devices, timeout=300, **env)
     try:
         from scheduler.cache_admin import CacheAdmin
         from scheduler.registry import ModelRegistry
 
         admin = CacheAdmin()
-        if ModelRegistry(admin.r).served(args.model) is None:
+        served = ModelRegistry(admin.r).served(args.model)
+        if served is None:
             console.print(f"[red]no live worker serves {args.model!r}: start one (`reprise worker --model {args.model}`) or pass --embedded")
             return 2
         console.print(f"pass 1/2: caches off, {len(stream)} requests ...")
@@ -142,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.__exit__(None, None, None)
-
-    from cache import CacheSettings
 
     report = {
         "n": len(stream),
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "lookup_p50_ms": on["lookup_p50_ms"],
         "lookup_p99_ms": on["lookup_p99_ms"],
         "errors": {"off": off["errors"], "on": on["errors"]},
-        "skip_table": [list(row) for row in CacheSettings().table()],
+        "skip_table": served.get("skip_table"),  # as the serving worker reported it
         "workload": workload.describe(),
     }
     table = Table(title=f"reprise bench cache — {report['n']} requests, {args.model}, {args.steps} steps")

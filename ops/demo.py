@@ -32,6 +32,9 @@ FREE_PROMPTS = [
 ]
 
 
+DEMO_SKIP_TABLE = "0.97:0.5,0.93:0.4,0.90:0.3,0.85:0.2,0.80:0.1"
+
+
 def default_model() -> str:
     return "shapes" if (Path(__file__).resolve().parents[1] / "workers" / "models" / "shapes" / "model_index.json").exists() else "tiny"
 
@@ -48,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = SHAPES_PROMPTS if model == "shapes" else FREE_PROMPTS
     console = Console(width=max(Console().width, 160))
 
-    with LocalCluster(workdir=str(Path(args.workdir).resolve())) as cluster:
+    # Approximate reuse is opt-in with the default embedder (see the README's calibration); the demo opts in.
+    with LocalCluster(workdir=str(Path(args.workdir).resolve()), env={"REPRISE_CACHE_SKIP_TABLE": DEMO_SKIP_TABLE}) as cluster:
         console.print(f"[bold]Redis:[/] {cluster.how_redis}")
+        console.print(f"[bold]Approximate reuse:[/] opted in with REPRISE_CACHE_SKIP_TABLE={DEMO_SKIP_TABLE}")
         console.print(f"[bold]Worker:[/] starting `reprise worker --model {model} --devices {args.devices}` (loads the model once per device) ...")
         cluster.start_worker(model, args.devices, timeout=300)
         flower_url = cluster.start_flower(password="reprise-demo")

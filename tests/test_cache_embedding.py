@@ -73,7 +73,9 @@ def test_callable_embedder_for_clip():
 def test_approximate_reuse_with_real_embeddings(minilm, tmp_path):
     # tmpfs when there is one: Edge fsyncs its WAL on every update
     folder = tempfile.mkdtemp(dir="/dev/shm") if os.access("/dev/shm", os.W_OK) else str(tmp_path)
-    settings = CacheSettings(backend="edge", path=folder, lookup_timeout_ms=5000)
+    # an explicit table: the shipped MiniLM default is empty (approximate reuse is opt-in)
+    settings = CacheSettings(backend="edge", path=folder, lookup_timeout_ms=5000,
+                             skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)])
     cache = LatentCache.open(settings, embedder=minilm)
     try:
         def key(prompt):

@@ -183,7 +183,8 @@ class DeepCacheUNet:
     def _check_supported(unet) -> None:
         cfg = unet.config
         extras = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")}
-        extras = {k: v for k, v in extras.items() if v is not None}
+        # "text" adds the pooled prompt to the time embedding, which _partial reproduces
+        extras = {k: v for k, v in extras.items() if v is not None and not (k == "addition_embed_type" and v == "text")}
         if extras or cfg.get("num_class_embeds") is not None:
             raise ValueError(f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}")
         if any(getattr(block, "s1", None) for block in unet.up_blocks):
@@ -235,6 +236,9 @@ class DeepCacheUNet:
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        if aug is not None:  # as UNet2DConditionModel.forward does, before the activation
+            emb = emb + aug
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         h = unet.conv_in(sample)

@@ -315,6 +315,7 @@ def node_info(service: GenerationService, queue: str) -> dict:
         "default_size": c.spec.default_size,
         "max_size": c.spec.max_size,
         "size_multiple": max(8, c.vae_scale_factor),
+        "skip_table": [list(row) for row in service.cache.settings.table()] if service.cache is not None and hasattr(service.cache, "settings") else None,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "metrics_port": getattr(service, "metrics_port", None),
