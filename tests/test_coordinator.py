@@ -242,3 +242,18 @@ def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
             coordinator.terminate()
             coordinator.wait(15)
         c.stop()
+
+
+def test_cache_operations_as_celery_tasks(node):
+    """Other services trigger cache operations by task name; a worker node runs them."""
+    from scheduler.app import get_app
+
+    _job("a prompt for the task api")
+    time.sleep(0.5)
+    app = get_app()
+    stats = app.send_task("reprise.cache.stats").get(timeout=60)
+    assert stats["totals"]["entries"] >= 1 and "coordmodel" in stats["generations"]
+    before = stats["generations"]["coordmodel"]
+    out = app.send_task("reprise.cache.invalidate", kwargs={"model": "coordmodel"}).get(timeout=60)
+    assert out["generation"] == before + 1
+    assert _job("a prompt for the task api").cache.hit == "miss"
