@@ -252,7 +252,7 @@ class QualityHarness:
     """Runs cases under conditions through ``GenerationService.run`` and scores the images."""
 
     def __init__(self, model: str = "shapes", steps: int = 25, guidance: float | None = None, workdir: str | None = None,
-                 fractions: Sequence[float] = STATE_FRACTIONS) -> None:
+                 fractions: Sequence[float] = STATE_FRACTIONS, skip_table=None) -> None:
         from cache import CacheSettings, LatentCache
         from workers.artifacts import ArtifactStore
         from workers.models import load_components
@@ -269,7 +269,8 @@ class QualityHarness:
         # Lookups on a loaded 2-core machine can take longer than the serving time box: never miss by timeout here.
         base = dict(backend="edge", path=str(self.workdir / "qdrant"), state_fractions=list(fractions),
                     lookup_timeout_ms=30_000, optimize_after_writes=100_000)
-        self.cache = LatentCache.open(CacheSettings(**base))
+        # the main cache serves with skip_table when given, else with the table in force (default or env)
+        self.cache = LatentCache.open(CacheSettings(**base, **({"skip_table": list(skip_table)} if skip_table else {})))
         # One cache view per K over the same store: the skip table override makes every lookup hit at that K.
         self.views = {f: LatentCache(CacheSettings(**base, skip_table=[(-1.0, f)]), _BorrowedStore(self.cache.store), self.cache.embedder)
                       for f in fractions}
@@ -591,6 +592,10 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stream"]:
+        from ops.eval_stream import main as stream_main
+
+        return stream_main(argv[1:])
     if argv[:1] == ["quality"]:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="reprise eval quality", description=__doc__.splitlines()[0])

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cache", "ops.cache_cli", "cache operations: invalidate | purge | evict | stats"),
         ("coordinator", "scheduler.coordinator", "run the coordinator (or: coordinator status)"),
         ("loadtest", "ops.loadtest", "drive load against a running cluster"),
-        ("eval", "ops.eval_quality", "quality harness: eval quality ..."),
+        ("eval", "ops.eval_quality", "quality harness: eval quality ... | eval stream ..."),
         ("settings", "ops.settings_doc", "every setting: environment variable, default, meaning"),
     ):
         s = sub.add_parser(name, help=text, add_help=False)

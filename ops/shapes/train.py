@@ -126,6 +126,22 @@ UNET_CFG = dict(
     addition_embed_type="text",
     addition_embed_type_num_heads=4,
 )
+# "deep": one more level down to 4x4, where a single zero-padded 3x3 conv already tells a pixel
+# which region of the image it covers, so "top left" can be bound to pixels there; the 4x4
+# cross-attention and mid block are cheap.  Cross-attention at 8x8 and 4x4 (and mid).
+UNET_CFG_DEEP = dict(
+    UNET_CFG,
+    block_out_channels=(32, 64, 64, 96),
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+# the same with cross-attention at 16x16 too
+UNET_CFG_DEEP16 = dict(
+    UNET_CFG_DEEP,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+ARCHS = {"base": UNET_CFG, "deep": UNET_CFG_DEEP, "deep16": UNET_CFG_DEEP16}
 
 
 def build_text_encoder(tok, text_cfg: dict | None = None):
@@ -279,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="deep", help="U-Net layout (see ARCHS)")
+    ap.add_argument("--t-high", type=float, default=0.5,
+                    help="share of samples with t drawn from [500, 1000) instead of [0, 1000): layout "
+                         "(position, size) is decided at high noise")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = build_tokenizer()
     text_encoder = build_text_encoder(tok)
-    unet = build_unet(text_encoder.config.hidden_size, args.size)
+    unet = build_unet(text_encoder.config.hidden_size, args.size, ARCHS[args.arch])
     scheduler = build_scheduler()
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_un = sum(p.numel() for p in unet.parameters())
@@ -328,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenize(tok, caps)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (x0.shape[0],))
+        high = torch.rand(x0.shape[0]) < args.t_high
+        t[high] = torch.randint(500, 1000, (int(high.sum()),))
         ac = ac_all[t].view(-1, 1, 1, 1)
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         emb = text_encoder(ids)[0]
@@ -370,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 def _checkpoint(args, tok, ema, scheduler, step, t0, evaluate: bool) -> None:
     te, un = ema["text_encoder"], ema["unet"]
     save_pipeline(Path(args.out), tok, te, un, scheduler,
-                  extra={"train_steps": step, "train_minutes": round((time.time() - t0) / 60, 1), "seed": args.seed})
+                  extra={"train_steps": step, "train_minutes": round((time.time() - t0) / 60, 1), "seed": args.seed,
+                         "arch": args.arch, "t_high": args.t_high, "lr": args.lr, "batch": args.batch})
     msg = f"checkpoint step {step} -> {args.out}"
     if evaluate:
         try:
