@@ -89,11 +89,15 @@ def test_model_loads_offline_and_generates():
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from ops.shapes.train import unet_input
+
     tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     te = CLIPTextModel.from_pretrained(MODEL / "text_encoder")
     unet = UNet2DConditionModel.from_pretrained(MODEL / "unet")
     sched = DDIMScheduler.from_pretrained(MODEL / "scheduler")
-    assert unet.config.in_channels == unet.config.out_channels == 3
+    index = json.loads((MODEL / "model_index.json").read_text())["reprise"]
+    assert unet.config.out_channels == 3
+    assert unet.config.in_channels == 3 + 2 * bool(index.get("input_coords"))  # x/y channels (workers.models.with_coords)
     assert unet.config.cross_attention_dim == te.config.hidden_size
     assert te.config.max_position_embeddings >= tok.model_max_length
 
@@ -104,7 +108,7 @@ def test_model_loads_offline_and_generates():
         sched.set_timesteps(4)
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         for t in sched.timesteps:
-            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb, emb])).sample
+            out = unet(unet_input(unet, torch.cat([x, x])), t, encoder_hidden_states=torch.cat([emb, emb])).sample
             u, c = out.chunk(2)
             x = sched.step(u + 4.0 * (c - u), t, x).prev_sample
     img = (x / 2 + 0.5).clamp(0, 1)

@@ -65,11 +65,38 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.unet.config.out_channels)
+
+    @property
+    def input_coords(self) -> bool:
+        """The U-Net also takes two coordinate channels after the latent (see ``with_coords``)."""
+        return bool(self.extra.get("input_coords"))
+
+    def unet_input(self, sample: torch.Tensor) -> torch.Tensor:
+        return with_coords(sample) if self.input_coords else sample
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         return (self.latent_channels, height // f, width // f)
+
+
+def coord_grid(height: int, width: int, dtype=None, device=None) -> torch.Tensor:
+    """(2, H, W): x then y of each pixel centre in [-1, 1], left to right and top to bottom."""
+    import torch
+
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * (2.0 / height) - 1.0
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * (2.0 / width) - 1.0
+    return torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)]).to(dtype or torch.float32)
+
+
+def with_coords(sample: torch.Tensor) -> torch.Tensor:
+    """``sample`` with two fixed coordinate channels appended, the way SD's inpainting and depth U-Nets
+    take extra input channels beside the latent. A conv U-Net has no positional embedding, so without
+    them "top left" can only be learnt through zero padding (the shapes model never learnt it so)."""
+    import torch
+
+    b, _, h, w = sample.shape
+    return torch.cat([sample, coord_grid(h, w, sample.dtype, sample.device).expand(b, 2, h, w)], dim=1)
 
 
 # --- the offline tokenizer -----------------------------------------------------------------------
@@ -219,8 +246,13 @@ def _load_directory(path: Path, name: str) -> dict:
         max_size=int(extra.get("max_size", max(default_size * 2, 64))),
         pixel_space=pixel_space,
     )
+    extra_in = int(unet.config.in_channels) - int(unet.config.out_channels)
+    if extra_in != (2 if extra.get("input_coords") else 0):
+        raise ValueError(f"{path}: the U-Net takes {extra_in} channels beyond the latent, but model_index.json "
+                         f"says input_coords={bool(extra.get('input_coords'))}")
     return dict(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=scheduler_config, spec=spec
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=scheduler_config, spec=spec,
+        extra={"input_coords": bool(extra.get("input_coords"))},
     )
 
 

@@ -167,7 +167,7 @@ class DenoiseLoop:
                 raise StopRequested(reason, i + 1, steps)
             t = sched.timesteps[i]
             model_in = torch.cat([latents] * 2) if cfg else latents
-            model_in = sched.scale_model_input(model_in, t)
+            model_in = self.c.unet_input(sched.scale_model_input(model_in, t))
             noise = runner(self.c.unet, model_in, t, i, context)
             if cfg:
                 uncond, cond = noise.chunk(2)

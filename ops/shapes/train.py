@@ -159,11 +159,18 @@ def build_text_encoder(tok, text_cfg: dict | None = None):
     return CLIPTextModel(cfg)
 
 
-def build_unet(cross_dim: int, size: int = 32, unet_cfg: dict | None = None):
+def build_unet(cross_dim: int, size: int = 32, unet_cfg: dict | None = None, coords: bool = False):
     from diffusers import UNet2DConditionModel
 
     cfg = dict(UNET_CFG if unet_cfg is None else unet_cfg)
-    return UNet2DConditionModel(sample_size=size, in_channels=3, out_channels=3, cross_attention_dim=cross_dim, **cfg)
+    return UNet2DConditionModel(sample_size=size, in_channels=3 + 2 * coords, out_channels=3, cross_attention_dim=cross_dim, **cfg)
+
+
+def unet_input(unet, sample):
+    """The sample, plus the coordinate channels when the U-Net takes them (``workers.models.with_coords``)."""
+    from workers.models import with_coords
+
+    return with_coords(sample) if unet.config.in_channels > unet.config.out_channels else sample
 
 
 def build_scheduler():
@@ -257,7 +264,7 @@ def generate(tok, text_encoder, unet, scheduler, prompts: list[str], steps: int 
     x = torch.randn(n, 3, size, size, generator=g) * sched.init_noise_sigma
     sched.set_timesteps(steps)
     for t in sched.timesteps:
-        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        inp = unet_input(unet, sched.scale_model_input(torch.cat([x, x]), t))
         out = unet(inp, t, encoder_hidden_states=emb).sample
         u, c = out.chunk(2)
         x = sched.step(u + guidance * (c - u), t, x).prev_sample
@@ -296,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="deep", help="U-Net layout (see ARCHS)")
+    ap.add_argument("--coords", type=int, choices=[0, 1], default=1,
+                    help="1: the U-Net also takes x/y coordinate channels (model_index: input_coords)")
     ap.add_argument("--t-high", type=float, default=0.5,
                     help="share of samples with t drawn from [500, 1000) instead of [0, 1000): layout "
                          "(position, size) is decided at high noise")
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = build_tokenizer()
     text_encoder = build_text_encoder(tok)
-    unet = build_unet(text_encoder.config.hidden_size, args.size, ARCHS[args.arch])
+    unet = build_unet(text_encoder.config.hidden_size, args.size, ARCHS[args.arch], coords=bool(args.coords))
     scheduler = build_scheduler()
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_un = sum(p.numel() for p in unet.parameters())
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         ac = ac_all[t].view(-1, 1, 1, 1)
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         emb = text_encoder(ids)[0]
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        pred = unet(unet_input(unet, xt), t, encoder_hidden_states=emb).sample
         loss = torch.nn.functional.mse_loss(pred, v_target(x0, noise, ac))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,7 +402,8 @@ def _checkpoint(args, tok, ema, scheduler, step, t0, evaluate: bool) -> None:
     te, un = ema["text_encoder"], ema["unet"]
     save_pipeline(Path(args.out), tok, te, un, scheduler,
                   extra={"train_steps": step, "train_minutes": round((time.time() - t0) / 60, 1), "seed": args.seed,
-                         "arch": args.arch, "t_high": args.t_high, "lr": args.lr, "batch": args.batch})
+                         "arch": args.arch, "t_high": args.t_high, "lr": args.lr, "batch": args.batch,
+                         "input_coords": bool(args.coords)})
     msg = f"checkpoint step {step} -> {args.out}"
     if evaluate:
         try:
