@@ -13,6 +13,9 @@ from ops.shapes import scene as sc
 from ops.shapes.checker import attribute_accuracy, check, read
 
 MODEL = Path(__file__).resolve().parents[1] / "workers" / "models" / "shapes"
+# what the shipped model must keep: the attributes it follows (ops/shapes/README.md, n=200 at guidance 2:
+# background 1.00, shape colour 0.94), set below the measured figures for this test's n=40 sampling error
+MIN_ACCURACY = {"background": 0.9, "color": 0.8}
 
 
 def test_checker_accuracy_on_renders():
@@ -114,3 +117,18 @@ def test_model_loads_offline_and_generates():
     img = (x / 2 + 0.5).clamp(0, 1)
     assert img.shape == (2, 3, 32, 32)
     assert torch.isfinite(img).all()
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="model not trained yet")
+def test_model_draws_what_it_is_asked():
+    """The shipped model follows the attributes it has learnt: checker accuracy on fresh captions (a seed
+    the training never drew) at the model's default guidance. Position and shape type are not asserted:
+    the shipped model does not follow them yet (ops/shapes/README.md)."""
+    import torch
+
+    from ops.shapes.evaluate import evaluate_model, make_generate_fn
+
+    torch.set_num_threads(2)
+    guidance = json.loads((MODEL / "model_index.json").read_text())["reprise"]["default_guidance_scale"]
+    acc = evaluate_model(make_generate_fn(MODEL, steps=25, guidance=guidance), n=40, seed=31337)
+    assert all(acc[k] >= v for k, v in MIN_ACCURACY.items()), acc

@@ -91,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[4.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=None, help="default: the model's default_guidance_scale")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default="", help="write a PNG grid of the first 50 samples here")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    for g in args.guidance:
+    index = json.loads((Path(args.model) / "model_index.json").read_text()).get("reprise", {})
+    for g in args.guidance or [float(index.get("default_guidance_scale", 4.0))]:
         t0 = time.time()
         fn = make_generate_fn(args.model, steps=args.steps, guidance=g)
         acc, prompts, images = evaluate_model(fn, args.n, args.seed, return_samples=True)

@@ -141,7 +141,11 @@ UNET_CFG_DEEP16 = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
-ARCHS = {"base": UNET_CFG, "deep": UNET_CFG_DEEP, "deep16": UNET_CFG_DEEP16}
+# the deep layout with the (pooled-text + time) embedding scaling each resnet's normalised features
+# instead of only shifting them: with coordinate channels a text-chosen scale of a coordinate-derived
+# feature places something left or right in one step, where a shift alone cannot
+UNET_CFG_DEEP_SS = dict(UNET_CFG_DEEP, resnet_time_scale_shift="scale_shift")
+ARCHS = {"base": UNET_CFG, "deep": UNET_CFG_DEEP, "deep16": UNET_CFG_DEEP16, "deep-ss": UNET_CFG_DEEP_SS}
 
 
 def build_text_encoder(tok, text_cfg: dict | None = None):
@@ -302,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="deep", help="U-Net layout (see ARCHS)")
-    ap.add_argument("--coords", type=int, choices=[0, 1], default=1,
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="base", help="U-Net layout (see ARCHS; the shipped model: base)")
+    ap.add_argument("--coords", type=int, choices=[0, 1], default=0,
                     help="1: the U-Net also takes x/y coordinate channels (model_index: input_coords)")
-    ap.add_argument("--t-high", type=float, default=0.5,
+    ap.add_argument("--t-high", type=float, default=0.0,
                     help="share of samples with t drawn from [500, 1000) instead of [0, 1000): layout "
                          "(position, size) is decided at high noise")
     args = ap.parse_args(argv)
