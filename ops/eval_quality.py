@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="reprise eval quality", description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="generated", help="'generated' (random scenes) or a file of shape captions, one a line")
-    parser.add_argument("--n", type=int, default=6, help="source scenes (each gives one target per relation; default 6: ~6 min here)")
+    parser.add_argument("--n", type=int, default=6, help="source scenes (each gives one target per relation; default 6: 2-6 min here)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's (shapes: 4.0)")
