@@ -31,6 +31,7 @@ import numpy as np
 
 from cache.skip_table import (CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, SkipTable, calibration_pairs, choose_skip_fraction,
                               fraction_to_k, validate_table)
+from cache import CacheSettings
 from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
 
 TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
@@ -202,13 +203,27 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
     return out
 
 
-def relation_similarities(relations: Sequence[str], n: int = 300, seed: int = 7) -> dict[str, dict]:
-    """MiniLM similarity of many more shape caption pairs per relation than are generated (no images):
-    how well similarity alone tells a paraphrase from an edit or an unrelated scene."""
-    from cache.embedding import PromptEmbedder
+def prompt_embedder(model: str):
+    """The embedder the cache uses for ``model`` (REPRISE_CACHE_EMBEDDER): MiniLM, or the model's own text encoder."""
+    from cache import CacheSettings
+    from cache.embedding import CallableEmbedder, PromptEmbedder
+
+    settings = CacheSettings()
+    if settings.embedder != "clip":
+        return PromptEmbedder()
+    from workers.models import load_components
+    from workers.node import cache_settings_for
+
+    settings, fn = cache_settings_for(settings, load_components(model))
+    return CallableEmbedder(fn, version="clip", dim=settings.clip_dim)
+
+
+def relation_similarities(relations: Sequence[str], n: int = 300, seed: int = 7, model: str = "shapes") -> dict[str, dict]:
+    """Similarity (the cache's embedder) of many more shape caption pairs per relation than are generated (no
+    images): how well similarity alone tells a paraphrase from an edit or an unrelated scene."""
     from ops.eval_quality import build_cases
 
-    embedder = PromptEmbedder()
+    embedder = prompt_embedder(model)
     cases = build_cases("generated", n, relations, seed)
     left = embedder.embed_many([c.source_prompt for c in cases])
     right = embedder.embed_many([c.target_prompt for c in cases])
@@ -376,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
-        "relation_similarities": relation_similarities(list(dict.fromkeys(p["relation"] for p in pairs))),
+        "embedder": CacheSettings().embedder,
+        "relation_similarities": relation_similarities(list(dict.fromkeys(p["relation"] for p in pairs)), model=args.model),
         "curve": curve(pairs, args.steps, args.min_pairs, z=args.z),
         "pairs": pairs,
     }
@@ -408,7 +424,7 @@ def print_report(report: dict) -> None:
         inh = "" if r["fresh_inherited"] is None else f"   {r['fresh_inherited']:.0f}, " + " ".join(f"{v:.0f}" for v in r["inherited_at"].values())
         print(f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
               + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()) + inh)
-    print("\nMiniLM similarity of shape caption pairs by relation (300 pairs each, no generation):")
+    print(f"\n{report.get('embedder', 'minilm')} similarity of shape caption pairs by relation (300 pairs each, no generation):")
     for relation, q in report["relation_similarities"].items():
         print(f"  {relation:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
     print(f"\ncalibrated table (tolerance {report['tolerance']:g} points): {report['table']}")

@@ -12,27 +12,31 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cache.settings import CacheSettings
 from ops.localcluster import LocalCluster
+from workers.models import model_extra
 
+# (prompt, seed): a first wave of three scenes, then a second wave that reuses the cache
 SHAPES_PROMPTS = [
-    "a small red circle in the top left on a blue background",
-    "a large yellow square in the center on a black background",
-    "a green triangle at the bottom right on a white background",
-    # the same scene again: an exact hit for the same seed, or a resume from its stored state
-    "a small red circle in the top left on a blue background",
-    # a close rewording of the first: similar enough to resume from its noise state
-    "a small red circle in the top left corner on a blue background",
+    ("a small red circle in the top left on a blue background", 42),
+    ("a large yellow square in the center on a black background", 42),
+    ("a green triangle at the bottom right on a white background", 42),
+    # the same request again: an exact hit, no step run
+    ("a small red circle in the top left on a blue background", 42),
+    # the same prompt with another seed (a user asking for another picture): resumes from the stored state
+    ("a large yellow square in the center on a black background", 7),
+    # an edit of one attribute: MiniLM scores it close (0.98), but the shipped table does not reuse it,
+    # since it would keep the first picture's position
+    ("a green triangle at the bottom left on a white background", 42),
 ]
 FREE_PROMPTS = [
-    "a cute puppy playing in a garden",
-    "a lighthouse on a cliff at dusk, oil painting",
-    "a bowl of ramen with a soft-boiled egg, studio photo",
-    "a cute puppy playing in a garden",
-    "a cute puppy playing in a garden, watercolor painting",
+    ("a cute puppy playing in a garden", 42),
+    ("a lighthouse on a cliff at dusk, oil painting", 42),
+    ("a bowl of ramen with a soft-boiled egg, studio photo", 42),
+    ("a cute puppy playing in a garden", 42),
+    ("a lighthouse on a cliff at dusk, oil painting", 7),
+    ("a cute puppy playing in a garden, watercolor painting", 42),
 ]
-
-
-DEMO_SKIP_TABLE = "0.97:0.5,0.93:0.4,0.90:0.3,0.85:0.2,0.80:0.1"
 
 
 def default_model() -> str:
@@ -44,17 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model to serve (default: the shipped `shapes` model, else `tiny`)")
     p.add_argument("--devices", default="auto")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale (the shapes model is best at 2)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's default_guidance_scale, else 5)")
     p.add_argument("--workdir", default="var/demo")
     args = p.parse_args(argv)
     model = args.model or default_model()
     prompts = SHAPES_PROMPTS if model == "shapes" else FREE_PROMPTS
+    guidance = args.guidance if args.guidance is not None else float(model_extra(model).get("default_guidance_scale", 5.0))
     console = Console(width=max(Console().width, 160))
 
-    # Approximate reuse is opt-in with the default embedder (see the README's calibration); the demo opts in.
-    with LocalCluster(workdir=str(Path(args.workdir).resolve()), env={"REPRISE_CACHE_SKIP_TABLE": DEMO_SKIP_TABLE}) as cluster:
+    # the shipped skip table (README: calibration) unless REPRISE_CACHE_SKIP_TABLE says otherwise
+    with LocalCluster(workdir=str(Path(args.workdir).resolve())) as cluster:
         console.print(f"[bold]Redis:[/] {cluster.how_redis}")
-        console.print(f"[bold]Approximate reuse:[/] opted in with REPRISE_CACHE_SKIP_TABLE={DEMO_SKIP_TABLE}")
+        console.print(f"[bold]Approximate reuse:[/] skip table {list(CacheSettings().table())} (similarity: fraction of steps)")
         console.print(f"[bold]Worker:[/] starting `reprise worker --model {model} --devices {args.devices}` (loads the model once per device) ...")
         cluster.start_worker(model, args.devices, timeout=300)
         flower_url = cluster.start_flower(password="reprise-demo")
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             # Two waves: the second one reuses what the first wrote to the cache.
             for wave in (prompts[:3], prompts[3:]):
                 jobs = []
-                for prompt in wave:
-                    job = submit(prompt=prompt, steps=args.steps, seed=42, model=model, guidance_scale=args.guidance)
-                    jobs.append((prompt, job, bar.add_task(prompt[:48], total=args.steps), time.perf_counter()))
+                for prompt, seed in wave:
+                    job = submit(prompt=prompt, steps=args.steps, seed=seed, model=model, guidance_scale=guidance)
+                    jobs.append((f"{prompt} (seed {seed})", job, bar.add_task(f"{prompt[:48]} ({seed})", total=args.steps),
+                                 time.perf_counter()))
                 pending = list(jobs)
                 while pending:
                     for item in list(pending):

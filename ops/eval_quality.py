@@ -47,7 +47,7 @@ from ops.shapes import scene as sc
 from ops.shapes.checker import check
 
 STATE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
-HARNESS_RELATIONS = ("paraphrase", "colour", "shape", "position", "background")
+HARNESS_RELATIONS = ("paraphrase", "reseed", "colour", "shape", "position", "background")
 ALL_RELATIONS = HARNESS_RELATIONS + ("synonym", "size", "two", "reworded", "unrelated")
 FEATURE_SETTINGS: tuple[dict, ...] = (
     {"method": "deepcache", "deepcache_interval": 3},
@@ -64,16 +64,19 @@ COMBO_FEATURES: tuple[dict, ...] = ({"method": "deepcache", "deepcache_interval"
 @dataclass(frozen=True)
 class Case:
     index: int  # source scene number
-    seed: int  # the noise seed of the source and of every request for its targets
+    seed: int  # the noise seed of the source
     relation: str
     source: sc.Scene
     source_prompt: str
     target: sc.Scene
     target_prompt: str
+    target_seed: int  # the noise seed of every request for the target: the source's, but for "reseed"
 
 
 # What each relation changes. Attribute edits keep the source's wording (a user editing a prompt);
-# "paraphrase", "reworded" (one attribute, new wording) and "unrelated" are written afresh.
+# "paraphrase", "reworded" (one attribute, new wording) and "unrelated" are written afresh;
+# "reseed" is the same caption with another noise seed (a user asking for another picture of it).
+RESEED_OFFSET = 500
 EDITS = {"colour": ("color",), "shape": ("shape",), "position": ("position",), "background": ("background",), "size": ("size",)}
 
 
@@ -85,7 +88,7 @@ def _other(values: Sequence[str], rng: np.random.Generator, *avoid: str) -> str:
 def edit_scene(scene: sc.Scene, relation: str, rng: np.random.Generator) -> sc.Scene:
     """The target scene of a relation: what changes from the source."""
     d = scene.as_dict()
-    if relation in ("paraphrase", "synonym"):
+    if relation in ("paraphrase", "synonym", "reseed"):
         return scene
     if relation == "colour":
         d["color"] = _other(sc.COLORS, rng, scene.color, scene.background)
@@ -166,6 +169,8 @@ def source_scenes(prompts: str, n: int, rng: np.random.Generator) -> list[tuple[
 
 
 def target_prompt(relation: str, source_prompt: str, target: sc.Scene, wording: dict | None, rng: np.random.Generator) -> str:
+    if relation == "reseed":
+        return source_prompt
     if relation == "synonym":
         return _swap_synonym(source_prompt, target, rng)
     if wording is not None and relation in (*EDITS, "two"):
@@ -181,7 +186,10 @@ def build_cases(prompts: str, n: int, relations: Sequence[str], seed: int = 0) -
     for i, (scene, prompt, wording) in enumerate(source_scenes(prompts, n, rng)):
         for relation in relations:
             target = edit_scene(scene, relation, rng)
-            cases.append(Case(i, seed * 1000 + i, relation, scene, prompt, target, target_prompt(relation, prompt, target, wording, rng)))
+            source_seed = seed * 1000 + i
+            target_seed = source_seed + RESEED_OFFSET if relation == "reseed" else source_seed
+            cases.append(Case(i, source_seed, relation, scene, prompt, target,
+                              target_prompt(relation, prompt, target, wording, rng), target_seed))
     return cases
 
 
@@ -255,7 +263,8 @@ class QualityHarness:
                  fractions: Sequence[float] = STATE_FRACTIONS, skip_table=None) -> None:
         from cache import CacheSettings, LatentCache
         from workers.artifacts import ArtifactStore
-        from workers.models import load_components
+        from workers.models import load_components, model_extra
+        from workers.node import cache_settings_for
         from workers.sampler import DenoiseLoop
         from workers.service import Device, DevicePool, GenerationService
 
@@ -263,31 +272,26 @@ class QualityHarness:
         self.workdir = Path(workdir or self._tmp.name)
         self.steps = steps
         self.components = load_components(model)
-        index = self._model_index(model)
+        index = model_extra(model)
         self.guidance = guidance if guidance is not None else float(index.get("default_guidance_scale", 4.0))
         self.model = self.components.name
         # Lookups on a loaded 2-core machine can take longer than the serving time box: never miss by timeout here.
         base = dict(backend="edge", path=str(self.workdir / "qdrant"), state_fractions=list(fractions),
                     lookup_timeout_ms=30_000, optimize_after_writes=100_000)
         # the main cache serves with skip_table when given, else with the table in force (default or env)
-        self.cache = LatentCache.open(CacheSettings(**base, **({"skip_table": list(skip_table)} if skip_table else {})))
+        # the prompt embedder in force (REPRISE_CACHE_EMBEDDER): with `clip`, this model's text encoder
+        settings, embedder = cache_settings_for(CacheSettings(**base, **({"skip_table": list(skip_table)} if skip_table else {})),
+                                                self.components)
+        self.cache = LatentCache.open(settings, embedder=embedder)
         # One cache view per K over the same store: the skip table override makes every lookup hit at that K.
-        self.views = {f: LatentCache(CacheSettings(**base, skip_table=[(-1.0, f)]), _BorrowedStore(self.cache.store), self.cache.embedder)
+        self.views = {f: LatentCache(settings.model_copy(update={"skip_table": [(-1.0, f)]}), _BorrowedStore(self.cache.store),
+                                     self.cache.embedder)
                       for f in fractions}
         pool = DevicePool([Device("cpu", DenoiseLoop(self.components))])
         self.service = GenerationService(
             self.model, pool, ArtifactStore(str(self.workdir / "artifacts")), cache=self.cache,
             feature_defaults={"method": "off", "calibration_dir": str(self.workdir / "blockcache")})
         self._jobs = 0
-
-    @staticmethod
-    def _model_index(model: str) -> dict:
-        from workers.models import resolve_model
-
-        _, directory = resolve_model(model)
-        if directory is None or not (directory / "model_index.json").exists():
-            return {}
-        return json.loads((directory / "model_index.json").read_text()).get("reprise", {})
 
     # --- one request ---------------------------------------------------------------------------
     def _request(self, prompt: str, seed: int, tenant: str, *, exact=False, approximate=False, write=False, feature=None) -> dict:
@@ -316,7 +320,7 @@ class QualityHarness:
         full = feature.full_unet_passes if feature.method != "off" else result.cache.steps_computed
         return {
             "condition": condition.name, "family": condition.family, "relation": case.relation, "scene": case.index,
-            "seed": case.seed, "source_prompt": case.source_prompt, "target_prompt": case.target_prompt,
+            "seed": case.target_seed, "source_prompt": case.source_prompt, "target_prompt": case.target_prompt,
             "target": case.target.as_dict(), "similarity": round(sim, 5), "hit": result.cache.hit, "k": result.cache.k,
             "steps_computed": result.cache.steps_computed, "steps_saved": self.steps - result.cache.steps_computed,
             "full_unet_passes": full, "partial_unet_passes": feature.partial_unet_passes,
@@ -371,19 +375,19 @@ class QualityHarness:
     def _run_condition(self, case: Case, condition: Condition, source_tenant: str, fresh_tenant: str, sim: float) -> dict:
         family = condition.family
         if family == "fresh":
-            request = self._request(case.target_prompt, case.seed, fresh_tenant, write=True)
+            request = self._request(case.target_prompt, case.target_seed, fresh_tenant, write=True)
             result, image, wall = self._run(request)
             expect = "miss"
         elif family == "exact":
-            request = self._request(case.target_prompt, case.seed, fresh_tenant, exact=True)
+            request = self._request(case.target_prompt, case.target_seed, fresh_tenant, exact=True)
             result, image, wall = self._run(request)
             expect = "exact"
         elif family == "feature":
-            request = self._request(case.target_prompt, case.seed, "feature", feature=condition.feature)
+            request = self._request(case.target_prompt, case.target_seed, "feature", feature=condition.feature)
             result, image, wall = self._run(request)
             expect = "miss"
         else:  # approx, combo: the target looks up in the source's tenant, where the source is the only entry
-            request = self._request(case.target_prompt, case.seed, source_tenant, approximate=True, feature=condition.feature)
+            request = self._request(case.target_prompt, case.target_seed, source_tenant, approximate=True, feature=condition.feature)
             result, image, wall = self._run(request, self.views[condition.fraction])
             expect = "approximate"
         if result.cache.hit != expect:

@@ -79,3 +79,21 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.delenv("REPRISE_CACHE_SKIP_TABLE")
     assert CacheSettings(embedder="clip").table() == CLIP_SKIP_TABLE
     assert CacheSettings().table() == MINILM_SKIP_TABLE
+
+
+def test_clip_embedder_takes_the_table_calibrated_for_the_model():
+    from types import SimpleNamespace
+
+    from workers.node import cache_settings_for
+
+    def components(extra):
+        return SimpleNamespace(extra=extra, text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)))
+
+    model = components({"clip_skip_table": [[0.99, 0.5], [0.9, 0.1]]})
+    settings, embed = cache_settings_for(CacheSettings(embedder="clip"), model)
+    assert settings.table() == ((0.99, 0.5), (0.9, 0.1)) and settings.clip_dim == 64 and callable(embed)
+    # an operator's table wins; a model without a calibrated table gets NIRVANA's; MiniLM ignores the model's
+    assert cache_settings_for(CacheSettings(embedder="clip", skip_table="0.8:0.2"), model)[0].table() == ((0.8, 0.2),)
+    assert cache_settings_for(CacheSettings(embedder="clip"), components({}))[0].table() == CLIP_SKIP_TABLE
+    settings, embed = cache_settings_for(CacheSettings(), model)
+    assert settings.table() == MINILM_SKIP_TABLE and embed is None

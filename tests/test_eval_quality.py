@@ -42,7 +42,7 @@ def test_cases_change_what_the_relation_says():
     cases = build_cases("generated", 6, ALL_RELATIONS, seed=3)
     for case in cases:
         changed = {k for k in sc.ATTRIBUTES if case.source.as_dict()[k] != case.target.as_dict()[k]}
-        expected = {"paraphrase": set(), "synonym": set(), "colour": {"color"}, "shape": {"shape"}, "position": {"position"},
+        expected = {"paraphrase": set(), "synonym": set(), "reseed": set(), "colour": {"color"}, "shape": {"shape"}, "position": {"position"},
                     "background": {"background"}, "size": {"size"}}.get(case.relation)
         if expected is not None:
             assert changed == expected, case
@@ -52,7 +52,10 @@ def test_cases_change_what_the_relation_says():
             assert len(set(case.source_prompt.split()) ^ set(case.target_prompt.split())) <= 4, case
         assert case.target.color != case.target.background
         assert sc.parse_scene(case.target_prompt) == case.target  # the caption names the target scene
-        assert case.target_prompt != case.source_prompt
+        if case.relation == "reseed":  # the same caption, another noise seed
+            assert case.target_prompt == case.source_prompt and case.target_seed != case.seed, case
+        else:
+            assert case.target_prompt != case.source_prompt and case.target_seed == case.seed, case
 
 
 def test_prompt_files_give_the_scenes_they_name(tmp_path):

@@ -268,6 +268,14 @@ def resolve_model(model: str) -> tuple[str, Path | None]:
     return model.replace("/", "--"), None
 
 
+def model_extra(model: str) -> dict:
+    """The ``reprise`` section of a model directory's model_index.json (default guidance, size, ...); {} for others."""
+    _, directory = resolve_model(model)
+    if directory is None or not (directory / "model_index.json").exists():
+        return {}
+    return json.loads((directory / "model_index.json").read_text()).get("reprise", {})
+
+
 def fingerprint(parts: dict) -> str:
     """A short hash of everything that changes outputs: configs and every weight."""
     h = hashlib.sha256()

@@ -174,11 +174,7 @@ def _text_memo(worker: WorkerSettings):
 def _open_cache(redis_client, components=None):
     from cache import CacheSettings, LatentCache
 
-    settings = CacheSettings()
-    embedder = None
-    if settings.embedder == "clip" and components is not None:
-        embedder = clip_embedder(components)
-        settings = settings.model_copy(update={"clip_dim": int(components.text_encoder.config.hidden_size)})
+    settings, embedder = cache_settings_for(CacheSettings(), components)
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
     clock = RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
     return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock)
@@ -203,6 +199,18 @@ def _reopen_later(service: GenerationService, redis_client, cluster: ClusterSett
         control.start_control(service, redis_client, cluster)
 
     CacheReopener(lambda: _open_cache(redis_client, components), on_open, every_s).start()
+
+
+def cache_settings_for(settings, components=None):
+    """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
+    text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
+    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default."""
+    if settings.embedder != "clip" or components is None:
+        return settings, None
+    update = {"clip_dim": int(components.text_encoder.config.hidden_size)}
+    if settings.skip_table is None and components.extra.get("clip_skip_table"):
+        update["skip_table"] = [tuple(row) for row in components.extra["clip_skip_table"]]
+    return settings.model_copy(update=update), clip_embedder(components)
 
 
 def clip_embedder(components):
