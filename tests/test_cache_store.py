@@ -97,7 +97,7 @@ def open_cache(backend, cache_dir):
     collection = f"test_{uuid.uuid4().hex[:8]}" if backend == "server" else "reprise_latents"
 
     def _open(**overrides):
-        # the draft MiniLM table: the shipped default is empty (approximate reuse is opt-in)
+        # a fixed table that the hash embedder's similarities below are chosen for, whatever the shipped default
         fields = dict(backend=backend, path=os.path.join(cache_dir, "qdrant"), collection=collection, lookup_timeout_ms=5000,
                       skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)])
         if backend == "server":
