@@ -46,7 +46,7 @@ class CacheSettings(BaseSettings):
     embedder: Literal["minilm", "clip"] = Field("minilm", description="Prompt embedder: minilm (all-MiniLM-L6-v2) or clip (callable from the worker).")
     clip_dim: int = Field(768, ge=1, description="Dimension of the clip embedder's vectors (SD 1.5's text encoder: 768).")
     skip_table: Annotated[list[tuple[float, float]] | None, NoDecode] = Field(
-        None, description="Similarity->fraction table 's:f,s:f,...'; default per embedder (MiniLM calibrated, CLIP from NIRVANA).")
+        None, description="Similarity->fraction table 's:f,s:f,...'; default per embedder (MiniLM calibrated; clip: the model's calibrated table, else NIRVANA's).")
     isolate_by_tenant: bool = Field(True, description="Lookups only see the tenant's own entries plus shareable ones.")
     optimize_after_writes: int = Field(1000, ge=1, description="Edge: run optimize() in the background after this many writes.")
     optimize_interval_s: float = Field(300.0, gt=0, description="Edge: also run optimize() this often when writes are pending.")
