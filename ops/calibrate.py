@@ -29,9 +29,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from cache import CacheSettings
 from cache.skip_table import (CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, SkipTable, calibration_pairs, choose_skip_fraction,
                               fraction_to_k, validate_table)
-from cache import CacheSettings
 from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
 
 TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
@@ -205,7 +205,6 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
 
 def prompt_embedder(model: str):
     """The embedder the cache uses for ``model`` (REPRISE_CACHE_EMBEDDER): MiniLM, or the model's own text encoder."""
-    from cache import CacheSettings
     from cache.embedding import CallableEmbedder, PromptEmbedder
 
     settings = CacheSettings()
