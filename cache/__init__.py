@@ -9,8 +9,24 @@ from cache.skip_table import CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, choose_k, choos
 from cache.store import CacheError, CacheLockedError, CacheSchemaError, CacheUnavailableError
 
 __all__ = [
-    "ApproxHit", "CLIP_SKIP_TABLE", "CacheError", "CacheKey", "CacheLockedError", "CacheSchemaError",
-    "CacheSettings", "CacheUnavailableError", "CallableEmbedder", "EntryStats", "ExactHit", "HitCounter", "LatentCache",
-    "MINILM_SKIP_TABLE", "PromptEmbedder", "choose_k", "choose_skip_fraction", "make_policy",
-    "plan_eviction", "state_checksum",
+    "ApproxHit",
+    "CLIP_SKIP_TABLE",
+    "CacheError",
+    "CacheKey",
+    "CacheLockedError",
+    "CacheSchemaError",
+    "CacheSettings",
+    "CacheUnavailableError",
+    "CallableEmbedder",
+    "EntryStats",
+    "ExactHit",
+    "HitCounter",
+    "LatentCache",
+    "MINILM_SKIP_TABLE",
+    "PromptEmbedder",
+    "choose_k",
+    "choose_skip_fraction",
+    "make_policy",
+    "plan_eviction",
+    "state_checksum",
 ]

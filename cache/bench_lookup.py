@@ -54,10 +54,20 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _key(rng: np.random.Generator, i: int) -> CacheKey:
-    return CacheKey(model="sd15", model_version="v1", generation=1, prompt=f"bench prompt {i}", negative_prompt="",
-                    seed=int(rng.integers(1 << 31)), steps=int(rng.choice([30, 50])),
-                    guidance=float(rng.choice([7.0, 7.5])), width=512, height=512, scheduler="ddim",
-                    tenant=TENANTS[int(rng.integers(len(TENANTS)))])
+    return CacheKey(
+        model="sd15",
+        model_version="v1",
+        generation=1,
+        prompt=f"bench prompt {i}",
+        negative_prompt="",
+        seed=int(rng.integers(1 << 31)),
+        steps=int(rng.choice([30, 50])),
+        guidance=float(rng.choice([7.0, 7.5])),
+        width=512,
+        height=512,
+        scheduler="ddim",
+        tenant=TENANTS[int(rng.integers(len(TENANTS)))],
+    )
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -67,14 +77,23 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _percentiles(samples_ms: list[float]) -> dict:
     s = sorted(samples_ms)
-    return {"p50_ms": round(statistics.median(s), 3), "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))], 3),
-            "mean_ms": round(statistics.fmean(s), 3), "n": len(s)}
+    return {
+        "p50_ms": round(statistics.median(s), 3),
+        "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))], 3),
+        "mean_ms": round(statistics.fmean(s), 3),
+        "n": len(s),
+    }
 
 
 def run_one(backend: str, n: int, queries: int, with_state: bool, root: Path, seed: int = 0) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{backend}-{n}-", dir=root))
-    settings = CacheSettings(backend=backend, path=str(folder), lookup_timeout_ms=60_000,
-                             optimize_after_writes=10**9, optimize_interval_s=10**6)  # the bench optimises itself
+    settings = CacheSettings(
+        backend=backend,
+        path=str(folder),
+        lookup_timeout_ms=60_000,
+        optimize_after_writes=10**9,
+        optimize_interval_s=10**6,
+    )  # the bench optimises itself
     rng = np.random.default_rng(seed)
     rss0 = _rss_bytes()
     cache = LatentCache.open(settings, embedder=_NoEmbedder())
@@ -87,8 +106,10 @@ def run_one(backend: str, n: int, queries: int, with_state: bool, root: Path, se
         start = time.perf_counter()
         batch = 64 if with_state else 1000
         for lo in range(0, n, batch):
-            points = [cache.build_entry(keys[i], vectors[i], state, f"file:///img/{i}.png", i % 3 == 0)
-                      for i in range(lo, min(n, lo + batch))]
+            points = [
+                cache.build_entry(keys[i], vectors[i], state, f"file:///img/{i}.png", i % 3 == 0)
+                for i in range(lo, min(n, lo + batch))
+            ]
             cache.store.insert_many(points if with_state else [(i, v, {}, p) for i, v, _, p in points])
         result["insert_s"] = round(time.perf_counter() - start, 2)
         result["optimize_s"] = round(cache.optimize_now(), 2) if backend == "edge" else None
@@ -133,8 +154,10 @@ def lookup_during_optimize(n: int, root: Path, queries: int = 300, seed: int = 1
         vectors = _unit(rng, n)
         keys = [_key(rng, i) for i in range(n)]
         for lo in range(0, n, 1000):
-            points = [cache.build_entry(keys[i], vectors[i], {5: np.zeros(1, np.float32)}, None, False)
-                      for i in range(lo, min(n, lo + 1000))]
+            points = [
+                cache.build_entry(keys[i], vectors[i], {5: np.zeros(1, np.float32)}, None, False)
+                for i in range(lo, min(n, lo + 1000))
+            ]
             cache.store.insert_many([(i, v, {}, p) for i, v, _, p in points])
         done = threading.Event()
         took = {}
@@ -149,13 +172,20 @@ def lookup_during_optimize(n: int, root: Path, queries: int = 300, seed: int = 1
             i = int(rng.integers(n))
             t0 = time.perf_counter()
             # through the time box, as a lookup does; None while the shard is offline
-            res = cache._timeboxed("approx", cache.store.search, vectors[i], cache._approx_where(keys[i], True, time.time()), 1)
+            res = cache._timeboxed(
+                "approx", cache.store.search, vectors[i], cache._approx_where(keys[i], True, time.time()), 1
+            )
             samples.append((time.perf_counter() - t0) * 1000)
             answered += res is not None
             time.sleep(0.01)
         done.wait()
-        return {"entries": n, "optimize_s": round(took["s"], 2), "answered": answered,
-                "health": dict(cache.health), **(_percentiles(samples) if samples else {"n": 0})}
+        return {
+            "entries": n,
+            "optimize_s": round(took["s"], 2),
+            "answered": answered,
+            "health": dict(cache.health),
+            **(_percentiles(samples) if samples else {"n": 0}),
+        }
     finally:
         cache.close()
         shutil.rmtree(folder, ignore_errors=True)
@@ -168,8 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="filtered top-1 lookups per size")
     parser.add_argument("--local-max", type=int, default=10_000, help="largest size run in local mode (brute force)")
     parser.add_argument("--local-queries", type=int, default=100, help="lookups per size in local mode")
-    parser.add_argument("--state-entries", type=int, default=2000, help="size of the run with one 4x64x64 state per entry (0: skip)")
-    parser.add_argument("--during-optimize", type=int, default=10_000, help="Edge size for lookups during optimize() (0: skip)")
+    parser.add_argument(
+        "--state-entries", type=int, default=2000, help="size of the run with one 4x64x64 state per entry (0: skip)"
+    )
+    parser.add_argument(
+        "--during-optimize", type=int, default=10_000, help="Edge size for lookups during optimize() (0: skip)"
+    )
     parser.add_argument("--dir", default=None, help="where the temporary caches go (default: the system temp dir)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -181,7 +215,13 @@ def main(argv=None) -> int:
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         for n in sizes:
             if backend == "local" and n > args.local_max:
-                results.append({"backend": backend, "entries": n, "skipped": f"local mode is brute force in Python; > --local-max {args.local_max}"})
+                results.append(
+                    {
+                        "backend": backend,
+                        "entries": n,
+                        "skipped": f"local mode is brute force in Python; > --local-max {args.local_max}",
+                    }
+                )
                 continue
             q = args.local_queries if backend == "local" else args.queries
             results.append(run_one(backend, n, q, with_state=False, root=root))
@@ -190,14 +230,22 @@ def main(argv=None) -> int:
             q = args.local_queries if backend == "local" else args.queries
             results.append(run_one(backend, args.state_entries, q, with_state=True, root=root))
             _print_row(results[-1])
-    during = lookup_during_optimize(args.during_optimize, root) if args.during_optimize and "edge" in args.backends else None
+    during = (
+        lookup_during_optimize(args.during_optimize, root) if args.during_optimize and "edge" in args.backends else None
+    )
     if during:
-        print(f"edge lookups while optimize() runs at {during['entries']} entries: p50 {during.get('p50_ms')} ms, "
-              f"p99 {during.get('p99_ms')} ms over {during['n']} lookups, {during['answered']} answered, the rest "
-              f"missed while the shard was offline (optimize {during['optimize_s']} s)")
-    report = {"results": results, "lookup_during_optimize": during, "cpu_count": os.cpu_count(),
-              "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        print(
+            f"edge lookups while optimize() runs at {during['entries']} entries: p50 {during.get('p50_ms')} ms, "
+            f"p99 {during.get('p99_ms')} ms over {during['n']} lookups, {during['answered']} answered, the rest "
+            f"missed while the shard was offline (optimize {during['optimize_s']} s)"
+        )
+    report = {
+        "results": results,
+        "lookup_during_optimize": during,
+        "cpu_count": os.cpu_count(),
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     return 0
@@ -209,15 +257,20 @@ _HEADER = False
 def _print_row(r: dict) -> None:
     global _HEADER
     if not _HEADER:
-        print(f"{'backend':<7} {'entries':>8} {'state':>5} {'insert s':>9} {'optimize s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'hit':>5} {'RSS B/entry':>11} {'disk B/entry':>12}")
+        print(
+            f"{'backend':<7} {'entries':>8} {'state':>5} {'insert s':>9} {'optimize s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'hit':>5} {'RSS B/entry':>11} {'disk B/entry':>12}"
+        )
         _HEADER = True
     if "skipped" in r:
         print(f"{r['backend']:<7} {r['entries']:>8}  skipped: {r['skipped']}")
         return
     opt = "-" if r["optimize_s"] is None else f"{r['optimize_s']:.2f}"
-    print(f"{r['backend']:<7} {r['entries']:>8} {'yes' if r['with_state'] else 'no':>5} {r['insert_s']:>9.2f} {opt:>10} "
-          f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['hit_rate']:>5.2f} {r['rss_per_entry_bytes']:>11} {r['disk_per_entry_bytes']:>12}", flush=True)
+    print(
+        f"{r['backend']:<7} {r['entries']:>8} {'yes' if r['with_state'] else 'no':>5} {r['insert_s']:>9.2f} {opt:>10} "
+        f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['hit_rate']:>5.2f} {r['rss_per_entry_bytes']:>11} {r['disk_per_entry_bytes']:>12}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -14,18 +14,35 @@ from pathlib import Path
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheLockedError,
-                         CacheSchemaError, Cond, LatentStore, Record, Where)
+from cache.store import (
+    INDEXED_FIELDS,
+    PROMPT_VECTOR,
+    STATE_CHUNK,
+    CacheLockedError,
+    CacheSchemaError,
+    Cond,
+    LatentStore,
+    Record,
+    Where,
+)
 
-_INDEX_TYPES = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER,
-                "float": models.PayloadSchemaType.FLOAT, "bool": models.PayloadSchemaType.BOOL}
+_INDEX_TYPES = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+}
 
 
 def vectors_config(prompt_dim: int, slots: tuple[str, ...]) -> dict[str, models.VectorParams]:
     state = models.VectorParams(
-        size=STATE_CHUNK, distance=models.Distance.DOT, on_disk=True, datatype=models.Datatype.FLOAT16,
+        size=STATE_CHUNK,
+        distance=models.Distance.DOT,
+        on_disk=True,
+        datatype=models.Datatype.FLOAT16,
         hnsw_config=models.HnswConfigDiff(m=0),  # stored only, never indexed
-        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM))
+        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+    )
     config = {PROMPT_VECTOR: models.VectorParams(size=prompt_dim, distance=models.Distance.COSINE)}
     config.update({slot: state for slot in slots})
     return config
@@ -35,7 +52,9 @@ def _condition(cond: Cond | Where):
     if isinstance(cond, Where):
         return _filter(cond)
     if cond.is_range:
-        return models.FieldCondition(key=cond.field, range=models.Range(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte))
+        return models.FieldCondition(
+            key=cond.field, range=models.Range(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte)
+        )
     if isinstance(cond.value, (list, tuple, set)):
         return models.FieldCondition(key=cond.field, match=models.MatchAny(any=list(cond.value)))
     return models.FieldCondition(key=cond.field, match=models.MatchValue(value=cond.value))
@@ -44,9 +63,11 @@ def _condition(cond: Cond | Where):
 def _filter(where: Where | None):
     if where is None:
         return None
-    return models.Filter(must=[_condition(c) for c in where.must] or None,
-                         should=[_condition(c) for c in where.should] or None,
-                         must_not=[_condition(c) for c in where.must_not] or None)
+    return models.Filter(
+        must=[_condition(c) for c in where.must] or None,
+        should=[_condition(c) for c in where.should] or None,
+        must_not=[_condition(c) for c in where.must_not] or None,
+    )
 
 
 class ClientStore(LatentStore):
@@ -66,8 +87,9 @@ class ClientStore(LatentStore):
     @classmethod
     def open(cls, settings, prompt_dim: int, slots: tuple[str, ...]) -> "ClientStore":
         if settings.backend == "server":
-            client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                                  prefer_grpc=settings.prefer_grpc, timeout=10)
+            client = QdrantClient(
+                url=settings.qdrant_url, api_key=settings.qdrant_api_key, prefer_grpc=settings.prefer_grpc, timeout=10
+            )
         else:
             root = Path(settings.path)
             root.mkdir(parents=True, exist_ok=True)
@@ -79,7 +101,8 @@ class ClientStore(LatentStore):
                 raise CacheLockedError(
                     f"cache folder {root / 'local'} is opened by another process — in embedded mode one worker "
                     f"process per node owns the cache; use --devices to serve several devices from it, "
-                    f"or set QDRANT_URL") from exc
+                    f"or set QDRANT_URL"
+                ) from exc
         store = cls(client, settings.collection, settings.backend, settings, slots)
         store._ensure_collection(settings, prompt_dim)
         return store
@@ -88,9 +111,12 @@ class ClientStore(LatentStore):
         if not self._client.collection_exists(self.collection):
             try:
                 self._client.create_collection(
-                    self.collection, vectors_config=vectors_config(prompt_dim, self.slots), on_disk_payload=True,
+                    self.collection,
+                    vectors_config=vectors_config(prompt_dim, self.slots),
+                    on_disk_payload=True,
                     replication_factor=settings.replication_factor,
-                    write_consistency_factor=settings.write_consistency_factor)
+                    write_consistency_factor=settings.write_consistency_factor,
+                )
             except Exception:
                 # another process created it between our check and create: fine if it exists now
                 if not self._client.collection_exists(self.collection):
@@ -99,9 +125,11 @@ class ClientStore(LatentStore):
         params = params if isinstance(params, dict) else {}
         have = params[PROMPT_VECTOR].size if PROMPT_VECTOR in params else None
         if have != prompt_dim or any(s not in params or params[s].size != STATE_CHUNK for s in self.slots):
-            raise CacheSchemaError(f"collection {self.collection} does not match: prompt vectors of size {have} (embedder: "
-                                   f"{prompt_dim}), state slots {sorted(k for k in params if k != PROMPT_VECTOR)} "
-                                   f"(need {list(self.slots)} of {STATE_CHUNK}); use another collection name")
+            raise CacheSchemaError(
+                f"collection {self.collection} does not match: prompt vectors of size {have} (embedder: "
+                f"{prompt_dim}), state slots {sorted(k for k in params if k != PROMPT_VECTOR)} "
+                f"(need {list(self.slots)} of {STATE_CHUNK}); use another collection name"
+            )
         if self.backend == "server":  # local mode has no payload indexes
             schema = self._client.get_collection(self.collection).payload_schema or {}
             for name, kind in INDEXED_FIELDS.items():
@@ -118,19 +146,33 @@ class ClientStore(LatentStore):
             vector.update({slot: np.asarray(rows, dtype=np.float32).tolist() for slot, rows in states.items()})
             structs.append(models.PointStruct(id=point_id, vector=vector, payload=payload))
         with self._lock:
-            self._client.upsert(self.collection, structs, update_mode=models.UpdateMode.INSERT_ONLY, wait=True, **self._write)
+            self._client.upsert(
+                self.collection, structs, update_mode=models.UpdateMode.INSERT_ONLY, wait=True, **self._write
+            )
 
     def search(self, vector, where, limit=1) -> list[Record]:
         with self._lock:
             res = self._client.query_points(
-                self.collection, query=np.asarray(vector, dtype=np.float32).tolist(), using=PROMPT_VECTOR,
-                query_filter=_filter(where), limit=limit, with_payload=True, with_vectors=False, **self._read)
+                self.collection,
+                query=np.asarray(vector, dtype=np.float32).tolist(),
+                using=PROMPT_VECTOR,
+                query_filter=_filter(where),
+                limit=limit,
+                with_payload=True,
+                with_vectors=False,
+                **self._read,
+            )
         return [Record(str(p.id), p.payload or {}, score=p.score) for p in res.points]
 
     def retrieve(self, ids, with_payload=True, slots=()) -> list[Record]:
         with self._lock:
-            records = self._client.retrieve(self.collection, list(ids), with_payload=with_payload,
-                                            with_vectors=list(slots) if slots else False, **self._read)
+            records = self._client.retrieve(
+                self.collection,
+                list(ids),
+                with_payload=with_payload,
+                with_vectors=list(slots) if slots else False,
+                **self._read,
+            )
         out = []
         for r in records:
             vectors = r.vector if isinstance(r.vector, dict) else {}
@@ -141,8 +183,14 @@ class ClientStore(LatentStore):
     def scroll(self, where, fields, limit, offset=None):
         with self._lock:
             records, next_offset = self._client.scroll(
-                self.collection, scroll_filter=_filter(where), limit=limit, offset=offset,
-                with_payload=fields if fields is not None else True, with_vectors=False, **self._read)
+                self.collection,
+                scroll_filter=_filter(where),
+                limit=limit,
+                offset=offset,
+                with_payload=fields if fields is not None else True,
+                with_vectors=False,
+                **self._read,
+            )
         return [Record(str(r.id), r.payload or {}) for r in records], next_offset
 
     def count(self, where=None) -> int:
@@ -161,12 +209,16 @@ class ClientStore(LatentStore):
     def delete_states(self, ids, slots) -> None:
         if ids and slots:
             with self._lock:
-                self._client.delete_vectors(self.collection, vectors=list(slots), points=list(ids), wait=True, **self._write)
+                self._client.delete_vectors(
+                    self.collection, vectors=list(slots), points=list(ids), wait=True, **self._write
+                )
 
     def update_states(self, point_id, states) -> None:
         vector = {slot: np.asarray(rows, dtype=np.float32).tolist() for slot, rows in states.items()}
         with self._lock:
-            self._client.update_vectors(self.collection, [models.PointVectors(id=point_id, vector=vector)], wait=True, **self._write)
+            self._client.update_vectors(
+                self.collection, [models.PointVectors(id=point_id, vector=vector)], wait=True, **self._write
+            )
 
     def set_payload(self, ids, payload) -> None:
         if ids:

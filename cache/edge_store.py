@@ -26,18 +26,35 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
-from cache.store import (INDEXED_FIELDS, PROMPT_VECTOR, STATE_CHUNK, CacheError, CacheLockedError,
-                         CacheSchemaError, CacheUnavailableError, Cond, LatentStore, Record, Where)
+from cache.store import (
+    INDEXED_FIELDS,
+    PROMPT_VECTOR,
+    STATE_CHUNK,
+    CacheError,
+    CacheLockedError,
+    CacheSchemaError,
+    CacheUnavailableError,
+    Cond,
+    LatentStore,
+    Record,
+    Where,
+)
 
-_INDEX_TYPES = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
-                "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool}
+_INDEX_TYPES = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "integer": qe.PayloadSchemaType.Integer,
+    "float": qe.PayloadSchemaType.Float,
+    "bool": qe.PayloadSchemaType.Bool,
+}
 
 
 def edge_config(prompt_dim: int, slots: tuple[str, ...]) -> qe.EdgeConfig:
     state = qe.EdgeVectorParams(
-        size=STATE_CHUNK, distance=qe.Distance.Dot,
+        size=STATE_CHUNK,
+        distance=qe.Distance.Dot,
         multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
-        datatype=qe.VectorStorageDatatype.Float16, on_disk=True,
+        datatype=qe.VectorStorageDatatype.Float16,
+        on_disk=True,
         # m=0: stored only, never indexed; the other two arguments are required by the binding
         hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
     )
@@ -61,9 +78,11 @@ def _condition(cond: Cond | Where):
 def _filter(where: Where | None):
     if where is None:
         return None
-    return qe.Filter(must=[_condition(c) for c in where.must] or None,
-                     should=[_condition(c) for c in where.should] or None,
-                     must_not=[_condition(c) for c in where.must_not] or None)
+    return qe.Filter(
+        must=[_condition(c) for c in where.must] or None,
+        should=[_condition(c) for c in where.should] or None,
+        must_not=[_condition(c) for c in where.must_not] or None,
+    )
 
 
 def _rows(state: np.ndarray) -> list[list[float]]:
@@ -71,15 +90,24 @@ def _rows(state: np.ndarray) -> list[list[float]]:
 
 
 # The child needs nothing but qdrant_edge: it opens the shard, optimises, closes, and says what it did.
-_OPTIMIZE_CHILD = ("import sys, qdrant_edge as qe; shard = qe.EdgeShard.load(sys.argv[1]); changed = shard.optimize(); "
-                   "shard.close(); print('optimized' if changed else 'already optimal')")
+_OPTIMIZE_CHILD = (
+    "import sys, qdrant_edge as qe; shard = qe.EdgeShard.load(sys.argv[1]); changed = shard.optimize(); "
+    "shard.close(); print('optimized' if changed else 'already optimal')"
+)
 
 
 class EdgeStore(LatentStore):
     backend = "edge"
 
-    def __init__(self, shard: qe.EdgeShard, folder: Path, owner_file: Path, slots: tuple[str, ...],
-                 config: qe.EdgeConfig, optimize_in_subprocess: bool = True) -> None:
+    def __init__(
+        self,
+        shard: qe.EdgeShard,
+        folder: Path,
+        owner_file: Path,
+        slots: tuple[str, ...],
+        config: qe.EdgeConfig,
+        optimize_in_subprocess: bool = True,
+    ) -> None:
         self._shard = shard
         self.slots = slots
         self.folder = folder
@@ -119,8 +147,10 @@ class EdgeStore(LatentStore):
             if "WouldBlock" in text or "lock" in text.lower():
                 raise CacheLockedError(_locked_message(folder, owner_file)) from exc
             if exists:
-                raise CacheSchemaError(f"cannot open cache shard {folder} with prompt dim {prompt_dim} and {len(slots)} "
-                                       f"state slots (a changed embedder or state_fractions needs a new collection): {text}") from exc
+                raise CacheSchemaError(
+                    f"cannot open cache shard {folder} with prompt dim {prompt_dim} and {len(slots)} "
+                    f"state slots (a changed embedder or state_fractions needs a new collection): {text}"
+                ) from exc
             raise
         store = cls(shard, folder, owner_file, slots, config, getattr(settings, "optimize_in_subprocess", True))
         store._ensure_indexes()
@@ -148,8 +178,12 @@ class EdgeStore(LatentStore):
 
     def search(self, vector, where, limit=1) -> list[Record]:
         request = qe.QueryRequest(
-            limit=limit, query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist(), using=PROMPT_VECTOR),
-            filter=_filter(where), with_payload=True, with_vector=False)
+            limit=limit,
+            query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist(), using=PROMPT_VECTOR),
+            filter=_filter(where),
+            with_payload=True,
+            with_vector=False,
+        )
         with self._using() as shard:
             hits = shard.query(request)
         return [Record(str(h.id), h.payload or {}, score=h.score) for h in hits]
@@ -165,8 +199,13 @@ class EdgeStore(LatentStore):
         return out
 
     def scroll(self, where, fields, limit, offset=None):
-        request = qe.ScrollRequest(offset=offset, limit=limit, filter=_filter(where),
-                                   with_payload=fields if fields is not None else True, with_vector=False)
+        request = qe.ScrollRequest(
+            offset=offset,
+            limit=limit,
+            filter=_filter(where),
+            with_payload=fields if fields is not None else True,
+            with_vector=False,
+        )
         with self._using() as shard:
             records, next_offset = shard.scroll(request)
         return [Record(str(r.id), r.payload or {}) for r in records], next_offset
@@ -187,8 +226,11 @@ class EdgeStore(LatentStore):
             self._update(qe.UpdateOperation.delete_vectors(list(ids), list(slots)))
 
     def update_states(self, point_id, states) -> None:
-        self._update(qe.UpdateOperation.update_vectors(
-            [qe.PointVectors(point_id, {slot: _rows(rows) for slot, rows in states.items()})]))
+        self._update(
+            qe.UpdateOperation.update_vectors(
+                [qe.PointVectors(point_id, {slot: _rows(rows) for slot, rows in states.items()})]
+            )
+        )
 
     def set_payload(self, ids, payload) -> None:
         if ids:
@@ -212,8 +254,9 @@ class EdgeStore(LatentStore):
             self._shard.close()
             self._shard = None
         try:
-            done = subprocess.run([sys.executable, "-c", _OPTIMIZE_CHILD, str(self.folder.resolve())],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-c", _OPTIMIZE_CHILD, str(self.folder.resolve())], capture_output=True, text=True
+            )
             if done.returncode != 0 or not ("optimized" in done.stdout or "already optimal" in done.stdout):
                 raise CacheError(f"optimiser process failed ({done.returncode}): {done.stderr.strip()[-500:]}")
             return "optimized" in done.stdout.split()
@@ -245,6 +288,7 @@ def _locked_message(folder: Path, owner_file: Path) -> str:
         owner = f"pid {info.get('pid')} on {info.get('host')}{same}"
     except (OSError, ValueError):
         pass
-    return (f"cache folder {folder} is opened by {owner} — in embedded mode one worker process per node "
-            f"owns the cache; use --devices to serve several devices from it, or set QDRANT_URL")
-
+    return (
+        f"cache folder {folder} is opened by {owner} — in embedded mode one worker process per node "
+        f"owns the cache; use --devices to serve several devices from it, or set QDRANT_URL"
+    )

@@ -31,10 +31,17 @@ class CacheKey:
     def content_key(self) -> str:
         """sha256 over what fixes the image (tenant excluded): the `exact_key` payload field."""
         fields = {
-            "model": self.model, "model_version": self.model_version, "generation": int(self.generation),
-            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": int(self.seed),
-            "steps": int(self.steps), "guidance": float(self.guidance), "width": int(self.width),
-            "height": int(self.height), "scheduler": self.scheduler,
+            "model": self.model,
+            "model_version": self.model_version,
+            "generation": int(self.generation),
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": int(self.seed),
+            "steps": int(self.steps),
+            "guidance": float(self.guidance),
+            "width": int(self.width),
+            "height": int(self.height),
+            "scheduler": self.scheduler,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 

@@ -25,7 +25,16 @@ from cache.keys import CacheKey
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
 from cache.skip_table import choose_k, state_steps
-from cache.store import STATE_CHUNK, CacheUnavailableError, Cond, LatentStore, Where, open_store, rows_to_state, state_to_rows
+from cache.store import (
+    STATE_CHUNK,
+    CacheUnavailableError,
+    Cond,
+    LatentStore,
+    Where,
+    open_store,
+    rows_to_state,
+    state_to_rows,
+)
 
 log = logging.getLogger("reprise.cache")
 
@@ -171,8 +180,14 @@ class _BackgroundOptimizer:
 class LatentCache:
     """Exact and approximate lookups, write-back, expiry and eviction over a LatentStore."""
 
-    def __init__(self, settings: CacheSettings, store: LatentStore, embedder: Embedder, redis=None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: LatentStore,
+        embedder: Embedder,
+        redis=None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.embedder = embedder
@@ -182,12 +197,20 @@ class LatentCache:
         self._table = settings.table()
         self._timeout_s = settings.lookup_timeout_ms / 1000.0
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reprise-cache-lookup")
-        self._optimizer = (_BackgroundOptimizer(store, settings.optimize_after_writes, settings.optimize_interval_s, self.health)
-                           if store.backend == "edge" else None)
+        self._optimizer = (
+            _BackgroundOptimizer(store, settings.optimize_after_writes, settings.optimize_interval_s, self.health)
+            if store.backend == "edge"
+            else None
+        )
 
     @classmethod
-    def open(cls, settings: CacheSettings | None = None, redis=None, embedder: Embedder | Callable | None = None,
-             clock: Callable[[], float] = time.time) -> "LatentCache":
+    def open(
+        cls,
+        settings: CacheSettings | None = None,
+        redis=None,
+        embedder: Embedder | Callable | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> "LatentCache":
         """Open (or create) the cache. For the clip embedder pass `embedder`: an Embedder, or a
         callable prompt -> pooled text embedding (wrapped with version "clip", settings.clip_dim)."""
         settings = settings or CacheSettings()
@@ -196,7 +219,9 @@ class LatentCache:
                 raise ValueError("embedder=clip needs the pipeline's text encoder: LatentCache.open(..., embedder=fn)")
             embedder = PromptEmbedder(settings.memo_entries)
         elif not hasattr(embedder, "embed"):
-            embedder = CallableEmbedder(embedder, version="clip", dim=settings.clip_dim, memo_entries=settings.memo_entries)
+            embedder = CallableEmbedder(
+                embedder, version="clip", dim=settings.clip_dim, memo_entries=settings.memo_entries
+            )
         return cls(settings, open_store(settings, embedder.dim), embedder, redis=redis, clock=clock)
 
     # --- embedding ------------------------------------------------------------------------
@@ -242,10 +267,21 @@ class LatentCache:
             # The id is tenant-scoped, but validate the payload too: an entry planted under this id for
             # another tenant (written around the API) is never served.
             mine = not isolate or p.get("audience") in (key.tenant, SHARED_AUDIENCE)
-            if mine and p.get("exact_key") == key.content_key() and p.get("image_uri") and float(p.get("expires_at", 0)) > now:
+            if (
+                mine
+                and p.get("exact_key") == key.content_key()
+                and p.get("image_uri")
+                and float(p.get("expires_at", 0)) > now
+            ):
                 return ExactHit(record.id, p["image_uri"], p.get("tenant", ""))
         if isolate and allow_shared:
-            where = Where(must=(Cond("exact_key", key.content_key()), Cond("audience", SHARED_AUDIENCE), Cond("expires_at", gt=now)))
+            where = Where(
+                must=(
+                    Cond("exact_key", key.content_key()),
+                    Cond("audience", SHARED_AUDIENCE),
+                    Cond("expires_at", gt=now),
+                )
+            )
             records, _ = self.store.scroll(where, ["image_uri", "tenant"], limit=1)
             for record in records:
                 if record.payload.get("image_uri"):
@@ -254,11 +290,17 @@ class LatentCache:
 
     def _approx_where(self, key: CacheKey, allow_shared: bool, now: float) -> Where:
         must: list[Cond | Where] = [
-            Cond("model", key.model), Cond("model_version", key.model_version), Cond("generation", int(key.generation)),
-            Cond("scheduler", key.scheduler), Cond("steps", int(key.steps)),
+            Cond("model", key.model),
+            Cond("model_version", key.model_version),
+            Cond("generation", int(key.generation)),
+            Cond("scheduler", key.scheduler),
+            Cond("steps", int(key.steps)),
             Cond("guidance", gte=float(key.guidance), lte=float(key.guidance)),
-            Cond("width", int(key.width)), Cond("height", int(key.height)), Cond("expires_at", gt=now),
-            Cond("n_states", gte=1)]  # an image-only entry cannot seed a resumed generation
+            Cond("width", int(key.width)),
+            Cond("height", int(key.height)),
+            Cond("expires_at", gt=now),
+            Cond("n_states", gte=1),
+        ]  # an image-only entry cannot seed a resumed generation
         if self.settings.isolate_by_tenant:
             must.append(Cond("audience", [key.tenant, SHARED_AUDIENCE] if allow_shared else [key.tenant]))
         return Where(must=tuple(must))
@@ -324,16 +366,27 @@ class LatentCache:
             return True
         self.store.delete_states([entry_id], [slots[x] for x in ks if x in slots])
         checksums = payload.get("checksums") or {}
-        self.store.set_payload([entry_id], {
-            "ks_present": remaining, "n_states": len(remaining),
-            "state_slots": {str(x): slots[x] for x in remaining if x in slots},
-            "checksums": {str(x): checksums.get(str(x)) for x in remaining}})
+        self.store.set_payload(
+            [entry_id],
+            {
+                "ks_present": remaining,
+                "n_states": len(remaining),
+                "state_slots": {str(x): slots[x] for x in remaining if x in slots},
+                "checksums": {str(x): checksums.get(str(x)) for x in remaining},
+            },
+        )
         return False
 
     # --- writes ---------------------------------------------------------------------------
 
-    def write_back(self, key: CacheKey, vector: np.ndarray, states: dict[int, np.ndarray], image_uri: str | None,
-                   shareable: bool = False) -> bool:
+    def write_back(
+        self,
+        key: CacheKey,
+        vector: np.ndarray,
+        states: dict[int, np.ndarray],
+        image_uri: str | None,
+        shareable: bool = False,
+    ) -> bool:
         """Insert this generation (first writer wins). True if this call's entry is the stored one."""
         try:
             return self._write_back(key, vector, states, image_uri, shareable)
@@ -354,8 +407,9 @@ class LatentCache:
         records = self.store.retrieve([entry_id], with_payload=["writer"])
         return bool(records) and records[0].payload.get("writer") == payload["writer"]
 
-    def build_entry(self, key: CacheKey, vector: np.ndarray, states: dict[int, np.ndarray], image_uri: str | None,
-                    shareable: bool) -> tuple[str, np.ndarray, dict[str, np.ndarray], dict]:
+    def build_entry(
+        self, key: CacheKey, vector: np.ndarray, states: dict[int, np.ndarray], image_uri: str | None, shareable: bool
+    ) -> tuple[str, np.ndarray, dict[str, np.ndarray], dict]:
         """The point write_back inserts: (id, prompt vector, slot -> rows, payload). Bad states are skipped."""
         now = self.clock()
         good: dict[int, np.ndarray] = {}
@@ -375,19 +429,35 @@ class LatentCache:
                 log.warning("cache write-back: state K=%s has shape %s, expected %s, skipped", k, half.shape, shape)
                 continue
             good[int(k)] = half
-        ks = sorted(good)[-len(self.store.slots):]  # keep the most valuable (largest K) if too many
+        ks = sorted(good)[-len(self.store.slots) :]  # keep the most valuable (largest K) if too many
         slots = {k: self.store.slots[i] for i, k in enumerate(ks)}
         payload: dict[str, Any] = {
-            "model": key.model, "model_version": key.model_version, "generation": int(key.generation),
-            "scheduler": key.scheduler, "steps": int(key.steps), "guidance": float(key.guidance),
-            "width": int(key.width), "height": int(key.height), "tenant": key.tenant, "shareable": bool(shareable),
+            "model": key.model,
+            "model_version": key.model_version,
+            "generation": int(key.generation),
+            "scheduler": key.scheduler,
+            "steps": int(key.steps),
+            "guidance": float(key.guidance),
+            "width": int(key.width),
+            "height": int(key.height),
+            "tenant": key.tenant,
+            "shareable": bool(shareable),
             "audience": SHARED_AUDIENCE if shareable else key.tenant,
-            "ks_present": ks, "n_states": len(ks), "state_slots": {str(k): s for k, s in slots.items()},
-            "state_shape": list(shape) if shape is not None else [], "state_dtype": "float16",
+            "ks_present": ks,
+            "n_states": len(ks),
+            "state_slots": {str(k): s for k, s in slots.items()},
+            "state_shape": list(shape) if shape is not None else [],
+            "state_dtype": "float16",
             "checksums": {str(k): state_checksum(good[k]) for k in ks},
-            "image_uri": image_uri, "exact_key": key.content_key(), "prompt": key.prompt,
-            "negative_prompt": key.negative_prompt, "seed": int(key.seed), "embedder": self.embedder.version,
-            "created_at": now, "expires_at": now + self.settings.ttl_seconds, "last_hit_at": None,
+            "image_uri": image_uri,
+            "exact_key": key.content_key(),
+            "prompt": key.prompt,
+            "negative_prompt": key.negative_prompt,
+            "seed": int(key.seed),
+            "embedder": self.embedder.version,
+            "created_at": now,
+            "expires_at": now + self.settings.ttl_seconds,
+            "last_hit_at": None,
             "writer": uuid.uuid4().hex,  # tells this write from a concurrent one of the same key
         }
         entry_id = key.exact_id(self.settings.isolate_by_tenant)
@@ -416,31 +486,55 @@ class LatentCache:
             hits, last_hit = counters.get(r.id, ({}, None))
             state_bytes = _padded_state_bytes(p.get("state_shape") or [])
             ks = [int(k) for k in p.get("ks_present") or []]
-            out.append(EntryStats(
-                entry_id=r.id, ks=ks, hits=hits, created_at=float(p.get("created_at") or 0.0),
-                last_hit_at=last_hit if last_hit is not None else p.get("last_hit_at"),
-                bytes_per_state={k: state_bytes for k in ks},
-                overhead_bytes=self.embedder.dim * 4 + PAYLOAD_OVERHEAD_BYTES))
+            out.append(
+                EntryStats(
+                    entry_id=r.id,
+                    ks=ks,
+                    hits=hits,
+                    created_at=float(p.get("created_at") or 0.0),
+                    last_hit_at=last_hit if last_hit is not None else p.get("last_hit_at"),
+                    bytes_per_state={k: state_bytes for k in ks},
+                    overhead_bytes=self.embedder.dim * 4 + PAYLOAD_OVERHEAD_BYTES,
+                )
+            )
         return out
 
     def stats(self) -> dict:
         entries = self._entry_stats()
         per_k: Counter = Counter(k for e in entries for k in e.ks)
-        return {"backend": self.store.backend, "entries": len(entries), "approx_bytes": sum(e.bytes for e in entries),
-                "states": sum(per_k.values()), "per_k": dict(sorted(per_k.items())), "health": dict(self.health)}
+        return {
+            "backend": self.store.backend,
+            "entries": len(entries),
+            "approx_bytes": sum(e.bytes for e in entries),
+            "states": sum(per_k.values()),
+            "per_k": dict(sorted(per_k.items())),
+            "health": dict(self.health),
+        }
 
     def delete(self, entry_ids: Iterable[str]) -> None:
         entry_ids = list(entry_ids)
         self.store.delete(entry_ids)
         self.hits.forget(entry_ids)
 
-    def delete_by_filter(self, *, model: str | None = None, model_version: str | None = None,
-                         generation: int | None = None, generation_below: int | None = None,
-                         tenant: str | None = None, prompt_prefix: str | None = None,
-                         created_before: float | None = None) -> int:
+    def delete_by_filter(
+        self,
+        *,
+        model: str | None = None,
+        model_version: str | None = None,
+        generation: int | None = None,
+        generation_below: int | None = None,
+        tenant: str | None = None,
+        prompt_prefix: str | None = None,
+        created_before: float | None = None,
+    ) -> int:
         """Delete every entry matching all given criteria; returns how many went."""
         must: list[Cond] = []
-        for name, value in (("model", model), ("model_version", model_version), ("generation", generation), ("tenant", tenant)):
+        for name, value in (
+            ("model", model),
+            ("model_version", model_version),
+            ("generation", generation),
+            ("tenant", tenant),
+        ):
             if value is not None:
                 must.append(Cond(name, value))
         if generation_below is not None:
@@ -451,8 +545,11 @@ class LatentCache:
             raise ValueError("delete_by_filter needs at least one criterion")
         where = Where(must=tuple(must)) if must else None
         # prompt prefixes are matched here rather than by a prefix index: the same code on every backend
-        ids = [r.id for r in self.store.iter_records(where, ["prompt"] if prompt_prefix is not None else [])
-               if prompt_prefix is None or str(r.payload.get("prompt", "")).startswith(prompt_prefix)]
+        ids = [
+            r.id
+            for r in self.store.iter_records(where, ["prompt"] if prompt_prefix is not None else [])
+            if prompt_prefix is None or str(r.payload.get("prompt", "")).startswith(prompt_prefix)
+        ]
         for start in range(0, len(ids), 1000):
             self.delete(ids[start : start + 1000])
         return len(ids)
@@ -465,8 +562,9 @@ class LatentCache:
             self.delete(ids[start : start + 1000])
         return len(ids)
 
-    def evict_to(self, capacity: int | None = None, policy: str | None = None, capacity_bytes: int | None = None,
-                 seed: int = 0) -> int:
+    def evict_to(
+        self, capacity: int | None = None, policy: str | None = None, capacity_bytes: int | None = None, seed: int = 0
+    ) -> int:
         """Evict by policy until at most `capacity` entries (and capacity_bytes) remain.
 
         Returns the units evicted: whole entries, plus single states for LCBFU.
@@ -478,7 +576,9 @@ class LatentCache:
         for start in range(0, len(plan.delete_entries), 1000):
             self.delete(plan.delete_entries[start : start + 1000])
         if plan.delete_states:
-            payloads = {r.id: r.payload for r in self.store.retrieve(list(plan.delete_states), with_payload=_EVICTION_FIELDS)}
+            payloads = {
+                r.id: r.payload for r in self.store.retrieve(list(plan.delete_states), with_payload=_EVICTION_FIELDS)
+            }
             for entry_id, ks in plan.delete_states.items():
                 if entry_id in payloads:
                     self._remove_states(entry_id, ks, payloads[entry_id])

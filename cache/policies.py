@@ -67,8 +67,13 @@ class LruPolicy(_OrderedPolicy):
     name = "lru"
 
     def order(self, entries):
-        return [(e.entry_id, None) for e in sorted(
-            entries, key=lambda e: (e.last_hit_at if e.last_hit_at is not None else e.created_at, e.created_at, e.entry_id))]
+        return [
+            (e.entry_id, None)
+            for e in sorted(
+                entries,
+                key=lambda e: (e.last_hit_at if e.last_hit_at is not None else e.created_at, e.created_at, e.entry_id),
+            )
+        ]
 
 
 class LfuPolicy(_OrderedPolicy):
@@ -123,8 +128,9 @@ class EvictionPlan:
         return len(self.delete_entries) + sum(len(v) for v in self.delete_states.values())
 
 
-def plan_eviction(policy: EvictionPolicy, entries: Iterable[EntryStats], max_entries: int | None,
-                  max_bytes: int | None = None) -> EvictionPlan:
+def plan_eviction(
+    policy: EvictionPolicy, entries: Iterable[EntryStats], max_entries: int | None, max_bytes: int | None = None
+) -> EvictionPlan:
     """Walk the policy's order until at most `max_entries` entries and `max_bytes` bytes remain.
 
     An entry whose last state goes is deleted whole.

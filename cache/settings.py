@@ -23,35 +23,68 @@ class CacheSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REPRISE_CACHE_", extra="ignore", populate_by_name=True)
 
     backend: Literal["edge", "local", "server"] = Field(
-        "edge", description="Qdrant backend: edge (qdrant-edge-py in-process), local (qdrant-client local mode) or server (QDRANT_URL; implied when QDRANT_URL is set).")
-    path: str = Field("./var/qdrant", description="Folder of the embedded cache (edge and local backends); one process owns it.")
+        "edge",
+        description="Qdrant backend: edge (qdrant-edge-py in-process), local (qdrant-client local mode) or server (QDRANT_URL; implied when QDRANT_URL is set).",
+    )
+    path: str = Field(
+        "./var/qdrant", description="Folder of the embedded cache (edge and local backends); one process owns it."
+    )
     collection: str = Field("reprise_latents", description="Collection (server/local) or shard folder name (edge).")
     qdrant_url: str | None = Field(
-        None, validation_alias=AliasChoices("QDRANT_URL", "REPRISE_CACHE_QDRANT_URL"), description="Qdrant server URL; setting it selects the server backend.")
+        None,
+        validation_alias=AliasChoices("QDRANT_URL", "REPRISE_CACHE_QDRANT_URL"),
+        description="Qdrant server URL; setting it selects the server backend.",
+    )
     qdrant_api_key: str | None = Field(
-        None, validation_alias=AliasChoices("QDRANT_API_KEY", "REPRISE_CACHE_QDRANT_API_KEY"), description="Qdrant server API key.")
+        None,
+        validation_alias=AliasChoices("QDRANT_API_KEY", "REPRISE_CACHE_QDRANT_API_KEY"),
+        description="Qdrant server API key.",
+    )
     prefer_grpc: bool = Field(True, description="Talk gRPC to a Qdrant server (faster for multi-KB state vectors).")
-    replication_factor: int = Field(2, ge=1, description="Copies of each shard when the server backend creates the collection.")
-    write_consistency_factor: int = Field(1, ge=1, description="Replicas that must acknowledge a write (server backend).")
+    replication_factor: int = Field(
+        2, ge=1, description="Copies of each shard when the server backend creates the collection."
+    )
+    write_consistency_factor: int = Field(
+        1, ge=1, description="Replicas that must acknowledge a write (server backend)."
+    )
     read_consistency: Literal["all", "majority", "quorum"] | int = Field(
-        1, description="Replicas a server read consults: an int, or all/majority/quorum.")
+        1, description="Replicas a server read consults: an int, or all/majority/quorum."
+    )
     write_ordering: Literal["weak", "medium", "strong"] = Field("weak", description="Server write ordering guarantee.")
-    lookup_timeout_ms: float = Field(50.0, gt=0, description="Time box of one cache lookup; past it the job is generated fresh.")
+    lookup_timeout_ms: float = Field(
+        50.0, gt=0, description="Time box of one cache lookup; past it the job is generated fresh."
+    )
     state_fractions: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], description="Fractions of N at which noise states are captured (comma-separated).")
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5],
+        description="Fractions of N at which noise states are captured (comma-separated).",
+    )
     capacity_entries: int = Field(10_000, ge=1, description="Cached generations kept by evict_to.")
-    capacity_bytes: int | None = Field(None, ge=1, description="Optional cap on the approximate bytes of stored states.")
+    capacity_bytes: int | None = Field(
+        None, ge=1, description="Optional cap on the approximate bytes of stored states."
+    )
     policy: Literal["lcbfu", "lru", "lfu", "fifo", "lifo", "random"] = Field("lcbfu", description="Eviction policy.")
     ttl_seconds: float = Field(7 * 24 * 3600, gt=0, description="Lifetime of an entry; expire() deletes it afterwards.")
-    embedder: Literal["minilm", "clip"] = Field("minilm", description="Prompt embedder: minilm (all-MiniLM-L6-v2) or clip (callable from the worker).")
-    clip_dim: int = Field(768, ge=1, description="Dimension of the clip embedder's vectors (SD 1.5's text encoder: 768).")
+    embedder: Literal["minilm", "clip"] = Field(
+        "minilm", description="Prompt embedder: minilm (all-MiniLM-L6-v2) or clip (callable from the worker)."
+    )
+    clip_dim: int = Field(
+        768, ge=1, description="Dimension of the clip embedder's vectors (SD 1.5's text encoder: 768)."
+    )
     skip_table: Annotated[list[tuple[float, float]] | None, NoDecode] = Field(
-        None, description="Similarity->fraction table 's:f,s:f,...'; default per embedder (MiniLM calibrated; clip: the model's calibrated table, else NIRVANA's).")
+        None,
+        description="Similarity->fraction table 's:f,s:f,...'; default per embedder (MiniLM calibrated; clip: the model's calibrated table, else NIRVANA's).",
+    )
     isolate_by_tenant: bool = Field(True, description="Lookups only see the tenant's own entries plus shareable ones.")
-    optimize_after_writes: int = Field(1000, ge=1, description="Edge: run optimize() in the background after this many writes.")
-    optimize_interval_s: float = Field(300.0, gt=0, description="Edge: also run optimize() this often when writes are pending.")
+    optimize_after_writes: int = Field(
+        1000, ge=1, description="Edge: run optimize() in the background after this many writes."
+    )
+    optimize_interval_s: float = Field(
+        300.0, gt=0, description="Edge: also run optimize() this often when writes are pending."
+    )
     optimize_in_subprocess: bool = Field(
-        True, description="Edge: optimise in a child process (the cache is offline meanwhile) instead of in-process, where it holds the GIL and freezes the worker.")
+        True,
+        description="Edge: optimise in a child process (the cache is offline meanwhile) instead of in-process, where it holds the GIL and freezes the worker.",
+    )
     memo_entries: int = Field(50_000, ge=1, description="Prompt embeddings memoised per process.")
 
     @field_validator("state_fractions", mode="before")

@@ -75,8 +75,12 @@ def choose_k(similarity: float, steps: int, table: SkipTable, stored_ks: Iterabl
 
 # --- calibration --------------------------------------------------------------------------
 
-def similarity_quantiles(pairs: Sequence[tuple[str, str]], embed_many: Callable[[Sequence[str]], np.ndarray],
-                         quantiles: Sequence[float] = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)) -> dict[str, float]:
+
+def similarity_quantiles(
+    pairs: Sequence[tuple[str, str]],
+    embed_many: Callable[[Sequence[str]], np.ndarray],
+    quantiles: Sequence[float] = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99),
+) -> dict[str, float]:
     """Cosine similarity distribution of prompt pairs under an embedder (vectors unit-normalised)."""
     if not pairs:
         return {}
@@ -108,14 +112,36 @@ def print_calibration(groups: dict[str, Sequence[tuple[str, str]]], embed_many, 
     return report
 
 
-_STYLE_SUFFIXES = (", highly detailed", ", digital art", ", oil painting", ", 4k photograph",
-                   ", trending on artstation", ", in the style of a watercolor", ", cinematic lighting")
-_SWAPS = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "red", "black": "white",
-          "white": "black", "two": "three", "three": "two", "small": "large", "large": "small",
-          "dog": "cat", "cat": "dog", "man": "woman", "woman": "man"}
+_STYLE_SUFFIXES = (
+    ", highly detailed",
+    ", digital art",
+    ", oil painting",
+    ", 4k photograph",
+    ", trending on artstation",
+    ", in the style of a watercolor",
+    ", cinematic lighting",
+)
+_SWAPS = {
+    "red": "blue",
+    "blue": "green",
+    "green": "yellow",
+    "yellow": "red",
+    "black": "white",
+    "white": "black",
+    "two": "three",
+    "three": "two",
+    "small": "large",
+    "large": "small",
+    "dog": "cat",
+    "cat": "dog",
+    "man": "woman",
+    "woman": "man",
+}
 
 
-def calibration_pairs(prompts_dir: str, limit: int = 1500, seed: int = 0, embed_many=None) -> dict[str, list[tuple[str, str]]]:
+def calibration_pairs(
+    prompts_dir: str, limit: int = 1500, seed: int = 0, embed_many=None
+) -> dict[str, list[tuple[str, str]]]:
     """Pairs from the shared prompt files: style edits, one-word swaps, nearest other caption, random."""
     import csv
     import random

@@ -28,14 +28,27 @@ MAX_STATE_ROWS = 1_048_576 // STATE_CHUNK
 
 def state_slot_names(n: int) -> tuple[str, ...]:
     return tuple(f"k{i}" for i in range(1, n + 1))
+
+
 PROMPT_VECTOR = "prompt"
 
 # payload field -> index type
 INDEXED_FIELDS: dict[str, str] = {
-    "model": "keyword", "model_version": "keyword", "generation": "integer", "scheduler": "keyword",
-    "steps": "integer", "guidance": "float", "width": "integer", "height": "integer",
-    "tenant": "keyword", "shareable": "bool", "audience": "keyword", "expires_at": "float", "exact_key": "keyword",
-    "created_at": "float", "n_states": "integer",
+    "model": "keyword",
+    "model_version": "keyword",
+    "generation": "integer",
+    "scheduler": "keyword",
+    "steps": "integer",
+    "guidance": "float",
+    "width": "integer",
+    "height": "integer",
+    "tenant": "keyword",
+    "shareable": "bool",
+    "audience": "keyword",
+    "expires_at": "float",
+    "exact_key": "keyword",
+    "created_at": "float",
+    "n_states": "integer",
 }
 
 
@@ -128,10 +141,14 @@ class LatentStore(ABC):
         """Nearest points by the prompt vector, with payload."""
 
     @abstractmethod
-    def retrieve(self, ids: list[str], with_payload: bool | list[str] = True, slots: list[str] = ()) -> list[Record]: ...
+    def retrieve(
+        self, ids: list[str], with_payload: bool | list[str] = True, slots: list[str] = ()
+    ) -> list[Record]: ...
 
     @abstractmethod
-    def scroll(self, where: Where | None, fields: list[str] | None, limit: int, offset: Any = None) -> tuple[list[Record], Any]: ...
+    def scroll(
+        self, where: Where | None, fields: list[str] | None, limit: int, offset: Any = None
+    ) -> tuple[list[Record], Any]: ...
 
     @abstractmethod
     def count(self, where: Where | None = None) -> int: ...
@@ -155,13 +172,15 @@ class LatentStore(ABC):
         """Build indexes (Edge has no background optimiser); a no-op where the backend does it."""
         return False
 
-    def flush(self) -> None:
-        pass
+    def flush(self) -> None:  # noqa: B027 - optional hook: backends that buffer writes override it
+        return None
 
     @abstractmethod
     def close(self) -> None: ...
 
-    def iter_records(self, where: Where | None = None, fields: list[str] | None = None, page: int = 1000) -> Iterator[Record]:
+    def iter_records(
+        self, where: Where | None = None, fields: list[str] | None = None, page: int = 1000
+    ) -> Iterator[Record]:
         offset = None
         while True:
             records, offset = self.scroll(where, fields, page, offset)

@@ -92,7 +92,9 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="reprise bench cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="reprise bench cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--prompts", required=True, help="prompt file (TSV, CSV, JSONL or one prompt per line)")
     p.add_argument("--n", type=int, default=200, help="requests in the stream")
     p.add_argument("--steps", type=int, default=20)
@@ -105,17 +107,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tenants", type=int, default=1)
     p.add_argument("--pool", type=int, default=None, help="use only the first N prompts of the file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embedded", action="store_true", help="start a local cluster (Redis if needed, one worker) for the run")
+    p.add_argument(
+        "--embedded", action="store_true", help="start a local cluster (Redis if needed, one worker) for the run"
+    )
     p.add_argument("--devices", default="cpu", help="with --embedded: the worker's devices")
-    p.add_argument("--skip-table", default=None,
-                   help="with --embedded: the worker's similarity->fraction table 's:f,s:f' (default: the shipped one for its embedder)")
+    p.add_argument(
+        "--skip-table",
+        default=None,
+        help="with --embedded: the worker's similarity->fraction table 's:f,s:f' (default: the shipped one for its embedder)",
+    )
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
 
     rows = read_prompts(args.prompts)
-    params = WorkloadParams(zipf=args.zipf, session_p=args.session_p, edit_p=args.edit_p, tenants=args.tenants,
-                            steps=args.steps, pool=args.pool, seed=args.seed, as_is=args.as_is, model=args.model,
-                            file_params=False)
+    params = WorkloadParams(
+        zipf=args.zipf,
+        session_p=args.session_p,
+        edit_p=args.edit_p,
+        tenants=args.tenants,
+        steps=args.steps,
+        pool=args.pool,
+        seed=args.seed,
+        as_is=args.as_is,
+        model=args.model,
+        file_params=False,
+    )
     workload = Workload(rows, params)
     stream = [req for req, _ in workload.take(args.n)]
     console = Console()
@@ -136,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         admin = CacheAdmin()
         served = ModelRegistry(admin.r).served(args.model)
         if served is None:
-            console.print(f"[red]no live worker serves {args.model!r}: start one (`reprise worker --model {args.model}`) or pass --embedded")
+            console.print(
+                f"[red]no live worker serves {args.model!r}: start one (`reprise worker --model {args.model}`) or pass --embedded"
+            )
             return 2
         console.print(f"pass 1/2: caches off, {len(stream)} requests ...")
         off = replay(stream, args.concurrency, CACHE_OFF)
@@ -176,9 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("caches on", justify="right")
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     table.add_row("throughput (jobs/s)", fmt(off["throughput"]), fmt(on["throughput"]))
-    table.add_row("p50 / p95 latency (s)", f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}", f"{fmt(on['p50_latency'])} / {fmt(on['p95_latency'])}")
+    table.add_row(
+        "p50 / p95 latency (s)",
+        f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}",
+        f"{fmt(on['p50_latency'])} / {fmt(on['p95_latency'])}",
+    )
     table.add_row("hit rate exact / approx", "-", f"{on['hit_rate_exact']:.1%} / {on['hit_rate_approx']:.1%}")
-    table.add_row("mean steps computed", fmt(off["mean_steps_computed"], "{:.1f}"), fmt(on["mean_steps_computed"], "{:.1f}"))
+    table.add_row(
+        "mean steps computed", fmt(off["mean_steps_computed"], "{:.1f}"), fmt(on["mean_steps_computed"], "{:.1f}")
+    )
     table.add_row("steps saved", "-", f"{on['steps_saved_fraction']:.1%}")
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
     table.add_row("errors", str(len(off["errors"])), str(len(on["errors"])))

@@ -101,21 +101,40 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _label(setting: dict) -> str:
-    params = {k.split("_", 1)[1] if k.startswith(("deepcache_", "block_")) else k: v for k, v in setting.items() if k != "method"}
+    params = {
+        k.split("_", 1)[1] if k.startswith(("deepcache_", "block_")) else k: v
+        for k, v in setting.items()
+        if k != "method"
+    }
     return setting["method"] + ("" if not params else " " + " ".join(f"{k}={v}" for k, v in params.items()))
 
 
-def run(model: str, steps: int, prompts: int, repeats: int, size: int | None, calibration_dir: str | None, calibration_prompts: int = 2, log=print) -> dict:
+def run(
+    model: str,
+    steps: int,
+    prompts: int,
+    repeats: int,
+    size: int | None,
+    calibration_dir: str | None,
+    calibration_prompts: int = 2,
+    log=print,
+) -> dict:
     components = load_components(model)
     loop = DenoiseLoop(components)
     size = size or components.spec.default_size
-    defaults = {"calibration_dir": calibration_dir, "calibration_prompts": calibration_prompts, "calibration_size": size}
+    defaults = {
+        "calibration_dir": calibration_dir,
+        "calibration_prompts": calibration_prompts,
+        "calibration_size": size,
+    }
 
     started = time.perf_counter()
     store = calibration_store(calibration_dir, calibration_prompts, size)
     store.changes(components, steps)  # calibrate once up front (stored), so no timed run pays for it
     calibration_s = time.perf_counter() - started
-    log(f"{model} {size}x{size}px, {steps} steps, {prompts} prompts x {repeats} repeats; block calibration {calibration_s:.1f}s")
+    log(
+        f"{model} {size}x{size}px, {steps} steps, {prompts} prompts x {repeats} repeats; block calibration {calibration_s:.1f}s"
+    )
 
     unet_s = {i: [] for i in range(len(SETTINGS))}
     wall_s = {i: [] for i in range(len(SETTINGS))}
@@ -126,8 +145,13 @@ def run(model: str, steps: int, prompts: int, repeats: int, size: int | None, ca
             for i, setting in enumerate(SETTINGS):
                 runner = TimedRunner(make_unet_runner(components, setting, defaults, steps=steps), components.device)
                 out = loop.denoise(
-                    prompt=PROMPTS[p % len(PROMPTS)], seed=1000 + p, steps=steps, guidance_scale=7.5,
-                    width=size, height=size, unet_runner=runner,
+                    prompt=PROMPTS[p % len(PROMPTS)],
+                    seed=1000 + p,
+                    steps=steps,
+                    guidance_scale=7.5,
+                    width=size,
+                    height=size,
+                    unet_runner=runner,
                 )
                 unet_s[i].append(runner.seconds)
                 wall_s[i].append(out.denoise_s)
@@ -170,7 +194,9 @@ def run(model: str, steps: int, prompts: int, repeats: int, size: int | None, ca
 
 def print_table(report: dict) -> None:
     print(f"\n{report['model']} · {report['steps']} steps · {report['size']}px · {report['device']}")
-    header = f"{'method':10s} {'params':60s} {'unet×':>6s} {'wall×':>6s} {'psnr':>6s} {'ssim':>6s} {'full':>5s} {'part':>5s}"
+    header = (
+        f"{'method':10s} {'params':60s} {'unet×':>6s} {'wall×':>6s} {'psnr':>6s} {'ssim':>6s} {'full':>5s} {'part':>5s}"
+    )
     print(header)
     print("-" * len(header))
     for r in report["results"]:
@@ -189,16 +215,24 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128: 16x16 latents)")
-    parser.add_argument("--calibration-dir", default=None, help="block-cache calibrations (default ~/.cache/reprise/blockcache)")
-    parser.add_argument("--calibration-prompts", type=int, default=2, help="prompts for a block-cache calibration (stored, one-off)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--calibration-dir", default=None, help="block-cache calibrations (default ~/.cache/reprise/blockcache)"
+    )
+    parser.add_argument(
+        "--calibration-prompts", type=int, default=2, help="prompts for a block-cache calibration (stored, one-off)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (default 1: on a shared CPU more threads spin against other processes, 20x slower here)",
     )
     parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = run(args.model, args.steps, args.prompts, args.repeats, args.size, args.calibration_dir, args.calibration_prompts)
+    report = run(
+        args.model, args.steps, args.prompts, args.repeats, args.size, args.calibration_dir, args.calibration_prompts
+    )
     print_table(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

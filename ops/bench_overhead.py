@@ -50,12 +50,16 @@ class DirectRunner:
 
     def __call__(self, i: int, steps: int) -> float:
         t = time.perf_counter()
-        out = self.loop.denoise(prompt=_prompt(i), seed=i, steps=steps, guidance_scale=self.guidance, width=self.size, height=self.size)
+        out = self.loop.denoise(
+            prompt=_prompt(i), seed=i, steps=steps, guidance_scale=self.guidance, width=self.size, height=self.size
+        )
         self.loop.decode(out.latents)
         return time.perf_counter() - t
 
 
-def measure(model: str, size: int, steps: int | None, repeats: int, min_job_s: float, guidance: float, threads: int) -> dict:
+def measure(
+    model: str, size: int, steps: int | None, repeats: int, min_job_s: float, guidance: float, threads: int
+) -> dict:
     """Direct and cluster runs interleaved (direct i, job i, direct i+1, ...): on a machine shared with other
     work, both sides see the same background load."""
     from ops.loadtest import _reset_producer
@@ -90,20 +94,33 @@ def measure(model: str, size: int, steps: int | None, repeats: int, min_job_s: f
     return {
         "steps": steps,
         "direct": {"times_s": direct_s, "median_s": statistics.median(direct_s)},
-        "cluster": {"times_s": cluster_s, "median_s": statistics.median(cluster_s), "timings": parts,
-                    "median_denoise_decode_s": statistics.median(p["denoise_s"] + p["decode_s"] for p in parts)},
+        "cluster": {
+            "times_s": cluster_s,
+            "median_s": statistics.median(cluster_s),
+            "timings": parts,
+            "median_denoise_decode_s": statistics.median(p["denoise_s"] + p["decode_s"] for p in parts),
+        },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="reprise bench overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny:64:25,sd15-small:256:auto",
-                   help="model:size:steps list; steps 'auto' = enough for --min-job-s")
+    p = argparse.ArgumentParser(
+        prog="reprise bench overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        default="tiny:64:25,sd15-small:256:auto",
+        help="model:size:steps list; steps 'auto' = enough for --min-job-s",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-job-s", type=float, default=2.0)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on both sides (1: on a shared 2-core machine, 2 OpenMP threads stall whenever a core is taken)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on both sides (1: on a shared 2-core machine, 2 OpenMP threads stall whenever a core is taken)",
+    )
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
     import torch
@@ -113,19 +130,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in args.models.split(","):
         model, size, steps = spec.split(":")
-        m = measure(model, int(size), None if steps == "auto" else int(steps), args.repeats, args.min_job_s, args.guidance, args.threads)
+        m = measure(
+            model,
+            int(size),
+            None if steps == "auto" else int(steps),
+            args.repeats,
+            args.min_job_s,
+            args.guidance,
+            args.threads,
+        )
         direct, cluster = m["direct"], m["cluster"]
         row = {
-            "model": model, "size": int(size), "steps": m["steps"], "repeats": args.repeats, "threads": args.threads,
-            "direct_median_s": direct["median_s"], "cluster_median_s": cluster["median_s"],
+            "model": model,
+            "size": int(size),
+            "steps": m["steps"],
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "direct_median_s": direct["median_s"],
+            "cluster_median_s": cluster["median_s"],
             "ratio": cluster["median_s"] / direct["median_s"],
             "overhead_ms": 1000 * (cluster["median_s"] - direct["median_s"]),
             "worker_denoise_decode_median_s": cluster["median_denoise_decode_s"],
-            "direct": direct, "cluster": cluster,
+            "direct": direct,
+            "cluster": cluster,
         }
         rows.append(row)
-        print(f"{model}: direct {row['direct_median_s']:.3f}s, cluster {row['cluster_median_s']:.3f}s, "
-              f"ratio {row['ratio']:.3f}, overhead {row['overhead_ms']:.0f} ms", file=sys.stderr)
+        print(
+            f"{model}: direct {row['direct_median_s']:.3f}s, cluster {row['cluster_median_s']:.3f}s, "
+            f"ratio {row['ratio']:.3f}, overhead {row['overhead_ms']:.0f} ms",
+            file=sys.stderr,
+        )
 
     from rich.console import Console
     from rich.table import Table
@@ -134,8 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     for c in ("model", "size", "steps", "direct median s", "cluster median s", "ratio", "overhead ms/job"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["model"], str(r["size"]), str(r["steps"]), f"{r['direct_median_s']:.3f}", f"{r['cluster_median_s']:.3f}",
-                  f"{r['ratio']:.3f}", f"{r['overhead_ms']:.0f}")
+        t.add_row(
+            r["model"],
+            str(r["size"]),
+            str(r["steps"]),
+            f"{r['direct_median_s']:.3f}",
+            f"{r['cluster_median_s']:.3f}",
+            f"{r['ratio']:.3f}",
+            f"{r['overhead_ms']:.0f}",
+        )
     Console().print(t)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"params": vars(args), "rows": rows}, indent=2))

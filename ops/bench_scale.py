@@ -70,10 +70,17 @@ def run_point(cluster, n: int, args, rows, point_index: int) -> dict:
     workers = []
     for i, k in enumerate(slots):
         devices = ",".join(f"sim:{j}" for j in range(k))
-        workers.append(cluster.start_worker("sim", devices, wait=False, REPRISE_SIM_STEP_MS=args.step_ms,
-                                            REPRISE_CACHE_PATH=f"{cluster.workdir}/qdrant-n{n}-p{i}",
-                                            REPRISE_CACHE_ENABLED="false" if args.cache == "off" else "true",
-                                            REPRISE_METRICS_PORT=0))
+        workers.append(
+            cluster.start_worker(
+                "sim",
+                devices,
+                wait=False,
+                REPRISE_SIM_STEP_MS=args.step_ms,
+                REPRISE_CACHE_PATH=f"{cluster.workdir}/qdrant-n{n}-p{i}",
+                REPRISE_CACHE_ENABLED="false" if args.cache == "off" else "true",
+                REPRISE_METRICS_PORT=0,
+            )
+        )
     for w in workers:
         cluster.wait_worker_ready(w, timeout=300)
     startup_s = time.time() - started
@@ -82,11 +89,24 @@ def run_point(cluster, n: int, args, rows, point_index: int) -> dict:
     job_s = args.steps * args.step_ms / 1000
     duration = args.warmup + args.window
     # Unique prompts (a fresh slice of the pool per point): misses, so every job writes its states back.
-    params = WorkloadParams(as_is=True, steps=args.steps, model="sim", file_params=False, seed=point_index,
-                            cache=None if args.cache == "on" else {"exact": False, "approximate": False, "write": False})
-    workload = Workload(rows[point_index * 5000:] + rows[: point_index * 5000], params)
-    run = LoadRun(get_app(), workload, concurrency=2 * n, duration=duration, timeout_s=max(60.0, 20 * job_s),
-                  progress=not args.quiet, label=f"N={n}")
+    params = WorkloadParams(
+        as_is=True,
+        steps=args.steps,
+        model="sim",
+        file_params=False,
+        seed=point_index,
+        cache=None if args.cache == "on" else {"exact": False, "approximate": False, "write": False},
+    )
+    workload = Workload(rows[point_index * 5000 :] + rows[: point_index * 5000], params)
+    run = LoadRun(
+        get_app(),
+        workload,
+        concurrency=2 * n,
+        duration=duration,
+        timeout_s=max(60.0, 20 * job_s),
+        progress=not args.quiet,
+        label=f"N={n}",
+    )
     redis_pid = cluster.own_redis.proc.pid if cluster.own_redis else None
     cpu0 = {w.pid: proc_cpu_s(w.pid) for w in workers}
     redis_cpu0 = proc_cpu_s(redis_pid) if redis_pid else None
@@ -98,7 +118,9 @@ def run_point(cluster, n: int, args, rows, point_index: int) -> dict:
     done = sorted(r.done_at for r in steady)
     # Completions per second between the first and the last completion of the window: no ±1-job quantisation
     # error from where the window edges fall (large when N is small and jobs are long).
-    throughput = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else len(done) / args.window
+    throughput = (
+        (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else len(done) / args.window
+    )
     ops = [(t, c) for t, c in run.sampler.redis_ops if t0 <= t <= t1]
     redis_ops_s = (ops[-1][1] - ops[0][1]) / (ops[-1][0] - ops[0][0]) if len(ops) > 1 else None
     wall = run.ended - run.started
@@ -147,10 +169,12 @@ def verdict(points: list[dict], cores: int) -> dict:
     if first_bad is not None:
         cpu = first_bad["cpu_cores"]
         busiest = max((k for k in cpu if cpu[k] is not None), key=lambda k: cpu[k])
-        what = (f"at N={first_bad['workers']}: CPU {first_bad['cpu_total_cores']:.2f} of {cores} cores in use "
-                f"(workers {cpu['workers']:.2f}, redis {cpu['redis'] or 0:.2f}, producer {cpu['producer']:.2f}); "
-                f"busiest: {busiest}; redis {first_bad['redis_ops_s'] or 0:.0f} ops/s; lookup p50 "
-                f"{(first_bad['lookup_ms']['p50'] or 0):.1f} ms; queue wait p50 {(first_bad['queue_wait_s']['p50'] or 0):.2f} s")
+        what = (
+            f"at N={first_bad['workers']}: CPU {first_bad['cpu_total_cores']:.2f} of {cores} cores in use "
+            f"(workers {cpu['workers']:.2f}, redis {cpu['redis'] or 0:.2f}, producer {cpu['producer']:.2f}); "
+            f"busiest: {busiest}; redis {first_bad['redis_ops_s'] or 0:.0f} ops/s; lookup p50 "
+            f"{(first_bad['lookup_ms']['p50'] or 0):.1f} ms; queue wait p50 {(first_bad['queue_wait_s']['p50'] or 0):.2f} s"
+        )
     return {
         "single_slot_jobs_s": base,
         "max_workers_at_0_9_efficiency": max(good) if good else None,
@@ -165,30 +189,56 @@ def print_points(points: list[dict], summary: dict) -> None:
     from rich.table import Table
 
     t = Table(title="reprise bench scale (sim)")
-    for c in ("N", "procs", "jobs/s", "eff.", "service p50 s", "lookup p50 ms", "redis ops/s", "CPU workers", "CPU redis",
-              "CPU producer", "RSS MB/proc"):
+    for c in (
+        "N",
+        "procs",
+        "jobs/s",
+        "eff.",
+        "service p50 s",
+        "lookup p50 ms",
+        "redis ops/s",
+        "CPU workers",
+        "CPU redis",
+        "CPU producer",
+        "RSS MB/proc",
+    ):
         t.add_column(c, justify="right")
     for p in points:
         cpu = p["cpu_cores"]
-        t.add_row(str(p["workers"]), str(p["processes"]), f"{p['throughput_jobs_s']:.2f}",
-                  f"{p['efficiency']:.2f}" if p["efficiency"] else "-", f"{p['service_s']['p50'] or 0:.2f}",
-                  f"{p['lookup_ms']['p50'] or 0:.1f}", f"{p['redis_ops_s'] or 0:.0f}", f"{cpu['workers']:.2f}",
-                  f"{cpu['redis'] or 0:.2f}", f"{cpu['producer']:.2f}", "/".join(f"{x:.0f}" for x in p["rss_mb_per_process"] if x))
+        t.add_row(
+            str(p["workers"]),
+            str(p["processes"]),
+            f"{p['throughput_jobs_s']:.2f}",
+            f"{p['efficiency']:.2f}" if p["efficiency"] else "-",
+            f"{p['service_s']['p50'] or 0:.2f}",
+            f"{p['lookup_ms']['p50'] or 0:.1f}",
+            f"{p['redis_ops_s'] or 0:.0f}",
+            f"{cpu['workers']:.2f}",
+            f"{cpu['redis'] or 0:.2f}",
+            f"{cpu['producer']:.2f}",
+            "/".join(f"{x:.0f}" for x in p["rss_mb_per_process"] if x),
+        )
     console = Console()
     console.print(t)
     console.print(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="reprise bench scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="reprise bench scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workers", default="1,2,4,8,16,32", help="worker slot counts to measure")
     p.add_argument("--step-ms", type=float, default=50.0, help="sim: time of one denoising step")
     p.add_argument("--steps", type=int, default=20, help="steps per job")
     p.add_argument("--warmup", type=float, default=6.0, help="seconds of each point not measured")
     p.add_argument("--window", type=float, default=20.0, help="seconds of each point measured")
     p.add_argument("--per-process", type=int, default=8, help="most sim slots in one worker process")
-    p.add_argument("--cache", choices=["on", "off"], default="on", help="latent cache on the workers and in the requests")
-    p.add_argument("--prompts", default=str(Path(__file__).resolve().parents[1].parent / "shared/prompts/coco_captions_30k.txt"))
+    p.add_argument(
+        "--cache", choices=["on", "off"], default="on", help="latent cache on the workers and in the requests"
+    )
+    p.add_argument(
+        "--prompts", default=str(Path(__file__).resolve().parents[1].parent / "shared/prompts/coco_captions_30k.txt")
+    )
     p.add_argument("--json", dest="json_out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -213,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             points.append(point)
             print(f"N={n}: {point['throughput_jobs_s']:.2f} jobs/s, CPU {point['cpu_cores']}", file=sys.stderr)
     summary = verdict(points, os.cpu_count() or 1)
-    out = {"params": vars(args), "cores": os.cpu_count(), "points": points, "summary": summary, "runtime_s": round(time.time() - started, 1)}
+    out = {
+        "params": vars(args),
+        "cores": os.cpu_count(),
+        "points": points,
+        "summary": summary,
+        "runtime_s": round(time.time() - started, 1),
+    }
     print_points(points, summary)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2, default=str))

@@ -1,11 +1,11 @@
 """`reprise cache ...`: invalidate, purge, evict and inspect the cache of every node.
 
-    reprise cache invalidate --model tiny            # bump the model's cache generation
-    reprise cache invalidate --tenant acme           # delete a tenant's entries everywhere
-    reprise cache invalidate --prompt-prefix "a cat" # delete entries whose prompt starts so
-    reprise cache purge --older-than 7d
-    reprise cache evict --to 80% [--policy lcbfu]
-    reprise cache stats [--json]
+reprise cache invalidate --model tiny            # bump the model's cache generation
+reprise cache invalidate --tenant acme           # delete a tenant's entries everywhere
+reprise cache invalidate --prompt-prefix "a cat" # delete entries whose prompt starts so
+reprise cache purge --older-than 7d
+reprise cache evict --to 80% [--policy lcbfu]
+reprise cache stats [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def parse_fraction(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="reprise cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="reprise cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="op", required=True)
     s = sub.add_parser("invalidate")
     s.add_argument("--model")

@@ -30,14 +30,22 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cache import CacheSettings
-from cache.skip_table import (CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, SkipTable, calibration_pairs, choose_skip_fraction,
-                              fraction_to_k, validate_table)
+from cache.skip_table import (
+    CLIP_SKIP_TABLE,
+    MINILM_SKIP_TABLE,
+    SkipTable,
+    calibration_pairs,
+    choose_skip_fraction,
+    fraction_to_k,
+    validate_table,
+)
 from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
 
 TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
 
 
 # --- pairs from harness records ----------------------------------------------------------------------
+
 
 def pairs_from_records(records: Iterable[dict], steps: int, fractions: Sequence[float] = STATE_FRACTIONS) -> list[dict]:
     """One row per (scene, target): similarity, relation, fresh accuracy, accuracy resumed at each fraction."""
@@ -46,9 +54,17 @@ def pairs_from_records(records: Iterable[dict], steps: int, fractions: Sequence[
     for r in records:
         if "error" in r or r.get("family") not in ("fresh", "approx"):
             continue
-        row = pairs.setdefault((r["scene"], r["target_prompt"], r.get("seed")), {
-            "scene": r["scene"], "relation": r["relation"], "similarity": r["similarity"],
-            "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"], "resumed": {}})
+        row = pairs.setdefault(
+            (r["scene"], r["target_prompt"], r.get("seed")),
+            {
+                "scene": r["scene"],
+                "relation": r["relation"],
+                "similarity": r["similarity"],
+                "source_prompt": r["source_prompt"],
+                "target_prompt": r["target_prompt"],
+                "resumed": {},
+            },
+        )
         if r["family"] == "fresh":
             row["fresh"] = r["accuracy"]
             row["fresh_inherited"] = _share(r.get("inherited"))
@@ -80,13 +96,16 @@ def _within(pairs: Sequence[dict], fraction: float, tolerance: float, z: float) 
 
 # --- fitting -----------------------------------------------------------------------------------------
 
+
 def _candidates(pairs: Sequence[dict]) -> list[float]:
     """Thresholds just below each measured similarity (a pair passes when s > t), lowest first."""
     sims = sorted({round(p["similarity"], 4) for p in pairs})
     return [round(s - 1e-4, 4) for s in sims]
 
 
-def tail_threshold(pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0) -> float | None:
+def tail_threshold(
+    pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0
+) -> float | None:
     """Lowest t such that every tail s > t' (t' >= t, at least min_pairs pairs) loses <= tolerance points."""
     best = None
     for t in reversed(_candidates(pairs)):  # from the top down: stop at the first failing tail
@@ -103,8 +122,13 @@ def assign(similarity: float, table: SkipTable) -> float:
     return choose_skip_fraction(similarity, table) if table else 0.0
 
 
-def fit_table(pairs: Sequence[dict], tolerance: float = 2.0, min_pairs: int = 15,
-              fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0) -> SkipTable:
+def fit_table(
+    pairs: Sequence[dict],
+    tolerance: float = 2.0,
+    min_pairs: int = 15,
+    fractions: Sequence[float] = STATE_FRACTIONS,
+    z: float = 0.0,
+) -> SkipTable:
     """The table that skips the most steps while every tail and every band stays within ``tolerance``."""
     rows: list[tuple[float, float]] = []
     for f in sorted(fractions, reverse=True):
@@ -118,7 +142,7 @@ def fit_table(pairs: Sequence[dict], tolerance: float = 2.0, min_pairs: int = 15
     for _ in range(len(candidates) * max(len(rows), 1)):  # bands: raise a failing band's threshold
         table = validate_table(rows) if rows else ()
         failing = None
-        for i, (t, f) in enumerate(rows):
+        for i, (_t, f) in enumerate(rows):
             band = [p for p in pairs if assign(p["similarity"], table) == f]
             if len(band) >= min_pairs and not _within(band, f, tolerance, z):
                 failing = i
@@ -153,14 +177,23 @@ def score_table(pairs: Sequence[dict], table: SkipTable, steps: int) -> dict:
     hit_pairs = [p for p in pairs if assign(p["similarity"], table) > 0]
     diffs = np.array(got) - np.array(fresh)
     return {
-        "table": [list(r) for r in table], "pairs": len(pairs), "hit_pct": round(100.0 * hits / len(pairs), 2),
+        "table": [list(r) for r in table],
+        "pairs": len(pairs),
+        "hit_pct": round(100.0 * hits / len(pairs), 2),
         "steps_saved_pct": round(100.0 * float(np.mean(saved)), 2),
-        "accuracy": round(float(np.mean(got)), 3), "fresh_accuracy": round(float(np.mean(fresh)), 3),
+        "accuracy": round(float(np.mean(got)), 3),
+        "fresh_accuracy": round(float(np.mean(fresh)), 3),
         "delta": round(float(np.mean(got) - np.mean(fresh)), 3),
         "delta_se": round(float(diffs.std(ddof=1) / np.sqrt(len(diffs))), 3) if len(diffs) > 1 else None,
-        "hits_delta": round(-float(np.mean([p["fresh"] - p["resumed"][str(assign(p["similarity"], table))] for p in hit_pairs])), 3) if hit_pairs else None,
-        "bands": {f: {"n": len(b), "loss": round(_loss(b, float(f)), 3), "relations": _counts(p["relation"] for p in b)}
-                  for f, b in sorted(bands.items(), reverse=True)},
+        "hits_delta": round(
+            -float(np.mean([p["fresh"] - p["resumed"][str(assign(p["similarity"], table))] for p in hit_pairs])), 3
+        )
+        if hit_pairs
+        else None,
+        "bands": {
+            f: {"n": len(b), "loss": round(_loss(b, float(f)), 3), "relations": _counts(p["relation"] for p in b)}
+            for f, b in sorted(bands.items(), reverse=True)
+        },
     }
 
 
@@ -171,12 +204,20 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def curve(pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0) -> dict:
-    fitted = [{"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions, z), steps)} for tol in TOLERANCES]
+def curve(
+    pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0
+) -> dict:
+    fitted = [
+        {"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions, z), steps)}
+        for tol in TOLERANCES
+    ]
     lowest = min(p["similarity"] for p in pairs) - 1e-4
     references = {"no cache": (), "shipped MiniLM table": MINILM_SKIP_TABLE, "NIRVANA CLIP table": CLIP_SKIP_TABLE}
     references.update({f"always K={fraction_to_k(f, steps)}/{steps}": ((lowest, f),) for f in fractions})
-    return {"fitted": fitted, "references": {name: score_table(pairs, table, steps) for name, table in references.items()}}
+    return {
+        "fitted": fitted,
+        "references": {name: score_table(pairs, table, steps) for name, table in references.items()},
+    }
 
 
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -190,16 +231,29 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
     for relation in dict.fromkeys(p["relation"] for p in pairs):
         rs = [p for p in pairs if p["relation"] == relation]
         sims = np.array([p["similarity"] for p in rs])
-        out.append({
-            "relation": relation, "n": len(rs),
-            "similarity": {q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
-            "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
-            "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
-            "inherited_at": {str(f): _mean_or_none(p.get("inherited", {}).get(str(f)) for p in rs) for f in fractions},
-            "fresh_inherited": _mean_or_none(p.get("fresh_inherited") for p in rs),
-            "loss_se_at": {str(f): round(float(np.std([p["fresh"] - p["resumed"][str(f)] for p in rs], ddof=1) / np.sqrt(len(rs))), 2)
-                           if len(rs) > 1 else None for f in fractions},
-        })
+        out.append(
+            {
+                "relation": relation,
+                "n": len(rs),
+                "similarity": {
+                    q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
+                },
+                "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
+                "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
+                "inherited_at": {
+                    str(f): _mean_or_none(p.get("inherited", {}).get(str(f)) for p in rs) for f in fractions
+                },
+                "fresh_inherited": _mean_or_none(p.get("fresh_inherited") for p in rs),
+                "loss_se_at": {
+                    str(f): round(
+                        float(np.std([p["fresh"] - p["resumed"][str(f)] for p in rs], ddof=1) / np.sqrt(len(rs))), 2
+                    )
+                    if len(rs) > 1
+                    else None
+                    for f in fractions
+                },
+            }
+        )
     return out
 
 
@@ -217,7 +271,9 @@ def prompt_embedder(model: str):
     return CallableEmbedder(fn, version="clip", dim=settings.clip_dim)
 
 
-def relation_similarities(relations: Sequence[str], n: int = 300, seed: int = 7, model: str = "shapes") -> dict[str, dict]:
+def relation_similarities(
+    relations: Sequence[str], n: int = 300, seed: int = 7, model: str = "shapes"
+) -> dict[str, dict]:
     """Similarity (the cache's embedder) of many more shape caption pairs per relation than are generated (no
     images): how well similarity alone tells a paraphrase from an edit or an unrelated scene."""
     from ops.eval_quality import build_cases
@@ -230,14 +286,20 @@ def relation_similarities(relations: Sequence[str], n: int = 300, seed: int = 7,
     out = {}
     for relation in relations:
         s = sims[[c.relation == relation for c in cases]]
-        out[relation] = {q: round(float(np.quantile(s, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
+        out[relation] = {
+            q: round(float(np.quantile(s, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))
+        }
     return out
 
 
 # --- real prompt streams (similarity only) -----------------------------------------------------------
 
-STREAM_FILES = {"PartiPrompts": "PartiPrompts.tsv", "COCO (first 3000)": "coco_captions_30k.txt",
-                "Krea 1k (by time)": "krea_1k_by_time.csv", "DrawBench": "drawbench_imagen.csv"}
+STREAM_FILES = {
+    "PartiPrompts": "PartiPrompts.tsv",
+    "COCO (first 3000)": "coco_captions_30k.txt",
+    "Krea 1k (by time)": "krea_1k_by_time.csv",
+    "DrawBench": "drawbench_imagen.csv",
+}
 
 
 def stream_similarities(prompts_dir: str, limit: int = 3000) -> dict[str, dict]:
@@ -258,8 +320,11 @@ def stream_similarities(prompts_dir: str, limit: int = 3000) -> dict[str, dict]:
         sims = vecs @ vecs.T
         best = np.array([sims[i, :i].max() if i else -1.0 for i in range(len(prompts))])
         repeats = best > 0.9999
-        out["files"][name] = {"prompts": len(prompts), "exact_repeats": int(repeats.sum()),
-                              "nearest_earlier": [round(float(v), 4) for v in best[~repeats]]}
+        out["files"][name] = {
+            "prompts": len(prompts),
+            "exact_repeats": int(repeats.sum()),
+            "nearest_earlier": [round(float(v), 4) for v in best[~repeats]],
+        }
     for kind, pairs in calibration_pairs(prompts_dir, limit=600, embed_many=embedder.embed_many).items():
         left = embedder.embed_many([a for a, _ in pairs])
         right = embedder.embed_many([b for _, b in pairs])
@@ -273,23 +338,40 @@ def stream_report(similarities: dict, tables: dict[str, SkipTable], steps: int =
     out: dict[str, dict] = {}
     for name, entry in similarities["files"].items():
         nearest = np.asarray(entry["nearest_earlier"])
-        row = {"prompts": entry["prompts"], "exact_repeats_pct": round(100.0 * entry["exact_repeats"] / entry["prompts"], 2),
-               "nearest_earlier": {q: round(float(np.quantile(nearest, v)), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
-               "tables": {}}
+        row = {
+            "prompts": entry["prompts"],
+            "exact_repeats_pct": round(100.0 * entry["exact_repeats"] / entry["prompts"], 2),
+            "nearest_earlier": {
+                q: round(float(np.quantile(nearest, v)), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+            },
+            "tables": {},
+        }
         for tname, table in tables.items():
             ks = [fraction_to_k(assign(float(s), table), steps) for s in nearest]
-            row["tables"][tname] = {"hit_pct": round(100.0 * float(np.mean([k > 0 for k in ks])), 2),
-                                    "steps_saved_pct": round(100.0 * float(np.mean(ks)) / steps, 2),
-                                    f"share_by_K_of_{steps}": {str(k): round(100.0 * ks.count(k) / len(ks), 2) for k in sorted(set(ks), reverse=True)}}
+            row["tables"][tname] = {
+                "hit_pct": round(100.0 * float(np.mean([k > 0 for k in ks])), 2),
+                "steps_saved_pct": round(100.0 * float(np.mean(ks)) / steps, 2),
+                f"share_by_K_of_{steps}": {
+                    str(k): round(100.0 * ks.count(k) / len(ks), 2) for k in sorted(set(ks), reverse=True)
+                },
+            }
         out[name] = row
     out["pair kinds"] = {
-        kind: {"n": len(s), "p50": round(float(np.median(s)), 3),
-               "hit_pct": {tname: round(100.0 * float(np.mean([assign(float(v), t) > 0 for v in s])), 1) for tname, t in tables.items()}}
-        for kind, s in similarities["pair kinds"].items()}
+        kind: {
+            "n": len(s),
+            "p50": round(float(np.median(s)), 3),
+            "hit_pct": {
+                tname: round(100.0 * float(np.mean([assign(float(v), t) > 0 for v in s])), 1)
+                for tname, t in tables.items()
+            },
+        }
+        for kind, s in similarities["pair kinds"].items()
+    }
     return out
 
 
 # --- plot --------------------------------------------------------------------------------------------
+
 
 def plot(report: dict, path: str) -> None:
     import matplotlib
@@ -300,14 +382,24 @@ def plot(report: dict, path: str) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
     fitted = report["curve"]["fitted"]
     fresh = fitted[0]["fresh_accuracy"]
-    ax.plot([p["steps_saved_pct"] for p in fitted], [p["accuracy"] for p in fitted], "o-", label="fitted tables (tolerance)")
+    ax.plot(
+        [p["steps_saved_pct"] for p in fitted], [p["accuracy"] for p in fitted], "o-", label="fitted tables (tolerance)"
+    )
     for p in fitted:
-        ax.annotate(f"{p['tolerance']:g}", (p["steps_saved_pct"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            f"{p['tolerance']:g}",
+            (p["steps_saved_pct"], p["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     for name, p in report["curve"]["references"].items():
         marker = "s" if name.startswith("always") else "^"
         ax.plot(p["steps_saved_pct"], p["accuracy"], marker, label=name)
     ax.axhline(fresh, color="gray", lw=0.8)
-    ax.axhline(fresh - report["tolerance"], color="gray", lw=0.8, ls="--", label=f"fresh - {report['tolerance']:g} points")
+    ax.axhline(
+        fresh - report["tolerance"], color="gray", lw=0.8, ls="--", label=f"fresh - {report['tolerance']:g} points"
+    )
     ax.set_xlabel("steps saved over the calibration pairs (%)")
     ax.set_ylabel("checker attribute accuracy (points)")
     ax.set_title(f"{report['meta']['model']}: accuracy vs steps saved ({len(report['pairs'])} pairs)")
@@ -322,8 +414,10 @@ def plot(report: dict, path: str) -> None:
         # loss of the upper tail above each similarity (tails of at least min_pairs): what a threshold there costs
         judged = max(len(order) - report["meta"]["min_pairs"] + 1, 1)
         tails = [loss[order][i:].mean() for i in range(judged)]
-        bx.plot(xs[order][:judged], tails, label=f"K={fraction_to_k(f, report['meta']['steps'])}/{report['meta']['steps']}")
-    for t, f in report["table"]:
+        bx.plot(
+            xs[order][:judged], tails, label=f"K={fraction_to_k(f, report['meta']['steps'])}/{report['meta']['steps']}"
+        )
+    for t, _f in report["table"]:
         bx.axvline(t, color="gray", lw=0.6, ls=":")
     bx.axhline(report["tolerance"], color="gray", ls="--", lw=0.8)
     bx.set_xlabel("MiniLM cosine similarity threshold t")
@@ -336,6 +430,7 @@ def plot(report: dict, path: str) -> None:
 
 # --- the command -------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24, help="source scenes (each gives one pair per relation)")
@@ -343,17 +438,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--relations", default=",".join(ALL_RELATIONS))
-    parser.add_argument("--records", nargs="*", default=[],
-                        help="reuse the records of earlier runs (eval quality or calibrate JSON); similarities are recomputed "
-                             "with the embedder in force (REPRISE_CACHE_EMBEDDER)")
+    parser.add_argument(
+        "--records",
+        nargs="*",
+        default=[],
+        help="reuse the records of earlier runs (eval quality or calibrate JSON); similarities are recomputed "
+        "with the embedder in force (REPRISE_CACHE_EMBEDDER)",
+    )
     parser.add_argument("--no-run", action="store_true", help="only the --records, no new generations")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="accuracy points a hit may lose against fresh generation")
+    parser.add_argument(
+        "--tolerance", type=float, default=2.0, help="accuracy points a hit may lose against fresh generation"
+    )
     parser.add_argument("--min-pairs", type=int, default=15, help="smallest tail or band judged")
-    parser.add_argument("--min-above-chance", type=float, default=15.0,
-                        help="fresh accuracy must beat a prompt-ignoring model by this many points for the table to be trusted")
-    parser.add_argument("--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance (0: the mean alone)")
-    parser.add_argument("--streams", default="../shared/prompts", help="prompt files for the stream report ('' to skip)")
-    parser.add_argument("--stream-cache", default=None, help="keep the streams' MiniLM similarities in this JSON and reuse them")
+    parser.add_argument(
+        "--min-above-chance",
+        type=float,
+        default=15.0,
+        help="fresh accuracy must beat a prompt-ignoring model by this many points for the table to be trusted",
+    )
+    parser.add_argument(
+        "--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance (0: the mean alone)"
+    )
+    parser.add_argument(
+        "--streams", default="../shared/prompts", help="prompt files for the stream report ('' to skip)"
+    )
+    parser.add_argument(
+        "--stream-cache", default=None, help="keep the streams' MiniLM similarities in this JSON and reuse them"
+    )
     parser.add_argument("--json", dest="json_out", default="calibration.json")
     parser.add_argument("--plot", default="calibration.png")
     parser.add_argument("--threads", type=int, default=1)
@@ -374,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_run:
         relations = [r.strip() for r in args.relations.split(",") if r.strip()]
         conditions = [Condition("fresh", "fresh")] + [
-            Condition(f"approx K={fraction_to_k(f, args.steps)}/{args.steps}", "approx", fraction=f) for f in STATE_FRACTIONS]
+            Condition(f"approx K={fraction_to_k(f, args.steps)}/{args.steps}", "approx", fraction=f)
+            for f in STATE_FRACTIONS
+        ]
         run = evaluate("generated", args.n, args.steps, args.model, args.seed, relations, conditions)
         write_json(run, Path(args.json_out).with_suffix(".records.json"))
         records += run["records"]
@@ -392,15 +505,25 @@ def main(argv: list[str] | None = None) -> int:
     table = fit_table(pairs, args.tolerance, args.min_pairs, z=args.z)
     fresh = float(np.mean([p["fresh"] for p in pairs]))
     report = {
-        "prompt_following": {"fresh_accuracy": round(fresh, 2), "chance_accuracy": round(CHANCE_ACCURACY, 2),
-                             "trusted": fresh - CHANCE_ACCURACY >= args.min_above_chance},
-        "meta": {**meta, "calibration_s": round(time.perf_counter() - started, 1), "min_pairs": args.min_pairs, "z": args.z},
+        "prompt_following": {
+            "fresh_accuracy": round(fresh, 2),
+            "chance_accuracy": round(CHANCE_ACCURACY, 2),
+            "trusted": fresh - CHANCE_ACCURACY >= args.min_above_chance,
+        },
+        "meta": {
+            **meta,
+            "calibration_s": round(time.perf_counter() - started, 1),
+            "min_pairs": args.min_pairs,
+            "z": args.z,
+        },
         "tolerance": args.tolerance,
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
         "embedder": CacheSettings().embedder,
-        "relation_similarities": relation_similarities(list(dict.fromkeys(p["relation"] for p in pairs)), model=args.model),
+        "relation_similarities": relation_similarities(
+            list(dict.fromkeys(p["relation"] for p in pairs)), model=args.model
+        ),
         "curve": curve(pairs, args.steps, args.min_pairs, z=args.z),
         "pairs": pairs,
     }
@@ -412,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             similarities = stream_similarities(args.streams)
             if cached is not None:
                 cached.write_text(json.dumps(similarities))
-        report["streams"] = stream_report(similarities, {"calibrated": table, "shipped MiniLM": MINILM_SKIP_TABLE, "CLIP (NIRVANA)": CLIP_SKIP_TABLE})
+        report["streams"] = stream_report(
+            similarities, {"calibrated": table, "shipped MiniLM": MINILM_SKIP_TABLE, "CLIP (NIRVANA)": CLIP_SKIP_TABLE}
+        )
     Path(args.json_out).write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
     print_report(report)
@@ -423,26 +548,46 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict) -> None:
     s = report["score"]
     pf = report["prompt_following"]
-    print(f"\n{len(report['pairs'])} pairs; fresh accuracy {s['fresh_accuracy']:.1f} points (a prompt-ignoring model: "
-          f"{pf['chance_accuracy']:.1f}){'' if pf['trusted'] else '  -- the model barely follows its prompts: the table below says little'}")
-    print(f"{'relation':<12} {'n':>4} {'s p10':>6} {'p50':>6} {'p90':>6} {'fresh':>6}  loss at K fraction " + " ".join(f"{f:>5}" for f in STATE_FRACTIONS)
-          + "   inherited % (fresh, per K)")
+    print(
+        f"\n{len(report['pairs'])} pairs; fresh accuracy {s['fresh_accuracy']:.1f} points (a prompt-ignoring model: "
+        f"{pf['chance_accuracy']:.1f}){'' if pf['trusted'] else '  -- the model barely follows its prompts: the table below says little'}"
+    )
+    print(
+        f"{'relation':<12} {'n':>4} {'s p10':>6} {'p50':>6} {'p90':>6} {'fresh':>6}  loss at K fraction "
+        + " ".join(f"{f:>5}" for f in STATE_FRACTIONS)
+        + "   inherited % (fresh, per K)"
+    )
     for r in report["relations"]:
         q = r["similarity"]
-        inh = "" if r["fresh_inherited"] is None else f"   {r['fresh_inherited']:.0f}, " + " ".join(f"{v:.0f}" for v in r["inherited_at"].values())
-        print(f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
-              + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values()) + inh)
-    print(f"\n{report.get('embedder', 'minilm')} similarity of shape caption pairs by relation (300 pairs each, no generation):")
+        inh = (
+            ""
+            if r["fresh_inherited"] is None
+            else f"   {r['fresh_inherited']:.0f}, " + " ".join(f"{v:.0f}" for v in r["inherited_at"].values())
+        )
+        print(
+            f"{r['relation']:<12} {r['n']:>4} {q['p10']:>6.3f} {q['p50']:>6.3f} {q['p90']:>6.3f} {r['fresh']:>6.1f}  {'':18} "
+            + " ".join(f"{v:>5.1f}" for v in r["loss_at"].values())
+            + inh
+        )
+    print(
+        f"\n{report.get('embedder', 'minilm')} similarity of shape caption pairs by relation (300 pairs each, no generation):"
+    )
     for relation, q in report["relation_similarities"].items():
         print(f"  {relation:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
     print(f"\ncalibrated table (tolerance {report['tolerance']:g} points): {report['table']}")
-    print(f"  hits {s['hit_pct']}%  steps saved {s['steps_saved_pct']}%  accuracy {s['accuracy']} vs fresh {s['fresh_accuracy']} "
-          f"(delta {s['delta']:+} ± {s['delta_se']} s.e.; on hits {s['hits_delta']})  bands {s['bands']}")
+    print(
+        f"  hits {s['hit_pct']}%  steps saved {s['steps_saved_pct']}%  accuracy {s['accuracy']} vs fresh {s['fresh_accuracy']} "
+        f"(delta {s['delta']:+} ± {s['delta_se']} s.e.; on hits {s['hits_delta']})  bands {s['bands']}"
+    )
     print("\ncurve (tolerance: steps saved %, accuracy):")
     for p in report["curve"]["fitted"]:
-        print(f"  tol {p['tolerance']:>5g}: saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})  table {p['table']}")
+        print(
+            f"  tol {p['tolerance']:>5g}: saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f})  table {p['table']}"
+        )
     for name, p in report["curve"]["references"].items():
-        print(f"  {name:<22} saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f} ± {p['delta_se'] or 0:.1f})")
+        print(
+            f"  {name:<22} saved {p['steps_saved_pct']:>5.1f}%  acc {p['accuracy']:.1f} (delta {p['delta']:+.1f} ± {p['delta_se'] or 0:.1f})"
+        )
     for name, entry in report.get("streams", {}).items():
         if name == "pair kinds":
             for g, v in entry.items():
@@ -450,7 +595,9 @@ def print_report(report: dict) -> None:
             continue
         print(f"stream {name}: {entry['prompts']} prompts, nearest earlier {entry['nearest_earlier']}")
         for tname, t in entry["tables"].items():
-            print(f"    {tname:<14} hit {t['hit_pct']:>5.1f}%  steps saved {t['steps_saved_pct']:>5.2f}%  K shares {list(t.values())[2]}")
+            print(
+                f"    {tname:<14} hit {t['hit_pct']:>5.1f}%  steps saved {t['steps_saved_pct']:>5.2f}%  K shares {list(t.values())[2]}"
+            )
 
 
 if __name__ == "__main__":

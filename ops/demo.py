@@ -40,7 +40,11 @@ FREE_PROMPTS = [
 
 
 def default_model() -> str:
-    return "shapes" if (Path(__file__).resolve().parents[1] / "workers" / "models" / "shapes" / "model_index.json").exists() else "tiny"
+    return (
+        "shapes"
+        if (Path(__file__).resolve().parents[1] / "workers" / "models" / "shapes" / "model_index.json").exists()
+        else "tiny"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,19 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model to serve (default: the shipped `shapes` model, else `tiny`)")
     p.add_argument("--devices", default="auto")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's default_guidance_scale, else 5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: the model's default_guidance_scale, else 5)",
+    )
     p.add_argument("--workdir", default="var/demo")
     args = p.parse_args(argv)
     model = args.model or default_model()
     prompts = SHAPES_PROMPTS if model == "shapes" else FREE_PROMPTS
-    guidance = args.guidance if args.guidance is not None else float(model_extra(model).get("default_guidance_scale", 5.0))
+    guidance = (
+        args.guidance if args.guidance is not None else float(model_extra(model).get("default_guidance_scale", 5.0))
+    )
     console = Console(width=max(Console().width, 160))
 
     # the shipped skip table (README: calibration) unless REPRISE_CACHE_SKIP_TABLE says otherwise
     with LocalCluster(workdir=str(Path(args.workdir).resolve())) as cluster:
         console.print(f"[bold]Redis:[/] {cluster.how_redis}")
-        console.print(f"[bold]Approximate reuse:[/] skip table {list(CacheSettings().table())} (similarity: fraction of steps)")
-        console.print(f"[bold]Worker:[/] starting `reprise worker --model {model} --devices {args.devices}` (loads the model once per device) ...")
+        console.print(
+            f"[bold]Approximate reuse:[/] skip table {list(CacheSettings().table())} (similarity: fraction of steps)"
+        )
+        console.print(
+            f"[bold]Worker:[/] starting `reprise worker --model {model} --devices {args.devices}` (loads the model once per device) ..."
+        )
         cluster.start_worker(model, args.devices, timeout=300)
         flower_url = cluster.start_flower(password="reprise-demo")
         console.print(f"[bold]Flower:[/] {flower_url} (user reprise, password reprise-demo)")
@@ -71,15 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         from scheduler.client import submit
 
         rows = []
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             # Two waves: the second one reuses what the first wrote to the cache.
             for wave in (prompts[:3], prompts[3:]):
                 jobs = []
                 for prompt, seed in wave:
                     job = submit(prompt=prompt, steps=args.steps, seed=seed, model=model, guidance_scale=guidance)
-                    jobs.append((f"{prompt} (seed {seed})", job, bar.add_task(f"{prompt[:48]} ({seed})", total=args.steps),
-                                 time.perf_counter()))
+                    jobs.append(
+                        (
+                            f"{prompt} (seed {seed})",
+                            job,
+                            bar.add_task(f"{prompt[:48]} ({seed})", total=args.steps),
+                            time.perf_counter(),
+                        )
+                    )
                 pending = list(jobs)
                 while pending:
                     for item in list(pending):
@@ -98,10 +124,20 @@ def main(argv: list[str] | None = None) -> int:
         for col in ("prompt", "seconds", "cache", "steps run", "image"):
             table.add_column(col, overflow="fold")
         for prompt, seconds, result, _ in rows:
-            cache = result.cache.hit + (f" (K={result.cache.k}, s={result.cache.similarity:.2f})" if result.cache.hit == "approximate" else "")
-            table.add_row(prompt, f"{seconds:.2f}", cache, str(result.cache.steps_computed), result.image_uri.removeprefix("file://"))
+            cache = result.cache.hit + (
+                f" (K={result.cache.k}, s={result.cache.similarity:.2f})" if result.cache.hit == "approximate" else ""
+            )
+            table.add_row(
+                prompt,
+                f"{seconds:.2f}",
+                cache,
+                str(result.cache.steps_computed),
+                result.image_uri.removeprefix("file://"),
+            )
         console.print(table)
-        console.print(f"Flower was at {flower_url}; stopping the worker, Flower{' and Redis' if cluster.own_redis else ''} now.")
+        console.print(
+            f"Flower was at {flower_url}; stopping the worker, Flower{' and Redis' if cluster.own_redis else ''} now."
+        )
     return 0
 
 

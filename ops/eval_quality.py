@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -56,10 +56,14 @@ FEATURE_SETTINGS: tuple[dict, ...] = (
     {"method": "block", "block_delta": 0.5},
 )
 COMBO_FRACTION = 0.2
-COMBO_FEATURES: tuple[dict, ...] = ({"method": "deepcache", "deepcache_interval": 3}, {"method": "block", "block_delta": 0.3})
+COMBO_FEATURES: tuple[dict, ...] = (
+    {"method": "deepcache", "deepcache_interval": 3},
+    {"method": "block", "block_delta": 0.3},
+)
 
 
 # --- cases: (source, target) caption pairs ----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -77,7 +81,13 @@ class Case:
 # "paraphrase", "reworded" (one attribute, new wording) and "unrelated" are written afresh;
 # "reseed" is the same caption with another noise seed (a user asking for another picture of it).
 RESEED_OFFSET = 500
-EDITS = {"colour": ("color",), "shape": ("shape",), "position": ("position",), "background": ("background",), "size": ("size",)}
+EDITS = {
+    "colour": ("color",),
+    "shape": ("shape",),
+    "position": ("position",),
+    "background": ("background",),
+    "size": ("size",),
+}
 
 
 def _other(values: Sequence[str], rng: np.random.Generator, *avoid: str) -> str:
@@ -137,10 +147,16 @@ def _swap_synonym(text: str, scene: sc.Scene, rng: np.random.Generator) -> str:
     """The same caption with one word replaced by a synonym (the scene it names unchanged)."""
     import re
 
-    spots = [(m, ws) for ws in _SYNONYMS for w in ws if " " not in w for m in re.finditer(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)]
+    spots = [
+        (m, ws)
+        for ws in _SYNONYMS
+        for w in ws
+        if " " not in w
+        for m in re.finditer(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)
+    ]
     for i in rng.permutation(len(spots)):
         match, words = spots[int(i)]
-        new = text[: match.start()] + _other(words, rng, match.group(0)) + text[match.end():]
+        new = text[: match.start()] + _other(words, rng, match.group(0)) + text[match.end() :]
         if sc.parse_scene(new) == scene:
             return new
     return _caption(scene, rng, avoid=text)
@@ -168,7 +184,9 @@ def source_scenes(prompts: str, n: int, rng: np.random.Generator) -> list[tuple[
     return out
 
 
-def target_prompt(relation: str, source_prompt: str, target: sc.Scene, wording: dict | None, rng: np.random.Generator) -> str:
+def target_prompt(
+    relation: str, source_prompt: str, target: sc.Scene, wording: dict | None, rng: np.random.Generator
+) -> str:
     if relation == "reseed":
         return source_prompt
     if relation == "synonym":
@@ -188,12 +206,23 @@ def build_cases(prompts: str, n: int, relations: Sequence[str], seed: int = 0) -
             target = edit_scene(scene, relation, rng)
             source_seed = seed * 1000 + i
             target_seed = source_seed + RESEED_OFFSET if relation == "reseed" else source_seed
-            cases.append(Case(i, source_seed, relation, scene, prompt, target,
-                              target_prompt(relation, prompt, target, wording, rng), target_seed))
+            cases.append(
+                Case(
+                    i,
+                    source_seed,
+                    relation,
+                    scene,
+                    prompt,
+                    target,
+                    target_prompt(relation, prompt, target, wording, rng),
+                    target_seed,
+                )
+            )
     return cases
 
 
 # --- conditions ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -212,8 +241,13 @@ def feature_label(feature: dict) -> str:
     return feature["method"]
 
 
-def default_conditions(steps: int, relations: Sequence[str], fractions: Sequence[float] = STATE_FRACTIONS,
-                       features: Iterable[dict] = FEATURE_SETTINGS, combos: Iterable[dict] = COMBO_FEATURES) -> list[Condition]:
+def default_conditions(
+    steps: int,
+    relations: Sequence[str],
+    fractions: Sequence[float] = STATE_FRACTIONS,
+    features: Iterable[dict] = FEATURE_SETTINGS,
+    combos: Iterable[dict] = COMBO_FEATURES,
+) -> list[Condition]:
     """fresh, exact, approx at each K, feature caches and approx+feature (the last two on the first
     relation's targets only: a feature cache does not depend on the source)."""
     from cache.skip_table import fraction_to_k
@@ -222,12 +256,21 @@ def default_conditions(steps: int, relations: Sequence[str], fractions: Sequence
     out = [Condition("fresh", "fresh"), Condition("exact", "exact")]
     out += [Condition(f"approx K={fraction_to_k(f, steps)}/{steps}", "approx", fraction=f) for f in fractions]
     out += [Condition(feature_label(f), "feature", feature=dict(f), relations=first) for f in features]
-    out += [Condition(f"approx K={fraction_to_k(COMBO_FRACTION, steps)}/{steps} + {feature_label(f)}", "combo",
-                      fraction=COMBO_FRACTION, feature=dict(f), relations=first) for f in combos]
+    out += [
+        Condition(
+            f"approx K={fraction_to_k(COMBO_FRACTION, steps)}/{steps} + {feature_label(f)}",
+            "combo",
+            fraction=COMBO_FRACTION,
+            feature=dict(f),
+            relations=first,
+        )
+        for f in combos
+    ]
     return out
 
 
 # --- the harness: one in-process service over a real embedded cache ----------------------------------
+
 
 class _BorrowedStore:
     """The shared store as seen by a per-K cache view: everything but close() goes to the owner's store."""
@@ -259,8 +302,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 class QualityHarness:
     """Runs cases under conditions through ``GenerationService.run`` and scores the images."""
 
-    def __init__(self, model: str = "shapes", steps: int = 25, guidance: float | None = None, workdir: str | None = None,
-                 fractions: Sequence[float] = STATE_FRACTIONS, skip_table=None) -> None:
+    def __init__(
+        self,
+        model: str = "shapes",
+        steps: int = 25,
+        guidance: float | None = None,
+        workdir: str | None = None,
+        fractions: Sequence[float] = STATE_FRACTIONS,
+        skip_table=None,
+    ) -> None:
         from cache import CacheSettings, LatentCache
         from workers.artifacts import ArtifactStore
         from workers.models import load_components, model_extra
@@ -276,28 +326,50 @@ class QualityHarness:
         self.guidance = guidance if guidance is not None else float(index.get("default_guidance_scale", 4.0))
         self.model = self.components.name
         # Lookups on a loaded 2-core machine can take longer than the serving time box: never miss by timeout here.
-        base = dict(backend="edge", path=str(self.workdir / "qdrant"), state_fractions=list(fractions),
-                    lookup_timeout_ms=30_000, optimize_after_writes=100_000)
+        base = dict(
+            backend="edge",
+            path=str(self.workdir / "qdrant"),
+            state_fractions=list(fractions),
+            lookup_timeout_ms=30_000,
+            optimize_after_writes=100_000,
+        )
         # the main cache serves with skip_table when given, else with the table in force (default or env)
         # the prompt embedder in force (REPRISE_CACHE_EMBEDDER): with `clip`, this model's text encoder
-        settings, embedder = cache_settings_for(CacheSettings(**base, **({"skip_table": list(skip_table)} if skip_table else {})),
-                                                self.components)
+        settings, embedder = cache_settings_for(
+            CacheSettings(**base, **({"skip_table": list(skip_table)} if skip_table else {})), self.components
+        )
         self.cache = LatentCache.open(settings, embedder=embedder)
         # One cache view per K over the same store: the skip table override makes every lookup hit at that K.
-        self.views = {f: LatentCache(settings.model_copy(update={"skip_table": [(-1.0, f)]}), _BorrowedStore(self.cache.store),
-                                     self.cache.embedder)
-                      for f in fractions}
+        self.views = {
+            f: LatentCache(
+                settings.model_copy(update={"skip_table": [(-1.0, f)]}),
+                _BorrowedStore(self.cache.store),
+                self.cache.embedder,
+            )
+            for f in fractions
+        }
         pool = DevicePool([Device("cpu", DenoiseLoop(self.components))])
         self.service = GenerationService(
-            self.model, pool, ArtifactStore(str(self.workdir / "artifacts")), cache=self.cache,
-            feature_defaults={"method": "off", "calibration_dir": str(self.workdir / "blockcache")})
+            self.model,
+            pool,
+            ArtifactStore(str(self.workdir / "artifacts")),
+            cache=self.cache,
+            feature_defaults={"method": "off", "calibration_dir": str(self.workdir / "blockcache")},
+        )
         self._jobs = 0
 
     # --- one request ---------------------------------------------------------------------------
-    def _request(self, prompt: str, seed: int, tenant: str, *, exact=False, approximate=False, write=False, feature=None) -> dict:
+    def _request(
+        self, prompt: str, seed: int, tenant: str, *, exact=False, approximate=False, write=False, feature=None
+    ) -> dict:
         return {
-            "prompt": prompt, "seed": seed, "steps": self.steps, "guidance_scale": self.guidance, "model": self.model,
-            "tenant": tenant, "cache": {"exact": exact, "approximate": approximate, "write": write, "feature": feature or {}},
+            "prompt": prompt,
+            "seed": seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance,
+            "model": self.model,
+            "tenant": tenant,
+            "cache": {"exact": exact, "approximate": approximate, "write": write, "feature": feature or {}},
         }
 
     def _run(self, request: dict, view=None):
@@ -319,16 +391,30 @@ class QualityHarness:
         feature = result.cache.feature
         full = feature.full_unet_passes if feature.method != "off" else result.cache.steps_computed
         return {
-            "condition": condition.name, "family": condition.family, "relation": case.relation, "scene": case.index,
-            "seed": case.target_seed, "source_prompt": case.source_prompt, "target_prompt": case.target_prompt,
-            "target": case.target.as_dict(), "similarity": round(sim, 5), "hit": result.cache.hit, "k": result.cache.k,
-            "steps_computed": result.cache.steps_computed, "steps_saved": self.steps - result.cache.steps_computed,
-            "full_unet_passes": full, "partial_unet_passes": feature.partial_unet_passes,
-            "wall_s": round(wall, 4), "denoise_s": result.timings.denoise_s,
-            "checks": checks, "accuracy": 100.0 * float(np.mean(list(checks.values()))), "all_correct": all(checks.values()),
+            "condition": condition.name,
+            "family": condition.family,
+            "relation": case.relation,
+            "scene": case.index,
+            "seed": case.target_seed,
+            "source_prompt": case.source_prompt,
+            "target_prompt": case.target_prompt,
+            "target": case.target.as_dict(),
+            "similarity": round(sim, 5),
+            "hit": result.cache.hit,
+            "k": result.cache.k,
+            "steps_computed": result.cache.steps_computed,
+            "steps_saved": self.steps - result.cache.steps_computed,
+            "full_unet_passes": full,
+            "partial_unet_passes": feature.partial_unet_passes,
+            "wall_s": round(wall, 4),
+            "denoise_s": result.timings.denoise_s,
+            "checks": checks,
+            "accuracy": 100.0 * float(np.mean(list(checks.values()))),
+            "all_correct": all(checks.values()),
             # the changed attributes the image shows as the SOURCE had them: what a bad hit inherits
             "inherited": check(image, changed) if changed else {},
-            "image_uri": result.image_uri, "_image": image,
+            "image_uri": result.image_uri,
+            "_image": image,
         }
 
     # --- one source and its targets ---------------------------------------------------------------
@@ -342,12 +428,23 @@ class QualityHarness:
         self.service.drain_writebacks()
         if src.cache.hit != "miss":
             raise RuntimeError(f"source of scene {first.index} was not generated fresh: {src.cache}")
-        records = [{
-            "condition": "source", "family": "source", "relation": "-", "scene": first.index, "seed": first.seed,
-            "source_prompt": first.source_prompt, "target_prompt": first.source_prompt, "target": first.source.as_dict(),
-            "accuracy": 100.0 * float(np.mean(list(check(src_image, first.source).values()))),
-            "steps_computed": src.cache.steps_computed, "wall_s": round(src_wall, 4), "image_uri": src.image_uri, "_image": src_image,
-        }]
+        records = [
+            {
+                "condition": "source",
+                "family": "source",
+                "relation": "-",
+                "scene": first.index,
+                "seed": first.seed,
+                "source_prompt": first.source_prompt,
+                "target_prompt": first.source_prompt,
+                "target": first.source.as_dict(),
+                "accuracy": 100.0 * float(np.mean(list(check(src_image, first.source).values()))),
+                "steps_computed": src.cache.steps_computed,
+                "wall_s": round(src_wall, 4),
+                "image_uri": src.image_uri,
+                "_image": src_image,
+            }
+        ]
         embed = self.cache.embed
         for case in cases:
             sim = float(np.dot(embed(case.source_prompt), embed(case.target_prompt)))
@@ -359,8 +456,16 @@ class QualityHarness:
                 try:
                     rec = self._run_condition(case, condition, source_tenant, fresh_tenant, sim)
                 except Exception as exc:  # e.g. a feature cache this model does not support: report it, go on
-                    records.append({"condition": condition.name, "family": condition.family, "relation": case.relation,
-                                    "scene": case.index, "target_prompt": case.target_prompt, "error": f"{type(exc).__name__}: {exc}"})
+                    records.append(
+                        {
+                            "condition": condition.name,
+                            "family": condition.family,
+                            "relation": case.relation,
+                            "scene": case.index,
+                            "target_prompt": case.target_prompt,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     continue
                 if condition.family == "fresh":
                     fresh_image = rec["_image"]
@@ -372,7 +477,9 @@ class QualityHarness:
                 records.append(rec)
         return records
 
-    def _run_condition(self, case: Case, condition: Condition, source_tenant: str, fresh_tenant: str, sim: float) -> dict:
+    def _run_condition(
+        self, case: Case, condition: Condition, source_tenant: str, fresh_tenant: str, sim: float
+    ) -> dict:
         family = condition.family
         if family == "fresh":
             request = self._request(case.target_prompt, case.target_seed, fresh_tenant, write=True)
@@ -387,11 +494,15 @@ class QualityHarness:
             result, image, wall = self._run(request)
             expect = "miss"
         else:  # approx, combo: the target looks up in the source's tenant, where the source is the only entry
-            request = self._request(case.target_prompt, case.target_seed, source_tenant, approximate=True, feature=condition.feature)
+            request = self._request(
+                case.target_prompt, case.target_seed, source_tenant, approximate=True, feature=condition.feature
+            )
             result, image, wall = self._run(request, self.views[condition.fraction])
             expect = "approximate"
         if result.cache.hit != expect:
-            raise RuntimeError(f"{condition.name}: expected a {expect} outcome, got {result.cache.hit} ({result.cache})")
+            raise RuntimeError(
+                f"{condition.name}: expected a {expect} outcome, got {result.cache.hit} ({result.cache})"
+            )
         return self._record(case, condition, result, image, wall, sim)
 
     def warm_up(self, conditions: Sequence[Condition]) -> None:
@@ -424,6 +535,7 @@ class QualityHarness:
 
 # --- summaries -----------------------------------------------------------------------------------
 
+
 def _mean(values: Iterable[float]) -> float | None:
     values = [v for v in values if v is not None]
     return round(float(statistics.fmean(values)), 3) if values else None
@@ -453,14 +565,20 @@ def summarise(records: Sequence[dict], steps: int, by: Sequence[str] = ("conditi
         finite = [r["psnr"] for r in ok if r.get("psnr") is not None]
         wall = _mean(r["wall_s"] for r in ok)
         row.update(
-            accuracy=acc, all_correct=_mean(100.0 * r["all_correct"] for r in ok), fresh_same=acc_fresh,
+            accuracy=acc,
+            all_correct=_mean(100.0 * r["all_correct"] for r in ok),
+            fresh_same=acc_fresh,
             delta=round(acc - acc_fresh, 3) if acc is not None and acc_fresh is not None else None,
             per_attribute={a: _mean(100.0 * r["checks"][a] for r in ok if a in r["checks"]) for a in sc.ATTRIBUTES},
             similarity=_mean(r["similarity"] for r in ok),
-            steps_computed=_mean(r["steps_computed"] for r in ok), steps_saved_pct=_mean(100.0 * r["steps_saved"] / steps for r in ok),
-            full_unet_passes=_mean(r["full_unet_passes"] for r in ok), partial_unet_passes=_mean(r["partial_unet_passes"] for r in ok),
-            wall_s=wall, speedup=round(fresh_wall / wall, 3) if fresh_wall and wall else None,
-            psnr=_mean(finite), identical_pct=_mean(100.0 * bool(r.get("identical_to_fresh")) for r in ok),
+            steps_computed=_mean(r["steps_computed"] for r in ok),
+            steps_saved_pct=_mean(100.0 * r["steps_saved"] / steps for r in ok),
+            full_unet_passes=_mean(r["full_unet_passes"] for r in ok),
+            partial_unet_passes=_mean(r["partial_unet_passes"] for r in ok),
+            wall_s=wall,
+            speedup=round(fresh_wall / wall, 3) if fresh_wall and wall else None,
+            psnr=_mean(finite),
+            identical_pct=_mean(100.0 * bool(r.get("identical_to_fresh")) for r in ok),
         )
         rows.append(row)
     return rows
@@ -482,11 +600,13 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{name:<46} {r['n']:>3} {f(r['accuracy'], '6.1f')} {f(r['fresh_same'], '6.1f')} {f(r['delta'], '+6.1f')} "
             f"{f(r['all_correct'], '5.0f')} {f(r['steps_saved_pct'], '6.1f')} "
             f"{f(r['full_unet_passes'], '4.1f')}/{f(r['partial_unet_passes'], '<4.1f')} {f(r['wall_s'], '7.2f')} "
-            f"{f(r['speedup'], '5.2f')} {f(r['psnr'], '6.1f')} {f(r['identical_pct'], '5.0f')}")
+            f"{f(r['speedup'], '5.2f')} {f(r['psnr'], '6.1f')} {f(r['identical_pct'], '5.0f')}"
+        )
     return "\n".join(lines)
 
 
 # --- contact sheet ---------------------------------------------------------------------------------
+
 
 def contact_sheet(records: Sequence[dict], path: str | os.PathLike, columns: int = 8, scale: int = 3) -> Path:
     """Rows: the target as drawn (reference render), the source, then each condition; columns: example
@@ -548,9 +668,19 @@ def contact_sheet(records: Sequence[dict], path: str | os.PathLike, columns: int
 
 # --- the command ------------------------------------------------------------------------------------
 
-def evaluate(prompts: str = "generated", n: int = 6, steps: int = 25, model: str = "shapes", seed: int = 0,
-             relations: Sequence[str] = HARNESS_RELATIONS, conditions: Sequence[Condition] | None = None,
-             guidance: float | None = None, workdir: str | None = None, verbose: bool = True) -> dict:
+
+def evaluate(
+    prompts: str = "generated",
+    n: int = 6,
+    steps: int = 25,
+    model: str = "shapes",
+    seed: int = 0,
+    relations: Sequence[str] = HARNESS_RELATIONS,
+    conditions: Sequence[Condition] | None = None,
+    guidance: float | None = None,
+    workdir: str | None = None,
+    verbose: bool = True,
+) -> dict:
     """Run the harness; the report (JSON-ready) plus the records with their images under ``records``."""
     started = time.perf_counter()
     cases = build_cases(prompts, n, relations, seed)
@@ -565,12 +695,22 @@ def evaluate(prompts: str = "generated", n: int = 6, steps: int = 25, model: str
 
         records = harness.run(cases, conditions, progress)
         meta = {
-            "model": harness.model, "model_version": harness.components.fingerprint, "steps": steps,
-            "guidance_scale": harness.guidance, "scheduler": "ddim", "n_scenes": len({c.index for c in cases}),
-            "n_targets": len(cases), "relations": list(relations), "prompts": prompts, "seed": seed,
-            "state_fractions": list(STATE_FRACTIONS), "conditions": [c.name for c in conditions],
-            "torch_threads": _torch_threads(), "machine": f"{platform.node()} ({os.cpu_count()} cpus)",
-            "load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - started, 2),
+            "model": harness.model,
+            "model_version": harness.components.fingerprint,
+            "steps": steps,
+            "guidance_scale": harness.guidance,
+            "scheduler": "ddim",
+            "n_scenes": len({c.index for c in cases}),
+            "n_targets": len(cases),
+            "relations": list(relations),
+            "prompts": prompts,
+            "seed": seed,
+            "state_fractions": list(STATE_FRACTIONS),
+            "conditions": [c.name for c in conditions],
+            "torch_threads": _torch_threads(),
+            "machine": f"{platform.node()} ({os.cpu_count()} cpus)",
+            "load_s": round(load_s, 2),
+            "wall_s": round(time.perf_counter() - started, 2),
             "accuracy": "checker attribute accuracy against the target prompt's scene, points (mean of 5 attributes x 100)",
         }
     finally:
@@ -603,17 +743,30 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["quality"]:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="reprise eval quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", default="generated", help="'generated' (random scenes) or a file of shape captions, one a line")
-    parser.add_argument("--n", type=int, default=6, help="source scenes (each gives one target per relation; default 6: 2-6 min here)")
+    parser.add_argument(
+        "--prompts", default="generated", help="'generated' (random scenes) or a file of shape captions, one a line"
+    )
+    parser.add_argument(
+        "--n", type=int, default=6, help="source scenes (each gives one target per relation; default 6: 2-6 min here)"
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's (shapes: 4.0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--relations", default=",".join(HARNESS_RELATIONS), help=f"comma-separated, of {', '.join(ALL_RELATIONS)}")
-    parser.add_argument("--json", dest="json_out", default=None, help="write the report (summary, per relation, every record) here")
+    parser.add_argument(
+        "--relations", default=",".join(HARNESS_RELATIONS), help=f"comma-separated, of {', '.join(ALL_RELATIONS)}"
+    )
+    parser.add_argument(
+        "--json", dest="json_out", default=None, help="write the report (summary, per relation, every record) here"
+    )
     parser.add_argument("--sheet", default=None, help="write a contact sheet PNG here")
     parser.add_argument("--workdir", default=None, help="keep the cache and images here (default: a temporary folder)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: more spin against other processes on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: more spin against other processes on a shared CPU)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -621,9 +774,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     relations = [r.strip() for r in args.relations.split(",") if r.strip()]
-    report = evaluate(args.prompts, args.n, args.steps, args.model, args.seed, relations, guidance=args.guidance, workdir=args.workdir)
-    print(f"\n{report['meta']['model']} ({report['meta']['model_version']}), {args.steps} DDIM steps, "
-          f"{report['meta']['n_scenes']} scenes x {len(relations)} relations, {report['meta']['wall_s']:.0f} s\n")
+    report = evaluate(
+        args.prompts, args.n, args.steps, args.model, args.seed, relations, guidance=args.guidance, workdir=args.workdir
+    )
+    print(
+        f"\n{report['meta']['model']} ({report['meta']['model_version']}), {args.steps} DDIM steps, "
+        f"{report['meta']['n_scenes']} scenes x {len(relations)} relations, {report['meta']['wall_s']:.0f} s\n"
+    )
     print(format_table(report["summary"]))
     print("\nper relation (approximate hits):")
     print(format_table([r for r in report["by_relation"] if r["family"] in ("approx", "combo")]))

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ops.eval_quality import EDITS, QualityHarness, edit_scene, psnr, read_image, target_prompt
+from ops.eval_quality import EDITS, QualityHarness, edit_scene, psnr, target_prompt
 from ops.shapes import scene as sc
 from ops.shapes.checker import check
 
@@ -71,8 +70,17 @@ def real_prompts(path: str | os.PathLike, limit: int, rng: np.random.Generator) 
     return [prompts[int(i)] for i in picks]
 
 
-def build_stream(kind: str, n: int, seed: int = 0, *, pool_size: int | None = None, zipf: float = 1.1,
-                 session_p: float = 0.5, mix: float = 0.5, prompts: str = "../shared/prompts") -> list[StreamItem]:
+def build_stream(
+    kind: str,
+    n: int,
+    seed: int = 0,
+    *,
+    pool_size: int | None = None,
+    zipf: float = 1.1,
+    session_p: float = 0.5,
+    mix: float = 0.5,
+    prompts: str = "../shared/prompts",
+) -> list[StreamItem]:
     if kind not in ("generated", "mixed"):
         raise SystemExit(f"--stream: 'generated' or 'mixed', not {kind!r}")
     rng = np.random.default_rng(seed)
@@ -132,9 +140,19 @@ def run_stream(items: Sequence[StreamItem], harness: QualityHarness, progress=No
         result, image, wall = harness._run(request)
         harness.service.drain_writebacks()
         c = result.cache
-        rec = {"i": i, "kind": item.kind, "prompt": item.prompt, "seed": item.seed, "hit": c.hit, "k": c.k,
-               "similarity": c.similarity, "source": c.source_id, "steps_computed": c.steps_computed,
-               "steps_saved": c.steps_saved, "wall_s": round(wall, 4)}
+        rec = {
+            "i": i,
+            "kind": item.kind,
+            "prompt": item.prompt,
+            "seed": item.seed,
+            "hit": c.hit,
+            "k": c.k,
+            "similarity": c.similarity,
+            "source": c.source_id,
+            "steps_computed": c.steps_computed,
+            "steps_saved": c.steps_saved,
+            "wall_s": round(wall, 4),
+        }
         if c.hit == "miss":
             fresh.setdefault((item.prompt, item.seed), image)  # a miss is the fresh generation
         if item.scene is not None:
@@ -142,8 +160,11 @@ def run_stream(items: Sequence[StreamItem], harness: QualityHarness, progress=No
             if key not in fresh:
                 ref, ref_image, _ = harness._run(harness._request(item.prompt, item.seed, "fresh", write=True))
                 fresh[key] = ref_image
-            rec.update(target=item.scene.as_dict(), accuracy=_accuracy(image, item.scene),
-                       fresh_accuracy=_accuracy(fresh[key], item.scene))
+            rec.update(
+                target=item.scene.as_dict(),
+                accuracy=_accuracy(image, item.scene),
+                fresh_accuracy=_accuracy(fresh[key], item.scene),
+            )
             p = psnr(image, fresh[key])
             rec["psnr"] = None if math.isinf(p) else round(p, 2)
         records.append(rec)
@@ -158,9 +179,15 @@ def _paired(records: Sequence[dict]) -> dict:
     served = np.array([r["accuracy"] for r in records])
     ref = np.array([r["fresh_accuracy"] for r in records])
     d = served - ref
-    return {"n": len(records), "accuracy": round(float(served.mean()), 2), "fresh_accuracy": round(float(ref.mean()), 2),
-            "delta": round(float(d.mean()), 2), "delta_se": round(float(d.std(ddof=1) / math.sqrt(len(d))), 2) if len(d) > 1 else None,
-            "worse": int((d < 0).sum()), "better": int((d > 0).sum())}
+    return {
+        "n": len(records),
+        "accuracy": round(float(served.mean()), 2),
+        "fresh_accuracy": round(float(ref.mean()), 2),
+        "delta": round(float(d.mean()), 2),
+        "delta_se": round(float(d.std(ddof=1) / math.sqrt(len(d))), 2) if len(d) > 1 else None,
+        "worse": int((d < 0).sum()),
+        "better": int((d > 0).sum()),
+    }
 
 
 def summarise(records: Sequence[dict], steps: int, tolerance: float) -> dict:
@@ -171,7 +198,8 @@ def summarise(records: Sequence[dict], steps: int, tolerance: float) -> dict:
     for r in approx:
         by_kind.setdefault(r["kind"], []).append(r)
     summary = {
-        "requests": len(records), "scored": len(scored),
+        "requests": len(records),
+        "scored": len(scored),
         "hit_pct": {h: round(100.0 * v / len(records), 1) for h, v in hits.items()},
         "steps_saved_pct": round(100.0 * sum(r["steps_saved"] for r in records) / (steps * len(records)), 1),
         "approximate_hits": _paired(approx),
@@ -187,17 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reprise eval stream", description=__doc__.splitlines()[0])
     parser.add_argument("--stream", default="generated", choices=["generated", "mixed"])
     parser.add_argument("--n", type=int, default=150, help="requests in the stream")
-    parser.add_argument("--prompts", default="../shared/prompts", help="real prompt files (a file or folder) for --stream mixed")
+    parser.add_argument(
+        "--prompts", default="../shared/prompts", help="real prompt files (a file or folder) for --stream mixed"
+    )
     parser.add_argument("--mix", type=float, default=0.5, help="share of real prompts in a mixed stream")
-    parser.add_argument("--session", type=float, default=0.5, help="probability that a request refines the previous one")
+    parser.add_argument(
+        "--session", type=float, default=0.5, help="probability that a request refines the previous one"
+    )
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent of the scene pool")
-    parser.add_argument("--skip-table", action="append", default=None,
-                        help="'shipped' (the default table of the embedder) or 's:f,s:f,...'; repeat to compare tables on the same stream")
+    parser.add_argument(
+        "--skip-table",
+        action="append",
+        default=None,
+        help="'shipped' (the default table of the embedder) or 's:f,s:f,...'; repeat to compare tables on the same stream",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=2.0, help="points approximate hits may lose against fresh generation")
+    parser.add_argument(
+        "--tolerance", type=float, default=2.0, help="points approximate hits may lose against fresh generation"
+    )
     parser.add_argument("--json", dest="json_out", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -210,14 +248,30 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    items = build_stream(args.stream, args.n, args.seed, zipf=args.zipf, session_p=args.session, mix=args.mix, prompts=args.prompts)
+    items = build_stream(
+        args.stream, args.n, args.seed, zipf=args.zipf, session_p=args.session, mix=args.mix, prompts=args.prompts
+    )
     kinds = {}
     for it in items:
         kinds[it.kind.split(":")[0]] = kinds.get(it.kind.split(":")[0], 0) + 1
-    print(f"stream {args.stream}: {len(items)} requests " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), flush=True)
-    report = {"meta": {"stream": args.stream, "n": args.n, "mix": args.mix if args.stream == "mixed" else 0.0,
-                       "session": args.session, "zipf": args.zipf, "steps": args.steps, "seed": args.seed,
-                       "tolerance": args.tolerance, "kinds": kinds}, "tables": {}}
+    print(
+        f"stream {args.stream}: {len(items)} requests " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
+        flush=True,
+    )
+    report = {
+        "meta": {
+            "stream": args.stream,
+            "n": args.n,
+            "mix": args.mix if args.stream == "mixed" else 0.0,
+            "session": args.session,
+            "zipf": args.zipf,
+            "steps": args.steps,
+            "seed": args.seed,
+            "tolerance": args.tolerance,
+            "kinds": kinds,
+        },
+        "tables": {},
+    }
     ok = True
     for text in args.skip_table or ["shipped"]:
         table = None if text == "shipped" else CacheSettings(skip_table=text).table()
@@ -225,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         harness = QualityHarness(args.model, args.steps, args.guidance, skip_table=table)
         try:
             in_force = [list(r) for r in harness.cache.settings.table()]
-            report["meta"].update(model=harness.model, model_version=harness.components.fingerprint, guidance_scale=harness.guidance)
+            report["meta"].update(
+                model=harness.model, model_version=harness.components.fingerprint, guidance_scale=harness.guidance
+            )
 
-            def progress(done, total):
+            def progress(done, total, text=text, started=started):
                 if done % 25 == 0 or done == total:
                     print(f"  [{text}] {done}/{total} requests ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -248,13 +304,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_summary(name: str, s: dict, tolerance: float) -> None:
     a, st = s["approximate_hits"], s["stream"]
-    print(f"\ntable {name} {s['table']}: {s['requests']} requests ({s['scored']} scored), "
-          f"exact {s['hit_pct']['exact']}%  approximate {s['hit_pct']['approximate']}%  miss {s['hit_pct']['miss']}%  "
-          f"steps saved {s['steps_saved_pct']}%  ({s['wall_s']:.0f} s)")
+    print(
+        f"\ntable {name} {s['table']}: {s['requests']} requests ({s['scored']} scored), "
+        f"exact {s['hit_pct']['exact']}%  approximate {s['hit_pct']['approximate']}%  miss {s['hit_pct']['miss']}%  "
+        f"steps saved {s['steps_saved_pct']}%  ({s['wall_s']:.0f} s)"
+    )
     if a["n"]:
-        print(f"  approximate hits: n={a['n']}  accuracy {a['accuracy']} vs fresh {a['fresh_accuracy']}  "
-              f"delta {a['delta']:+} ± {a['delta_se'] or 0} s.e.  ({a['worse']} worse, {a['better']} better)  "
-              f"{'within' if s['within_tolerance'] else 'OUTSIDE'} {tolerance:g} points")
+        print(
+            f"  approximate hits: n={a['n']}  accuracy {a['accuracy']} vs fresh {a['fresh_accuracy']}  "
+            f"delta {a['delta']:+} ± {a['delta_se'] or 0} s.e.  ({a['worse']} worse, {a['better']} better)  "
+            f"{'within' if s['within_tolerance'] else 'OUTSIDE'} {tolerance:g} points"
+        )
         for kind, v in s["approximate_by_kind"].items():
             print(f"    {kind:<18} n={v['n']:<3} delta {v['delta']:+}")
     else:

@@ -55,6 +55,7 @@ PHASES = ("load", "denoise", "decode", "artifact", "writeback")
 # Inside a worker or coordinator process: the injection points.
 # =============================================================================================
 
+
 def _die(phase: str) -> None:
     _journal({"event": "killed", "phase": phase})
     os.kill(os.getpid(), signal.SIGKILL)
@@ -96,9 +97,21 @@ def install_hooks(worker: bool = True) -> None:
     def journaled_run(self, payload, job):
         _journal({"event": "start", "job": job.job_id})
         result = run(self, payload, job)
-        data = Path(result.image_uri.removeprefix("file://")).read_bytes() if result.image_uri.startswith("file://") else b""
-        _journal({"event": "done", "job": job.job_id, "seed": result.seed, "hit": result.cache.hit,
-                  "sha": hashlib.sha256(data).hexdigest(), "uri": result.image_uri})
+        data = (
+            Path(result.image_uri.removeprefix("file://")).read_bytes()
+            if result.image_uri.startswith("file://")
+            else b""
+        )
+        _journal(
+            {
+                "event": "done",
+                "job": job.job_id,
+                "seed": result.seed,
+                "hit": result.cache.hit,
+                "sha": hashlib.sha256(data).hexdigest(),
+                "uri": result.image_uri,
+            }
+        )
         return result
 
     service_mod.GenerationService.run = journaled_run
@@ -210,6 +223,7 @@ def run_with_hooks(argv: list[str]) -> int:
 # The harness.
 # =============================================================================================
 
+
 @dataclass
 class SecretRedis:
     """redis-server with append-only persistence and a password, restartable on the same port and folder."""
@@ -229,9 +243,26 @@ class SecretRedis:
         self.port = self.port or free_port()
         Path(self.directory).mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.directory,
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--requirepass",
+                self.password,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait(lambda: redis_reachable(self.url, 0.2), 20, f"redis-server on port {self.port}")
         return self
 
@@ -271,10 +302,16 @@ class Harness:
         self.redis = SecretRedis(str(self.workdir / "redis")).start()
         url = self.redis.url
         self.env = {
-            "REDIS_URL": url, "REPRISE_REDIS_URL": url, "HF_HUB_OFFLINE": "1",
-            "REPRISE_VISIBILITY_TIMEOUT_S": str(visibility_s), "REPRISE_RESTORE_INTERVAL_S": "1",
-            "REPRISE_HEARTBEAT_S": "2", "REPRISE_TORCH_THREADS": "1", "REPRISE_METRICS_PORT": "0",
-            "REPRISE_SHARE_TENANTS": "studio", "REPRISE_CACHE_REOPEN_S": "2",
+            "REDIS_URL": url,
+            "REPRISE_REDIS_URL": url,
+            "HF_HUB_OFFLINE": "1",
+            "REPRISE_VISIBILITY_TIMEOUT_S": str(visibility_s),
+            "REPRISE_RESTORE_INTERVAL_S": "1",
+            "REPRISE_HEARTBEAT_S": "2",
+            "REPRISE_TORCH_THREADS": "1",
+            "REPRISE_METRICS_PORT": "0",
+            "REPRISE_SHARE_TENANTS": "studio",
+            "REPRISE_CACHE_REOPEN_S": "2",
             "REPRISE_FAULT_JOURNAL": str(self.workdir / "journal.jsonl"),
             "REPRISE_FAULT_ARTIFACT_FULL_FILE": str(self.workdir / "artifacts-full.flag"),
         }
@@ -297,8 +334,22 @@ class Harness:
         hostname = f"reprise-{Path(model).name}-w{n}-{os.getpid()}@faults"
         log = self.workdir / f"worker{n}.log"
         env.setdefault("REPRISE_CACHE_PATH", str(self.workdir / f"qdrant-w{n}"))
-        cmd = [sys.executable, "-m", "ops.faults", "--with-hooks", "worker", "--model", model, "--devices", devices, "--hostname", hostname]
-        proc = subprocess.Popen(cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ops.faults",
+            "--with-hooks",
+            "worker",
+            "--model",
+            model,
+            "--devices",
+            devices,
+            "--hostname",
+            hostname,
+        ]
+        proc = subprocess.Popen(
+            cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         worker = WorkerProcess(proc, log, model, hostname)
         worker.env = env
         c.workers.append(worker)
@@ -309,11 +360,20 @@ class Harness:
     def start_coordinator(self, name: str, **env) -> subprocess.Popen:
         from ops.localcluster import free_port
 
-        env = {"REPRISE_COORDINATOR_LEASE_S": "1.5", "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "0.5",
-               "REPRISE_COORDINATOR_METRICS_PORT": str(free_port()), **env}
+        env = {
+            "REPRISE_COORDINATOR_LEASE_S": "1.5",
+            "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "0.5",
+            "REPRISE_COORDINATOR_METRICS_PORT": str(free_port()),
+            **env,
+        }
         log = open(self.workdir / f"coordinator-{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "ops.faults", "--with-hooks", "coordinator", "run"],
-                                env=self.cluster.process_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.faults", "--with-hooks", "coordinator", "run"],
+            env=self.cluster.process_env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         proc.metrics_port = int(env["REPRISE_COORDINATOR_METRICS_PORT"])
         self.coordinators.append(proc)
         return proc
@@ -335,8 +395,13 @@ class Harness:
         """send_task as another service would; returns (task id, accepted at) or raises if not accepted."""
         from scheduler.app import GENERATE_TASK, get_app
 
-        ar = get_app().send_task(GENERATE_TASK, kwargs=payload, args=args, queue=f"reprise.{model}",
-                                 headers={"reprise_queued_at": time.time()})
+        ar = get_app().send_task(
+            GENERATE_TASK,
+            kwargs=payload,
+            args=args,
+            queue=f"reprise.{model}",
+            headers={"reprise_queued_at": time.time()},
+        )
         return ar.id, time.time()
 
     def outcome(self, task_id: str, sent_at: float, timeout: float) -> dict:
@@ -354,7 +419,9 @@ class Harness:
             result = job.wait(timeout)
             out.update(state="SUCCESS", result=result.model_dump(mode="json"))
         except RepriseError as exc:
-            out.update(state="FAILURE" if exc.code != "timeout" else "LOST", error=type(exc).__name__, message=str(exc)[:200])
+            out.update(
+                state="FAILURE" if exc.code != "timeout" else "LOST", error=type(exc).__name__, message=str(exc)[:200]
+            )
         try:
             meta = get_app().backend.get_task_meta(task_id)
             done = meta.get("date_done")
@@ -400,7 +467,9 @@ def account(row: Row, harness: Harness, outcomes: list[dict], since: float, expe
         else:
             row.lost += 1
         row.max_latency_s = max(row.max_latency_s, o.get("latency_s") or 0.0)
-        shas = {r["sha"] for r in runs.get(o["id"], []) if r.get("hit") != "exact" or r["uri"].endswith(o["id"] + ".png")}
+        shas = {
+            r["sha"] for r in runs.get(o["id"], []) if r.get("hit") != "exact" or r["uri"].endswith(o["id"] + ".png")
+        }
         duplicate = len(shas) > 1
         if o["state"] == "SUCCESS":
             uri = o["result"]["image_uri"].removeprefix("file://")
@@ -442,6 +511,7 @@ def _artifacts(harness: Harness) -> Path:
 # The faults.
 # =============================================================================================
 
+
 def fault_worker_kill(h: Harness, row: Row) -> None:
     """SIGKILL workers at each named point of a job (and at random moments), repeatedly, under load."""
     since = time.time()
@@ -449,7 +519,9 @@ def fault_worker_kill(h: Harness, row: Row) -> None:
     plan = list(PHASES) if not h.quick else ["denoise", "artifact"]
     rng = random.Random(8)
     folders = [str(h.workdir / "qdrant-kill-b")]
-    victim = h.start_worker("tiny", REPRISE_CACHE_PATH=folders[0], REPRISE_FAULT_KILL_AT=plan[0], REPRISE_FAULT_KILL_ON="2")
+    victim = h.start_worker(
+        "tiny", REPRISE_CACHE_PATH=folders[0], REPRISE_FAULT_KILL_AT=plan[0], REPRISE_FAULT_KILL_ON="2"
+    )
     sent: list[tuple[str, float]] = []
     stop = threading.Event()
     kills: list[str] = []
@@ -504,12 +576,16 @@ def fault_worker_kill(h: Harness, row: Row) -> None:
     import redis
 
     resent = int(redis.Redis.from_url(h.redis.url).hget("reprise:ledger:resent", "jobs") or 0)
-    row.notes.append(f"jobs lost by the broker transport (popped by a worker killed before it recorded them) and "
-                     f"sent again from the ledger: {resent}")
+    row.notes.append(
+        f"jobs lost by the broker transport (popped by a worker killed before it recorded them) and "
+        f"sent again from the ledger: {resent}"
+    )
     deaths = [e["phase"] for e in h.journal() if e["event"] == "killed" and e["t"] >= since]
     row.check("each planned point killed a worker", set(plan) <= set(deaths), {"kills": kills, "deaths": deaths})
     parts = glob.glob(str(_artifacts(h) / "**" / "*.part"), recursive=True)
-    row.notes.append(f"kills: {kills}; temporary .part files left by a death mid-write and not yet cleaned: {len(parts)} (never served)")
+    row.notes.append(
+        f"kills: {kills}; temporary .part files left by a death mid-write and not yet cleaned: {len(parts)} (never served)"
+    )
     h.kill_workers = [base, victim]
 
 
@@ -554,8 +630,12 @@ def fault_redis_restart(h: Harness, row: Row) -> None:
     row.check("workers reconnected by themselves (same processes)", alive == pids, {"before": pids, "after": alive})
     late = {s[0] for s in sent if s[1] > restarted_at}
     done_late = sum(1 for o in outcomes if o["id"] in late and o["state"] == "SUCCESS")
-    row.check("jobs sent after the last restart completed", bool(late) and done_late == len(late), f"{done_late}/{len(late)}")
-    row.notes.append(f"{'; '.join(events)}; sends refused while Redis was down (not accepted, caller told): {refused[0]}")
+    row.check(
+        "jobs sent after the last restart completed", bool(late) and done_late == len(late), f"{done_late}/{len(late)}"
+    )
+    row.notes.append(
+        f"{'; '.join(events)}; sends refused while Redis was down (not accepted, caller told): {refused[0]}"
+    )
 
 
 def _qmodel(h: Harness) -> str:
@@ -592,19 +672,32 @@ def fault_qdrant(h: Harness, row: Row) -> None:
     delay_flag = h.workdir / "cache-slow.flag"
     outcomes: list[dict] = []
     holder = LatentCache.open(CacheSettings(path=str(folder)))  # this process holds the folder: the node cannot open it
-    worker = h.start_worker(model, REPRISE_CACHE_PATH=str(folder), REPRISE_FAULT_CACHE_DELAY_MS="400",
-                            REPRISE_FAULT_CACHE_DELAY_FILE=str(delay_flag))
+    worker = h.start_worker(
+        model,
+        REPRISE_CACHE_PATH=str(folder),
+        REPRISE_FAULT_CACHE_DELAY_MS="400",
+        REPRISE_FAULT_CACHE_DELAY_FILE=str(delay_flag),
+    )
     h.q_worker = worker
     nocache = {"exact": False, "approximate": False, "write": False}
-    base = _run_jobs(h, [{"prompt": f"baseline {i}", "steps": 10, "seed": i, "model": "qmodel", "cache": nocache} for i in range(4)], "qmodel")
+    base = _run_jobs(
+        h,
+        [{"prompt": f"baseline {i}", "steps": 10, "seed": i, "model": "qmodel", "cache": nocache} for i in range(4)],
+        "qmodel",
+    )
     baseline = max(_service_s(o) for o in base if o["state"] == "SUCCESS")
     row.checks["no-cache latency (seconds in the worker, max of 4)"] = {"ok": True, "detail": baseline}
     same = {"prompt": "a cache recovery probe", "steps": 10, "seed": 1, "model": "qmodel"}
     down = _run_jobs(h, [dict(same) for _ in range(3)], "qmodel")
     outcomes += down
-    row.check("unavailable: jobs served uncached, with a note",
-              all(o["state"] == "SUCCESS" and o["result"]["cache"]["hit"] == "off" and o["result"]["cache"]["note"] for o in down),
-              [o["result"]["cache"].get("note") if o["state"] == "SUCCESS" else o["state"] for o in down][:1])
+    row.check(
+        "unavailable: jobs served uncached, with a note",
+        all(
+            o["state"] == "SUCCESS" and o["result"]["cache"]["hit"] == "off" and o["result"]["cache"]["note"]
+            for o in down
+        ),
+        [o["result"]["cache"].get("note") if o["state"] == "SUCCESS" else o["state"] for o in down][:1],
+    )
     holder.close()  # "Qdrant is back"
     recovered_at = None
     deadline = time.monotonic() + 30
@@ -615,7 +708,9 @@ def fault_qdrant(h: Harness, row: Row) -> None:
             recovered_at = round(30 - (deadline - time.monotonic()), 1)
             break
         time.sleep(0.5)
-    row.check("unavailable: the cache came back by itself (exact hit after release)", recovered_at is not None, recovered_at)
+    row.check(
+        "unavailable: the cache came back by itself (exact hit after release)", recovered_at is not None, recovered_at
+    )
     # slow: every lookup sleeps 400 ms, the time box is 50 ms
     delay_flag.write_text("slow")
     slow = _run_jobs(h, [{**same, "seed": 100 + i} for i in range(4)] + [dict(same)], "qmodel")
@@ -623,8 +718,11 @@ def fault_qdrant(h: Harness, row: Row) -> None:
     slow_ok = all(o["state"] == "SUCCESS" and o["result"]["cache"]["hit"] == "miss" for o in slow)
     slow_max = max((_service_s(o) for o in slow if o["state"] == "SUCCESS"), default=0)
     row.check("slow: every job completed as a miss (lookups time-boxed)", slow_ok, _hits(slow))
-    row.check("slow: within the no-cache latency plus two time boxes and 0.5 s", slow_max <= baseline + 0.1 + 0.5,
-              {"max_total_s": slow_max, "baseline_s": baseline})
+    row.check(
+        "slow: within the no-cache latency plus two time boxes and 0.5 s",
+        slow_max <= baseline + 0.1 + 0.5,
+        {"max_total_s": slow_max, "baseline_s": baseline},
+    )
     delay_flag.unlink()
     time.sleep(1.0)  # lookups still sleeping in the pool finish
     fast = _run_jobs(h, [dict(same)], "qmodel")
@@ -643,8 +741,11 @@ def fault_qdrant(h: Harness, row: Row) -> None:
     h.q_worker = worker
     broken = _run_jobs(h, [{**same, "seed": 200 + i} for i in range(3)] + [dict(same)], "qmodel")
     outcomes += broken
-    row.check("corrupt folder: the node started and every job completed",
-              all(o["state"] == "SUCCESS" for o in broken), {"files_corrupted": n, "hits": _hits(broken)})
+    row.check(
+        "corrupt folder: the node started and every job completed",
+        all(o["state"] == "SUCCESS" for o in broken),
+        {"files_corrupted": n, "hits": _hits(broken)},
+    )
     shutil.rmtree(folder, ignore_errors=True)  # the operator wipes the folder: the node's retry starts a fresh cache
     deadline = time.monotonic() + 30
     fresh = []
@@ -655,8 +756,11 @@ def fault_qdrant(h: Harness, row: Row) -> None:
             break
         time.sleep(1.0)
     log_text = worker.log.read_text(errors="replace")
-    row.check("corrupt folder: cache works again after the folder is wiped", _hits(fresh)[-1:] == ["exact"],
-              {"hits": _hits(fresh), "logged": "CACHE UNAVAILABLE" in log_text})
+    row.check(
+        "corrupt folder: cache works again after the folder is wiped",
+        _hits(fresh)[-1:] == ["exact"],
+        {"hits": _hits(fresh), "logged": "CACHE UNAVAILABLE" in log_text},
+    )
     account(row, h, outcomes, since)
 
 
@@ -671,13 +775,19 @@ def fault_artifacts(h: Harness, row: Row) -> None:
     steady = getattr(h, "q_worker", None)
     if steady is None or not steady.alive():  # every hooked node of this model fills its disk while the flag exists
         steady = h.q_worker = h.start_worker(model, wait=False, REPRISE_CACHE_PATH=str(h.workdir / "qdrant-q"))
-    bad = h.start_worker(model, REPRISE_ARTIFACT_URL=str(blocker / "artifacts"), REPRISE_CACHE_PATH=str(h.workdir / "qdrant-art"))
+    bad = h.start_worker(
+        model, REPRISE_ARTIFACT_URL=str(blocker / "artifacts"), REPRISE_CACHE_PATH=str(h.workdir / "qdrant-art")
+    )
     h.cluster.wait_worker_ready(steady, 180)
     flag.write_text("full")
-    outcomes = _run_jobs(h, [{"prompt": f"unwritable {i}", "steps": 4, "seed": i, "model": "qmodel"} for i in range(4)], "qmodel")
+    outcomes = _run_jobs(
+        h, [{"prompt": f"unwritable {i}", "steps": 4, "seed": i, "model": "qmodel"} for i in range(4)], "qmodel"
+    )
     bad.stop()
     h.cluster.workers.remove(bad)
-    full = _run_jobs(h, [{"prompt": f"disk full {i}", "steps": 4, "seed": i, "model": "qmodel"} for i in range(2)], "qmodel")
+    full = _run_jobs(
+        h, [{"prompt": f"disk full {i}", "steps": 4, "seed": i, "model": "qmodel"} for i in range(2)], "qmodel"
+    )
     flag.unlink()
     after = _run_jobs(h, [{"prompt": "disk has room again", "steps": 4, "seed": 1, "model": "qmodel"}], "qmodel")
     account(row, h, outcomes + full, since, expect_failure=True)
@@ -688,7 +798,9 @@ def fault_artifacts(h: Harness, row: Row) -> None:
     states = {get_app().AsyncResult(o["id"]).state for o in outcomes + full}
     row.check("none reported as done", states == {"FAILURE"}, sorted(states))
     row.check("the node serves again once the disk has room", after[0]["state"] == "SUCCESS", after[0]["state"])
-    causes = sorted({m.group(0) for o in outcomes + full for m in [re.search(r"\[Errno \d+\] [^:']+", o.get("message", ""))] if m})
+    causes = sorted(
+        {m.group(0) for o in outcomes + full for m in [re.search(r"\[Errno \d+\] [^:']+", o.get("message", ""))] if m}
+    )
     row.notes.append(f"causes seen: {causes}")
 
 
@@ -746,8 +858,10 @@ def fault_clock_skew(h: Harness, row: Row) -> None:
     """Coordinators whose clocks are off by +1 h and -1 h never lead at once; cache TTLs use Redis's clock."""
     import requests
 
-    coords = [h.start_coordinator("ahead", REPRISE_FAULT_CLOCK_SKEW_S="3600"),
-              h.start_coordinator("behind", REPRISE_FAULT_CLOCK_SKEW_S="-3600")]
+    coords = [
+        h.start_coordinator("ahead", REPRISE_FAULT_CLOCK_SKEW_S="3600"),
+        h.start_coordinator("behind", REPRISE_FAULT_CLOCK_SKEW_S="-3600"),
+    ]
 
     def leading(p) -> int | None:
         try:
@@ -776,8 +890,11 @@ def fault_clock_skew(h: Harness, row: Row) -> None:
         time.sleep(0.05)
     row.sent, row.completed = samples, samples - both
     row.duplicated = both
-    row.check("never two leaders (each coordinator's own view, sampled every 50 ms)", both == 0 and samples > 20,
-              {"samples": samples, "both_leading": both, "none_leading": none_})
+    row.check(
+        "never two leaders (each coordinator's own view, sampled every 50 ms)",
+        both == 0 and samples > 20,
+        {"samples": samples, "both_leading": both, "none_leading": none_},
+    )
     for p in coords:
         if p.poll() is None:
             p.terminate()
@@ -786,8 +903,10 @@ def fault_clock_skew(h: Harness, row: Row) -> None:
     premature, redis_ok = ttl_under_skew(h.redis.url, h.workdir / "qdrant-skew")
     row.check("with local clocks a reader 2 h ahead expires a 1 h entry early (the fault is real)", premature)
     row.check("with the Redis clock the same reader still hits it", redis_ok)
-    row.notes.append("leases: SET NX PX and PEXPIRE run on the Redis server's clock; cache TTLs: expires_at and "
-                     "every 'now' from RedisClock (server TIME + local monotonic), tolerance = one TIME round trip")
+    row.notes.append(
+        "leases: SET NX PX and PEXPIRE run on the Redis server's clock; cache TTLs: expires_at and "
+        "every 'now' from RedisClock (server TIME + local monotonic), tolerance = one TIME round trip"
+    )
 
 
 def ttl_under_skew(redis_url: str, folder: Path) -> tuple[bool, bool]:
@@ -796,7 +915,6 @@ def ttl_under_skew(redis_url: str, folder: Path) -> tuple[bool, bool]:
     import redis
 
     from cache import CacheKey, CacheSettings, LatentCache
-    from workers.resilient_cache import RedisClock
 
     r = redis.Redis.from_url(redis_url)
     settings = CacheSettings(path=str(folder), embedder="clip", clip_dim=8, ttl_seconds=3600)
@@ -804,7 +922,7 @@ def ttl_under_skew(redis_url: str, folder: Path) -> tuple[bool, bool]:
     state = {5: np.ones((4, 8, 8), np.float32)}
     embed = lambda p: np.ones(8, np.float32)  # noqa: E731
     results = []
-    for clock_of in (lambda skew: (lambda: time.time() + skew), lambda skew: _skewed_redis_clock(r, skew)):
+    for clock_of in (lambda skew: lambda: time.time() + skew, lambda skew: _skewed_redis_clock(r, skew)):
         shutil.rmtree(folder, ignore_errors=True)
         with LatentCache.open(settings, embedder=embed, clock=clock_of(0)) as cache:
             cache.write_back(key, np.ones(8), state, "file:///x.png")
@@ -832,45 +950,101 @@ def _skewed_redis_clock(r, skew: float):
 
 # --- bad and hostile input ------------------------------------------------------------------
 
+
 def fuzz_strategies():
     from hypothesis import strategies as st
 
     weird_text = st.one_of(
         st.text(max_size=20),
-        st.sampled_from(["", " ", "\x00", "a\x00b", "\u202e\u202dRTL", "\ud800", "\udfff", "e\u0301" * 50, "🧨" * 600,
-                         "\uffff", "\n\t\r", "x" * 2001, "x" * 100_000, "NaN", "null", "{}", "DROP TABLE"]),
+        st.sampled_from(
+            [
+                "",
+                " ",
+                "\x00",
+                "a\x00b",
+                "\u202e\u202dRTL",
+                "\ud800",
+                "\udfff",
+                "e\u0301" * 50,
+                "🧨" * 600,
+                "\uffff",
+                "\n\t\r",
+                "x" * 2001,
+                "x" * 100_000,
+                "NaN",
+                "null",
+                "{}",
+                "DROP TABLE",
+            ]
+        ),
     )
-    numbers = st.one_of(st.integers(-2**70, 2**70), st.sampled_from([0, -1, 1, 7, 8, 63, 64, 2**32, 2**31 - 1, 2**64, -2**63]),
-                        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([float("nan"), float("inf"), -0.0, 1e308]))
+    numbers = st.one_of(
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([0, -1, 1, 7, 8, 63, 64, 2**32, 2**31 - 1, 2**64, -(2**63)]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([float("nan"), float("inf"), -0.0, 1e308]),
+    )
     scalars = st.one_of(st.none(), st.booleans(), numbers, weird_text)
-    junk = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                        max_leaves=4)
+    junk = st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+        max_leaves=4,
+    )
     field_values = {
-        "prompt": st.one_of(weird_text, junk), "negative_prompt": st.one_of(weird_text, junk), "seed": st.one_of(numbers, junk),
-        "steps": st.one_of(numbers, junk), "guidance_scale": st.one_of(numbers, junk), "width": st.one_of(numbers, junk),
-        "height": st.one_of(numbers, junk), "scheduler": st.one_of(st.sampled_from(["ddim", "euler", "dpmpp_2m", "DDIM", "lms", ""]), junk),
-        "model": st.one_of(st.sampled_from(["tiny", "sd15", "../etc/passwd", "tiny\x00", "t" * 65, "", "qmodel"]), junk),
-        "priority": st.one_of(numbers, junk), "tenant": st.one_of(st.sampled_from(["public", "../root", "a b", "studio", "*"]), junk),
+        "prompt": st.one_of(weird_text, junk),
+        "negative_prompt": st.one_of(weird_text, junk),
+        "seed": st.one_of(numbers, junk),
+        "steps": st.one_of(numbers, junk),
+        "guidance_scale": st.one_of(numbers, junk),
+        "width": st.one_of(numbers, junk),
+        "height": st.one_of(numbers, junk),
+        "scheduler": st.one_of(st.sampled_from(["ddim", "euler", "dpmpp_2m", "DDIM", "lms", ""]), junk),
+        "model": st.one_of(
+            st.sampled_from(["tiny", "sd15", "../etc/passwd", "tiny\x00", "t" * 65, "", "qmodel"]), junk
+        ),
+        "priority": st.one_of(numbers, junk),
+        "tenant": st.one_of(st.sampled_from(["public", "../root", "a b", "studio", "*"]), junk),
         "schema_version": st.one_of(st.sampled_from(["1.0", "2.0", ""]), junk),
-        "cache": st.one_of(junk, st.fixed_dictionaries({}, optional={
-            "exact": junk, "approximate": st.booleans(), "share": st.one_of(st.booleans(), junk), "isolate_timing": junk,
-            "feature": st.one_of(junk, st.fixed_dictionaries({}, optional={"method": junk, "deepcache_interval": numbers,
-                                                                            "block_delta": numbers}))})),
+        "cache": st.one_of(
+            junk,
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "exact": junk,
+                    "approximate": st.booleans(),
+                    "share": st.one_of(st.booleans(), junk),
+                    "isolate_timing": junk,
+                    "feature": st.one_of(
+                        junk,
+                        st.fixed_dictionaries(
+                            {}, optional={"method": junk, "deepcache_interval": numbers, "block_delta": numbers}
+                        ),
+                    ),
+                },
+            ),
+        ),
     }
-    valid_prompt = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=60).filter(str.strip)
+    valid_prompt = st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=60
+    ).filter(str.strip)
     optional = {k: v for k, v in field_values.items() if k != "prompt"}
-    near_valid = st.fixed_dictionaries({"prompt": st.one_of(valid_prompt, valid_prompt, field_values["prompt"])},
-                                       optional={**optional, "junk_field": junk})
-    return st.one_of(near_valid, st.dictionaries(st.sampled_from(sorted(field_values) + ["junk"]), junk, max_size=6), junk)
+    near_valid = st.fixed_dictionaries(
+        {"prompt": st.one_of(valid_prompt, valid_prompt, field_values["prompt"])},
+        optional={**optional, "junk_field": junk},
+    )
+    return st.one_of(
+        near_valid, st.dictionaries(st.sampled_from(sorted(field_values) + ["junk"]), junk, max_size=6), junk
+    )
 
 
 def fuzz_in_process(n: int, keep: int = 0, seed: int = 0) -> dict:
     """n hypothesis cases through the worker's own validation: each is accepted or an InvalidRequest; nothing else."""
-    from hypothesis import HealthCheck, given, seed as hseed, settings
-
-    from scheduler.errors import InvalidRequest
     from types import SimpleNamespace
 
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    from scheduler.errors import InvalidRequest
     from workers.models import ModelSpec
     from workers.service import Device, DevicePool, GenerationService
 
@@ -882,8 +1056,7 @@ def fuzz_in_process(n: int, keep: int = 0, seed: int = 0) -> dict:
     rng = random.Random(seed)
 
     @hseed(seed)
-    @settings(max_examples=n, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=n, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck))
     @given(fuzz_strategies())
     def case(payload):
         counts["cases"] += 1
@@ -930,17 +1103,30 @@ def fuzz_through_broker(h: Harness, payloads: list, row: Row) -> dict:
     outcomes = _wait_all(h, sent, 180)
     from scheduler import errors
 
-    typed = {name for name in dir(errors) if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), InvalidRequest)}
+    typed = {
+        name
+        for name in dir(errors)
+        if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), InvalidRequest)
+    }
     answered_typed = sum(1 for o in outcomes if o["state"] == "FAILURE" and o.get("error") in typed)
     other_failures = [o for o in outcomes if o["state"] == "FAILURE" and o.get("error") not in typed]
     ok = sum(1 for o in outcomes if o["state"] == "SUCCESS")
     lost = [o for o in outcomes if o["state"] not in ("SUCCESS", "FAILURE")]
     alive = sorted(w.pid for w in workers if w.alive())
     after = _wait_all(h, [h.send({"prompt": "still alive after the fuzz", "steps": 3})], 60)
-    return {"sent": len(sent), "refused_by_producer": refused, "results": ok, "typed_errors": answered_typed,
-            "untyped_failures": [f"{o.get('error')}: {o.get('message')}" for o in other_failures][:5], "n_untyped": len(other_failures),
-            "lost": len(lost), "raw_garbage_pushed": raw, "worker_restarts": int(alive != pids),
-            "serves_after": after[0]["state"], "max_latency_s": max((o.get("latency_s") or 0) for o in outcomes) if outcomes else 0}
+    return {
+        "sent": len(sent),
+        "refused_by_producer": refused,
+        "results": ok,
+        "typed_errors": answered_typed,
+        "untyped_failures": [f"{o.get('error')}: {o.get('message')}" for o in other_failures][:5],
+        "n_untyped": len(other_failures),
+        "lost": len(lost),
+        "raw_garbage_pushed": raw,
+        "worker_restarts": int(alive != pids),
+        "serves_after": after[0]["state"],
+        "max_latency_s": max((o.get("latency_s") or 0) for o in outcomes) if outcomes else 0,
+    }
 
 
 def _push_garbage(h: Harness) -> int:
@@ -950,12 +1136,29 @@ def _push_garbage(h: Harness) -> int:
     import redis
 
     r = redis.Redis.from_url(h.redis.url)
-    envelope = lambda body, headers: json.dumps({  # noqa: E731
-        "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": "application/json",
-        "headers": headers, "properties": {"body_encoding": "base64", "delivery_info": {"exchange": "", "routing_key": "reprise.tiny"},
-                                           "delivery_mode": 2, "delivery_tag": str(uuid.uuid4()), "priority": 0}})
+
+    def envelope(body, headers):
+        return json.dumps(
+            {
+                "body": base64.b64encode(body).decode(),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": headers,
+                "properties": {
+                    "body_encoding": "base64",
+                    "delivery_info": {"exchange": "", "routing_key": "reprise.tiny"},
+                    "delivery_mode": 2,
+                    "delivery_tag": str(uuid.uuid4()),
+                    "priority": 0,
+                },
+            }
+        )
+
     garbage = [
-        b"not json at all", b"{}", b"[]", b"\xff\xfe\x00garbage",
+        b"not json at all",
+        b"{}",
+        b"[]",
+        b"\xff\xfe\x00garbage",
         json.dumps({"body": "!!!", "properties": {}}).encode(),
         envelope(b"not-json", {"task": "reprise.generate", "id": str(uuid.uuid4())}).encode(),
         envelope(b'[[], {"prompt": "x"}, {}]', {"task": "reprise.no_such_task", "id": str(uuid.uuid4())}).encode(),
@@ -972,20 +1175,35 @@ def fault_fuzz(h: Harness, row: Row, n: int) -> None:
     t = time.monotonic()
     counts = fuzz_in_process(n, keep=60 if h.quick else 300)
     kept = counts.pop("kept")
-    row.check("in-process: every case accepted or a typed InvalidRequest", counts["crashes"] == 0, counts["crash_examples"] or None)
-    row.checks["in-process counts"] = {"ok": True, "detail": {k: v for k, v in counts.items() if k != "crash_examples"},
-                                       "seconds": round(time.monotonic() - t, 1)}
+    row.check(
+        "in-process: every case accepted or a typed InvalidRequest",
+        counts["crashes"] == 0,
+        counts["crash_examples"] or None,
+    )
+    row.checks["in-process counts"] = {
+        "ok": True,
+        "detail": {k: v for k, v in counts.items() if k != "crash_examples"},
+        "seconds": round(time.monotonic() - t, 1),
+    }
     broker = fuzz_through_broker(h, kept, row)
     row.sent = counts["cases"] + broker["sent"] + broker["raw_garbage_pushed"]
     row.completed = counts["accepted"] + broker["results"]
     row.failed = counts["typed_errors"] + broker["typed_errors"]
     row.lost = broker["lost"]
     row.max_latency_s = broker["max_latency_s"]
-    row.check("broker: every raw message answered with a result or a typed InvalidRequest",
-              broker["n_untyped"] == 0 and broker["lost"] == 0, broker)
-    row.check("broker: no worker crashed or restarted; still serving", broker["worker_restarts"] == 0 and broker["serves_after"] == "SUCCESS")
-    row.notes.append("sent = in-process cases + raw messages through Redis + undecodable messages pushed on the queue "
-                     "(those have no result to wait for); failed = typed errors (the expected answer)")
+    row.check(
+        "broker: every raw message answered with a result or a typed InvalidRequest",
+        broker["n_untyped"] == 0 and broker["lost"] == 0,
+        broker,
+    )
+    row.check(
+        "broker: no worker crashed or restarted; still serving",
+        broker["worker_restarts"] == 0 and broker["serves_after"] == "SUCCESS",
+    )
+    row.notes.append(
+        "sent = in-process cases + raw messages through Redis + undecodable messages pushed on the queue "
+        "(those have no result to wait for); failed = typed errors (the expected answer)"
+    )
 
 
 def fault_cache_entries(h: Harness, row: Row) -> None:
@@ -1009,8 +1227,22 @@ def fault_cache_entries(h: Harness, row: Row) -> None:
     worker.stop()
     h.cluster.workers.remove(worker)
     steps = 10
-    kinds = ["control", "nan", "inf", "wrong_shape", "wrong_dtype", "bad_checksum", "other_version", "other_tenant",
-             "expired", "old_generation", "exact_other_version", "exact_other_tenant", "exact_missing_image", "exact_expired"]
+    kinds = [
+        "control",
+        "nan",
+        "inf",
+        "wrong_shape",
+        "wrong_dtype",
+        "bad_checksum",
+        "other_version",
+        "other_tenant",
+        "expired",
+        "old_generation",
+        "exact_other_version",
+        "exact_other_tenant",
+        "exact_missing_image",
+        "exact_expired",
+    ]
     planted: dict[str, str] = {}
     rng = np.random.default_rng(0)
     with LatentCache.open(CacheSettings(path=str(folder))) as cache:
@@ -1018,9 +1250,20 @@ def fault_cache_entries(h: Harness, row: Row) -> None:
         for i, kind in enumerate(kinds):
             prompt = f"planted entry {kind} {i}"
             tenant = "eve" if kind.endswith("other_tenant") else "alice"
-            key = CacheKey("qmodel", "deadbeef" if kind.endswith("other_version") else version,
-                           generation - 1 if kind == "old_generation" else generation,
-                           prompt, "", 7, steps, 5.0, 64, 64, "ddim", tenant)
+            key = CacheKey(
+                "qmodel",
+                "deadbeef" if kind.endswith("other_version") else version,
+                generation - 1 if kind == "old_generation" else generation,
+                prompt,
+                "",
+                7,
+                steps,
+                5.0,
+                64,
+                64,
+                "ddim",
+                tenant,
+            )
             states = {k: rng.standard_normal((4, 8, 8)).astype(np.float32) for k in cache.state_steps(steps)}
             uri = "file:///nonexistent/image.png" if kind == "exact_missing_image" else f"file://{image}"
             entry_id, vec, rows, payload = cache.build_entry(key, cache.embed(prompt), states, uri, False)
@@ -1054,18 +1297,32 @@ def fault_cache_entries(h: Harness, row: Row) -> None:
     outcomes = _run_jobs(h, payloads, "qmodel")
     served = {}
     for kind, o in zip(kinds, outcomes):
-        served[kind] = (o["result"]["cache"]["hit"], o["result"]["cache"]["source_id"] == planted[kind]) if o["state"] == "SUCCESS" else o["state"]
+        served[kind] = (
+            (o["result"]["cache"]["hit"], o["result"]["cache"]["source_id"] == planted[kind])
+            if o["state"] == "SUCCESS"
+            else o["state"]
+        )
     # An entry whose image is gone still holds valid states: resuming from them (approximate) is right,
     # serving its image (exact) is not. Every other planted entry must not be used at all.
-    wrong = [k for k, v in served.items() if k != "control" and isinstance(v, tuple) and v[1]
-             and (k != "exact_missing_image" or v[0] == "exact")]
+    wrong = [
+        k
+        for k, v in served.items()
+        if k != "control" and isinstance(v, tuple) and v[1] and (k != "exact_missing_image" or v[0] == "exact")
+    ]
     row.sent, row.completed = len(outcomes), sum(o["state"] == "SUCCESS" for o in outcomes)
     row.lost = row.sent - row.completed
     row.duplicated = len(wrong)
     row.max_latency_s = max((o.get("latency_s") or 0) for o in outcomes)
-    row.check("the clean planted entry is served (the path is reachable)", served["control"] == ("approximate", True), served["control"])
-    row.check("0 corrupt, foreign-version, foreign-tenant, expired or old-generation entries served", not wrong,
-              {k: v for k, v in served.items() if k != "control"})
+    row.check(
+        "the clean planted entry is served (the path is reachable)",
+        served["control"] == ("approximate", True),
+        served["control"],
+    )
+    row.check(
+        "0 corrupt, foreign-version, foreign-tenant, expired or old-generation entries served",
+        not wrong,
+        {k: v for k, v in served.items() if k != "control"},
+    )
     row.check("every job completed", row.lost == 0)
     log_text = worker.log.read_text(errors="replace")
     row.checks["corrupt entries dropped (log lines)"] = {"ok": True, "detail": log_text.count("is corrupt")}
@@ -1081,8 +1338,20 @@ def fault_tenants(h: Harness, row: Row) -> None:
     q = "qmodel"
 
     def one(prompt, tenant, seed=3, **cache):
-        return _run_jobs(h, [{"prompt": prompt, "steps": 10, "seed": seed, "model": q, "tenant": tenant,
-                              **({"cache": cache} if cache else {})}], q)[0]
+        return _run_jobs(
+            h,
+            [
+                {
+                    "prompt": prompt,
+                    "steps": 10,
+                    "seed": seed,
+                    "model": q,
+                    "tenant": tenant,
+                    **({"cache": cache} if cache else {}),
+                }
+            ],
+            q,
+        )[0]
 
     outcomes = []
     outcomes.append(one("a private dragon", "alice"))
@@ -1090,24 +1359,40 @@ def fault_tenants(h: Harness, row: Row) -> None:
     bob_exact = one("a private dragon", "bob")
     carol_approx = one("a private dragon", "carol", seed=4)  # another seed: only the approximate path could reach it
     outcomes += [bob_exact, carol_approx]
-    row.check("private entries are never hits for another tenant (exact, approximate)",
-              bob_exact["result"]["cache"]["hit"] == "miss" and carol_approx["result"]["cache"]["hit"] == "miss",
-              [bob_exact["result"]["cache"]["hit"], carol_approx["result"]["cache"]["hit"]])
+    row.check(
+        "private entries are never hits for another tenant (exact, approximate)",
+        bob_exact["result"]["cache"]["hit"] == "miss" and carol_approx["result"]["cache"]["hit"] == "miss",
+        [bob_exact["result"]["cache"]["hit"], carol_approx["result"]["cache"]["hit"]],
+    )
     poison = one("a poisoned lighthouse", "mallory", share=True)
     time.sleep(0.5)
     victim = one("a poisoned lighthouse", "alice")
     outcomes += [poison, victim]
-    row.check("an ungranted share is ignored, with a note", "not granted" in (poison["result"]["cache"]["note"] or ""),
-              poison["result"]["cache"]["note"])
-    row.check("so it cannot reach another tenant", victim["result"]["cache"]["hit"] == "miss", victim["result"]["cache"]["hit"])
+    row.check(
+        "an ungranted share is ignored, with a note",
+        "not granted" in (poison["result"]["cache"]["note"] or ""),
+        poison["result"]["cache"]["note"],
+    )
+    row.check(
+        "so it cannot reach another tenant",
+        victim["result"]["cache"]["hit"] == "miss",
+        victim["result"]["cache"]["hit"],
+    )
     shared = one("a studio shared castle", "studio", share=True)
     time.sleep(0.5)
     reuse = one("a studio shared castle", "bob")
     outcomes += [shared, reuse]
     a, b = shared["result"]["image_uri"], reuse["result"]["image_uri"]
-    row.check("a granted tenant's shared entry serves others", reuse["result"]["cache"]["hit"] == "exact", reuse["result"]["cache"]["hit"])
-    row.check("...from the other tenant's own copy, never the sharer's path",
-              a != b and "/bob/" in b and _sha(a.removeprefix("file://")) == _sha(b.removeprefix("file://")), [a, b])
+    row.check(
+        "a granted tenant's shared entry serves others",
+        reuse["result"]["cache"]["hit"] == "exact",
+        reuse["result"]["cache"]["hit"],
+    )
+    row.check(
+        "...from the other tenant's own copy, never the sharer's path",
+        a != b and "/bob/" in b and _sha(a.removeprefix("file://")) == _sha(b.removeprefix("file://")),
+        [a, b],
+    )
     # timing: misses vs exact hits of the same size, with and without isolate_timing
     n = 4 if h.quick else 8
     timing = {}
@@ -1125,15 +1410,20 @@ def fault_tenants(h: Harness, row: Row) -> None:
         eh = [o["latency_s"] for o in hit if o.get("latency_s")]
         timing["isolated" if isolate else "plain"] = {
             "hits": sum(o["result"]["cache"]["hit"] == "exact" for o in hit),
-            "miss_median_ms": round(statistics.median(tm) * 1000, 1), "hit_median_ms": round(statistics.median(th) * 1000, 1),
+            "miss_median_ms": round(statistics.median(tm) * 1000, 1),
+            "hit_median_ms": round(statistics.median(th) * 1000, 1),
             "residual_median_ms": round((statistics.median(tm) - statistics.median(th)) * 1000, 1),
             "end_to_end_miss_median_ms": round(statistics.median(em) * 1000, 1) if em else None,
             "end_to_end_hit_median_ms": round(statistics.median(eh) * 1000, 1) if eh else None,
-            "miss_spread_ms": round((max(tm) - min(tm)) * 1000, 1)}
+            "miss_spread_ms": round((max(tm) - min(tm)) * 1000, 1),
+        }
     iso = timing["isolated"]
     row.checks["timing (worker-side, queue wait excluded)"] = {"ok": True, "detail": timing}
-    row.check("isolate_timing: hit-vs-miss median within the misses' own spread", abs(iso["residual_median_ms"]) <= max(iso["miss_spread_ms"], 25),
-              iso)
+    row.check(
+        "isolate_timing: hit-vs-miss median within the misses' own spread",
+        abs(iso["residual_median_ms"]) <= max(iso["miss_spread_ms"], 25),
+        iso,
+    )
     account(row, h, outcomes, 0)
 
 
@@ -1145,7 +1435,11 @@ def fault_secrets(h: Harness, row: Row) -> None:
     other_leaks = {k: v for k, v in leaks.items() if not k.startswith("worker") and v}
     masked = any(":**@" in p.read_text(errors="replace") for p in logs if p.name.startswith("worker"))
     row.sent = len(logs)
-    row.check("no worker log holds the Redis password", not worker_leaks, worker_leaks or {"logs_checked": len(leaks), "celery_masks": masked})
+    row.check(
+        "no worker log holds the Redis password",
+        not worker_leaks,
+        worker_leaks or {"logs_checked": len(leaks), "celery_masks": masked},
+    )
     row.check("no other process log holds it", not other_leaks, other_leaks or None)
     row.check("no secret committed to the repository", not (found := scan_repo()), found[:10] or None)
 
@@ -1165,14 +1459,23 @@ DEMO_VALUES = re.compile(r"(?i)demo|test|example|changeme|dummy|placeholder")
 def scan_repo(root: str | None = None) -> list[str]:
     root = root or str(Path(__file__).resolve().parents[1])
     try:
-        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                               capture_output=True, text=True, timeout=30).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         files = []
     found = []
     for name in files:
         path = Path(root) / name
-        if path.suffix in (".png", ".safetensors", ".bin", ".pt") or not path.is_file() or path.stat().st_size > 2_000_000:
+        if (
+            path.suffix in (".png", ".safetensors", ".bin", ".pt")
+            or not path.is_file()
+            or path.stat().st_size > 2_000_000
+        ):
             continue
         text = path.read_text(errors="replace")
         for pattern in SECRET_PATTERNS:
@@ -1184,12 +1487,27 @@ def scan_repo(root: str | None = None) -> list[str]:
 
 # =============================================================================================
 
-FAULTS = ["worker_kill", "redis_restart", "qdrant", "artifacts", "cache_entries", "tenants", "coordinator_kill",
-          "clock_skew", "fuzz", "secrets"]
+FAULTS = [
+    "worker_kill",
+    "redis_restart",
+    "qdrant",
+    "artifacts",
+    "cache_entries",
+    "tenants",
+    "coordinator_kill",
+    "clock_skew",
+    "fuzz",
+    "secrets",
+]
 
 
-def run(only: list[str] | None = None, quick: bool = False, fuzz_cases: int = 10_000, workdir: str | None = None,
-        json_path: str | None = None) -> list[Row]:
+def run(
+    only: list[str] | None = None,
+    quick: bool = False,
+    fuzz_cases: int = 10_000,
+    workdir: str | None = None,
+    json_path: str | None = None,
+) -> list[Row]:
     workdir = workdir or tempfile.mkdtemp(prefix="reprise-faults-")
     h = Harness(workdir, quick=quick)
     rows: list[Row] = []
@@ -1202,9 +1520,15 @@ def run(only: list[str] | None = None, quick: bool = False, fuzz_cases: int = 10
             print(f"--- {name} ...", flush=True)
             try:
                 {
-                    "worker_kill": fault_worker_kill, "redis_restart": fault_redis_restart, "qdrant": fault_qdrant,
-                    "artifacts": fault_artifacts, "cache_entries": fault_cache_entries, "tenants": fault_tenants,
-                    "coordinator_kill": fault_coordinator, "clock_skew": fault_clock_skew, "secrets": fault_secrets,
+                    "worker_kill": fault_worker_kill,
+                    "redis_restart": fault_redis_restart,
+                    "qdrant": fault_qdrant,
+                    "artifacts": fault_artifacts,
+                    "cache_entries": fault_cache_entries,
+                    "tenants": fault_tenants,
+                    "coordinator_kill": fault_coordinator,
+                    "clock_skew": fault_clock_skew,
+                    "secrets": fault_secrets,
                     "fuzz": lambda h_, r_: fault_fuzz(h_, r_, fuzz_cases),
                 }[name](h, row)
             except Exception as exc:
@@ -1227,8 +1551,10 @@ HEADER = f"{'fault':<17}{'sent':>7}{'done':>7}{'failed':>7}{'lost':>6}{'dup':>5}
 
 def _line(r: Row) -> str:
     bad = [k for k, v in r.checks.items() if not v.get("ok")]
-    return (f"{r.fault:<17}{r.sent:>7}{r.completed:>7}{r.failed:>7}{r.lost:>6}{r.duplicated:>5}{r.retried:>8}"
-            f"{r.max_latency_s:>10.2f}  {'PASS' if r.ok else 'FAIL: ' + '; '.join(bad)}")
+    return (
+        f"{r.fault:<17}{r.sent:>7}{r.completed:>7}{r.failed:>7}{r.lost:>6}{r.duplicated:>5}{r.retried:>8}"
+        f"{r.max_latency_s:>10.2f}  {'PASS' if r.ok else 'FAIL: ' + '; '.join(bad)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1238,7 +1564,9 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     if argv[:1] == ["--with-hooks"]:
         return run_with_hooks(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m ops.faults", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ops.faults", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--only", help="comma-separated: " + ",".join(FAULTS))
     p.add_argument("--quick", action="store_true", help="fewer kills, rounds and samples")

@@ -203,8 +203,20 @@ class QueueSampler(threading.Thread):
 class LoadRun:
     """One run of a workload: arrivals, collection, the report."""
 
-    def __init__(self, app, workload, *, rate=None, ramp=None, concurrency=None, n=None, duration=None,
-                 timeout_s=120.0, progress=True, label="run"):
+    def __init__(
+        self,
+        app,
+        workload,
+        *,
+        rate=None,
+        ramp=None,
+        concurrency=None,
+        n=None,
+        duration=None,
+        timeout_s=120.0,
+        progress=True,
+        label="run",
+    ):
         if sum(x is not None for x in (rate, ramp, concurrency)) != 1:
             raise ValueError("give exactly one of rate, ramp, concurrency")
         if n is None and duration is None and not workload.p.as_is:
@@ -254,8 +266,15 @@ class LoadRun:
             return None
         finally:
             self.send_s += time.perf_counter() - t
-        rec = JobRecord(job.id, kind, req.get("tenant", "public"), req.get("priority", 5), req["steps"], sent_at,
-                        event=threading.Event() if closed else None)
+        rec = JobRecord(
+            job.id,
+            kind,
+            req.get("tenant", "public"),
+            req.get("priority", 5),
+            req["steps"],
+            sent_at,
+            event=threading.Event() if closed else None,
+        )
         with self.lock:
             self.records.append(rec)
         self.collector.add(rec)
@@ -266,7 +285,11 @@ class LoadRun:
         next_at = self.started
         while True:
             elapsed = next_at - self.started
-            rate = self.rate if self.rate is not None else self.ramp[0] + (self.ramp[1] - self.ramp[0]) * min(1.0, elapsed / self.duration)
+            rate = (
+                self.rate
+                if self.rate is not None
+                else self.ramp[0] + (self.ramp[1] - self.ramp[0]) * min(1.0, elapsed / self.duration)
+            )
             next_at += rng.expovariate(max(rate, 1e-6))
             delay = next_at - time.time()
             if delay > 0:
@@ -340,12 +363,21 @@ class LoadRun:
         steps_req = sum(r.steps for r in ok)
         steps_saved = sum(r.steps_saved for r in ok)
         ops = self.sampler.redis_ops
-        redis_ops_s = (ops[-1][1] - ops[0][1]) / (ops[-1][0] - ops[0][0]) if len(ops) > 1 and ops[-1][0] > ops[0][0] else None
+        redis_ops_s = (
+            (ops[-1][1] - ops[0][1]) / (ops[-1][0] - ops[0][0]) if len(ops) > 1 and ops[-1][0] > ops[0][0] else None
+        )
         return {
             "label": self.label,
             "workload": self.workload.describe(),
-            "load": {"mode": "closed" if self.concurrency else "open", "rate": self.rate, "ramp": self.ramp,
-                     "concurrency": self.concurrency, "n": self.n, "duration_s": self.duration, "timeout_s": self.timeout_s},
+            "load": {
+                "mode": "closed" if self.concurrency else "open",
+                "rate": self.rate,
+                "ramp": self.ramp,
+                "concurrency": self.concurrency,
+                "n": self.n,
+                "duration_s": self.duration,
+                "timeout_s": self.timeout_s,
+            },
             "sent": len(recs),
             "succeeded": len(ok),
             "failed": sum(errors.values()),
@@ -354,8 +386,12 @@ class LoadRun:
             "wall_s": round(self.ended - self.started, 3),
             "offered_rate_jobs_s": len(recs) / send_span,
             "throughput_jobs_s": len(ok) / span,
-            "producer": {"send_ms_mean": 1000 * self.send_s / max(1, len(recs)), "max_lag_s": self.lag_s,
-                         "cpu_s": self.producer_cpu_s, "send_rate_jobs_s": len(recs) / send_span},
+            "producer": {
+                "send_ms_mean": 1000 * self.send_s / max(1, len(recs)),
+                "max_lag_s": self.lag_s,
+                "cpu_s": self.producer_cpu_s,
+                "send_rate_jobs_s": len(recs) / send_span,
+            },
             "redis_ops_s": redis_ops_s,
             "latency_s": {
                 "queue_wait": percentiles([r.queue_wait_s for r in ok if r.queue_wait_s is not None]),
@@ -393,7 +429,9 @@ class LoadRun:
             "hit_rate": [h / d if d else None for h, d in zip(hit, done)],
             "queue_depth": [(round(t - self.started, 3), d) for t, d in self.sampler.samples],
             "end_to_end_s": sorted(r.end_to_end_s for r in self.records if r.status == "success"),
-            "queue_wait_s": sorted(r.queue_wait_s for r in self.records if r.status == "success" and r.queue_wait_s is not None),
+            "queue_wait_s": sorted(
+                r.queue_wait_s for r in self.records if r.status == "success" and r.queue_wait_s is not None
+            ),
             "service_s": sorted(r.service_s for r in self.records if r.status == "success" and r.service_s is not None),
         }
 
@@ -420,10 +458,13 @@ class _Progress:
         e2e = sorted(r.end_to_end_s for r in ok)
         hits = sum(r.hit in ("exact", "approximate") for r in ok)
         depth = run.sampler.samples[-1][1] if run.sampler.samples else 0
-        self.live.update(Text(
-            f"[{run.label}] {elapsed:6.1f}s  sent {len(recs)}  done {len(done)}  ok {len(ok)}  err {len(done) - len(ok) + sum(run.submit_errors.values())}"
-            f"  in flight {run.collector.in_flight()}  queue {depth}  thr {len(ok) / max(elapsed, 1e-9):.2f}/s"
-            f"  p50 e2e {e2e[len(e2e) // 2] if e2e else 0:.2f}s  hits {hits / max(1, len(ok)):.0%}"))
+        self.live.update(
+            Text(
+                f"[{run.label}] {elapsed:6.1f}s  sent {len(recs)}  done {len(done)}  ok {len(ok)}  err {len(done) - len(ok) + sum(run.submit_errors.values())}"
+                f"  in flight {run.collector.in_flight()}  queue {depth}  thr {len(ok) / max(elapsed, 1e-9):.2f}/s"
+                f"  p50 e2e {e2e[len(e2e) // 2] if e2e else 0:.2f}s  hits {hits / max(1, len(ok)):.0%}"
+            )
+        )
 
     def close(self) -> None:
         self.update()
@@ -432,12 +473,15 @@ class _Progress:
 
 # --- output -------------------------------------------------------------------------------------
 
+
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"loadtest {report['label']}: {report['sent']} sent, {report['succeeded']} succeeded, "
-                        f"{report['throughput_jobs_s']:.2f} jobs/s")
+    table = Table(
+        title=f"loadtest {report['label']}: {report['sent']} sent, {report['succeeded']} succeeded, "
+        f"{report['throughput_jobs_s']:.2f} jobs/s"
+    )
     table.add_column("latency (s)")
     for c in ("p50", "p95", "p99", "mean"):
         table.add_column(c, justify="right")
@@ -446,9 +490,12 @@ def print_table(report: dict) -> None:
     console = Console()
     console.print(table)
     cache = report["cache"]
-    console.print("hit rate: " + ", ".join(f"{k} {v:.1%}" for k, v in cache["hit_rate"].items() if v)
-                  + f"; approximate by K: {cache['approximate_by_k'] or '-'}; steps saved {cache['steps_saved']} of "
-                  f"{cache['steps_requested']} ({cache['steps_saved_fraction']:.1%})")
+    console.print(
+        "hit rate: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in cache["hit_rate"].items() if v)
+        + f"; approximate by K: {cache['approximate_by_k'] or '-'}; steps saved {cache['steps_saved']} of "
+        f"{cache['steps_requested']} ({cache['steps_saved_fraction']:.1%})"
+    )
     console.print(f"errors: {report['errors'] or 'none'}; workload: {report['workload']['generated']}")
     if report.get("flower"):
         console.print(f"flower: {report['flower']}")
@@ -470,7 +517,12 @@ def write_plots(reports: list[dict], directory: str | Path) -> list[str]:
         for key, style in (("end_to_end_s", "-"), ("queue_wait_s", "--"), ("service_s", ":")):
             v = s[key]
             if v:
-                ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], style, label=f"{rep['label']} {key[:-2].replace('_', ' ')}")
+                ax.plot(
+                    v,
+                    [(i + 1) / len(v) for i in range(len(v))],
+                    style,
+                    label=f"{rep['label']} {key[:-2].replace('_', ' ')}",
+                )
     _label(ax, "Latency CDF", "seconds", "fraction of jobs")
     paths.append(_save(fig, directory / "latency_cdf.png"))
 
@@ -478,7 +530,12 @@ def write_plots(reports: list[dict], directory: str | Path) -> list[str]:
     for rep in reports:
         s = rep["series"]
         if s["t"]:  # one more edge so the last bin shows as a step too
-            top.step(s["t"] + [s["t"][-1] + s["bin_s"]], s["throughput_jobs_s"] + s["throughput_jobs_s"][-1:], where="post", label=rep["label"])
+            top.step(
+                s["t"] + [s["t"][-1] + s["bin_s"]],
+                s["throughput_jobs_s"] + s["throughput_jobs_s"][-1:],
+                where="post",
+                label=rep["label"],
+            )
         if s["queue_depth"]:
             bottom.plot([t for t, _ in s["queue_depth"]], [d for _, d in s["queue_depth"]], label=rep["label"])
     _label(top, "Throughput and queue depth over time", None, "jobs/s completed")
@@ -489,7 +546,13 @@ def write_plots(reports: list[dict], directory: str | Path) -> list[str]:
     for rep in reports:
         s = rep["series"]
         pts = [(t, h) for t, h in zip(s["t"], s["hit_rate"]) if h is not None]
-        line, = ax.plot([t for t, _ in pts], [h for _, h in pts], marker=".", alpha=0.5, label=f"{rep['label']} per {s['bin_s']:.0f}s")
+        (line,) = ax.plot(
+            [t for t, _ in pts],
+            [h for _, h in pts],
+            marker=".",
+            alpha=0.5,
+            label=f"{rep['label']} per {s['bin_s']:.0f}s",
+        )
         hits = done = 0
         cumulative = []
         for h, d in zip(s["hit_rate"], s["throughput_jobs_s"]):
@@ -543,24 +606,40 @@ def flower_counts(url: str, auth: tuple[str, str] | None, job_ids: list[str], wa
 
 # --- the command --------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reprise loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True, help="prompt file: .tsv/.csv with a Prompt column, Krea CSV, .jsonl, or one per line")
+    p = argparse.ArgumentParser(
+        prog="reprise loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file: .tsv/.csv with a Prompt column, Krea CSV, .jsonl, or one per line",
+    )
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals at R jobs/s")
     load.add_argument("--ramp", help="open loop: R0:R1, the rate going linearly from R0 to R1 over --duration")
     load.add_argument("--concurrency", type=int, help="closed loop: N users, each waiting for its job before the next")
     p.add_argument("--n", type=int, help="stop after sending this many jobs")
     p.add_argument("--duration", type=float, help="stop sending after this many seconds")
-    p.add_argument("--timeout", type=float, default=120.0, help="a job not done this long after it was sent is a client timeout")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="a job not done this long after it was sent is a client timeout"
+    )
     p.add_argument("--model", default=None, help="model to load (default: sim with --embedded, else tiny)")
     w = p.add_argument_group("workload model (ops/workload.py)")
     w.add_argument("--zipf", type=float, default=1.0, help="popularity exponent of fresh draws (0 = uniform)")
     w.add_argument("--session-p", type=float, default=0.5, help="probability a request continues its tenant's session")
-    w.add_argument("--edit-p", type=float, default=0.6, help="within a session: probability of an edit (else a re-roll with a new seed)")
+    w.add_argument(
+        "--edit-p",
+        type=float,
+        default=0.6,
+        help="within a session: probability of an edit (else a re-roll with a new seed)",
+    )
     w.add_argument("--tenants", type=int, default=1)
     w.add_argument("--priorities", default="5", help="priority mix, e.g. 5:0.8,0:0.1,9:0.1")
-    w.add_argument("--steps", type=int, help="force this many steps (default: the file's where it has them, else --default-steps)")
+    w.add_argument(
+        "--steps", type=int, help="force this many steps (default: the file's where it has them, else --default-steps)"
+    )
     w.add_argument("--default-steps", type=int, default=20)
     w.add_argument("--no-file-params", action="store_true", help="ignore the file's seeds, steps, sizes and guidance")
     w.add_argument("--pool", type=int, help="use only the first N prompts of the file")
@@ -573,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flower", help="Flower URL to compare task counts with (embedded: the one started)")
     p.add_argument("--flower-auth", help="user:password of that Flower")
     e = p.add_argument_group("embedded cluster (--embedded)")
-    e.add_argument("--embedded", action="store_true", help="start Redis, workers and Flower here (ops/localcluster.py), stop them after")
+    e.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start Redis, workers and Flower here (ops/localcluster.py), stop them after",
+    )
     e.add_argument("--workers", type=int, default=1, help="worker processes (each owns its own embedded cache)")
     e.add_argument("--devices", default=None, help="devices per worker (default: sim:0..sim:3 for sim, cpu otherwise)")
     e.add_argument("--step-ms", type=float, default=50.0, help="sim: time of one denoising step")
@@ -606,8 +689,11 @@ def start_embedded(args, model: str):
         cluster.wait_worker_ready(w, timeout=300)
     if not args.no_flower:
         cluster.start_flower(password="reprise-loadtest")
-    print(f"embedded cluster: {cluster.how_redis}; {args.workers} worker(s) of {model} on {devices}; "
-          f"flower {cluster.flower_url if cluster.flower else 'off'}; logs in {workdir}", file=sys.stderr)
+    print(
+        f"embedded cluster: {cluster.how_redis}; {args.workers} worker(s) of {model} on {devices}; "
+        f"flower {cluster.flower_url if cluster.flower else 'off'}; logs in {workdir}",
+        file=sys.stderr,
+    )
     return cluster
 
 
@@ -623,15 +709,35 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
     if info is None:
         raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
     params = WorkloadParams(
-        zipf=args.zipf, session_p=args.session_p, edit_p=args.edit_p, tenants=args.tenants,
-        priorities=parse_priorities(args.priorities), steps=args.steps, default_steps=args.default_steps,
-        file_params=not args.no_file_params, pool=args.pool, seed=args.seed, as_is=args.as_is,
-        model=args.model, max_size=info.get("max_size"), cache=cache,
+        zipf=args.zipf,
+        session_p=args.session_p,
+        edit_p=args.edit_p,
+        tenants=args.tenants,
+        priorities=parse_priorities(args.priorities),
+        steps=args.steps,
+        default_steps=args.default_steps,
+        file_params=not args.no_file_params,
+        pool=args.pool,
+        seed=args.seed,
+        as_is=args.as_is,
+        model=args.model,
+        max_size=info.get("max_size"),
+        cache=cache,
     )
     workload = Workload(read_prompts(args.prompts), params)
     ramp = tuple(float(x) for x in args.ramp.split(":")) if args.ramp else None
-    run = LoadRun(app, workload, rate=args.rate, ramp=ramp, concurrency=args.concurrency, n=args.n,
-                  duration=args.duration, timeout_s=args.timeout, progress=not args.quiet, label=label)
+    run = LoadRun(
+        app,
+        workload,
+        rate=args.rate,
+        ramp=ramp,
+        concurrency=args.concurrency,
+        n=args.n,
+        duration=args.duration,
+        timeout_s=args.timeout,
+        progress=not args.quiet,
+        label=label,
+    )
     report = run.run()
     report["cluster"] = {"redis_url": settings.redis_url, "model": info}
     return report
@@ -651,14 +757,24 @@ def main(argv: list[str] | None = None) -> int:
             report = run_load(args, label, cache, app)
             flower = args.flower or (cluster.flower_url if cluster is not None and cluster.flower else None)
             if flower:
-                auth = tuple(args.flower_auth.split(":", 1)) if args.flower_auth else (cluster.flower_auth if cluster else None)
+                auth = (
+                    tuple(args.flower_auth.split(":", 1))
+                    if args.flower_auth
+                    else (cluster.flower_auth if cluster else None)
+                )
                 report["flower"] = flower_counts(flower, auth, report["job_ids"])
                 report["flower"]["agrees"] = report["flower"].get("succeeded") == report["succeeded"]
             print_table(report)
             reports.append(report)
-        out = reports[0] if len(reports) == 1 else {"off": reports[0], "on": reports[1], "ratios": compare(reports[0], reports[1])}
+        out = (
+            reports[0]
+            if len(reports) == 1
+            else {"off": reports[0], "on": reports[1], "ratios": compare(reports[0], reports[1])}
+        )
         if args.compare:
-            print("cache on ÷ cache off: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratios"].items() if v is not None))
+            print(
+                "cache on ÷ cache off: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratios"].items() if v is not None)
+            )
         if args.plots:
             out_plots = write_plots(reports, args.plots)
             out["plots"] = out_plots

@@ -48,12 +48,25 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not installed and REDIS_URL is not set: install Redis or point REDIS_URL at one")
+            raise RuntimeError(
+                "redis-server is not installed and REDIS_URL is not set: install Redis or point REDIS_URL at one"
+            )
         self.port = self.port or free_port()
         self.directory = self.directory or tempfile.mkdtemp(prefix="reprise-redis-")
         Path(self.directory).mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+        ]
         if self.appendonly:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,15 +171,36 @@ class LocalCluster:
         return redis.Redis.from_url(self.redis_url)
 
     # --- workers ------------------------------------------------------------------------------
-    def start_worker(self, model: str = "tiny", devices: str = "cpu", wait: bool = True, timeout: float = 120,
-                     extra_args: tuple[str, ...] = (), **env) -> WorkerProcess:
+    def start_worker(
+        self,
+        model: str = "tiny",
+        devices: str = "cpu",
+        wait: bool = True,
+        timeout: float = 120,
+        extra_args: tuple[str, ...] = (),
+        **env,
+    ) -> WorkerProcess:
         self._started = getattr(self, "_started", 0) + 1
         n = self._started - 1
         hostname = f"reprise-{model.replace('/', '-')}-w{n}-{os.getpid()}@{socket.gethostname()}"
         log = Path(self.workdir) / f"worker{n}.log"
-        cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--model", model, "--devices", devices, "--hostname", hostname, *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "worker",
+            "--model",
+            model,
+            "--devices",
+            devices,
+            "--hostname",
+            hostname,
+            *extra_args,
+        ]
         handle = open(log, "wb")  # a fresh log per start: readiness is read from it
-        proc = subprocess.Popen(cmd, env=self.process_env(**env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=self.process_env(**env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         worker = WorkerProcess(proc, log, model, hostname)
         self.workers.append(worker)
         if wait:
@@ -174,7 +208,9 @@ class LocalCluster:
         return worker
 
     def wait_worker_ready(self, worker: WorkerProcess, timeout: float = 120) -> None:
-        _wait(lambda: b" ready." in worker.log.read_bytes(), timeout, f"worker {worker.hostname}", worker.proc, worker.log)
+        _wait(
+            lambda: b" ready." in worker.log.read_bytes(), timeout, f"worker {worker.hostname}", worker.proc, worker.log
+        )
 
     # --- Flower -------------------------------------------------------------------------------
     def start_flower(self, password: str = "reprise-demo", timeout: float = 30) -> str:
@@ -184,12 +220,19 @@ class LocalCluster:
         self.flower_auth = ("reprise", password)
         log = Path(self.workdir) / "flower.log"
         env = self.process_env(REPRISE_FLOWER_PASSWORD=password, REPRISE_FLOWER_PORT=self.flower_port)
-        self.flower = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "flower"], env=env,
-                                       stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.flower = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", "flower"],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def up() -> bool:
             try:
-                return requests.get(self.flower_url + "/api/workers", auth=self.flower_auth, timeout=1).status_code == 200
+                return (
+                    requests.get(self.flower_url + "/api/workers", auth=self.flower_auth, timeout=1).status_code == 200
+                )
             except requests.RequestException:
                 return False
 

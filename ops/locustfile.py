@@ -31,15 +31,18 @@ def shared_workload() -> Workload:
         if _workload is None:
             path = os.environ.get("REPRISE_LOCUST_PROMPTS")
             rows = read_prompts(path) if path else [PromptRow("a cute puppy playing in a garden")]
-            _workload = Workload(rows, WorkloadParams(
-                model=os.environ.get("REPRISE_LOCUST_MODEL", "tiny"),
-                zipf=float(os.environ.get("REPRISE_LOCUST_ZIPF", "1.0")),
-                session_p=float(os.environ.get("REPRISE_LOCUST_SESSION_P", "0.5")),
-                edit_p=float(os.environ.get("REPRISE_LOCUST_EDIT_P", "0.6")),
-                tenants=int(os.environ.get("REPRISE_LOCUST_TENANTS", "1")),
-                priorities=parse_priorities(os.environ.get("REPRISE_LOCUST_PRIORITIES", "5")),
-                default_steps=int(os.environ.get("REPRISE_LOCUST_STEPS", "20")),
-            ))
+            _workload = Workload(
+                rows,
+                WorkloadParams(
+                    model=os.environ.get("REPRISE_LOCUST_MODEL", "tiny"),
+                    zipf=float(os.environ.get("REPRISE_LOCUST_ZIPF", "1.0")),
+                    session_p=float(os.environ.get("REPRISE_LOCUST_SESSION_P", "0.5")),
+                    edit_p=float(os.environ.get("REPRISE_LOCUST_EDIT_P", "0.6")),
+                    tenants=int(os.environ.get("REPRISE_LOCUST_TENANTS", "1")),
+                    priorities=parse_priorities(os.environ.get("REPRISE_LOCUST_PRIORITIES", "5")),
+                    default_steps=int(os.environ.get("REPRISE_LOCUST_STEPS", "20")),
+                ),
+            )
         return _workload
 
 

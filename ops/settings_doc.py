@@ -13,9 +13,13 @@ def settings_classes():
     from workers.resilient_cache import ResilienceSettings
     from workers.settings import WorkerSettings
 
-    return [("Cluster (producer, queue, Flower)", ClusterSettings), ("Worker", WorkerSettings),
-            ("Worker resilience and tenants", ResilienceSettings),
-            ("Latent cache", CacheSettings), ("Coordinator", CoordinatorSettings)]
+    return [
+        ("Cluster (producer, queue, Flower)", ClusterSettings),
+        ("Worker", WorkerSettings),
+        ("Worker resilience and tenants", ResilienceSettings),
+        ("Latent cache", CacheSettings),
+        ("Coordinator", CoordinatorSettings),
+    ]
 
 
 def env_names(cls, name: str, field) -> list[str]:

@@ -43,9 +43,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MODIFIERS = (
-    "highly detailed", "at sunset", "watercolor painting", "4k", "trending on artstation", "cinematic lighting",
-    "studio photograph", "oil painting", "wide angle", "pastel colors", "black and white", "in winter",
-    "digital art", "soft focus", "isometric view", "by a famous illustrator", "dramatic sky", "minimalist",
+    "highly detailed",
+    "at sunset",
+    "watercolor painting",
+    "4k",
+    "trending on artstation",
+    "cinematic lighting",
+    "studio photograph",
+    "oil painting",
+    "wide angle",
+    "pastel colors",
+    "black and white",
+    "in winter",
+    "digital art",
+    "soft focus",
+    "isometric view",
+    "by a famous illustrator",
+    "dramatic sky",
+    "minimalist",
 )
 
 

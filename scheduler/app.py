@@ -46,8 +46,13 @@ def _record_accepted(sender=None, headers=None, body=None, routing_key=None, **k
         return
     try:
         args, task_kwargs = (body[0], body[1]) if isinstance(body, (list, tuple)) and len(body) >= 2 else ([], {})
-        entry = {"args": args, "kwargs": task_kwargs, "queue": routing_key, "at": time.time(),
-                 "queued_at": headers.get("reprise_queued_at")}
+        entry = {
+            "args": args,
+            "kwargs": task_kwargs,
+            "queue": routing_key,
+            "at": time.time(),
+            "queued_at": headers.get("reprise_queued_at"),
+        }
         _ledger_redis().hset(ledger_key(get_settings().queue_prefix), headers["id"], json.dumps(entry))
     except Exception as exc:  # the job is queued all the same; only its insurance is missing
         log.warning("cannot record job %s in the ledger: %s", headers.get("id"), exc)

@@ -76,21 +76,34 @@ class CacheAdmin:
         return [json.loads(x) for x in raw if x]
 
     # --- node operations ----------------------------------------------------------------------
-    def broadcast(self, op: str, params: dict | None = None, token: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    def broadcast(
+        self, op: str, params: dict | None = None, token: int | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Run ``op`` on every live node's cache; returns {node: reply}."""
         token = self.current_token() if token is None else token
         nodes = self.registry.live_nodes()  # wait for as many replies as live nodes, not the whole timeout
-        replies = self.app.control.broadcast(
-            CONTROL_COMMAND, arguments={"op": op, "params": params or {}, "token": token}, reply=True, timeout=timeout,
-            limit=len(nodes) or None,
-        ) or []
+        replies = (
+            self.app.control.broadcast(
+                CONTROL_COMMAND,
+                arguments={"op": op, "params": params or {}, "token": token},
+                reply=True,
+                timeout=timeout,
+                limit=len(nodes) or None,
+            )
+            or []
+        )
         out: dict[str, Any] = {}
         for reply in replies:
             out.update(reply)
         return out
 
-    def evict(self, to_fraction: float | None = None, to_entries: int | None = None, policy: str | None = None,
-              token: int | None = None) -> dict:
+    def evict(
+        self,
+        to_fraction: float | None = None,
+        to_entries: int | None = None,
+        policy: str | None = None,
+        token: int | None = None,
+    ) -> dict:
         return self.broadcast("evict", {"to_fraction": to_fraction, "to_entries": to_entries, "policy": policy}, token)
 
     def apply_rules_now(self) -> dict:
@@ -110,5 +123,8 @@ class CacheAdmin:
         for model in set(self.registry.generations()) | set(self.registry.all_served()):
             counts = {k.decode(): int(v) for k, v in self.r.hgetall(f"{self.prefix}:hits:{model}").items()}
             total = sum(v for k, v in counts.items() if ":" not in k)
-            hits[model] = {"counts": counts, "hit_rate": {t: (counts.get(t, 0) / total if total else 0.0) for t in ("exact", "approximate", "miss")}}
+            hits[model] = {
+                "counts": counts,
+                "hit_rate": {t: (counts.get(t, 0) / total if total else 0.0) for t in ("exact", "approximate", "miss")},
+            }
         return {"nodes": nodes, "totals": totals, "generations": self.registry.generations(), "hits": hits}

@@ -32,7 +32,9 @@ def _cmd_worker(args) -> int:
     from workers.node import Heartbeat, build_service, node_info, serve_metrics
     from workers.settings import WorkerSettings
 
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     overrides = {k: v for k, v in {"model": args.model, "devices": args.devices}.items() if v}
     if args.no_cache:
         overrides["cache_enabled"] = False
@@ -60,11 +62,26 @@ def _cmd_worker(args) -> int:
 
     if service.cache is not None:
         control.start_control(service, client, cluster)
-    print(f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
-          f"{', '.join(info['devices'])}; queue {queue}", flush=True)
+    print(
+        f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
+        f"{', '.join(info['devices'])}; queue {queue}",
+        flush=True,
+    )
     argv = [
-        "worker", "-P", "threads", "-c", str(len(service.pool.devices)), "-Q", f"{queue},{control_queue}", "-E",
-        "-n", hostname, "--loglevel", args.loglevel, "--without-gossip", "--without-mingle",
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(len(service.pool.devices)),
+        "-Q",
+        f"{queue},{control_queue}",
+        "-E",
+        "-n",
+        hostname,
+        "--loglevel",
+        args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
     app.worker_main(argv)
     service.close()
@@ -76,9 +93,16 @@ def _cmd_submit(args) -> int:
 
     from scheduler.client import submit
 
-    fields = {"prompt": args.prompt, "steps": args.steps, "guidance_scale": args.guidance, "model": args.model,
-              "scheduler": args.scheduler, "tenant": args.tenant, "priority": args.priority,
-              "negative_prompt": args.negative}
+    fields = {
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "model": args.model,
+        "scheduler": args.scheduler,
+        "tenant": args.tenant,
+        "priority": args.priority,
+        "negative_prompt": args.negative,
+    }
     if args.seed is not None:
         fields["seed"] = args.seed
     if args.size:
@@ -95,17 +119,29 @@ def _cmd_submit(args) -> int:
     if args.json:
         result = job.wait(args.timeout)
     else:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                      TimeElapsedColumn(), transient=False) as bar:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(),
+            transient=False,
+        ) as bar:
             task = bar.add_task(job.id[:8], total=args.steps)
 
             def show(p: dict) -> None:
-                bar.update(task, completed=p.get("step") or 0, total=p.get("total") or args.steps,
-                           description=f"{job.id[:8]} {p['state'].lower()}")
+                bar.update(
+                    task,
+                    completed=p.get("step") or 0,
+                    total=p.get("total") or args.steps,
+                    description=f"{job.id[:8]} {p['state'].lower()}",
+                )
 
             result = job.wait(args.timeout, on_progress=show)
-    print(result.model_dump_json(indent=2) if args.json else
-          f"{result.image_uri}  ({result.timings.total_s:.2f}s, cache {result.cache.hit}, seed {result.seed}, {result.device})")
+    print(
+        result.model_dump_json(indent=2)
+        if args.json
+        else f"{result.image_uri}  ({result.timings.total_s:.2f}s, cache {result.cache.hit}, seed {result.seed}, {result.device})"
+    )
     return 0
 
 
@@ -115,10 +151,22 @@ def _cmd_flower(args) -> int:
     s = get_settings()
     password = s.flower_password or secrets.token_urlsafe(12)
     if not s.flower_password:
-        print(f"reprise flower: no REPRISE_FLOWER_PASSWORD set; generated one for this run: {s.flower_user}:{password}", flush=True)
+        print(
+            f"reprise flower: no REPRISE_FLOWER_PASSWORD set; generated one for this run: {s.flower_user}:{password}",
+            flush=True,
+        )
     port = args.port or s.flower_port
-    argv = [sys.executable, "-m", "celery", "-A", "scheduler.flower_app", "flower", f"--port={port}", "--address=" + args.address,
-            f"--basic-auth={s.flower_user}:{password}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "scheduler.flower_app",
+        "flower",
+        f"--port={port}",
+        "--address=" + args.address,
+        f"--basic-auth={s.flower_user}:{password}",
+    ]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -169,14 +217,19 @@ def _passthrough(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reprise", description="Reprise: a text-to-image generation cluster with a shared latent cache.")
+    p = argparse.ArgumentParser(
+        prog="reprise", description="Reprise: a text-to-image generation cluster with a shared latent cache."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("schema", help="print the versioned JSON schema of a request and a result")
     s.set_defaults(func=_cmd_schema)
 
     s = sub.add_parser("worker", help="run a worker node: one pipeline per device, one process")
-    s.add_argument("--model", help="built-in name (tiny, sd15-small, sd15, shapes), diffusers directory or hub id (default: REPRISE_MODEL or tiny)")
+    s.add_argument(
+        "--model",
+        help="built-in name (tiny, sd15-small, sd15, shapes), diffusers directory or hub id (default: REPRISE_MODEL or tiny)",
+    )
     s.add_argument("--devices", help="auto | cpu | sim | cuda:0,cuda:1 (default: REPRISE_DEVICES or auto)")
     s.add_argument("--no-cache", action="store_true", help="serve without the latent cache")
     s.add_argument("--hostname", help="Celery node name (default reprise-<model>-<pid>@<host>)")
@@ -240,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RepriseError as exc:
-        print(json.dumps(error_payload(exc)) if getattr(args, "json", False) else f"error ({exc.code}): {exc}", file=sys.stderr)
+        print(
+            json.dumps(error_payload(exc)) if getattr(args, "json", False) else f"error ({exc.code}): {exc}",
+            file=sys.stderr,
+        )
         if getattr(exc, "details", None) and not getattr(args, "json", False):
             for d in exc.details or []:
                 print(f"  - {d}", file=sys.stderr)

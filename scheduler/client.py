@@ -1,9 +1,9 @@
 """The producer: submit a generation and follow it.
 
-    from scheduler.client import submit
-    job = submit(prompt="a cute puppy playing in a garden", steps=20)
-    job.progress()          # {"state": "PROGRESS", "step": 7, "total": 20}
-    result = job.wait(60)   # GenerationResult, or a typed error (InvalidRequest, JobCancelled, ...)
+from scheduler.client import submit
+job = submit(prompt="a cute puppy playing in a garden", steps=20)
+job.progress()          # {"state": "PROGRESS", "step": 7, "total": 20}
+result = job.wait(60)   # GenerationResult, or a typed error (InvalidRequest, JobCancelled, ...)
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ class Job:
                 break
             except CONNECTION_ERRORS as exc:  # Redis restarting: the job and its result survive it; ask again
                 if deadline is not None and time.monotonic() > deadline:
-                    raise JobTimeout(f"job {self.id} did not finish within {timeout}s (Redis unreachable: {exc})") from None
+                    raise JobTimeout(
+                        f"job {self.id} did not finish within {timeout}s (Redis unreachable: {exc})"
+                    ) from None
                 time.sleep(0.5)
             except CeleryTimeout:
                 raise JobTimeout(f"job {self.id} did not finish within {timeout}s") from None
@@ -117,14 +119,22 @@ def check_served(request: GenerationRequest, registry: ModelRegistry) -> None:
     for side in ("width", "height"):
         value = getattr(request, side)
         if value is not None and value > info["max_size"]:
-            problems.append({"field": side, "problem": f"{value} is over {request.model}'s limit of {info['max_size']}"})
+            problems.append(
+                {"field": side, "problem": f"{value} is over {request.model}'s limit of {info['max_size']}"}
+            )
         elif value is not None and value % info.get("size_multiple", 8):
             problems.append({"field": side, "problem": f"{value} is not a multiple of {info['size_multiple']}"})
     if problems:
         raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
 
 
-def submit(request: GenerationRequest | dict | str | None = None, *, app: Celery | None = None, check_model: bool = True, **fields) -> Job:
+def submit(
+    request: GenerationRequest | dict | str | None = None,
+    *,
+    app: Celery | None = None,
+    check_model: bool = True,
+    **fields,
+) -> Job:
     """Validate and enqueue one request (a model, a dict, JSON text, or keyword fields)."""
     if request is None:
         request = fields

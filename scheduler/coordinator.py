@@ -51,10 +51,18 @@ return 0
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REPRISE_COORDINATOR_", extra="ignore")
 
-    lease_s: float = Field(3.0, gt=0, description="Leader lease; a standby takes over within about this long of the leader's death.")
+    lease_s: float = Field(
+        3.0, gt=0, description="Leader lease; a standby takes over within about this long of the leader's death."
+    )
     sweep_interval_s: float = Field(60.0, gt=0, description="Least time between two rounds of the leader's duties.")
-    evict_to_fraction: float = Field(1.0, gt=0, le=1, description="Capacity enforcement evicts down to this fraction of each node's capacity.")
-    metrics_port: int = Field(9200, ge=0, description="Prometheus metrics port of the coordinator (0 = off); away from the workers' 9101+ range.")
+    evict_to_fraction: float = Field(
+        1.0, gt=0, le=1, description="Capacity enforcement evicts down to this fraction of each node's capacity."
+    )
+    metrics_port: int = Field(
+        9200,
+        ge=0,
+        description="Prometheus metrics port of the coordinator (0 = off); away from the workers' 9101+ range.",
+    )
     broadcast_timeout_s: float = Field(20.0, gt=0, description="How long a duty waits for the nodes' replies.")
 
 
@@ -90,7 +98,9 @@ class Lease:
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings | None = None, admin: CacheAdmin | None = None, member: str | None = None):
+    def __init__(
+        self, settings: CoordinatorSettings | None = None, admin: CacheAdmin | None = None, member: str | None = None
+    ):
         self.settings = settings or CoordinatorSettings()
         self.admin = admin or CacheAdmin()
         self.r = self.admin.r
@@ -115,20 +125,37 @@ class Coordinator:
             self.r.hincrby(f"{self.prefix}:coordinator:sweeps", op, 1)
             if self.metrics:
                 self.metrics.observe_duty(op, replies)
-        self.r.hset(f"{self.prefix}:coordinator:last-round", mapping={"at": time.time(), "member": self.member,
-                                                                     "token": token or 0, "results": json.dumps(results, default=str)[:10000]})
+        self.r.hset(
+            f"{self.prefix}:coordinator:last-round",
+            mapping={
+                "at": time.time(),
+                "member": self.member,
+                "token": token or 0,
+                "results": json.dumps(results, default=str)[:10000],
+            },
+        )
         return results
 
     def run(self) -> None:
-        log.info("coordinator %s starting (lease %.1fs, duties every %.0fs)", self.member, self.settings.lease_s, self.settings.sweep_interval_s)
+        log.info(
+            "coordinator %s starting (lease %.1fs, duties every %.0fs)",
+            self.member,
+            self.settings.lease_s,
+            self.settings.sweep_interval_s,
+        )
         leading = False
         while not self.stopped.is_set():
             try:
-                self.r.set(f"{self.prefix}:coordinator:member:{self.member}", json.dumps({"pid": os.getpid(), "at": time.time()}),
-                           px=int(self.settings.lease_s * 3000))
+                self.r.set(
+                    f"{self.prefix}:coordinator:member:{self.member}",
+                    json.dumps({"pid": os.getpid(), "at": time.time()}),
+                    px=int(self.settings.lease_s * 3000),
+                )
                 now_leading = self.lease.hold()
                 if now_leading != leading:
-                    log.info("%s is now %s (token %s)", self.member, "LEADER" if now_leading else "standby", self.lease.token)
+                    log.info(
+                        "%s is now %s (token %s)", self.member, "LEADER" if now_leading else "standby", self.lease.token
+                    )
                     leading = now_leading
                 if self.metrics:
                     self.metrics.update(self, leading)
@@ -171,13 +198,21 @@ class CoordinatorMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
         self.registry = CollectorRegistry()
-        self.generation = Gauge("reprise_cache_generation", "Cache generation per model", ["model"], registry=self.registry)
+        self.generation = Gauge(
+            "reprise_cache_generation", "Cache generation per model", ["model"], registry=self.registry
+        )
         self.entries = Gauge("reprise_cache_entries", "Entries in the cache, all nodes", registry=self.registry)
         self.bytes = Gauge("reprise_cache_bytes", "Approximate bytes in the cache, all nodes", registry=self.registry)
-        self.evictions = Counter("reprise_evictions_total", "Entries or states evicted", ["policy"], registry=self.registry)
+        self.evictions = Counter(
+            "reprise_evictions_total", "Entries or states evicted", ["policy"], registry=self.registry
+        )
         self.sweeps = Counter("reprise_sweeps_total", "Duty rounds run", ["kind"], registry=self.registry)
-        self.leader_changes = Gauge("reprise_leader_changes_total", "Leader changes seen in Redis", registry=self.registry)
-        self.is_leader = Gauge("reprise_coordinator_is_leader", "1 while this coordinator leads", registry=self.registry)
+        self.leader_changes = Gauge(
+            "reprise_leader_changes_total", "Leader changes seen in Redis", registry=self.registry
+        )
+        self.is_leader = Gauge(
+            "reprise_coordinator_is_leader", "1 while this coordinator leads", registry=self.registry
+        )
         self._last_stats = 0.0
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
@@ -202,12 +237,16 @@ class CoordinatorMetrics:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="reprise coordinator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="reprise coordinator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("action", choices=["run", "status"], nargs="?", default="run")
     p.add_argument("--once", action="store_true", help="run: one round of duties if this member can lead, then exit")
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.action == "status":
         print(json.dumps(status(), indent=2))
         return 0
@@ -229,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, coordinator.stop)
     from kombu.utils.url import maybe_sanitize_url
 
-    print(f"reprise coordinator {coordinator.member}: running (Redis {maybe_sanitize_url(get_settings().redis_url)})", flush=True)
+    print(
+        f"reprise coordinator {coordinator.member}: running (Redis {maybe_sanitize_url(get_settings().redis_url)})",
+        flush=True,
+    )
     coordinator.run()
     return 0
 

@@ -30,7 +30,8 @@ class FeatureCacheOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["off", "deepcache", "block", "recommended"] | None = Field(
-        None, description="Feature cache to use: off, deepcache, block (block caching), recommended (the project's profile)."
+        None,
+        description="Feature cache to use: off, deepcache, block (block caching), recommended (the project's profile).",
     )
     deepcache_interval: int | None = Field(None, ge=1, le=20, description="DeepCache: full U-Net every N steps.")
     deepcache_branch: int | None = Field(None, ge=0, le=12, description="DeepCache: skip branch id (0 = shallowest).")
@@ -51,7 +52,9 @@ class CacheOptions(BaseModel):
     exact: bool = Field(True, description="Return a stored image for an identical earlier request.")
     approximate: bool = Field(True, description="Resume from a similar prompt's stored noise state.")
     write: bool = Field(True, description="Store this generation's states and image for later requests.")
-    share: bool = Field(False, description="Let other tenants reuse this result (their own requests must allow shared).")
+    share: bool = Field(
+        False, description="Let other tenants reuse this result (their own requests must allow shared)."
+    )
     use_shared: bool = Field(True, description="Accept entries other tenants shared.")
     isolate_timing: bool = Field(
         False, description="Pad cache hits to the time of a miss so timing reveals nothing (costs the speed-up)."
@@ -70,8 +73,12 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; chosen and returned when absent.")
     steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
-    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="Image width in pixels; the model's default when absent.")
-    height: int | None = Field(None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent.")
+    width: int | None = Field(
+        None, ge=8, le=MAX_SIDE, description="Image width in pixels; the model's default when absent."
+    )
+    height: int | None = Field(
+        None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent."
+    )
     scheduler: Literal["ddim", "euler", "dpmpp_2m"] = Field("ddim", description="Sampler.")
     model: str = Field("tiny", pattern=_NAME, description="Model name a worker serves (see `reprise models`).")
     priority: int = Field(5, ge=0, le=9, description="0 runs first, 9 last.")

@@ -25,14 +25,20 @@ class ClusterSettings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600, description="Redis redelivers an unacknowledged job after this long: keep it above the longest job."
     )
-    restore_interval_s: int = Field(10, ge=1, description="How often workers look for unacknowledged jobs past their visibility timeout.")
+    restore_interval_s: int = Field(
+        10, ge=1, description="How often workers look for unacknowledged jobs past their visibility timeout."
+    )
     soft_time_limit_s: float = Field(1800, description="A job past this is stopped at its next step (JobTimeout).")
-    hard_time_limit_s: float = Field(2400, description="Hard limit passed to Celery (enforced by the prefork pool only).")
+    hard_time_limit_s: float = Field(
+        2400, description="Hard limit passed to Celery (enforced by the prefork pool only)."
+    )
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")
     default_model: str = Field("tiny", description="Model used when a request names none.")
     flower_port: int = Field(5555, description="Port of `reprise flower`.")
     flower_user: str = Field("reprise", description="Flower basic-auth user.")
-    flower_password: str = Field("", description="Flower basic-auth password; empty means generated at start and printed once.")
+    flower_password: str = Field(
+        "", description="Flower basic-auth password; empty means generated at start and printed once."
+    )
     progress_interval_s: float = Field(0.2, description="Least time between two PROGRESS updates of one job.")
 
     @property

@@ -74,10 +74,15 @@ def test_approximate_reuse_with_real_embeddings(minilm, tmp_path):
     # tmpfs when there is one: Edge fsyncs its WAL on every update
     folder = tempfile.mkdtemp(dir="/dev/shm") if os.access("/dev/shm", os.W_OK) else str(tmp_path)
     # an explicit table: the shipped MiniLM default is empty (approximate reuse is opt-in)
-    settings = CacheSettings(backend="edge", path=folder, lookup_timeout_ms=5000,
-                             skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)])
+    settings = CacheSettings(
+        backend="edge",
+        path=folder,
+        lookup_timeout_ms=5000,
+        skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)],
+    )
     cache = LatentCache.open(settings, embedder=minilm)
     try:
+
         def key(prompt):
             return CacheKey("sd15", "v1", 0, prompt, "", 1, 50, 7.5, 512, 512, "ddim", "acme")
 
@@ -94,7 +99,12 @@ def test_approximate_reuse_with_real_embeddings(minilm, tmp_path):
         hit = cache.lookup_approx(key(edited), cache.embed(edited))
         assert hit is not None and 5 <= hit.k < 25
 
-        assert cache.lookup_approx(key("a bowl of ramen on a wooden table"), cache.embed("a bowl of ramen on a wooden table")) is None
+        assert (
+            cache.lookup_approx(
+                key("a bowl of ramen on a wooden table"), cache.embed("a bowl of ramen on a wooden table")
+            )
+            is None
+        )
     finally:
         cache.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -17,12 +17,17 @@ def entry_lists(draw, max_entries=12):
     entries = []
     for i in range(n):
         ks = sorted(draw(st.sets(st.sampled_from([5, 10, 15, 20, 25]), max_size=5)))
-        entries.append(EntryStats(
-            entry_id=f"e{i:02d}", ks=ks,
-            hits={k: draw(st.integers(0, 5)) for k in ks},
-            created_at=float(draw(st.integers(0, 20))),
-            last_hit_at=draw(st.one_of(st.none(), st.integers(0, 40).map(float))),
-            bytes_per_state={k: 32768 for k in ks}, overhead_bytes=2560))
+        entries.append(
+            EntryStats(
+                entry_id=f"e{i:02d}",
+                ks=ks,
+                hits={k: draw(st.integers(0, 5)) for k in ks},
+                created_at=float(draw(st.integers(0, 20))),
+                last_hit_at=draw(st.one_of(st.none(), st.integers(0, 40).map(float))),
+                bytes_per_state={k: 32768 for k in ks},
+                overhead_bytes=2560,
+            )
+        )
     return entries
 
 
@@ -87,8 +92,12 @@ def test_random_is_seeded():
 
 
 @settings(max_examples=60, deadline=None)
-@given(entries=entry_lists(), cap=st.integers(0, 12), name=st.sampled_from(POLICY_NAMES),
-       byte_cap=st.one_of(st.none(), st.integers(0, 400_000)))
+@given(
+    entries=entry_lists(),
+    cap=st.integers(0, 12),
+    name=st.sampled_from(POLICY_NAMES),
+    byte_cap=st.one_of(st.none(), st.integers(0, 400_000)),
+)
 def test_plan_eviction_reaches_capacity_with_consistent_plan(entries, cap, name, byte_cap):
     plan = plan_eviction(make_policy(name, seed=1), entries, cap, byte_cap)
     by_id = {e.entry_id: e for e in entries}

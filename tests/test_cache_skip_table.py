@@ -7,11 +7,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cache import CacheKey, CacheSettings
-from cache.skip_table import (CLIP_SKIP_TABLE, MINILM_SKIP_TABLE, choose_k, choose_skip_fraction, state_steps,
-                              validate_table)
+from cache.skip_table import (
+    CLIP_SKIP_TABLE,
+    MINILM_SKIP_TABLE,
+    choose_k,
+    choose_skip_fraction,
+    state_steps,
+    validate_table,
+)
 
 
-@pytest.mark.parametrize("s,k", [(0.96, 25), (0.951, 25), (0.95, 20), (0.91, 20), (0.86, 15), (0.8, 10), (0.7, 5), (0.6, None)])
+@pytest.mark.parametrize(
+    "s,k", [(0.96, 25), (0.951, 25), (0.95, 20), (0.91, 20), (0.86, 15), (0.8, 10), (0.7, 5), (0.6, None)]
+)
 def test_nirvana_clip_table(s, k):
     assert choose_k(s, 50, CLIP_SKIP_TABLE, [5, 10, 15, 20, 25]) == k
 
@@ -65,7 +73,13 @@ def test_exact_id_is_deterministic_and_tenant_scoped():
     b = CacheKey(**{**a.as_dict(), "tenant": "t2"})
     assert a.exact_id() != b.exact_id() and a.content_key() == b.content_key()
     assert a.exact_id(isolate_by_tenant=False) == b.exact_id(isolate_by_tenant=False)
-    for field, value in [("seed", 2), ("prompt", "a dog"), ("guidance", 7.0), ("generation", 1), ("negative_prompt", "x")]:
+    for field, value in [
+        ("seed", 2),
+        ("prompt", "a dog"),
+        ("guidance", 7.0),
+        ("generation", 1),
+        ("negative_prompt", "x"),
+    ]:
         assert CacheKey(**{**a.as_dict(), field: value}).exact_id() != a.exact_id()
 
 

@@ -18,8 +18,13 @@ from cache.store import state_to_rows
 BACKENDS = [
     "edge",
     "local",
-    pytest.param("server", marks=[pytest.mark.qdrant_server, pytest.mark.skipif(
-        not os.environ.get("QDRANT_URL"), reason="needs a Qdrant server: set QDRANT_URL")]),
+    pytest.param(
+        "server",
+        marks=[
+            pytest.mark.qdrant_server,
+            pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="needs a Qdrant server: set QDRANT_URL"),
+        ],
+    ),
 ]
 DIM = 384
 
@@ -61,8 +66,20 @@ def at_similarity(v: np.ndarray, s: float, seed: int = 99) -> np.ndarray:
 
 
 def key(prompt="a red fox in the snow", tenant="acme", **kw) -> CacheKey:
-    fields = dict(model="sd15", model_version="v1", generation=3, prompt=prompt, negative_prompt="", seed=7,
-                  steps=50, guidance=7.5, width=512, height=512, scheduler="ddim", tenant=tenant)
+    fields = dict(
+        model="sd15",
+        model_version="v1",
+        generation=3,
+        prompt=prompt,
+        negative_prompt="",
+        seed=7,
+        steps=50,
+        guidance=7.5,
+        width=512,
+        height=512,
+        scheduler="ddim",
+        tenant=tenant,
+    )
     fields.update(kw)
     return CacheKey(**fields)
 
@@ -98,8 +115,13 @@ def open_cache(backend, cache_dir):
 
     def _open(**overrides):
         # a fixed table that the hash embedder's similarities below are chosen for, whatever the shipped default
-        fields = dict(backend=backend, path=os.path.join(cache_dir, "qdrant"), collection=collection, lookup_timeout_ms=5000,
-                      skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)])
+        fields = dict(
+            backend=backend,
+            path=os.path.join(cache_dir, "qdrant"),
+            collection=collection,
+            lookup_timeout_ms=5000,
+            skip_table=[(0.97, 0.5), (0.93, 0.4), (0.90, 0.3), (0.85, 0.2), (0.80, 0.1)],
+        )
         if backend == "server":
             fields.update(qdrant_url=os.environ["QDRANT_URL"], replication_factor=1)
         clock = overrides.pop("clock", Clock())
@@ -117,7 +139,9 @@ def open_cache(backend, cache_dir):
     if backend == "server":
         from qdrant_client import QdrantClient
 
-        QdrantClient(url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY")).delete_collection(collection)
+        QdrantClient(url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY")).delete_collection(
+            collection
+        )
 
 
 @pytest.fixture
@@ -168,8 +192,18 @@ def test_sdxl_sized_latent_round_trips(cache):
     assert np.array_equal(hit.state.astype(np.float16), states[15].astype(np.float16))
 
 
-@pytest.mark.parametrize("change", [dict(model_version="v2"), dict(generation=4), dict(steps=30), dict(guidance=8.0),
-                                    dict(width=768), dict(scheduler="euler"), dict(model="sdxl")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(model_version="v2"),
+        dict(generation=4),
+        dict(steps=30),
+        dict(guidance=8.0),
+        dict(width=768),
+        dict(scheduler="euler"),
+        dict(model="sdxl"),
+    ],
+)
 def test_filters_keep_other_configurations_apart(cache, change):
     v = unit(4)
     cache.write_back(key(), v, latent_states([5, 10, 15]), "file:///a.png", shareable=True)
@@ -204,7 +238,9 @@ def test_concurrent_writers_of_one_key_leave_one_entry(cache):
 
     def write(i):
         barrier.wait()
-        results.append(cache.write_back(k, unit(7), latent_states([5, 10], seed=i), f"file:///{i}.png", shareable=False))
+        results.append(
+            cache.write_back(k, unit(7), latent_states([5, 10], seed=i), f"file:///{i}.png", shareable=False)
+        )
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
     for t in threads:
@@ -349,9 +385,11 @@ class SlowStore:
     def __getattr__(self, name):
         attr = getattr(self._store, name)
         if name in ("search", "retrieve", "scroll"):
+
             def slow(*a, **kw):
                 time.sleep(self._delay)
                 return attr(*a, **kw)
+
             return slow
         return attr
 
@@ -359,8 +397,10 @@ class SlowStore:
 class BrokenStore(SlowStore):
     def __getattr__(self, name):
         if name in ("search", "retrieve", "scroll", "insert"):
+
             def broken(*a, **kw):
                 raise ConnectionError("qdrant is down")
+
             return broken
         return getattr(self._store, name)
 
@@ -430,7 +470,11 @@ def test_hit_counters_in_redis(open_cache):
             self.redis, self.ops = redis, []
 
         def hincrby(self, k, f, n):
-            self.ops.append(lambda: self.redis.data.setdefault(k, {}).__setitem__(f.encode(), str(int(self.redis.data.get(k, {}).get(f.encode(), b"0")) + n).encode()))
+            self.ops.append(
+                lambda: self.redis.data.setdefault(k, {}).__setitem__(
+                    f.encode(), str(int(self.redis.data.get(k, {}).get(f.encode(), b"0")) + n).encode()
+                )
+            )
 
         def hset(self, k, f, v):
             self.ops.append(lambda: self.redis.data.setdefault(k, {}).__setitem__(f.encode(), v.encode()))

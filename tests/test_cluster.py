@@ -66,15 +66,34 @@ def test_send_task_by_name(cluster):
 
 
 def test_cli_submit_wait(cluster):
-    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", "a cute puppy playing in a garden", "--steps", "8", "--wait", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "submit",
+            "a cute puppy playing in a garden",
+            "--steps",
+            "8",
+            "--wait",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["steps"] == 8 and Path(result["image_uri"].removeprefix("file://")).exists()
 
 
 def test_cli_reports_typed_errors(cluster):
-    out = subprocess.run([sys.executable, "-m", "scheduler.cli", "submit", "x", "--steps", "0", "--json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "submit", "x", "--steps", "0", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert json.loads(out.stderr)["error"] == "invalid_request"
 
@@ -120,9 +139,15 @@ def test_bad_raw_messages_get_typed_errors_and_no_worker_restarts(cluster):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(["prompt", "steps", "width", "height", "seed", "guidance_scale", "scheduler", "tenant", "cache", "junk"]),
-                       st.one_of(st.none(), st.integers(-10, 100_000), st.floats(allow_nan=True), st.text(max_size=30), st.booleans()),
-                       min_size=1))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["prompt", "steps", "width", "height", "seed", "guidance_scale", "scheduler", "tenant", "cache", "junk"]
+        ),
+        st.one_of(st.none(), st.integers(-10, 100_000), st.floats(allow_nan=True), st.text(max_size=30), st.booleans()),
+        min_size=1,
+    )
+)
 def test_random_raw_messages_never_crash_a_worker(cluster, payload):
     app = get_app()
     if isinstance(payload.get("steps"), int) and not isinstance(payload.get("steps"), bool) and payload["steps"] > 20:
@@ -177,8 +202,12 @@ def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
     auth = cluster.flower_auth
     assert requests.get(url + "/api/workers", timeout=10).status_code == 401  # basic auth is on
     done = submit(prompt="seen by flower", steps=3).wait(60)
-    r = requests.post(url + f"/api/task/async-apply/{GENERATE_TASK}", auth=auth, timeout=10,
-                      json={"kwargs": {"prompt": "submitted over http", "steps": 4, "seed": 5}, "options": {"queue": "reprise.tiny"}})
+    r = requests.post(
+        url + f"/api/task/async-apply/{GENERATE_TASK}",
+        auth=auth,
+        timeout=10,
+        json={"kwargs": {"prompt": "submitted over http", "steps": 4, "seed": 5}, "options": {"queue": "reprise.tiny"}},
+    )
     assert r.status_code == 200, r.text
     http_id = r.json()["task-id"]
     from scheduler.client import job as job_handle
@@ -199,9 +228,17 @@ def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
 
 def test_feature_cache_options_reach_the_worker_and_are_reported(cluster):
     plain = submit(prompt="a feature cached job", steps=12, seed=2, **_nocache()).wait(60)
-    deep = submit(prompt="a feature cached job", steps=12, seed=2,
-                  cache={"exact": False, "approximate": False, "write": False,
-                         "feature": {"method": "deepcache", "deepcache_interval": 3}}).wait(60)
+    deep = submit(
+        prompt="a feature cached job",
+        steps=12,
+        seed=2,
+        cache={
+            "exact": False,
+            "approximate": False,
+            "write": False,
+            "feature": {"method": "deepcache", "deepcache_interval": 3},
+        },
+    ).wait(60)
     assert plain.cache.feature.method == "off"
     assert deep.cache.feature.method == "deepcache"
     assert deep.cache.feature.full_unet_passes == 4 and deep.cache.feature.partial_unet_passes == 8

@@ -33,31 +33,68 @@ GRAFANA_DATASOURCE = ROOT / "ops" / "grafana" / "provisioning" / "datasources" /
 GRAFANA_PROVIDER = ROOT / "ops" / "grafana" / "provisioning" / "dashboards" / "reprise.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "reprise.json"
 
-SERVICES = {"redis", "qdrant1", "qdrant2", "qdrant3", "worker-gpu0", "worker-gpu1", "flower", "coordinator",
-            "prometheus", "grafana"}
+SERVICES = {
+    "redis",
+    "qdrant1",
+    "qdrant2",
+    "qdrant3",
+    "worker-gpu0",
+    "worker-gpu1",
+    "flower",
+    "coordinator",
+    "prometheus",
+    "grafana",
+}
 WORKER_METRICS_PORT, COORDINATOR_METRICS_PORT = 9101, 9102
 
 # The metric names fixed by the metrics layer (workers and coordinator).
 COUNTERS_AND_GAUGES = {
-    "reprise_jobs_total", "reprise_cache_hits_total", "reprise_steps_saved_total", "reprise_gpu_seconds_saved_total",
-    "reprise_cache_writeback_failures_total", "reprise_queue_depth", "reprise_device_busy_ratio",
-    "reprise_cache_generation", "reprise_cache_entries", "reprise_cache_bytes", "reprise_evictions_total",
-    "reprise_sweeps_total", "reprise_leader_changes_total", "reprise_coordinator_is_leader",
+    "reprise_jobs_total",
+    "reprise_cache_hits_total",
+    "reprise_steps_saved_total",
+    "reprise_gpu_seconds_saved_total",
+    "reprise_cache_writeback_failures_total",
+    "reprise_queue_depth",
+    "reprise_device_busy_ratio",
+    "reprise_cache_generation",
+    "reprise_cache_entries",
+    "reprise_cache_bytes",
+    "reprise_evictions_total",
+    "reprise_sweeps_total",
+    "reprise_leader_changes_total",
+    "reprise_coordinator_is_leader",
 }
-HISTOGRAMS = {"reprise_job_queue_wait_seconds", "reprise_job_service_seconds", "reprise_job_end_to_end_seconds",
-              "reprise_cache_lookup_seconds"}
-DASHBOARD_TOPICS = ("throughput", "p50", "p95", "p99", "queue depth", "hit rate by type", "steps", "evictions",
-                    "generation", "device busy")
+HISTOGRAMS = {
+    "reprise_job_queue_wait_seconds",
+    "reprise_job_service_seconds",
+    "reprise_job_end_to_end_seconds",
+    "reprise_cache_lookup_seconds",
+}
+DASHBOARD_TOPICS = (
+    "throughput",
+    "p50",
+    "p95",
+    "p99",
+    "queue depth",
+    "hit rate by type",
+    "steps",
+    "evictions",
+    "generation",
+    "device busy",
+)
 
 SECRET_NAME = re.compile(r"PASSWORD|API_KEY|SECRET|TOKEN|REDISCLI_AUTH")
 REQUIREPASS = r"--requirepass\s+(\$\{[^}]*\}|\S+)"
 REQUIRED_REF = re.compile(r"^\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*):\?[^}]+\}$")
 # $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}, $VAR
-VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
-                      r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 # --- loading ----------------------------------------------------------------------------------
+
 
 def load_compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
@@ -155,6 +192,7 @@ def bind_mounts(service: dict) -> dict[str, str]:
 
 # --- the checks: each returns a list of problems ----------------------------------------------
 
+
 def schema_problems(compose: dict) -> list[str]:
     validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
     resolved = interpolate(compose, load_env_example())
@@ -186,10 +224,15 @@ def gpu_problems(compose: dict) -> list[str]:
     if len(workers) < 2:
         problems.append(f"expected a worker per GPU, found {workers}")
     for name in workers:
-        devices = (compose["services"][name].get("deploy", {}).get("resources", {})
-                   .get("reservations", {}).get("devices", []))
-        ids = [i for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               for i in d.get("device_ids", [])]
+        devices = (
+            compose["services"][name].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        )
+        ids = [
+            i
+            for d in devices
+            if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
+            for i in d.get("device_ids", [])
+        ]
         if len(ids) != 1:
             problems.append(f"{name}: reserves {ids or 'no'} nvidia GPU device ids, expected exactly one")
         for i in ids:
@@ -249,7 +292,9 @@ def worker_env_problems(compose: dict) -> list[str]:
             if env.get("REPRISE_METRICS_PORT") != str(WORKER_METRICS_PORT):
                 problems.append(f"{name}: REPRISE_METRICS_PORT is not {WORKER_METRICS_PORT}")
             if env.get("REPRISE_METRICS_ADDR") != "0.0.0.0":
-                problems.append(f"{name}: metrics listen on loopback only (REPRISE_METRICS_ADDR), Prometheus cannot scrape")
+                problems.append(
+                    f"{name}: metrics listen on loopback only (REPRISE_METRICS_ADDR), Prometheus cannot scrape"
+                )
     if len(artifact_volumes) > 1:
         problems.append(f"workers write artifacts to different volumes: {sorted(map(str, artifact_volumes))}")
     coordinator_port = environment(compose["services"]["coordinator"]).get("REPRISE_COORDINATOR_METRICS_PORT")
@@ -311,10 +356,15 @@ def secret_problems(compose: dict) -> list[str]:
 
 def env_example_problems(compose: dict, example: dict[str, str]) -> list[str]:
     required = {m["name"] for _, text in walk_strings(compose) for m in VARIABLE.finditer(text) if m["op"] == ":?"}
-    problems = [f"{v} is required by docker-compose.yml but not in ops/compose.env.example"
-                for v in sorted(required - set(example))]
-    problems += [f"ops/compose.env.example: {k} has a real-looking value; use a placeholder"
-                 for k, v in example.items() if SECRET_NAME.search(k) and v != "change-me"]
+    problems = [
+        f"{v} is required by docker-compose.yml but not in ops/compose.env.example"
+        for v in sorted(required - set(example))
+    ]
+    problems += [
+        f"ops/compose.env.example: {k} has a real-looking value; use a placeholder"
+        for k, v in example.items()
+        if SECRET_NAME.search(k) and v != "change-me"
+    ]
     return problems
 
 
@@ -345,8 +395,9 @@ def resilience_problems(compose: dict) -> list[str]:
 def prometheus_problems(compose: dict, config: dict) -> list[str]:
     problems = []
     jobs = {job["job_name"]: job for job in config.get("scrape_configs", [])}
-    targets = {name: {t for sc in job.get("static_configs", []) for t in sc.get("targets", [])}
-               for name, job in jobs.items()}
+    targets = {
+        name: {t for sc in job.get("static_configs", []) for t in sc.get("targets", [])} for name, job in jobs.items()
+    }
     services = set(compose["services"])
     for name, found in targets.items():
         for target in found:
@@ -357,17 +408,22 @@ def prometheus_problems(compose: dict, config: dict) -> list[str]:
     expected = {f"{w}:{WORKER_METRICS_PORT}" for w in worker_names(compose)}
     if worker_targets != expected:
         problems.append(f"worker targets {sorted(worker_targets)} != {sorted(expected)}")
-    coordinator = [sd for job in jobs.values() for sd in job.get("dns_sd_configs", [])
-                   if "coordinator" in sd.get("names", [])]
+    coordinator = [
+        sd for job in jobs.values() for sd in job.get("dns_sd_configs", []) if "coordinator" in sd.get("names", [])
+    ]
     static_coordinator = {t for ts in targets.values() for t in ts if t.startswith("coordinator:")}
-    if not any(sd.get("port") == COORDINATOR_METRICS_PORT for sd in coordinator) and \
-            f"coordinator:{COORDINATOR_METRICS_PORT}" not in static_coordinator:
+    if (
+        not any(sd.get("port") == COORDINATOR_METRICS_PORT for sd in coordinator)
+        and f"coordinator:{COORDINATOR_METRICS_PORT}" not in static_coordinator
+    ):
         problems.append(f"no job scrapes the coordinator on {COORDINATOR_METRICS_PORT}")
     flower = [job for job in jobs.values() if any(t.startswith("flower:") for t in targets.get(job["job_name"], ()))]
     if not flower or flower[0].get("metrics_path", "/metrics") != "/metrics":
         problems.append("no job scrapes Flower's /metrics")
     prometheus = compose["services"]["prometheus"]
-    config_file = next((a.split("=", 1)[1] for a in prometheus.get("command", []) if a.startswith("--config.file=")), None)
+    config_file = next(
+        (a.split("=", 1)[1] for a in prometheus.get("command", []) if a.startswith("--config.file=")), None
+    )
     if bind_mounts(prometheus).get("ops/prometheus/prometheus.yml", "").split(":")[0] != config_file:
         problems.append("prometheus: ops/prometheus/prometheus.yml is not mounted at --config.file")
     secrets = {f"/run/secrets/{s}" for s in prometheus.get("secrets", [])}
@@ -378,8 +434,12 @@ def prometheus_problems(compose: dict, config: dict) -> list[str]:
 
 
 def dashboard_metrics(dashboard: dict) -> set[str]:
-    return {m for path, text in walk_strings(dashboard)
-            if path.endswith((".expr", ".query", ".definition")) for m in re.findall(r"\breprise_[a-z0-9_]+", text)}
+    return {
+        m
+        for path, text in walk_strings(dashboard)
+        if path.endswith((".expr", ".query", ".definition"))
+        for m in re.findall(r"\breprise_[a-z0-9_]+", text)
+    }
 
 
 def dashboard_problems(dashboard: dict, datasource_uid: str) -> list[str]:
@@ -393,8 +453,9 @@ def dashboard_problems(dashboard: dict, datasource_uid: str) -> list[str]:
         exprs = [t.get("expr", "") for t in panel.get("targets", [])]
         if not exprs or not all(re.search(r"\breprise_", e) for e in exprs):
             problems.append(f"panel {panel.get('title')!r}: every target must query a reprise_ metric")
-    text = " ".join(" ".join([p.get("title", "")] + [t.get("legendFormat", "") for t in p.get("targets", [])])
-                    for p in panels).lower()
+    text = " ".join(
+        " ".join([p.get("title", "")] + [t.get("legendFormat", "") for t in p.get("targets", [])]) for p in panels
+    ).lower()
     problems += [f"no panel shows {topic}" for topic in DASHBOARD_TOPICS if topic not in text]
     cells = {}
     for panel in dashboard.get("panels", []):
@@ -421,7 +482,9 @@ def grafana_problems(compose: dict, datasources: dict, provider: dict) -> list[s
         problems.append("grafana: ops/grafana/provisioning is not mounted at /etc/grafana/provisioning")
     paths = {p.get("options", {}).get("path") for p in provider.get("providers", [])}
     if mounts.get("ops/grafana/dashboards") not in paths:
-        problems.append(f"grafana: dashboards mounted at {mounts.get('ops/grafana/dashboards')}, provider reads {paths}")
+        problems.append(
+            f"grafana: dashboards mounted at {mounts.get('ops/grafana/dashboards')}, provider reads {paths}"
+        )
     urls = {d.get("url") for d in datasources.get("datasources", []) if d.get("type") == "prometheus"}
     if "http://prometheus:9090" not in urls:
         problems.append(f"grafana: no prometheus datasource at http://prometheus:9090 ({urls})")
@@ -432,15 +495,18 @@ def grafana_problems(compose: dict, datasources: dict, provider: dict) -> list[s
 
 def dockerfile_problems(compose: dict, dockerfile: str) -> list[str]:
     problems = []
-    lines = [line.strip() for line in dockerfile.replace("\\\n", " ").splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in dockerfile.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     instructions = [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
     froms = [arg for op, arg in instructions if op == "FROM"]
     if not froms or not froms[-1].startswith("python:3.11-slim"):
         problems.append(f"image is not based on python:3.11-slim ({froms})")
     entrypoints = [arg for op, arg in instructions if op == "ENTRYPOINT"]
     if not entrypoints or json.loads(entrypoints[-1]) != ["reprise"]:
-        problems.append(f"entrypoint is not [\"reprise\"] ({entrypoints})")
+        problems.append(f'entrypoint is not ["reprise"] ({entrypoints})')
     users = [arg for op, arg in instructions if op == "USER"]
     if not users or users[-1] in ("root", "0"):
         problems.append("the image runs as root")
@@ -457,9 +523,19 @@ def dockerfile_problems(compose: dict, dockerfile: str) -> list[str]:
 
 # --- the real files pass every check ----------------------------------------------------------
 
-COMPOSE_CHECKS = [schema_problems, service_problems, redis_problems, gpu_problems, qdrant_problems,
-                  worker_env_problems, command_problems, flower_problems, secret_problems, volume_problems,
-                  resilience_problems]
+COMPOSE_CHECKS = [
+    schema_problems,
+    service_problems,
+    redis_problems,
+    gpu_problems,
+    qdrant_problems,
+    worker_env_problems,
+    command_problems,
+    flower_problems,
+    secret_problems,
+    volume_problems,
+    resilience_problems,
+]
 
 
 @pytest.mark.parametrize("check", COMPOSE_CHECKS, ids=lambda c: c.__name__)
@@ -492,13 +568,19 @@ def test_grafana_provisioning_and_dashboard():
     dashboard = json.loads(DASHBOARD.read_text())
     assert grafana_problems(load_compose(), datasources, provider) == []
     assert dashboard_problems(dashboard, datasources["datasources"][0]["uid"]) == []
-    assert dashboard_metrics(dashboard) >= {"reprise_jobs_total", "reprise_job_end_to_end_seconds_bucket",
-                                            "reprise_queue_depth", "reprise_device_busy_ratio"}
+    assert dashboard_metrics(dashboard) >= {
+        "reprise_jobs_total",
+        "reprise_job_end_to_end_seconds_bucket",
+        "reprise_queue_depth",
+        "reprise_device_busy_ratio",
+    }
 
 
 def test_dashboard_metrics_are_exported_by_the_code():
     """The fixed names above must be what the worker and the coordinator really export."""
-    source = "\n".join(path.read_text() for folder in ("workers", "scheduler") for path in (ROOT / folder).rglob("*.py"))
+    source = "\n".join(
+        path.read_text() for folder in ("workers", "scheduler") for path in (ROOT / folder).rglob("*.py")
+    )
     for metric in sorted(COUNTERS_AND_GAUGES | HISTOGRAMS):
         # prometheus_client adds _total to a counter's name.
         names = {metric, metric.removesuffix("_total")}
@@ -520,8 +602,10 @@ def test_interpolation_follows_compose_rules():
 
 # --- and each check can fail --------------------------------------------------------------------
 
+
 def _set(path: str, value):
     """A mutation that sets compose[a][b]... = value (value None deletes)."""
+
     def mutate(doc):
         *parents, last = path.split("/")
         for key in parents:
@@ -530,31 +614,61 @@ def _set(path: str, value):
             del doc[last]
         else:
             doc[last] = value
+
     return mutate
 
 
 COMPOSE_MUTATIONS = [
     (schema_problems, "unknown service key", _set("services/worker-gpu0/gpu_ids", ["0"])),
-    (schema_problems, "unknown depends_on condition", _set("services/flower/depends_on/redis/condition", "service_ready")),
+    (
+        schema_problems,
+        "unknown depends_on condition",
+        _set("services/flower/depends_on/redis/condition", "service_ready"),
+    ),
     (service_problems, "no grafana", _set("services/grafana", None)),
     (redis_problems, "no AOF", _set("services/redis/command", "redis-server --requirepass ${REDIS_PASSWORD:?x}")),
-    (redis_problems, "literal password", _set("services/redis/command", "redis-server --appendonly yes --requirepass hunter2")),
-    (gpu_problems, "two workers on one GPU", _set(
-        "services/worker-gpu1/deploy/resources/reservations/devices",
-        [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}])),
+    (
+        redis_problems,
+        "literal password",
+        _set("services/redis/command", "redis-server --appendonly yes --requirepass hunter2"),
+    ),
+    (
+        gpu_problems,
+        "two workers on one GPU",
+        _set(
+            "services/worker-gpu1/deploy/resources/reservations/devices",
+            [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}],
+        ),
+    ),
     (gpu_problems, "worker without a GPU", _set("services/worker-gpu1/deploy", {})),
     (qdrant_problems, "cluster off", _set("services/qdrant2/environment/QDRANT__CLUSTER__ENABLED", "false")),
     (qdrant_problems, "no bootstrap", _set("services/qdrant3/command", ["./qdrant"])),
     (qdrant_problems, "shared storage", _set("services/qdrant2/volumes", ["qdrant1-data:/qdrant/storage"])),
-    (worker_env_problems, "replication 1", _set("services/worker-gpu0/environment/REPRISE_CACHE_REPLICATION_FACTOR", "1")),
+    (
+        worker_env_problems,
+        "replication 1",
+        _set("services/worker-gpu0/environment/REPRISE_CACHE_REPLICATION_FACTOR", "1"),
+    ),
     (worker_env_problems, "metrics on loopback", _set("services/worker-gpu1/environment/REPRISE_METRICS_ADDR", None)),
-    (worker_env_problems, "artifacts off the volume", _set("services/worker-gpu1/environment/REPRISE_ARTIFACT_URL", "/tmp/a")),
+    (
+        worker_env_problems,
+        "artifacts off the volume",
+        _set("services/worker-gpu1/environment/REPRISE_ARTIFACT_URL", "/tmp/a"),
+    ),
     (command_problems, "entrypoint given twice", _set("services/worker-gpu0/command", ["reprise", "worker"])),
     (command_problems, "flower on loopback", _set("services/flower/command", ["flower"])),
     (command_problems, "no standby", _set("services/coordinator/deploy", {"replicas": 1})),
     (flower_problems, "no basic auth", _set("services/flower/environment/REPRISE_FLOWER_PASSWORD", None)),
-    (secret_problems, "literal Grafana password", _set("services/grafana/environment/GF_SECURITY_ADMIN_PASSWORD", "admin")),
-    (secret_problems, "defaulted secret", _set("services/flower/environment/REDIS_URL", "redis://:${REDIS_PASSWORD:-x}@redis:6379/0")),
+    (
+        secret_problems,
+        "literal Grafana password",
+        _set("services/grafana/environment/GF_SECURITY_ADMIN_PASSWORD", "admin"),
+    ),
+    (
+        secret_problems,
+        "defaulted secret",
+        _set("services/flower/environment/REDIS_URL", "redis://:${REDIS_PASSWORD:-x}@redis:6379/0"),
+    ),
     (volume_problems, "undeclared volume", _set("volumes/grafana-data", None)),
     (resilience_problems, "no healthcheck", _set("services/redis/healthcheck", None)),
     (resilience_problems, "no restart policy", _set("services/flower/restart", None)),
@@ -569,8 +683,11 @@ def _mutated(mutate):
     return doc
 
 
-@pytest.mark.parametrize("check,mutate", [(c, m) for c, _, m in COMPOSE_MUTATIONS],
-                         ids=[f"{c.__name__}-{why}" for c, why, _ in COMPOSE_MUTATIONS])
+@pytest.mark.parametrize(
+    "check,mutate",
+    [(c, m) for c, _, m in COMPOSE_MUTATIONS],
+    ids=[f"{c.__name__}-{why}" for c, why, _ in COMPOSE_MUTATIONS],
+)
 def test_compose_check_catches(check, mutate):
     assert check(_mutated(mutate))
 

@@ -29,7 +29,11 @@ def node(redis_server, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("coord")
     model_dir = save_builtin("tiny", work / "coordmodel", seed=0)
-    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url, "REPRISE_SHARE_TENANTS": "alice"})
+    c = LocalCluster(
+        workdir=str(work),
+        redis_url=redis_server.url,
+        env={"REDIS_URL": redis_server.url, "REPRISE_SHARE_TENANTS": "alice"},
+    )
     c.ensure_redis()
     c.start_worker(str(model_dir), "cpu,cpu", REPRISE_CACHE_PATH=str(work / "qdrant"))
     c.model_dir = model_dir
@@ -42,7 +46,9 @@ def _job(prompt, seed=11, **kw):
 
 
 def _cli(*args):
-    out = subprocess.run([sys.executable, "-m", "scheduler.cli", *args], capture_output=True, text=True, timeout=60, env=os.environ)
+    out = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args], capture_output=True, text=True, timeout=60, env=os.environ
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -132,10 +138,20 @@ def test_stats_json(node):
 
 
 def _coordinator(env_extra):
-    env = {**os.environ, "REPRISE_COORDINATOR_LEASE_S": "1.5", "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "0.5",
-           "REPRISE_COORDINATOR_METRICS_PORT": "0", **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "scheduler.cli", "coordinator", "run"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "REPRISE_COORDINATOR_LEASE_S": "1.5",
+        "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "0.5",
+        "REPRISE_COORDINATOR_METRICS_PORT": "0",
+        **env_extra,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "coordinator", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _status():
@@ -211,8 +227,13 @@ def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
     model_dir = save_builtin("tiny", tmp_path / "capmodel", seed=2)
     c = LocalCluster(workdir=str(tmp_path), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url})
     c.ensure_redis()
-    c.start_worker(str(model_dir), "cpu", REPRISE_CACHE_PATH=str(tmp_path / "q"), REPRISE_CACHE_CAPACITY_ENTRIES="4",
-                   REPRISE_CACHE_POLICY="lcbfu")
+    c.start_worker(
+        str(model_dir),
+        "cpu",
+        REPRISE_CACHE_PATH=str(tmp_path / "q"),
+        REPRISE_CACHE_CAPACITY_ENTRIES="4",
+        REPRISE_CACHE_POLICY="lcbfu",
+    )
     port = free_port()
     coordinator = None
     try:
@@ -222,12 +243,15 @@ def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
         time.sleep(0.5)
         for _ in range(3):  # the most used entry: three exact hits
             assert run("distinct prompt number 0 about cats").cache.hit == "exact"
+
         def entries() -> int:  # this node only: the session's other workers share the Redis
             replies = CacheAdmin().broadcast("stats")
             return sum(r["entries"] for node, r in replies.items() if "capmodel" in node)
 
         assert entries() > 4
-        coordinator = _coordinator({"REPRISE_COORDINATOR_METRICS_PORT": str(port), "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "60"})
+        coordinator = _coordinator(
+            {"REPRISE_COORDINATOR_METRICS_PORT": str(port), "REPRISE_COORDINATOR_SWEEP_INTERVAL_S": "60"}
+        )
         deadline = time.monotonic() + 60
         while entries() > 4:
             assert time.monotonic() < deadline

@@ -29,21 +29,39 @@ def report(tmp_path_factory):
         pytest.skip("the shapes model is not in workers/models/shapes")
     torch.set_num_threads(1)
     conditions = [
-        Condition("fresh", "fresh"), Condition("exact", "exact"),
-        Condition("approx K=2/10", "approx", fraction=0.2), Condition("approx K=5/10", "approx", fraction=0.5),
+        Condition("fresh", "fresh"),
+        Condition("exact", "exact"),
+        Condition("approx K=2/10", "approx", fraction=0.2),
+        Condition("approx K=5/10", "approx", fraction=0.5),
         Condition("block d=0.5", "feature", feature={"method": "block", "block_delta": 0.5}, relations=("paraphrase",)),
-        Condition("approx K=2/10 + block d=0.5", "combo", fraction=0.2, feature={"method": "block", "block_delta": 0.5}, relations=("paraphrase",)),
+        Condition(
+            "approx K=2/10 + block d=0.5",
+            "combo",
+            fraction=0.2,
+            feature={"method": "block", "block_delta": 0.5},
+            relations=("paraphrase",),
+        ),
     ]
     workdir = tmp_path_factory.mktemp("eval")
-    return evaluate("generated", 2, STEPS, "shapes", 0, ("paraphrase", "colour"), conditions, workdir=str(workdir), verbose=False)
+    return evaluate(
+        "generated", 2, STEPS, "shapes", 0, ("paraphrase", "colour"), conditions, workdir=str(workdir), verbose=False
+    )
 
 
 def test_cases_change_what_the_relation_says():
     cases = build_cases("generated", 6, ALL_RELATIONS, seed=3)
     for case in cases:
         changed = {k for k in sc.ATTRIBUTES if case.source.as_dict()[k] != case.target.as_dict()[k]}
-        expected = {"paraphrase": set(), "synonym": set(), "reseed": set(), "colour": {"color"}, "shape": {"shape"}, "position": {"position"},
-                    "background": {"background"}, "size": {"size"}}.get(case.relation)
+        expected = {
+            "paraphrase": set(),
+            "synonym": set(),
+            "reseed": set(),
+            "colour": {"color"},
+            "shape": {"shape"},
+            "position": {"position"},
+            "background": {"background"},
+            "size": {"size"},
+        }.get(case.relation)
         if expected is not None:
             assert changed == expected, case
         else:
@@ -60,17 +78,28 @@ def test_cases_change_what_the_relation_says():
 
 def test_prompt_files_give_the_scenes_they_name(tmp_path):
     path = tmp_path / "captions.txt"
-    path.write_text("a small red circle in the top left on a blue background\na purple hexagon\n"
-                    "a large golden square in the center, black backdrop\n")
+    path.write_text(
+        "a small red circle in the top left on a blue background\na purple hexagon\n"
+        "a large golden square in the center, black backdrop\n"
+    )
     cases = build_cases(str(path), 5, ("paraphrase", "position"))
-    assert [c.source for c in cases[::2]] == [sc.Scene("blue", "circle", "red", "small", "top left"),
-                                              sc.Scene("black", "square", "yellow", "large", "center")]
+    assert [c.source for c in cases[::2]] == [
+        sc.Scene("blue", "circle", "red", "small", "top left"),
+        sc.Scene("black", "square", "yellow", "large", "center"),
+    ]
     assert len(cases) == 4  # the line that names no whole scene is skipped
 
 
 def test_every_condition_is_reported_and_exact_hits_are_the_fresh_images(report, tmp_path):
     rows = {r["condition"]: r for r in report["summary"]}
-    assert set(rows) == {"fresh", "exact", "approx K=2/10", "approx K=5/10", "block d=0.5", "approx K=2/10 + block d=0.5"}
+    assert set(rows) == {
+        "fresh",
+        "exact",
+        "approx K=2/10",
+        "approx K=5/10",
+        "block d=0.5",
+        "approx K=2/10 + block d=0.5",
+    }
     assert rows["fresh"]["n"] == rows["exact"]["n"] == 4 and rows["block d=0.5"]["n"] == 2
     records = [r for r in report["records"] if "error" not in r and r["family"] != "source"]
     assert not [r for r in report["records"] if "error" in r]
@@ -81,7 +110,9 @@ def test_every_condition_is_reported_and_exact_hits_are_the_fresh_images(report,
         f = fresh[(r["scene"], r["target_prompt"])]
         if r["family"] == "exact":
             assert r["hit"] == "exact" and r["steps_computed"] == 0
-            assert np.array_equal(r["_image"], f["_image"]) and r["identical_to_fresh"] and r["accuracy"] == f["accuracy"]
+            assert (
+                np.array_equal(r["_image"], f["_image"]) and r["identical_to_fresh"] and r["accuracy"] == f["accuracy"]
+            )
         if r["family"] in ("approx", "combo"):
             assert r["hit"] == "approximate" and r["k"] == round((0.2 if "K=2" in r["condition"] else 0.5) * STEPS)
             assert r["steps_computed"] == STEPS - r["k"] and -1 <= r["similarity"] <= 1
@@ -113,7 +144,13 @@ def _pairs(rows):
 
 def test_fit_table_keeps_each_tail_within_tolerance():
     # K=5/10 is safe only above 0.9, K=1/10 above 0.5; below 0.5 nothing is safe.
-    rows = [(0.95, 80, 80)] * 10 + [(0.92, 80, 79)] * 10 + [(0.7, 80, 50)] * 10 + [(0.55, 79, 40)] * 10 + [(0.3, 40, 40)] * 10
+    rows = (
+        [(0.95, 80, 80)] * 10
+        + [(0.92, 80, 79)] * 10
+        + [(0.7, 80, 50)] * 10
+        + [(0.55, 79, 40)] * 10
+        + [(0.3, 40, 40)] * 10
+    )
     pairs = _pairs(rows)
     table = calibrate.fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5))
     assert [f for _, f in table] == [0.5, 0.1]

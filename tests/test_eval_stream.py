@@ -50,8 +50,15 @@ def test_bad_stream_kind_is_refused():
 
 
 def test_summary_flags_a_table_outside_the_tolerance():
-    rec = lambda hit, acc, fresh: {"hit": hit, "accuracy": acc, "fresh_accuracy": fresh, "steps_saved": 5 if hit != "miss" else 0,
-                                   "kind": "edit:color"}
+    def rec(hit, acc, fresh):
+        return {
+            "hit": hit,
+            "accuracy": acc,
+            "fresh_accuracy": fresh,
+            "steps_saved": 5 if hit != "miss" else 0,
+            "kind": "edit:color",
+        }
+
     good = summarise([rec("approximate", 80, 80), rec("miss", 60, 60), rec("approximate", 100, 100)], 10, 2.0)
     assert good["within_tolerance"] and good["approximate_hits"]["n"] == 2 and good["hit_pct"]["approximate"] == 66.7
     bad = summarise([rec("approximate", 60, 80), rec("approximate", 100, 100), rec("exact", 80, 80)], 10, 2.0)

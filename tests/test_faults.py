@@ -26,8 +26,22 @@ def _start_hooked_worker(c: LocalCluster, model: str, wait: bool = True, **env) 
     n = len(c.workers)
     hostname = f"reprise-faulty-w{n}-{os.getpid()}@test"
     log = Path(c.workdir) / f"faulty{n}.log"
-    cmd = [sys.executable, "-m", "ops.faults", "--with-hooks", "worker", "--model", model, "--devices", "cpu", "--hostname", hostname]
-    proc = subprocess.Popen(cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ops.faults",
+        "--with-hooks",
+        "worker",
+        "--model",
+        model,
+        "--devices",
+        "cpu",
+        "--hostname",
+        hostname,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     worker = WorkerProcess(proc, log, model, hostname)
     c.workers.append(worker)
     if wait:
@@ -41,8 +55,11 @@ def faulty(redis_server, tmp_path_factory):
     from workers.models import save_builtin
 
     work = tmp_path_factory.mktemp("faults")
-    c = LocalCluster(workdir=str(work), redis_url=redis_server.url, env={"REPRISE_CACHE_REOPEN_S": "1", "REPRISE_SHARE_TENANTS": "studio",
-                                                                       "REPRISE_METRICS_PORT": "0"})
+    c = LocalCluster(
+        workdir=str(work),
+        redis_url=redis_server.url,
+        env={"REPRISE_CACHE_REOPEN_S": "1", "REPRISE_SHARE_TENANTS": "studio", "REPRISE_METRICS_PORT": "0"},
+    )
     c.ensure_redis()
     c.model_dir = str(save_builtin("tiny", work / "fmodel", seed=0))
     yield c
@@ -57,15 +74,21 @@ def test_sigkill_mid_artifact_write_redelivers_and_one_whole_image_remains(fault
     from workers.service import seed_for_job
 
     folder = Path(faulty.workdir) / "qdrant"
-    victim = _start_hooked_worker(faulty, faulty.model_dir, REPRISE_FAULT_KILL_AT="artifact", REPRISE_CACHE_PATH=str(folder))
-    job = submit(prompt="a job killed while its image is written", model="fmodel", steps=6)  # no seed: derived from the job id
+    victim = _start_hooked_worker(
+        faulty, faulty.model_dir, REPRISE_FAULT_KILL_AT="artifact", REPRISE_CACHE_PATH=str(folder)
+    )
+    job = submit(
+        prompt="a job killed while its image is written", model="fmodel", steps=6
+    )  # no seed: derived from the job id
     deadline = time.monotonic() + 60
     while victim.alive():
         assert time.monotonic() < deadline, "the hook did not kill the worker"
         time.sleep(0.1)
     assert victim.proc.returncode == -signal.SIGKILL
     art = Path(faulty.workdir) / "artifacts" / "public"
-    assert [p.name for p in art.glob(f"{job.id}*")] == [p.name for p in art.glob(f"{job.id}.png.*.part")] != []  # only a half file
+    assert (
+        [p.name for p in art.glob(f"{job.id}*")] == [p.name for p in art.glob(f"{job.id}.png.*.part")] != []
+    )  # only a half file
     faulty.workers.remove(victim)
 
     holder = LatentCache.open(CacheSettings(path=str(folder)))  # the node cannot open its cache: it must serve anyway
@@ -101,11 +124,20 @@ def test_share_needs_a_grant_and_shared_hits_are_copies(faulty):
 def test_artifact_store_that_refuses_writes_fails_typed_and_not_done(faulty, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    node = faulty.start_worker(faulty.model_dir, "cpu", REPRISE_ARTIFACT_URL=str(blocker / "artifacts"),
-                               REPRISE_CACHE_PATH=str(tmp_path / "qdrant"))
+    node = faulty.start_worker(
+        faulty.model_dir,
+        "cpu",
+        REPRISE_ARTIFACT_URL=str(blocker / "artifacts"),
+        REPRISE_CACHE_PATH=str(tmp_path / "qdrant"),
+    )
     try:
-        job = submit(prompt="an image with nowhere to go", model="fmodel", steps=3, seed=1,
-                     cache={"exact": False, "approximate": False, "write": False})
+        job = submit(
+            prompt="an image with nowhere to go",
+            model="fmodel",
+            steps=3,
+            seed=1,
+            cache={"exact": False, "approximate": False, "write": False},
+        )
         for _ in range(3):  # the other node of this model may take it: retry until this one did
             try:
                 job.wait(60)
@@ -113,8 +145,13 @@ def test_artifact_store_that_refuses_writes_fails_typed_and_not_done(faulty, tmp
                 assert "cannot write" in str(exc)
                 assert job.status() == "FAILURE"
                 break
-            job = submit(prompt="an image with nowhere to go", model="fmodel", steps=3, seed=1,
-                         cache={"exact": False, "approximate": False, "write": False})
+            job = submit(
+                prompt="an image with nowhere to go",
+                model="fmodel",
+                steps=3,
+                seed=1,
+                cache={"exact": False, "approximate": False, "write": False},
+            )
         else:
             pytest.fail("no job reached the node whose artifact store refuses writes")
     finally:
@@ -165,8 +202,12 @@ def test_a_job_lost_in_transport_is_sent_again_from_the_ledger(faulty, redis_cli
     from workers.node import LedgerSweeper
 
     job_id = str(uuid.uuid4())
-    entry = {"args": [], "kwargs": {"prompt": "lost in transport", "model": "fmodel", "steps": 3, "seed": 1},
-             "queue": "reprise.fmodel", "at": time.time() - 3600}
+    entry = {
+        "args": [],
+        "kwargs": {"prompt": "lost in transport", "model": "fmodel", "steps": 3, "seed": 1},
+        "queue": "reprise.fmodel",
+        "at": time.time() - 3600,
+    }
     redis_client.hset("reprise:ledger", job_id, json.dumps(entry))
     LedgerSweeper(redis_client, get_settings()).sweep()
     assert job_handle(job_id).wait(60).seed == 1

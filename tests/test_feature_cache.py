@@ -23,7 +23,9 @@ from workers.sampler import DenoiseLoop, PlainUNet
 from workers.text_memo import TextEmbeddingMemo
 
 STEPS = 10
-JOB = dict(prompt="a lighthouse at dusk", negative_prompt="", seed=7, steps=STEPS, guidance_scale=7.5, width=64, height=64)
+JOB = dict(
+    prompt="a lighthouse at dusk", negative_prompt="", seed=7, steps=STEPS, guidance_scale=7.5, width=64, height=64
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,6 +64,7 @@ def assert_unet_untouched(unet) -> None:
 
 # --- the factory ----------------------------------------------------------------------------------
 
+
 def test_default_is_the_plain_unet_and_bit_identical(tiny, loop, plain):
     runner = make_unet_runner(tiny, None, None, steps=STEPS)
     assert isinstance(runner, PlainUNet)
@@ -93,6 +96,7 @@ def test_bad_options_are_refused(tiny):
 
 
 # --- DeepCache ------------------------------------------------------------------------------------
+
 
 def test_deepcache_interval_1_is_bit_identical_to_plain(tiny, loop, plain):
     runner = make_unet_runner(tiny, {"method": "deepcache", "deepcache_interval": 1}, None, steps=STEPS)
@@ -161,6 +165,7 @@ def test_nonuniform_schedule_is_denser_around_the_centre():
 
 # --- block caching --------------------------------------------------------------------------------
 
+
 def test_block_schedule_recomputes_when_accumulated_change_passes_delta():
     changes = [0.0, 0.2, 0.2, 0.2, 0.5, 0.05]
     assert block_recompute_steps(changes, 0.3) == [0, 2, 4]
@@ -212,6 +217,7 @@ def test_block_cache_resumed_at_step_k_computes_every_block_first(tiny, loop, tm
 
 
 # --- text-encoder memo ----------------------------------------------------------------------------
+
 
 def test_text_memo_is_a_bounded_lru_with_counters():
     memo = TextEmbeddingMemo(max_entries=2)

@@ -28,7 +28,11 @@ def test_raw_fuzz_messages_through_the_broker_never_crash_a_worker(cluster):
     pids = sorted(w.pid for w in cluster.workers if w.alive())
     sent = []
     for i, payload in enumerate(kept):
-        if isinstance(payload, dict) and isinstance(payload.get("steps"), int) and not isinstance(payload.get("steps"), bool):
+        if (
+            isinstance(payload, dict)
+            and isinstance(payload.get("steps"), int)
+            and not isinstance(payload.get("steps"), bool)
+        ):
             payload = {**payload, "steps": min(payload["steps"], 3)}
         if isinstance(payload, dict) and i % 2:
             sent.append(app.send_task(GENERATE_TASK, kwargs=payload, queue="reprise.tiny"))

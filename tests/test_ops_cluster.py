@@ -24,8 +24,13 @@ PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts"
 @pytest.fixture(scope="module")
 def sim_worker(cluster):
     """One worker process serving two simulated devices (10 ms per step), its metrics on a spare port."""
-    worker = cluster.start_worker("sim", "sim:0,sim:1", REPRISE_SIM_STEP_MS=10, REPRISE_METRICS_PORT=free_port(),
-                                  REPRISE_CACHE_PATH=f"{cluster.workdir}/qdrant-sim")
+    worker = cluster.start_worker(
+        "sim",
+        "sim:0,sim:1",
+        REPRISE_SIM_STEP_MS=10,
+        REPRISE_METRICS_PORT=free_port(),
+        REPRISE_CACHE_PATH=f"{cluster.workdir}/qdrant-sim",
+    )
     deadline = time.monotonic() + 30
     while (info := ModelRegistry(cluster.redis).served("sim")) is None or info.get("pid") != worker.pid:
         assert time.monotonic() < deadline, "the sim worker never announced itself"
@@ -57,8 +62,16 @@ def test_metrics_endpoint_moves_as_jobs_complete(sim_worker):
     after = _scrape(port)
     ok = ("reprise_jobs_total", {"model": "sim", "outcome": "success"})
     assert _value(after, ok[0], **ok[1]) - _value(before, ok[0], **ok[1]) == 3
-    assert _value(after, "reprise_jobs_total", model="sim", outcome="invalid") - _value(before, "reprise_jobs_total", model="sim", outcome="invalid") == 1
-    assert _value(after, "reprise_job_end_to_end_seconds_count", model="sim") - _value(before, "reprise_job_end_to_end_seconds_count", model="sim") == 3
+    assert (
+        _value(after, "reprise_jobs_total", model="sim", outcome="invalid")
+        - _value(before, "reprise_jobs_total", model="sim", outcome="invalid")
+        == 1
+    )
+    assert (
+        _value(after, "reprise_job_end_to_end_seconds_count", model="sim")
+        - _value(before, "reprise_job_end_to_end_seconds_count", model="sim")
+        == 3
+    )
     assert ("reprise_queue_depth", (("queue", "reprise.sim"),)) in after  # read from Redis at scrape time
     assert _value(after, "reprise_devices", model="sim") == 2
     hits = sum(v for (name, labels), v in after.items() if name == "reprise_cache_hits_total")
@@ -72,11 +85,35 @@ def test_metrics_endpoint_moves_as_jobs_complete(sim_worker):
 def test_short_loadtest_writes_report_plots_and_agrees_with_flower(sim_worker, cluster, tmp_path):
     from ops import loadtest
 
-    flower = cluster.flower_url if cluster.flower and cluster.flower.poll() is None else cluster.start_flower(password="test-pass")
+    flower = (
+        cluster.flower_url
+        if cluster.flower and cluster.flower.poll() is None
+        else cluster.start_flower(password="test-pass")
+    )
     out = tmp_path / "load.json"
-    argv = ["--prompts", str(PROMPTS / "PartiPrompts.tsv"), "--concurrency", "3", "--n", "10", "--model", "sim", "--steps", "5",
-            "--session-p", "0.5", "--json", str(out), "--plots", str(tmp_path / "plots"), "--quiet",
-            "--flower", flower, "--flower-auth", ":".join(cluster.flower_auth)]
+    argv = [
+        "--prompts",
+        str(PROMPTS / "PartiPrompts.tsv"),
+        "--concurrency",
+        "3",
+        "--n",
+        "10",
+        "--model",
+        "sim",
+        "--steps",
+        "5",
+        "--session-p",
+        "0.5",
+        "--json",
+        str(out),
+        "--plots",
+        str(tmp_path / "plots"),
+        "--quiet",
+        "--flower",
+        flower,
+        "--flower-auth",
+        ":".join(cluster.flower_auth),
+    ]
     assert loadtest.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["sent"] == 10 and report["succeeded"] == 10 and report["failed"] == 0
@@ -109,13 +146,17 @@ def test_locust_user_reports_each_job_as_a_request(sim_worker, monkeypatch):
         real = False
         fake = types.ModuleType("locust")
         fake.User = type("User", (), {"__init__": lambda self, *a, **k: None})
-        fake.between = lambda a, b: (lambda self: a)
+        fake.between = lambda a, b: lambda self: a
         fake.task = lambda f: f
         fake.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))
         monkeypatch.setitem(sys.modules, "locust", fake)
     monkeypatch.setenv("REPRISE_LOCUST_MODEL", "sim")
     monkeypatch.setenv("REPRISE_LOCUST_STEPS", "3")
-    locustfile = importlib.reload(importlib.import_module("ops.locustfile")) if "ops.locustfile" in sys.modules else importlib.import_module("ops.locustfile")
+    locustfile = (
+        importlib.reload(importlib.import_module("ops.locustfile"))
+        if "ops.locustfile" in sys.modules
+        else importlib.import_module("ops.locustfile")
+    )
     if real:
         locustfile.events.request.add_listener(lambda **kw: fired.append(kw))
     user = locustfile.GenerationUser.__new__(locustfile.GenerationUser)
@@ -125,4 +166,3 @@ def test_locust_user_reports_each_job_as_a_request(sim_worker, monkeypatch):
     for event in fired:
         assert event["request_type"] == "generate" and event["exception"] is None
         assert event["name"].startswith("sim ") and event["response_time"] > 0
-

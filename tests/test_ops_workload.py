@@ -25,13 +25,20 @@ def test_reads_the_shared_prompt_files_by_path():
     assert len(coco) > 30_000 - 10 and coco[0].prompt.startswith("A man about to return a serve")
     krea = read_prompts(PROMPTS / "krea_1k_by_time.csv")
     first = krea[0]
-    assert first.seed == 3188425640 and first.steps == 50 and (first.width, first.height) == (512, 512) and first.guidance_scale == 7.0
+    assert (
+        first.seed == 3188425640
+        and first.steps == 50
+        and (first.width, first.height) == (512, 512)
+        and first.guidance_scale == 7.0
+    )
     assert len(krea) > 900
 
 
 def test_reads_jsonl_and_refuses_a_file_without_prompts(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"prompt": "a cat", "seed": 3, "steps": 9}) + "\n\n" + json.dumps({"prompt": "a dog"}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "a cat", "seed": 3, "steps": 9}) + "\n\n" + json.dumps({"prompt": "a dog"}) + "\n"
+    )
     rows = read_prompts(f)
     assert rows == [PromptRow("a cat", seed=3, steps=9), PromptRow("a dog")]
     bad = tmp_path / "x.csv"
@@ -73,12 +80,23 @@ def test_sessions_edit_and_reroll_the_previous_prompt():
 
 
 def test_tenants_priorities_file_params_and_as_is():
-    rows = [PromptRow("a", seed=7, steps=30, width=512, height=768, guidance_scale=7.5), PromptRow("b", width=2048, height=2048)]
-    w = Workload(rows, WorkloadParams(as_is=True, tenants=3, priorities=parse_priorities("0:1,9:1"), max_size=1024, model="sim"))
+    rows = [
+        PromptRow("a", seed=7, steps=30, width=512, height=768, guidance_scale=7.5),
+        PromptRow("b", width=2048, height=2048),
+    ]
+    w = Workload(
+        rows, WorkloadParams(as_is=True, tenants=3, priorities=parse_priorities("0:1,9:1"), max_size=1024, model="sim")
+    )
     items = w.take(10)
     assert [k for _, k in items] == ["as-is", "as-is"] and w.next() is None  # the file once, in order
     first, second = items[0][0], items[1][0]
-    assert (first["seed"], first["steps"], first["width"], first["height"], first["guidance_scale"]) == (7, 30, 512, 768, 7.5)
+    assert (first["seed"], first["steps"], first["width"], first["height"], first["guidance_scale"]) == (
+        7,
+        30,
+        512,
+        768,
+        7.5,
+    )
     assert "width" not in second and second["steps"] == 20  # over max_size: the model's default size
     w = Workload(_pool(), WorkloadParams(tenants=3, priorities=parse_priorities("0:1,9:1"), seed=3))
     reqs = [r for r, _ in w.take(600)]

@@ -23,7 +23,9 @@ def components():
 
 
 def _service(components, tmp_path, fraction):
-    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=FRACTIONS, skip_table=[(0.0, fraction)])
+    settings = CacheSettings(
+        backend="edge", path=str(tmp_path / "q"), state_fractions=FRACTIONS, skip_table=[(0.0, fraction)]
+    )
     cache = LatentCache.open(settings)
     pool = DevicePool([Device("cpu", DenoiseLoop(components))])
     return GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=cache)
@@ -35,7 +37,13 @@ def _pixels(uri):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
 def test_resume_from_own_state_is_bit_identical_at_every_k(components, tmp_path, scheduler):
-    request = {"prompt": "a red fox in the snow", "seed": 21, "steps": STEPS, "scheduler": scheduler, "guidance_scale": 4.0}
+    request = {
+        "prompt": "a red fox in the snow",
+        "seed": 21,
+        "steps": STEPS,
+        "scheduler": scheduler,
+        "guidance_scale": 4.0,
+    }
     for i, fraction in enumerate(FRACTIONS):
         service = _service(components, tmp_path / f"{scheduler}-{i}", fraction)
         try:
@@ -84,7 +92,12 @@ def test_two_devices_generating_the_same_request_leave_one_entry(components, tmp
     cache = LatentCache.open(settings)
     pool = DevicePool([Device("cpu0", DenoiseLoop(components)), Device("cpu1", DenoiseLoop(components))])
     service = GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art2")), cache=cache)
-    request = {"prompt": "two workers, one entry", "seed": 4, "steps": STEPS, "cache": {"exact": False, "approximate": False}}
+    request = {
+        "prompt": "two workers, one entry",
+        "seed": 4,
+        "steps": STEPS,
+        "cache": {"exact": False, "approximate": False},
+    }
     try:
         threads = [threading.Thread(target=service.run, args=(request, JobContext(job_id=f"j{i}"))) for i in range(2)]
         for t in threads:

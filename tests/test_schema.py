@@ -65,9 +65,19 @@ def test_schema_is_versioned_and_valid_json_schema():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(list(GenerationRequest.model_fields) + ["junk"]),
-                       st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=50), st.booleans(),
-                                 st.lists(st.integers(), max_size=3))))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(GenerationRequest.model_fields) + ["junk"]),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.floats(allow_nan=True),
+            st.text(max_size=50),
+            st.booleans(),
+            st.lists(st.integers(), max_size=3),
+        ),
+    )
+)
 def test_random_payloads_are_accepted_or_typed_errors(payload):
     try:
         req = parse_request(payload)

@@ -33,7 +33,12 @@ def test_checker_reads_pil_and_other_sizes():
     assert all(check(sc.render_array(s, 48), s).values())
     wrong = sc.Scene("blue", "circle", "red", "small", "top left")
     assert check(sc.render_array(s), wrong) == {
-        "background": True, "color": False, "position": False, "size": False, "shape": False}
+        "background": True,
+        "color": False,
+        "position": False,
+        "size": False,
+        "shape": False,
+    }
 
 
 def test_caption_parse_round_trip():
@@ -51,7 +56,12 @@ def test_caption_parse_round_trip():
 def test_parse_partial_prompt():
     assert sc.parse_prompt("a crimson disk") == {"color": "red", "shape": "circle"}
     assert sc.parse_prompt("blue backdrop with a large crimson disk near the top-left corner") == {
-        "background": "blue", "color": "red", "shape": "circle", "size": "large", "position": "top left"}
+        "background": "blue",
+        "color": "red",
+        "shape": "circle",
+        "size": "large",
+        "position": "top left",
+    }
 
 
 def test_tokenizer_is_word_level():
@@ -100,12 +110,16 @@ def test_model_loads_offline_and_generates():
     sched = DDIMScheduler.from_pretrained(MODEL / "scheduler")
     index = json.loads((MODEL / "model_index.json").read_text())["reprise"]
     assert unet.config.out_channels == 3
-    assert unet.config.in_channels == 3 + 2 * bool(index.get("input_coords"))  # x/y channels (workers.models.with_coords)
+    assert unet.config.in_channels == 3 + 2 * bool(
+        index.get("input_coords")
+    )  # x/y channels (workers.models.with_coords)
     assert unet.config.cross_attention_dim == te.config.hidden_size
     assert te.config.max_position_embeddings >= tok.model_max_length
 
     prompts = ["a small red circle in the top left on a blue background", ""]
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         emb = te(ids)[0]
         sched.set_timesteps(4)
@@ -145,7 +159,9 @@ def test_text_encoder_tells_the_attributes_apart():
     te = CLIPTextModel.from_pretrained(MODEL / "text_encoder").eval()
 
     def pooled(texts):
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             return torch.nn.functional.normalize(te(ids).pooler_output, dim=-1)
 
@@ -153,7 +169,9 @@ def test_text_encoder_tells_the_attributes_apart():
     scenes = [sc.random_scene(rng) for _ in range(40)]
     a = pooled([sc.caption(s, rng) for s in scenes])
     b = pooled([sc.caption(s, rng) for s in scenes])  # paraphrases
-    moved = [sc.Scene(**{**s.as_dict(), "position": sc.POSITIONS[(sc.POSITIONS.index(s.position) + 4) % 9]}) for s in scenes]
+    moved = [
+        sc.Scene(**{**s.as_dict(), "position": sc.POSITIONS[(sc.POSITIONS.index(s.position) + 4) % 9]}) for s in scenes
+    ]
     c = pooled([sc.caption(s, rng) for s in moved])
     same, edited = (a * b).sum(-1), (a * c).sum(-1)
     assert float(same.min()) > float(edited.max()), (same.min(), edited.max())

@@ -84,7 +84,9 @@ def start_control(service, redis_client, cluster) -> InvalidationFollower:
     state_file = None
     if getattr(service.cache.store, "backend", "") in ("edge", "local"):
         state_file = Path(settings.path) / "applied-invalidations"
-    _follower = InvalidationFollower(service, CacheAdmin(redis_client=redis_client, prefix=cluster.queue_prefix), state_file)
+    _follower = InvalidationFollower(
+        service, CacheAdmin(redis_client=redis_client, prefix=cluster.queue_prefix), state_file
+    )
     service.before_lookup = _follower.catch_up
     _follower.catch_up()
     _listen(service, redis_client, f"{cluster.queue_prefix}:invalidate")
@@ -132,13 +134,19 @@ def run_op(op: str, params: dict, token: int) -> dict:
             out = {"expired": cache.expire()}
         elif op == "gc":
             generation = service.registry.generation(service.model_name)
-            out = {"deleted": cache.delete_by_filter(model=service.model_name, generation_below=generation), "generation": generation}
+            out = {
+                "deleted": cache.delete_by_filter(model=service.model_name, generation_below=generation),
+                "generation": generation,
+            }
         elif op == "evict":
             capacity = params.get("to_entries")
             if capacity is None and params.get("to_fraction") is not None:
                 capacity = int(cache.settings.capacity_entries * float(params["to_fraction"]))
-            out = {"evicted": cache.evict_to(capacity, params.get("policy")), "capacity": capacity,
-                   "policy": params.get("policy") or cache.settings.policy}
+            out = {
+                "evicted": cache.evict_to(capacity, params.get("policy")),
+                "capacity": capacity,
+                "policy": params.get("policy") or cache.settings.policy,
+            }
         else:
             out = {"folded": cache.fold_counters() if hasattr(cache, "fold_counters") else 0}
         _check_token(token)  # still the newest token after the work: report it (the work itself was idempotent)

@@ -43,12 +43,18 @@ FEATURE_DEFAULTS: dict[str, Any] = {
 }
 
 # The recommended profile, from ops/bench_feature.py on sd15-small (50 steps): 2.46x U-Net, PSNR 41.7, SSIM 0.998.
-RECOMMENDED: dict[str, Any] = {"method": "deepcache", "deepcache_interval": 3, "deepcache_branch": 0, "deepcache_schedule": "uniform"}
+RECOMMENDED: dict[str, Any] = {
+    "method": "deepcache",
+    "deepcache_interval": 3,
+    "deepcache_branch": 0,
+    "deepcache_schedule": "uniform",
+}
 
 REQUEST_FIELDS = ("method", "deepcache_interval", "deepcache_branch", "deepcache_schedule", "block_delta")
 
 
 # --- schedules (pure functions) -------------------------------------------------------------------
+
 
 def uniform_full_steps(steps: int, interval: int) -> list[int]:
     """Full U-Net passes at 0, N, 2N, ... of ``steps`` steps."""
@@ -99,6 +105,7 @@ def block_recompute_steps(changes: Sequence[float], delta: float, start_step: in
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 def attention_blocks(unet) -> dict[str, torch.nn.Module]:
     """The U-Net's transformer (attention) blocks by module name; ResBlocks are never cached."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -125,7 +132,9 @@ def _outputs_replaced(outputs: dict[torch.nn.Module, Any]) -> Iterator[None]:
 @contextmanager
 def _outputs_recorded(modules: dict[str, torch.nn.Module], into: dict[str, Any]) -> Iterator[None]:
     """For one U-Net call, ``into[name]`` receives each module's output."""
-    handles = [m.register_forward_hook(lambda _m, _a, out, _n=name: into.__setitem__(_n, out)) for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, _n=name: into.__setitem__(_n, out)) for name, m in modules.items()
+    ]
     try:
         yield
     finally:
@@ -134,6 +143,7 @@ def _outputs_recorded(modules: dict[str, torch.nn.Module], into: dict[str, Any])
 
 
 # --- DeepCache -----------------------------------------------------------------------------------
+
 
 # Not DeepCacheSDHelper: it patches the shared U-Net until disable(), finds the step via pipe.scheduler (we have none), no non-uniform.
 class DeepCacheUNet:
@@ -182,11 +192,16 @@ class DeepCacheUNet:
     @staticmethod
     def _check_supported(unet) -> None:
         cfg = unet.config
-        extras = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")}
+        extras = {
+            k: cfg.get(k)
+            for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+        }
         # "text" adds the pooled prompt to the time embedding, which _partial reproduces
         extras = {k: v for k, v in extras.items() if v is not None and not (k == "addition_embed_type" and v == "text")}
         if extras or cfg.get("num_class_embeds") is not None:
-            raise ValueError(f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}")
+            raise ValueError(
+                f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}"
+            )
         if any(getattr(block, "s1", None) for block in unet.up_blocks):
             raise ValueError("DeepCache here does not support FreeU: disable it first")
 
@@ -205,7 +220,8 @@ class DeepCacheUNet:
             attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
             last = len(block.resnets) - 1
             up_in_order += [
-                (resnet, attn, block.upsamplers if i == last else None) for i, (resnet, attn) in enumerate(zip(block.resnets, attentions))
+                (resnet, attn, block.upsamplers if i == last else None)
+                for i, (resnet, attn) in enumerate(zip(block.resnets, attentions))
             ]
         if len(up_in_order) != len(down) + 1:
             raise ValueError("DeepCache: this U-Net's up path does not mirror its down path")
@@ -275,17 +291,25 @@ class DeepCacheUNet:
         return h
 
     def report(self) -> dict:
-        return {"method": self.method, "full_unet_passes": self.full_passes, "partial_unet_passes": self.partial_passes, "params": dict(self.params)}
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": dict(self.params),
+        }
 
 
 # --- block caching ---------------------------------------------------------------------------------
+
 
 class BlockCacheUNet:
     """Each attention block recomputed on its own calibrated schedule, its stored output reused between."""
 
     method = "block"
 
-    def __init__(self, unet, changes: dict[str, list[float]], *, steps: int, start_step: int = 0, delta: float = 0.3) -> None:
+    def __init__(
+        self, unet, changes: dict[str, list[float]], *, steps: int, start_step: int = 0, delta: float = 0.3
+    ) -> None:
         self.blocks = attention_blocks(unet)
         missing = set(self.blocks) - set(changes)
         if missing:
@@ -304,7 +328,9 @@ class BlockCacheUNet:
         reuse = {
             name
             for name in self.blocks
-            if step_index not in self.recompute[name] and name in self.outputs and self._batch(self.outputs[name]) == sample.shape[0]
+            if step_index not in self.recompute[name]
+            and name in self.outputs
+            and self._batch(self.outputs[name]) == sample.shape[0]
         }
         compute = {name: m for name, m in self.blocks.items() if name not in reuse}
         if reuse:
@@ -313,7 +339,10 @@ class BlockCacheUNet:
             self.full_passes += 1
         self.blocks_reused += len(reuse)
         self.blocks_computed += len(compute)
-        with _outputs_replaced({self.blocks[name]: self.outputs[name] for name in reuse}), _outputs_recorded(compute, self.outputs):
+        with (
+            _outputs_replaced({self.blocks[name]: self.outputs[name] for name in reuse}),
+            _outputs_recorded(compute, self.outputs),
+        ):
             return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
 
     @staticmethod
@@ -348,7 +377,9 @@ class _ChangeRecorder(PlainUNet):
             out = (out[0] if isinstance(out, tuple) else out.sample).float()
             before = self.previous.get(name)
             if before is not None:
-                self.changes[name][step_index] = float((out - before).abs().mean() / before.abs().mean().clamp_min(1e-12))
+                self.changes[name][step_index] = float(
+                    (out - before).abs().mean() / before.abs().mean().clamp_min(1e-12)
+                )
             self.previous[name] = out
         return noise
 
@@ -361,7 +392,9 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def calibrate_block_changes(components: Components, steps: int, prompts: int = 3, size: int | None = None) -> dict[str, list[float]]:
+def calibrate_block_changes(
+    components: Components, steps: int, prompts: int = 3, size: int | None = None
+) -> dict[str, list[float]]:
     """Each attention block's mean relative L1 change per step, over a few plain (DDIM, CFG 7.5) runs."""
     loop = DenoiseLoop(components)
     size = size or components.spec.default_size
@@ -369,8 +402,13 @@ def calibrate_block_changes(components: Components, steps: int, prompts: int = 3
     for i in range(prompts):
         recorder = _ChangeRecorder(components.unet, steps)
         loop.denoise(
-            prompt=CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)], seed=i, steps=steps, guidance_scale=7.5,
-            width=size, height=size, unet_runner=recorder,
+            prompt=CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)],
+            seed=i,
+            steps=steps,
+            guidance_scale=7.5,
+            width=size,
+            height=size,
+            unet_runner=recorder,
         )
         for name, values in recorder.changes.items():
             total[name] = total.get(name, 0) + np.asarray(values)
@@ -381,7 +419,9 @@ class BlockCalibrationStore:
     """Calibrated block changes as JSON, one file per model fingerprint, one entry per step count."""
 
     def __init__(self, directory: str | os.PathLike | None = None, prompts: int = 3, size: int | None = None) -> None:
-        self.directory = Path(directory).expanduser() if directory else Path.home() / ".cache" / "reprise" / "blockcache"
+        self.directory = (
+            Path(directory).expanduser() if directory else Path.home() / ".cache" / "reprise" / "blockcache"
+        )
         self.prompts = prompts
         self.size = size
         self.calibrations_run = 0
@@ -421,7 +461,12 @@ class BlockCalibrationStore:
         except (FileNotFoundError, json.JSONDecodeError):
             data = {"fingerprint": components.fingerprint, "model": components.name, "steps": {}}
         data["steps"][str(steps)] = {
-            "prompts": self.prompts, "size": self.size or components.spec.default_size, "scheduler": "ddim", "guidance_scale": 7.5, "seconds": round(seconds, 2), "blocks": blocks,
+            "prompts": self.prompts,
+            "size": self.size or components.spec.default_size,
+            "scheduler": "ddim",
+            "guidance_scale": 7.5,
+            "seconds": round(seconds, 2),
+            "blocks": blocks,
         }
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(data))
@@ -432,7 +477,9 @@ _STORES: dict[tuple, BlockCalibrationStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def calibration_store(directory: str | os.PathLike | None = None, prompts: int = 3, size: int | None = None) -> BlockCalibrationStore:
+def calibration_store(
+    directory: str | os.PathLike | None = None, prompts: int = 3, size: int | None = None
+) -> BlockCalibrationStore:
     """One store per directory and recipe in a process, so concurrent devices share its lock."""
     key = (str(Path(directory).expanduser()) if directory else "", prompts, size)
     with _STORES_LOCK:
@@ -442,6 +489,7 @@ def calibration_store(directory: str | os.PathLike | None = None, prompts: int =
 
 
 # --- the factory the worker uses ---------------------------------------------------------------------
+
 
 def resolve_feature_options(options: Any = None, defaults: dict | None = None) -> dict[str, Any]:
     """Request fields over the worker's defaults over FEATURE_DEFAULTS; "recommended" expands to RECOMMENDED."""
@@ -480,7 +528,11 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
             power=float(settings["deepcache_power"]),
         )
     if method == "block":
-        store = calibration_store(settings["calibration_dir"], int(settings["calibration_prompts"]), settings["calibration_size"])
+        store = calibration_store(
+            settings["calibration_dir"], int(settings["calibration_prompts"]), settings["calibration_size"]
+        )
         changes = store.changes(components, steps)
-        return BlockCacheUNet(components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"]))
+        return BlockCacheUNet(
+            components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"])
+        )
     raise ValueError(f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended")

@@ -30,7 +30,14 @@ import logging
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scheduler.errors import InvalidRequest, JobCancelled, JobTimeout
@@ -47,17 +54,39 @@ LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 BUSY_WINDOW_S = 60.0
 
 JOBS = Counter("reprise_jobs", "Jobs finished, by outcome.", ["model", "outcome"], registry=REGISTRY)
-QUEUE_WAIT = Histogram("reprise_job_queue_wait_seconds", "Time from submit to a worker starting the job.", ["model"],
-                       buckets=JOB_BUCKETS, registry=REGISTRY)
-SERVICE = Histogram("reprise_job_service_seconds", "Time a worker spent on the job (lookups, denoise, decode, store).", ["model"],
-                    buckets=JOB_BUCKETS, registry=REGISTRY)
-END_TO_END = Histogram("reprise_job_end_to_end_seconds", "Queue wait plus service time.", ["model"],
-                       buckets=JOB_BUCKETS, registry=REGISTRY)
-CACHE_HITS = Counter("reprise_cache_hits", "Cache outcomes of finished jobs.", ["model", "type", "k"], registry=REGISTRY)
-STEPS_SAVED = Counter("reprise_steps_saved", "Denoising steps skipped thanks to the caches.", ["model"], registry=REGISTRY)
-GPU_SECONDS_SAVED = Counter("reprise_gpu_seconds_saved", "Steps saved times the measured seconds per step.", ["model"], registry=REGISTRY)
-LOOKUP = Histogram("reprise_cache_lookup_seconds", "Exact plus approximate cache lookup time of a job.", ["model"],
-                   buckets=LOOKUP_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT = Histogram(
+    "reprise_job_queue_wait_seconds",
+    "Time from submit to a worker starting the job.",
+    ["model"],
+    buckets=JOB_BUCKETS,
+    registry=REGISTRY,
+)
+SERVICE = Histogram(
+    "reprise_job_service_seconds",
+    "Time a worker spent on the job (lookups, denoise, decode, store).",
+    ["model"],
+    buckets=JOB_BUCKETS,
+    registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    "reprise_job_end_to_end_seconds", "Queue wait plus service time.", ["model"], buckets=JOB_BUCKETS, registry=REGISTRY
+)
+CACHE_HITS = Counter(
+    "reprise_cache_hits", "Cache outcomes of finished jobs.", ["model", "type", "k"], registry=REGISTRY
+)
+STEPS_SAVED = Counter(
+    "reprise_steps_saved", "Denoising steps skipped thanks to the caches.", ["model"], registry=REGISTRY
+)
+GPU_SECONDS_SAVED = Counter(
+    "reprise_gpu_seconds_saved", "Steps saved times the measured seconds per step.", ["model"], registry=REGISTRY
+)
+LOOKUP = Histogram(
+    "reprise_cache_lookup_seconds",
+    "Exact plus approximate cache lookup time of a job.",
+    ["model"],
+    buckets=LOOKUP_BUCKETS,
+    registry=REGISTRY,
+)
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -148,7 +177,10 @@ class NodeCollector:
 
     def queue_depths(self) -> dict[str, int]:
         depths: dict[str, int] = {}
-        keys = [k.decode() if isinstance(k, bytes) else k for k in self.redis.scan_iter(f"{self.prefix}.*", count=500, _type="list")]
+        keys = [
+            k.decode() if isinstance(k, bytes) else k
+            for k in self.redis.scan_iter(f"{self.prefix}.*", count=500, _type="list")
+        ]
         if keys:
             with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
@@ -162,7 +194,9 @@ class NodeCollector:
 
     def collect(self):
         model = self.service.model_name
-        depth = GaugeMetricFamily("reprise_queue_depth", "Jobs waiting in each queue (priority sub-queues summed).", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "reprise_queue_depth", "Jobs waiting in each queue (priority sub-queues summed).", labels=["queue"]
+        )
         try:
             for queue, n in sorted(self.queue_depths().items()):
                 depth.add_metric([queue], n)
@@ -170,8 +204,11 @@ class NodeCollector:
             log.warning("queue depth unavailable: %s", exc)
         yield depth
         names = collections.Counter(d.name for d in self.service.pool.devices)
-        busy = GaugeMetricFamily("reprise_device_busy_ratio", f"Share of the last {BUSY_WINDOW_S:.0f}s each device spent on jobs.",
-                                 labels=["device"])
+        busy = GaugeMetricFamily(
+            "reprise_device_busy_ratio",
+            f"Share of the last {BUSY_WINDOW_S:.0f}s each device spent on jobs.",
+            labels=["device"],
+        )
         now = time.time()
         for name, slots in sorted(names.items()):
             busy.add_metric([name], _busy.ratio(name, slots, now))
@@ -179,8 +216,9 @@ class NodeCollector:
         devices = GaugeMetricFamily("reprise_devices", "Devices this node serves.", labels=["model"])
         devices.add_metric([model], len(self.service.pool.devices))
         yield devices
-        failures = CounterMetricFamily("reprise_cache_writeback_failures", "Cache write-backs that failed or were dropped.",
-                                       labels=["model"])
+        failures = CounterMetricFamily(
+            "reprise_cache_writeback_failures", "Cache write-backs that failed or were dropped.", labels=["model"]
+        )
         counters = self.service.counters
         failures.add_metric([model], counters.get("writeback_failed", 0) + counters.get("writeback_dropped", 0))
         yield failures

@@ -86,7 +86,9 @@ def coord_grid(height: int, width: int, dtype=None, device=None) -> torch.Tensor
 
     ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * (2.0 / height) - 1.0
     xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * (2.0 / width) - 1.0
-    return torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)]).to(dtype or torch.float32)
+    return torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)]).to(
+        dtype or torch.float32
+    )
 
 
 def with_coords(sample: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,7 @@ def with_coords(sample: torch.Tensor) -> torch.Tensor:
 
 
 # --- the offline tokenizer -----------------------------------------------------------------------
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     # transformers 5 no longer exports this mapping; it is GPT-2's reversible byte → printable char table.
@@ -248,10 +251,17 @@ def _load_directory(path: Path, name: str) -> dict:
     )
     extra_in = int(unet.config.in_channels) - int(unet.config.out_channels)
     if extra_in != (2 if extra.get("input_coords") else 0):
-        raise ValueError(f"{path}: the U-Net takes {extra_in} channels beyond the latent, but model_index.json "
-                         f"says input_coords={bool(extra.get('input_coords'))}")
+        raise ValueError(
+            f"{path}: the U-Net takes {extra_in} channels beyond the latent, but model_index.json "
+            f"says input_coords={bool(extra.get('input_coords'))}"
+        )
     return dict(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=scheduler_config, spec=spec,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        scheduler_config=scheduler_config,
+        spec=spec,
         extra={"input_coords": bool(extra.get("input_coords"))},
     )
 
@@ -318,7 +328,11 @@ def _load_from_hub(model_id: str, name: str) -> dict:
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(model_id, allow_patterns=["*.json", "*.txt", "*.safetensors"], local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        local = snapshot_download(
+            model_id,
+            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")),
+        )
     except Exception as exc:  # offline machines: say what to do instead
         raise FileNotFoundError(
             f"model {model_id!r} is neither a built-in ({', '.join(BUILTINS)}), a shipped model, a local directory, "

@@ -73,7 +73,13 @@ def build_service(
             components = load_sim_components(worker.model, worker.sim_step_ms, worker.sim_latent_size)
         else:
             components = load_components(worker.model, name)
-        log.info("loaded %s on %s in %.1fs (version %s)", components.name, name, time.perf_counter() - t, components.fingerprint)
+        log.info(
+            "loaded %s on %s in %.1fs (version %s)",
+            components.name,
+            name,
+            time.perf_counter() - t,
+            components.fingerprint,
+        )
         devices.append(Device(name=name, loop=DenoiseLoop(components, text_memo=memo)))
     model_name = devices[0].loop.c.name
     registry = ModelRegistry(redis_client, cluster.queue_prefix) if redis_client is not None else None
@@ -107,7 +113,9 @@ def build_service(
             cache.embed("warm-up")  # loads the prompt embedder now, not on the first job
         for device in devices:
             spec = device.loop.c.spec
-            device.loop.denoise(prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size)
+            device.loop.denoise(
+                prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size
+            )
     return service
 
 
@@ -176,7 +184,9 @@ def _open_cache(redis_client, components=None):
 
     settings, embedder = cache_settings_for(CacheSettings(), components)
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
-    clock = RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
+    clock = (
+        RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
+    )
     return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock)
 
 
@@ -185,12 +195,17 @@ def _open_cache_or_defer(redis_client, components, cluster):
     try:
         return _open_cache(redis_client, components), None
     except Exception as exc:
-        log.error("CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
-                  type(exc).__name__, exc)
+        log.error(
+            "CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
+            type(exc).__name__,
+            exc,
+        )
         return None, type(exc).__name__
 
 
-def _reopen_later(service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float) -> None:
+def _reopen_later(
+    service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float
+) -> None:
     def on_open(cache) -> None:
         from workers import control
 
@@ -219,8 +234,13 @@ def clip_embedder(components):
 
     @torch.no_grad()
     def embed(prompt: str):
-        tok = components.tokenizer([prompt], padding="max_length", max_length=components.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt")
+        tok = components.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=components.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         with lock:
             pooled = components.text_encoder(tok.input_ids.to(components.device)).pooler_output
         return pooled[0].float().cpu().numpy()
@@ -247,7 +267,9 @@ class LedgerSweeper(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                if self.r.set(f"{self.cluster.queue_prefix}:ledger:sweeping", os.getpid(), nx=True, px=int(self.every_s * 1000)):
+                if self.r.set(
+                    f"{self.cluster.queue_prefix}:ledger:sweeping", os.getpid(), nx=True, px=int(self.every_s * 1000)
+                ):
                     self.sweep()
             except Exception as exc:  # Redis restarting: next round
                 log.warning("ledger sweep failed: %s", exc)
@@ -274,12 +296,24 @@ class LedgerSweeper(threading.Thread):
                 self.r.hdel(key, job_id)
                 continue
             queue = entry.get("queue") or ""
-            queued = b"".join(b"".join(self.r.lrange(q, 0, -1)) for q in [queue] + [f"{queue}:{p}" for p in range(1, 10)])
-            if job_id.encode() in held or job_id.encode() in queued or job_id.encode() in b"".join(self.r.hvals("unacked")):
+            queued = b"".join(
+                b"".join(self.r.lrange(q, 0, -1)) for q in [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+            )
+            if (
+                job_id.encode() in held
+                or job_id.encode() in queued
+                or job_id.encode() in b"".join(self.r.hvals("unacked"))
+            ):
                 continue
             log.warning("job %s was accepted but no queue, worker or result holds it: sending it again", job_id)
-            get_app().send_task(GENERATE_TASK, args=entry.get("args") or None, kwargs=entry.get("kwargs") or None,
-                                task_id=job_id, queue=queue or None, headers={"reprise_queued_at": entry.get("queued_at")})
+            get_app().send_task(
+                GENERATE_TASK,
+                args=entry.get("args") or None,
+                kwargs=entry.get("kwargs") or None,
+                task_id=job_id,
+                queue=queue or None,
+                headers={"reprise_queued_at": entry.get("queued_at")},
+            )
             self.r.hincrby(f"{self.cluster.queue_prefix}:ledger:resent", "jobs", 1)
             resent += 1
         self.resent += resent
@@ -323,7 +357,9 @@ def node_info(service: GenerationService, queue: str) -> dict:
         "default_size": c.spec.default_size,
         "max_size": c.spec.max_size,
         "size_multiple": max(8, c.vae_scale_factor),
-        "skip_table": [list(row) for row in service.cache.settings.table()] if service.cache is not None and hasattr(service.cache, "settings") else None,
+        "skip_table": [list(row) for row in service.cache.settings.table()]
+        if service.cache is not None and hasattr(service.cache, "settings")
+        else None,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "metrics_port": getattr(service, "metrics_port", None),

@@ -27,10 +27,16 @@ log = logging.getLogger("reprise.worker")
 class ResilienceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REPRISE_", extra="ignore")
 
-    cache_reopen_s: float = Field(30.0, gt=0, description="A node whose cache could not open retries this often (it serves uncached meanwhile).")
+    cache_reopen_s: float = Field(
+        30.0, gt=0, description="A node whose cache could not open retries this often (it serves uncached meanwhile)."
+    )
     share_tenants: str = Field(
-        "", description="Tenants whose requests may set cache.share (comma-separated, * = all). Others get share ignored, with a note.")
-    redis_clock_refresh_s: float = Field(60.0, gt=0, description="How often the cache's clock re-reads the Redis server's time.")
+        "",
+        description="Tenants whose requests may set cache.share (comma-separated, * = all). Others get share ignored, with a note.",
+    )
+    redis_clock_refresh_s: float = Field(
+        60.0, gt=0, description="How often the cache's clock re-reads the Redis server's time."
+    )
 
     def share_grants(self) -> frozenset[str] | None:
         """None means every tenant may share."""
@@ -67,8 +73,11 @@ class RedisClock:
                 self._read()
             except Exception as exc:  # Redis restarting: keep the last reading (or the local clock)
                 self._next_try = now + min(self.refresh_s, 5.0)
-                log.warning("cannot read the Redis clock (%s); cache TTLs use %s", exc,
-                            "the last reading" if self._base else "the local clock")
+                log.warning(
+                    "cannot read the Redis clock (%s); cache TTLs use %s",
+                    exc,
+                    "the last reading" if self._base else "the local clock",
+                )
             finally:
                 self._lock.release()
         if self._base is None:

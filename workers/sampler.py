@@ -44,7 +44,9 @@ def make_scheduler(name: str, config: dict):
 class UNetRunner(Protocol):
     """How one denoising step calls the U-Net; feature caches implement the same call."""
 
-    def __call__(self, unet, sample: torch.Tensor, t: torch.Tensor, step_index: int, encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, unet, sample: torch.Tensor, t: torch.Tensor, step_index: int, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class PlainUNet:
@@ -61,7 +63,12 @@ class PlainUNet:
         return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
 
     def report(self) -> dict:
-        return {"method": self.method, "full_unet_passes": self.full_passes, "partial_unet_passes": self.partial_passes, "params": {}}
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": {},
+        }
 
 
 @dataclass
@@ -95,7 +102,11 @@ class DenoiseLoop:
             if cached is not None:
                 return cached.to(self.c.device)
         tok = self.c.tokenizer(
-            [text], padding="max_length", max_length=self.c.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            [text],
+            padding="max_length",
+            max_length=self.c.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         embeds = self.c.text_encoder(tok.input_ids.to(self.c.device))[0]
         if self.text_memo is not None:

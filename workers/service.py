@@ -115,7 +115,14 @@ class GenerationService:
         self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
         self.share_grants: frozenset[str] | None = None  # tenants that may set cache.share; None = all
         self.cache_note: str | None = None  # why there is no cache right now (it is being reopened)
-        self.counters: dict[str, int] = {"jobs": 0, "exact": 0, "approximate": 0, "miss": 0, "writeback_failed": 0, "writeback_dropped": 0}
+        self.counters: dict[str, int] = {
+            "jobs": 0,
+            "exact": 0,
+            "approximate": 0,
+            "miss": 0,
+            "writeback_failed": 0,
+            "writeback_dropped": 0,
+        }
 
     @property
     def components(self) -> Components:
@@ -136,9 +143,13 @@ class GenerationService:
         problems = []
         for side, value in (("width", width), ("height", height)):
             if value > spec.max_size:
-                problems.append({"field": side, "problem": f"{value} is over {self.model_name}'s limit of {spec.max_size}"})
+                problems.append(
+                    {"field": side, "problem": f"{value} is over {self.model_name}'s limit of {spec.max_size}"}
+                )
             elif value % factor:
-                problems.append({"field": side, "problem": f"{value} is not a multiple of {factor} for {self.model_name}"})
+                problems.append(
+                    {"field": side, "problem": f"{value} is not a multiple of {factor} for {self.model_name}"}
+                )
         if problems:
             raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
         return request, width, height
@@ -164,16 +175,34 @@ class GenerationService:
                 log.warning("cannot count the cache outcome: %s", exc)
         return result
 
-    def _run_on(self, device: Device, request, seed, width, height, job: JobContext, started, queue_wait) -> GenerationResult:
+    def _run_on(
+        self, device: Device, request, seed, width, height, job: JobContext, started, queue_wait
+    ) -> GenerationResult:
         loop = device.loop
         c = loop.c
         steps = request.steps
-        report = CacheReport(hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None)
+        report = CacheReport(
+            hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None
+        )
         done = self._already_stored(request, seed, width, height, job)
         if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
             report.hit, report.steps_saved = "exact", steps
             report.note = "redelivered job: its image was already stored"
-            return self._result(job, request, seed, width, height, done, device, report, started, queue_wait, 0.0, 0.0, time.time() - started)
+            return self._result(
+                job,
+                request,
+                seed,
+                width,
+                height,
+                done,
+                device,
+                report,
+                started,
+                queue_wait,
+                0.0,
+                0.0,
+                time.time() - started,
+            )
         shareable = request.cache.share
         if shareable and self.share_grants is not None and request.tenant not in self.share_grants:
             shareable = False
@@ -200,7 +229,21 @@ class GenerationService:
                     report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, steps
                     report.lookup_ms = (time.perf_counter() - t) * 1000
                     self._pad_for_isolation(request, started)
-                    return self._result(job, request, seed, width, height, uri, device, report, started, queue_wait, 0.0, 0.0, time.time() - started)
+                    return self._result(
+                        job,
+                        request,
+                        seed,
+                        width,
+                        height,
+                        uri,
+                        device,
+                        report,
+                        started,
+                        queue_wait,
+                        0.0,
+                        0.0,
+                        time.time() - started,
+                    )
             if request.cache.approximate or request.cache.write:
                 vector = self.cache.embed(request.prompt)
             if request.cache.approximate and vector is not None:
@@ -209,7 +252,12 @@ class GenerationService:
                     start_latents = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
                     start_step = ahit.k
                     self.cache.record_hit(ahit.entry_id, ahit.k)
-                    report.hit, report.k, report.similarity, report.source_id = "approximate", ahit.k, float(ahit.similarity), ahit.entry_id
+                    report.hit, report.k, report.similarity, report.source_id = (
+                        "approximate",
+                        ahit.k,
+                        float(ahit.similarity),
+                        ahit.entry_id,
+                    )
             report.lookup_ms = (time.perf_counter() - t) * 1000
 
         prep_s = time.time() - started  # device, lookups and state fetch: the job's "load" time
@@ -252,7 +300,12 @@ class GenerationService:
         report.steps_saved = steps - out.steps_computed
         if runner is not None and hasattr(runner, "report"):
             report.feature = FeatureReport(**runner.report())
-        metadata = {"request": request.model_dump(mode="json"), "seed": seed, "model_version": c.fingerprint, "job_id": job.job_id}
+        metadata = {
+            "request": request.model_dump(mode="json"),
+            "seed": seed,
+            "model_version": c.fingerprint,
+            "job_id": job.job_id,
+        }
         uri = self.artifacts.write_png(image, request.tenant, job.job_id, metadata)
         device.jobs_done += 1
         # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
@@ -262,15 +315,23 @@ class GenerationService:
             self._schedule_writeback(key, vector, out.captured, uri, shareable)
         if report.hit == "approximate":
             self._pad_for_isolation(request, started)
-        return self._result(job, request, seed, width, height, uri, device, report, started, queue_wait, out.denoise_s, decode_s, prep_s)
+        return self._result(
+            job, request, seed, width, height, uri, device, report, started, queue_wait, out.denoise_s, decode_s, prep_s
+        )
 
     # --- helpers ------------------------------------------------------------------------------
-    def _already_stored(self, request: GenerationRequest, seed: int, width: int, height: int, job: JobContext) -> str | None:
+    def _already_stored(
+        self, request: GenerationRequest, seed: int, width: int, height: int, job: JobContext
+    ) -> str | None:
         """The URI of this job's own image if an earlier delivery of it already stored it (same request)."""
         meta = self.artifacts.read_metadata(request.tenant, job.job_id)
-        if (meta is not None and meta.get("job_id") == job.job_id and meta.get("seed") == seed
-                and meta.get("model_version") == self.components.fingerprint
-                and meta.get("request") == request.model_dump(mode="json")):
+        if (
+            meta is not None
+            and meta.get("job_id") == job.job_id
+            and meta.get("seed") == seed
+            and meta.get("model_version") == self.components.fingerprint
+            and meta.get("request") == request.model_dump(mode="json")
+        ):
             return self.artifacts.uri_for(request.tenant, job.job_id)
         return None
 
@@ -333,7 +394,9 @@ class GenerationService:
         """Wait for pending write-backs (tests, shutdown)."""
         self._writeback.submit(lambda: None).result(timeout=timeout)
 
-    def _result(self, job, request, seed, width, height, uri, device, report, started, queue_wait, denoise_s, decode_s, load_s):
+    def _result(
+        self, job, request, seed, width, height, uri, device, report, started, queue_wait, denoise_s, decode_s, load_s
+    ):
         total = time.time() - started
         return GenerationResult(
             job_id=job.job_id,

@@ -10,17 +10,31 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REPRISE_", extra="ignore")
 
     model: str = Field("tiny", description="Model a worker serves: built-in name, shipped model, directory or hub id.")
-    devices: str = Field("auto", description="auto | cpu | sim | cuda:0,cuda:1 — one pipeline per device, all in one process.")
+    devices: str = Field(
+        "auto", description="auto | cpu | sim | cuda:0,cuda:1 — one pipeline per device, all in one process."
+    )
     artifact_url: str = Field("./var/artifacts", description="Artifact store: a directory or any fsspec URL.")
-    cache_enabled: bool = Field(True, description="Use the latent cache (exact and approximate); off = plain generation only.")
-    feature_profile: str = Field("off", description="Default feature cache when a request names none: off | recommended | deepcache | block.")
+    cache_enabled: bool = Field(
+        True, description="Use the latent cache (exact and approximate); off = plain generation only."
+    )
+    feature_profile: str = Field(
+        "off", description="Default feature cache when a request names none: off | recommended | deepcache | block."
+    )
     text_memo_entries: int = Field(1024, ge=0, description="Bound of the text-encoder memo (0 disables it).")
-    writeback_queue: int = Field(64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones.")
+    writeback_queue: int = Field(
+        64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
+    )
     heartbeat_s: float = Field(10.0, gt=0, description="How often a worker refreshes its entry in the model registry.")
     sim_step_ms: float = Field(50.0, ge=0, description="Time one denoising step costs on the simulated device `sim`.")
     sim_latent_size: int = Field(64, ge=8, description="Latent side of the simulated device (64 = SD 1.5 at 512 px).")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch on a cpu device; 0 = cores ÷ cpu devices.")
-    blockcache_dir: str = Field("", description="Where block-caching calibrations are kept (default ~/.cache/reprise/blockcache).")
+    blockcache_dir: str = Field(
+        "", description="Where block-caching calibrations are kept (default ~/.cache/reprise/blockcache)."
+    )
     warmup: bool = Field(True, description="Run one short generation per device at start.")
-    metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port of a worker; the next free one if taken; 0 disables.")
-    metrics_addr: str = Field("127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 to let another host scrape).")
+    metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Prometheus metrics port of a worker; the next free one if taken; 0 disables."
+    )
+    metrics_addr: str = Field(
+        "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 to let another host scrape)."
+    )

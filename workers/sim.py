@@ -59,7 +59,9 @@ def _text_side():
     (inference only, so threads may share it)."""
     tiny = _build_builtin("tiny")
     text_encoder = tiny["text_encoder"].eval().requires_grad_(False)
-    text_fp = fingerprint({"scheduler_config": SD_SCHEDULER_CONFIG, "text_encoder": text_encoder, "tokenizer": tiny["tokenizer"]})
+    text_fp = fingerprint(
+        {"scheduler_config": SD_SCHEDULER_CONFIG, "text_encoder": text_encoder, "tokenizer": tiny["tokenizer"]}
+    )
     return tiny["tokenizer"], text_encoder, text_fp
 
 

@@ -50,7 +50,11 @@ def generate(self, *args, **kwargs):
             last[0] = now
             self.update_state(state="PROGRESS", meta={"step": step, "total": total, "phase": "denoise"})
 
-    soft = self.request.timelimit[1] if self.request.timelimit and self.request.timelimit[1] else app.conf.task_soft_time_limit
+    soft = (
+        self.request.timelimit[1]
+        if self.request.timelimit and self.request.timelimit[1]
+        else app.conf.task_soft_time_limit
+    )
     job = JobContext(
         job_id=job_id,
         queued_at=float(queued_at) if queued_at else None,

@@ -56,4 +56,9 @@ class TextEmbeddingMemo:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._entries), "max_entries": self.max_entries, "hits": self.hits, "misses": self.misses}
+            return {
+                "entries": len(self._entries),
+                "max_entries": self.max_entries,
+                "hits": self.hits,
+                "misses": self.misses,
+            }

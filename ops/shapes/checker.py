@@ -48,7 +48,13 @@ def read(image) -> dict[str, str | None]:
     h, w, _ = a.shape
     border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
     bg_i = _nearest(np.median(border, axis=0))
-    out: dict[str, str | None] = {"background": sc.COLORS[bg_i], "color": None, "position": None, "size": None, "shape": None}
+    out: dict[str, str | None] = {
+        "background": sc.COLORS[bg_i],
+        "color": None,
+        "position": None,
+        "size": None,
+        "shape": None,
+    }
     d_bg = np.sqrt(((a - _PAL[bg_i]) ** 2).sum(-1))
     far = d_bg > FAR
     if far.sum() < 2:
@@ -113,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for size in args.sizes:
         acc = self_accuracy(args.n, args.seed, size)
-        print(f"checker self-accuracy on {args.n} renders at {size}x{size}: " + "  ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+        print(
+            f"checker self-accuracy on {args.n} renders at {size}x{size}: "
+            + "  ".join(f"{k} {v:.4f}" for k, v in acc.items())
+        )
     return 0
 
 

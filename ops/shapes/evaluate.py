@@ -50,16 +50,26 @@ def make_generate_fn(model_dir, steps: int = 25, guidance: float = 4.0, size: in
         out: list[np.ndarray] = []
         with torch.no_grad():
             for i in range(0, len(prompts), batch):
-                imgs = generate(tok, te, unet, sched, list(prompts[i:i + batch]), steps=steps, guidance=guidance,
-                                size=size, seed=seed + i)
+                imgs = generate(
+                    tok,
+                    te,
+                    unet,
+                    sched,
+                    list(prompts[i : i + batch]),
+                    steps=steps,
+                    guidance=guidance,
+                    size=size,
+                    seed=seed + i,
+                )
                 out += list((imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         return out
 
     return fn
 
 
-def evaluate_model(generate_fn: Callable[[Sequence[str], int], list], n: int = 200, seed: int = 2024,
-                   return_samples: bool = False):
+def evaluate_model(
+    generate_fn: Callable[[Sequence[str], int], list], n: int = 200, seed: int = 2024, return_samples: bool = False
+):
     """Accuracy per attribute of ``generate_fn`` on ``n`` fresh captions.  The target of each
     caption is what ``parse_prompt`` reads from it (identical to the drawn scene)."""
     rng = np.random.default_rng(seed)
@@ -81,7 +91,7 @@ def save_grid(images: Sequence[np.ndarray], path: str, cols: int = 10, scale: in
     grid = np.zeros((rows * (h + 2), cols * (w + 2), 3), dtype=np.uint8) + 128
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
@@ -91,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, nargs="+", default=None, help="default: the model's default_guidance_scale")
+    ap.add_argument(
+        "--guidance", type=float, nargs="+", default=None, help="default: the model's default_guidance_scale"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default="", help="write a PNG grid of the first 50 samples here")
     args = ap.parse_args(argv)
@@ -103,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         fn = make_generate_fn(args.model, steps=args.steps, guidance=g)
         acc, prompts, images = evaluate_model(fn, args.n, args.seed, return_samples=True)
-        print(f"model {args.model}  n={args.n} seed={args.seed} ddim {args.steps} guidance {g}  "
-              f"({time.time() - t0:.0f}s)")
+        print(
+            f"model {args.model}  n={args.n} seed={args.seed} ddim {args.steps} guidance {g}  ({time.time() - t0:.0f}s)"
+        )
         print("  " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
         if args.grid:
             save_grid(images[:50], args.grid.replace(".png", f"_g{g:g}.png"))

@@ -49,9 +49,15 @@ SIZE_SYNONYMS: dict[str, list[str]] = {
 }
 # grid positions (row, col) with row 0 at the top
 POSITIONS = [
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 ]
 POSITION_CELLS = {p: (i // 3, i % 3) for i, p in enumerate(POSITIONS)}
 # phrases that follow the noun ("a red circle ___")
@@ -178,8 +184,12 @@ _COLOR_WORDS = {w: c for c, ws in COLOR_SYNONYMS.items() for w in ws}
 _SHAPE_WORDS = {w: s for s, ws in SHAPE_SYNONYMS.items() for w in ws}
 _SIZE_WORDS = {w: s for s, ws in SIZE_SYNONYMS.items() for w in ws}
 _MULTI = {  # multi-word / hyphenated synonyms collapsed to one token before parsing
-    "grass-green": "green", "snow-white": "white", "jet-black": "black",
-    "round shape": "circle", "square tile": "square", "triangular shape": "triangle",
+    "grass-green": "green",
+    "snow-white": "white",
+    "jet-black": "black",
+    "round shape": "circle",
+    "square tile": "square",
+    "triangular shape": "triangle",
 }
 
 
@@ -210,7 +220,12 @@ def parse_prompt(text: str) -> dict[str, str]:
             break
     if bg_idx is None and len(colors) >= 2:
         for i, _ in colors:
-            if i > 0 and toks[i - 1] in ("over", "on", "against", "a", "an") and i - 2 >= 0 and toks[i - 2] in ("over", "on", "against"):
+            if (
+                i > 0
+                and toks[i - 1] in ("over", "on", "against", "a", "an")
+                and i - 2 >= 0
+                and toks[i - 2] in ("over", "on", "against")
+            ):
                 bg_idx = i
                 break
             if i > 0 and toks[i - 1] in ("over", "against"):
@@ -249,7 +264,9 @@ def parse_prompt(text: str) -> dict[str, str]:
 
 def _is_right_in_the_middle(toks: list[str]) -> bool:
     s = " ".join(toks)
-    return "right in the middle" in s and not re.search(r"(upper|lower|top|bottom|middle|center|the) right(?! in the middle)", s.replace("right in the middle", ""))
+    return "right in the middle" in s and not re.search(
+        r"(upper|lower|top|bottom|middle|center|the) right(?! in the middle)", s.replace("right in the middle", "")
+    )
 
 
 def parse_scene(text: str) -> Scene | None:

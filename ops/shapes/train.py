@@ -43,7 +43,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -82,7 +81,7 @@ def build_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]
     base = list(b2u.values())
     vocab_list = base + [c + "</w>" for c in base]
     segs = {w: [b2u[b] for b in w.encode()] for w in words}
-    for w, s in segs.items():
+    for s in segs.values():
         s[-1] = s[-1] + "</w>"
     merges: list[str] = []
     while True:
@@ -158,8 +157,13 @@ UNET_CFG_DEEP_SS = dict(UNET_CFG_DEEP, resnet_time_scale_shift="scale_shift")
 # three levels (32x32 conv only, cross-attention at 16x16 and 8x8 + mid) with scale-shift time/text
 # conditioning; meant for coordinate channels and a pre-trained text encoder (see --text-pretrain)
 UNET_CFG_SS = dict(UNET_CFG, block_out_channels=(32, 64, 96), resnet_time_scale_shift="scale_shift")
-ARCHS = {"base": UNET_CFG, "deep": UNET_CFG_DEEP, "deep16": UNET_CFG_DEEP16, "deep-ss": UNET_CFG_DEEP_SS,
-         "ss": UNET_CFG_SS}
+ARCHS = {
+    "base": UNET_CFG,
+    "deep": UNET_CFG_DEEP,
+    "deep16": UNET_CFG_DEEP16,
+    "deep-ss": UNET_CFG_DEEP_SS,
+    "ss": UNET_CFG_SS,
+}
 
 
 def build_text_encoder(tok, text_cfg: dict | None = None):
@@ -181,7 +185,9 @@ def build_unet(cross_dim: int, size: int = 32, unet_cfg: dict | None = None, coo
     from diffusers import UNet2DConditionModel
 
     cfg = dict(UNET_CFG if unet_cfg is None else unet_cfg)
-    return UNet2DConditionModel(sample_size=size, in_channels=3 + 2 * coords, out_channels=3, cross_attention_dim=cross_dim, **cfg)
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=3 + 2 * coords, out_channels=3, cross_attention_dim=cross_dim, **cfg
+    )
 
 
 def unet_input(unet, sample):
@@ -217,12 +223,18 @@ def make_batch(rng: np.random.Generator, bs: int, size: int = 32, p_uncond: floa
 
 
 def tokenize(tok, texts: list[str]) -> torch.Tensor:
-    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return tok(
+        texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 # ----------------------------------------------------------------------------- text pre-training
 ATTRIBUTE_CLASSES = {
-    "background": sc.COLORS, "color": sc.COLORS, "shape": sc.SHAPES, "size": sc.SIZES, "position": sc.POSITIONS,
+    "background": sc.COLORS,
+    "color": sc.COLORS,
+    "shape": sc.SHAPES,
+    "size": sc.SIZES,
+    "position": sc.POSITIONS,
 }
 
 
@@ -240,8 +252,9 @@ def _tail_states(text_encoder, ids: torch.Tensor, eos_id: int) -> tuple[torch.Te
     return states, (pos >= first_eos)
 
 
-def pretrain_text_encoder(tok, text_encoder, rng: np.random.Generator, steps: int, batch: int = 128,
-                          lr: float = 2e-3, log_every: int = 100) -> dict[str, float]:
+def pretrain_text_encoder(
+    tok, text_encoder, rng: np.random.Generator, steps: int, batch: int = 128, lr: float = 2e-3, log_every: int = 100
+) -> dict[str, float]:
     """Teach the text encoder the captions' attributes before the U-Net sees it.
 
     Trained jointly from scratch, the encoder never separated position words (a word the U-Net does
@@ -250,8 +263,9 @@ def pretrain_text_encoder(tok, text_encoder, rng: np.random.Generator, steps: in
     cross-attention and the U-Net's attention-pooled text embedding mostly read) and the encoder
     learns to make them readable; the heads are thrown away. Returns held-out accuracy per attribute.
     """
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(text_encoder.config.hidden_size, len(v))
-                                 for a, v in ATTRIBUTE_CLASSES.items()})
+    heads = torch.nn.ModuleDict(
+        {a: torch.nn.Linear(text_encoder.config.hidden_size, len(v)) for a, v in ATTRIBUTE_CLASSES.items()}
+    )
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     eos = tok.eos_token_id
@@ -264,11 +278,12 @@ def pretrain_text_encoder(tok, text_encoder, rng: np.random.Generator, steps: in
         loss, acc = 0.0, {}
         for j, (a, head) in enumerate(heads.items()):
             logits = head(states)  # (n, L, classes)
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, j:j + 1].expand(-1, ids.shape[1]),
-                                                   reduction="none")
+            ce = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels[:, j : j + 1].expand(-1, ids.shape[1]), reduction="none"
+            )
             loss = loss + (ce * w).sum(1).mean()
             pred = logits.argmax(-1)  # every tail position must be right
-            acc[a] = float(((pred == labels[:, j:j + 1]) | ~tail).all(1).float().mean())
+            acc[a] = float(((pred == labels[:, j : j + 1]) | ~tail).all(1).float().mean())
         return loss, acc
 
     text_encoder.train()
@@ -283,14 +298,18 @@ def pretrain_text_encoder(tok, text_encoder, rng: np.random.Generator, steps: in
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % log_every == 0:
-            print(f"text pre-training step {step}/{steps}  loss {loss.item():.4f}  {time.time()-t0:.0f} s", flush=True)
+            print(
+                f"text pre-training step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True
+            )
     text_encoder.eval()
     held = np.random.default_rng(10**6)
     scenes = [sc.random_scene(held) for _ in range(2000)]
     with torch.no_grad():
         _, acc = loss_and_acc(scenes, [sc.caption(s, held) for s in scenes])
-    print("text pre-training held-out accuracy (2000 captions): " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()),
-          flush=True)
+    print(
+        "text pre-training held-out accuracy (2000 captions): " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()),
+        flush=True,
+    )
     return acc
 
 
@@ -342,8 +361,17 @@ def save_pipeline(out: Path, tok, text_encoder, unet, scheduler, extra: dict | N
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def generate(tok, text_encoder, unet, scheduler, prompts: list[str], steps: int = 25, guidance: float = 4.0,
-             size: int = 32, seed: int = 0) -> torch.Tensor:
+def generate(
+    tok,
+    text_encoder,
+    unet,
+    scheduler,
+    prompts: list[str],
+    steps: int = 25,
+    guidance: float = 4.0,
+    size: int = 32,
+    seed: int = 0,
+) -> torch.Tensor:
     """Standard SD-style loop in pixel space; returns images in [0, 1], shape (n, 3, size, size)."""
     from diffusers import DDIMScheduler
 
@@ -363,7 +391,9 @@ def generate(tok, text_encoder, unet, scheduler, prompts: list[str], steps: int 
     return (x / 2 + 0.5).clamp(0, 1)
 
 
-def quick_eval(tok, text_encoder, unet, scheduler, n: int = 64, seed: int = 999, guidance: float = 4.0, steps: int = 25):
+def quick_eval(
+    tok, text_encoder, unet, scheduler, n: int = 64, seed: int = 999, guidance: float = 4.0, steps: int = 25
+):
     from ops.shapes.checker import attribute_accuracy
 
     rng = np.random.default_rng(seed)
@@ -392,18 +422,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
-    ap.add_argument("--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)")
+    ap.add_argument(
+        "--eval-every", type=int, default=0, help="quick checker eval every N steps (0: only at checkpoints)"
+    )
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="deep-ss", help="U-Net layout (see ARCHS; the shipped model: deep-ss)")
-    ap.add_argument("--coords", type=int, choices=[0, 1], default=1,
-                    help="1: the U-Net also takes x/y coordinate channels (model_index: input_coords)")
-    ap.add_argument("--t-high", type=float, default=0.3,
-                    help="share of samples with t drawn from [500, 1000) instead of [0, 1000): layout "
-                         "(position, size) is decided at high noise")
-    ap.add_argument("--text-pretrain", type=int, default=400,
-                    help="steps of attribute pre-training of the text encoder before the U-Net run (0: none)")
-    ap.add_argument("--text-lr", type=float, default=0.0,
-                    help="text encoder learning rate in the U-Net run (0, the default: frozen after pre-training)")
+    ap.add_argument(
+        "--arch", choices=sorted(ARCHS), default="deep-ss", help="U-Net layout (see ARCHS; the shipped model: deep-ss)"
+    )
+    ap.add_argument(
+        "--coords",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="1: the U-Net also takes x/y coordinate channels (model_index: input_coords)",
+    )
+    ap.add_argument(
+        "--t-high",
+        type=float,
+        default=0.3,
+        help="share of samples with t drawn from [500, 1000) instead of [0, 1000): layout "
+        "(position, size) is decided at high noise",
+    )
+    ap.add_argument(
+        "--text-pretrain",
+        type=int,
+        default=400,
+        help="steps of attribute pre-training of the text encoder before the U-Net run (0: none)",
+    )
+    ap.add_argument(
+        "--text-lr",
+        type=float,
+        default=0.0,
+        help="text encoder learning rate in the U-Net run (0, the default: frozen after pre-training)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -416,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler()
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_un = sum(p.numel() for p in unet.parameters())
-    print(f"vocab {len(tok)}  text_encoder {n_te/1e6:.2f}M  unet {n_un/1e6:.2f}M params", flush=True)
+    print(f"vocab {len(tok)}  text_encoder {n_te / 1e6:.2f}M  unet {n_un / 1e6:.2f}M params", flush=True)
 
     if args.text_pretrain:
         pretrain_text_encoder(tok, text_encoder, rng, args.text_pretrain)
@@ -483,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.bench and step >= args.bench:
             dt = time.time() - t0
-            print(f"bench: {step} steps in {dt:.1f}s = {dt/step:.3f} s/step (batch {args.batch})", flush=True)
+            print(f"bench: {step} steps in {dt:.1f}s = {dt / step:.3f} s/step (batch {args.batch})", flush=True)
             return 0
         if step == 30 and not args.steps:
             rate = step / (time.time() - t0)
@@ -491,8 +542,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"estimated total steps: {total}", flush=True)
         if step % 25 == 0:
             now = time.time()
-            print(f"step {step}/{total if total < 10**9 else '?'}  loss {loss.item():.4f} (avg {loss_avg:.4f})  lr {lr:.2e}  "
-                  f"{25/(now-tick):.2f} it/s  elapsed {(now-t0)/60:.1f} min", flush=True)
+            print(
+                f"step {step}/{total if total < 10**9 else '?'}  loss {loss.item():.4f} (avg {loss_avg:.4f})  lr {lr:.2e}  "
+                f"{25 / (now - tick):.2f} it/s  elapsed {(now - t0) / 60:.1f} min",
+                flush=True,
+            )
             tick = now
         want_eval = args.eval_every and step % args.eval_every == 0
         if time.time() - last_ckpt >= args.ckpt_minutes * 60 or want_eval:
@@ -500,17 +554,31 @@ def main(argv: list[str] | None = None) -> int:
             last_ckpt = time.time()
             tick = time.time()
     _checkpoint(args, tok, ema, scheduler, step, t0, evaluate=True)
-    print(f"done: {step} steps in {(time.time()-t0)/60:.1f} min", flush=True)
+    print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0
 
 
 def _checkpoint(args, tok, ema, scheduler, step, t0, evaluate: bool) -> None:
     te, un = ema["text_encoder"], ema["unet"]
-    save_pipeline(Path(args.out), tok, te, un, scheduler,
-                  extra={"train_steps": step, "train_minutes": round((time.time() - t0) / 60, 1), "seed": args.seed,
-                         "arch": args.arch, "t_high": args.t_high, "lr": args.lr, "batch": args.batch,
-                         "input_coords": bool(args.coords), "text_pretrain": args.text_pretrain,
-                         "text_lr": args.text_lr})
+    save_pipeline(
+        Path(args.out),
+        tok,
+        te,
+        un,
+        scheduler,
+        extra={
+            "train_steps": step,
+            "train_minutes": round((time.time() - t0) / 60, 1),
+            "seed": args.seed,
+            "arch": args.arch,
+            "t_high": args.t_high,
+            "lr": args.lr,
+            "batch": args.batch,
+            "input_coords": bool(args.coords),
+            "text_pretrain": args.text_pretrain,
+            "text_lr": args.text_lr,
+        },
+    )
     msg = f"checkpoint step {step} -> {args.out}"
     if evaluate:
         try:
