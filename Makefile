@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: demo test faults install clean
+.PHONY: demo test lint faults install clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing $(TORCH_SPEC) first, then reprise and its dependencies into $(VENV) ..."
 	@$(PIP) install "$(TORCH_SPEC)" 2>$(VENV)/pip.log || { cat $(VENV)/pip.log; exit 1; }
 	@$(PIP) install -e '.[dev]' 2>$(VENV)/pip.log || { cat $(VENV)/pip.log; exit 1; }
-	@$(PY) -c "import torch, diffusers, celery, qdrant_client, scheduler.cli"
+	@$(PY) -c "import torch, diffusers, celery, qdrant_client, ops.cli"
 	@touch $@
 
 install: $(VENV)/.installed
@@ -22,6 +22,12 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+# The checks .ci/run makes beside the tests: the layer contract (pyproject's [tool.importlinter]) and ruff.
+lint: install
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 faults: install
 	HF_HUB_OFFLINE=1 $(PY) -m ops.faults --json faults.json

@@ -34,12 +34,12 @@ from cache.skip_table import (
     CLIP_SKIP_TABLE,
     MINILM_SKIP_TABLE,
     SkipTable,
-    calibration_pairs,
     choose_skip_fraction,
     fraction_to_k,
     validate_table,
 )
 from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
+from ops.prompt_pairs import calibration_pairs
 
 TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
 
@@ -305,7 +305,7 @@ STREAM_FILES = {
 def stream_similarities(prompts_dir: str, limit: int = 3000) -> dict[str, dict]:
     """MiniLM similarities the stream report needs (table-independent, so they can be stored and reused):
     per file, each prompt's most similar earlier prompt (exact repeats apart: exact-cache hits); per kind
-    of edited pair (cache.skip_table.calibration_pairs), the pair's similarity."""
+    of edited pair (ops.prompt_pairs.calibration_pairs), the pair's similarity."""
     from cache.embedding import PromptEmbedder
     from ops.workload import read_prompts
 

@@ -7,7 +7,7 @@ Everything is real: a password-protected redis-server of its own (append-only, o
 worker processes (`reprise worker`), coordinator processes. Faults that need a precise moment inside a
 process (SIGKILL during decode, a slow Qdrant, a full disk, a skewed clock) are injected by running the
 real command under `python -m ops.faults --with-hooks <reprise args>`, which patches the named points
-from REPRISE_FAULT_* variables before handing over to `scheduler.cli`:
+from REPRISE_FAULT_* variables before handing over to `ops.cli`:
 
 - REPRISE_FAULT_KILL_AT=load|denoise|decode|artifact|writeback, REPRISE_FAULT_KILL_ON=N: SIGKILL itself
   at that point of its N-th job (artifact: after half the PNG bytes reached the temporary file;
@@ -214,7 +214,7 @@ def install_hooks(worker: bool = True) -> None:
 
 def run_with_hooks(argv: list[str]) -> int:
     install_hooks(worker=argv[:1] == ["worker"])
-    from scheduler.cli import main as cli_main
+    from ops.cli import main as cli_main
 
     return cli_main(argv)
 

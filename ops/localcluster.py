@@ -187,7 +187,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-m",
-            "scheduler.cli",
+            "ops.cli",
             "worker",
             "--model",
             model,

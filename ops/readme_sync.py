@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from ops.settings_doc import markdown
+from workers.settings_doc import markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"

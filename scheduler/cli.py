@@ -1,16 +1,17 @@
-"""`reprise`: the one command for everything a user runs.
+"""The scheduler's commands of `reprise`: schema, submit, flower, models, cache, coordinator.
 
-Subcommands import their layer lazily: the scheduler package itself holds no model code.
+They need Redis and the schema, never the model code, so a producer host can run them without torch:
+`python -m scheduler.cli submit ...`. The full `reprise` command (`ops.cli`) adds the worker's
+commands (`workers.cli`) and the benchmarks and evaluations (`ops`). `run` is the one way every
+layer's command line parses arguments and reports typed errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import secrets
-import socket
 import sys
 
 from scheduler.errors import RepriseError, error_payload
@@ -20,71 +21,6 @@ def _cmd_schema(args) -> int:
     from scheduler.schema import request_json_schema
 
     print(json.dumps(request_json_schema(), indent=2))
-    return 0
-
-
-def _cmd_worker(args) -> int:
-    import redis
-
-    from scheduler.app import get_app
-    from scheduler.schema import queue_for
-    from scheduler.settings import get_settings
-    from workers.node import Heartbeat, build_service, node_info, serve_metrics
-    from workers.settings import WorkerSettings
-
-    logging.basicConfig(
-        level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    overrides = {k: v for k, v in {"model": args.model, "devices": args.devices}.items() if v}
-    if args.no_cache:
-        overrides["cache_enabled"] = False
-    wsettings = WorkerSettings(**overrides)
-    cluster = get_settings()
-    client = redis.Redis.from_url(cluster.redis_url)
-    print(f"reprise worker: loading {wsettings.model} on {wsettings.devices} ...", flush=True)
-    service = build_service(wsettings, cluster, redis_client=client)
-    from workers import tasks
-
-    tasks.install(service, client, cluster.progress_interval_s)
-    queue = queue_for(service.model_name, cluster.queue_prefix)
-    serve_metrics(service, wsettings, client, cluster.queue_prefix)
-    hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
-    service.queue = queue
-    info = node_info(service, queue)
-    info["node"] = hostname
-    Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
-    app = get_app()
-    from kombu import Queue
-
-    control_queue = f"{cluster.queue_prefix}.control"
-    app.conf.task_queues = [Queue(queue), Queue(control_queue)]
-    from workers import control  # registers the cache control command and tasks
-
-    if service.cache is not None:
-        control.start_control(service, client, cluster)
-    print(
-        f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
-        f"{', '.join(info['devices'])}; queue {queue}",
-        flush=True,
-    )
-    argv = [
-        "worker",
-        "-P",
-        "threads",
-        "-c",
-        str(len(service.pool.devices)),
-        "-Q",
-        f"{queue},{control_queue}",
-        "-E",
-        "-n",
-        hostname,
-        "--loglevel",
-        args.loglevel,
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    app.worker_main(argv)
-    service.close()
     return 0
 
 
@@ -187,54 +123,29 @@ def _cmd_models(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    module = {
-        "overhead": "ops.bench_overhead",
-        "feature": "ops.bench_feature",
-        "lookup": "cache.bench_lookup",
-        "cache": "ops.bench_cache",
-        "scale": "ops.bench_scale",
-    }[args.which]
-    import importlib
-
-    return importlib.import_module(module).main(args.rest) or 0
+# Commands whose arguments are handed to another parser (argparse's REMAINDER cannot start with an option,
+# as in `reprise loadtest --rate 2`, so `run` inserts `--` after them).
+PASSTHROUGH: set[str] = set()
 
 
-def _cmd_demo(args) -> int:
-    from ops.demo import main
+def passthrough(sub, name: str, module: str, text: str) -> None:
+    """A subcommand whose arguments go to `module.main(argv)`, imported only when it runs."""
 
-    return main(args.rest) or 0
-
-
-def _passthrough(module: str):
-    def run(args) -> int:
+    def run_module(args) -> int:
         import importlib
 
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         return importlib.import_module(module).main(rest) or 0
 
-    return run
+    s = sub.add_parser(name, help=text, add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=run_module)
+    PASSTHROUGH.add(name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="reprise", description="Reprise: a text-to-image generation cluster with a shared latent cache."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
     s = sub.add_parser("schema", help="print the versioned JSON schema of a request and a result")
     s.set_defaults(func=_cmd_schema)
-
-    s = sub.add_parser("worker", help="run a worker node: one pipeline per device, one process")
-    s.add_argument(
-        "--model",
-        help="built-in name (tiny, sd15-small, sd15, shapes), diffusers directory or hub id (default: REPRISE_MODEL or tiny)",
-    )
-    s.add_argument("--devices", help="auto | cpu | sim | cuda:0,cuda:1 (default: REPRISE_DEVICES or auto)")
-    s.add_argument("--no-cache", action="store_true", help="serve without the latent cache")
-    s.add_argument("--hostname", help="Celery node name (default reprise-<model>-<pid>@<host>)")
-    s.add_argument("--loglevel", default="INFO")
-    s.set_defaults(func=_cmd_worker)
 
     s = sub.add_parser("submit", help="enqueue a prompt (and wait for it with --wait)")
     s.add_argument("prompt")
@@ -262,34 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="models served now, with their limits and cache generation")
     s.set_defaults(func=_cmd_models)
 
-    s = sub.add_parser("bench", help="benchmarks: overhead | feature | lookup | cache | scale (see --help of each)")
-    s.add_argument("which", choices=["overhead", "feature", "lookup", "cache", "scale"])
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_bench)
+    passthrough(sub, "cache", "scheduler.cache_cli", "cache operations: invalidate | purge | evict | stats")
+    passthrough(sub, "coordinator", "scheduler.coordinator", "run the coordinator (or: coordinator status)")
 
-    s = sub.add_parser("demo", help="start a local cluster, run a handful of prompts, print a table")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_demo)
 
-    for name, module, text in (
-        ("cache", "ops.cache_cli", "cache operations: invalidate | purge | evict | stats"),
-        ("coordinator", "scheduler.coordinator", "run the coordinator (or: coordinator status)"),
-        ("loadtest", "ops.loadtest", "drive load against a running cluster"),
-        ("eval", "ops.eval_quality", "quality harness: eval quality ... | eval stream ..."),
-        ("settings", "ops.settings_doc", "every setting: environment variable, default, meaning"),
-    ):
-        s = sub.add_parser(name, help=text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_passthrough(module))
+def new_parser(*adders) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reprise", description="Reprise: a text-to-image generation cluster with a shared latent cache."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in adders:
+        add(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in ("cache", "coordinator", "loadtest", "eval") and argv[1:2] != ["--"]:
-        argv.insert(1, "--")  # argparse's REMAINDER cannot start with an option (`reprise loadtest --rate 2`)
-    args = build_parser().parse_args(argv)
+    if argv[:1] and argv[0] in PASSTHROUGH and argv[1:2] != ["--"]:
+        argv.insert(1, "--")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except RepriseError as exc:
@@ -303,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return run(new_parser(add_commands), argv)
 
 
 if __name__ == "__main__":

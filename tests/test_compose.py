@@ -305,7 +305,7 @@ def worker_env_problems(compose: dict) -> list[str]:
 
 def command_problems(compose: dict) -> list[str]:
     """Services built from our image run `reprise <command>`: each command must parse."""
-    from scheduler.cli import build_parser
+    from ops.cli import build_parser
 
     problems, env = [], load_env_example()
     parser = build_parser()

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from ops.cli import build_parser
 from ops.readme_sync import README, synced
-from scheduler.cli import build_parser
 
 
 def test_settings_table_is_current():

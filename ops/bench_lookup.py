@@ -1,6 +1,6 @@
 """Lookup latency and memory of the latent cache per backend and size (not a test).
 
-    python -m cache.bench_lookup --entries 1000,10000,100000 --json OUT
+    python -m ops.bench_lookup --entries 1000,10000,100000 --json OUT
 
 For each backend and N: insert N entries (random 384-dim prompt vectors, a realistic payload,
 no states), time the Edge optimiser, then time filtered top-1 lookups (the approximate lookup's

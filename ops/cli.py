@@ -1,0 +1,54 @@
+"""`reprise`: the one command for everything a user runs.
+
+The command line is the one place that may depend on every layer: it puts together the scheduler's
+commands (`scheduler.cli`: schema, submit, flower, models, cache, coordinator), the worker's
+(`workers.cli`: worker, settings) and the operators' tools here in `ops` (demo, benchmarks, load
+tests, evaluations). Each subcommand imports its module only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from scheduler import cli as scheduler_cli
+from scheduler.cli import new_parser, passthrough, run
+from workers import cli as workers_cli
+
+BENCHES = {
+    "overhead": "ops.bench_overhead",
+    "feature": "ops.bench_feature",
+    "lookup": "ops.bench_lookup",
+    "cache": "ops.bench_cache",
+    "scale": "ops.bench_scale",
+}
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHES[args.which]).main(args.rest) or 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)} (see --help of each)")
+    s.add_argument("which", choices=list(BENCHES))
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_bench)
+    passthrough(sub, "demo", "ops.demo", "start a local cluster, run a handful of prompts, print a table")
+    passthrough(sub, "loadtest", "ops.loadtest", "drive load against a running cluster")
+    passthrough(sub, "eval", "ops.eval_quality", "quality harness: eval quality ... | eval stream ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return new_parser(scheduler_cli.add_commands, workers_cli.add_commands, add_commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The worker's commands of `reprise`: `worker` (serve a model on this machine's devices) and `settings`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from scheduler.cli import new_parser, passthrough, run
+
+
+def _cmd_worker(args) -> int:
+    import redis
+
+    from scheduler.app import get_app
+    from scheduler.schema import queue_for
+    from scheduler.settings import get_settings
+    from workers.node import Heartbeat, build_service, node_info, serve_metrics
+    from workers.settings import WorkerSettings
+
+    logging.basicConfig(
+        level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {k: v for k, v in {"model": args.model, "devices": args.devices}.items() if v}
+    if args.no_cache:
+        overrides["cache_enabled"] = False
+    wsettings = WorkerSettings(**overrides)
+    cluster = get_settings()
+    client = redis.Redis.from_url(cluster.redis_url)
+    print(f"reprise worker: loading {wsettings.model} on {wsettings.devices} ...", flush=True)
+    service = build_service(wsettings, cluster, redis_client=client)
+    from workers import tasks
+
+    tasks.install(service, client, cluster.progress_interval_s)
+    queue = queue_for(service.model_name, cluster.queue_prefix)
+    serve_metrics(service, wsettings, client, cluster.queue_prefix)
+    hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
+    service.queue = queue
+    info = node_info(service, queue)
+    info["node"] = hostname
+    Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
+    app = get_app()
+    from kombu import Queue
+
+    control_queue = f"{cluster.queue_prefix}.control"
+    app.conf.task_queues = [Queue(queue), Queue(control_queue)]
+    from workers import control  # registers the cache control command and tasks
+
+    if service.cache is not None:
+        control.start_control(service, client, cluster)
+    print(
+        f"reprise worker: serving {service.model_name} (version {info['model_version']}) on "
+        f"{', '.join(info['devices'])}; queue {queue}",
+        flush=True,
+    )
+    argv = [
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(len(service.pool.devices)),
+        "-Q",
+        f"{queue},{control_queue}",
+        "-E",
+        "-n",
+        hostname,
+        "--loglevel",
+        args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+    service.close()
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("worker", help="run a worker node: one pipeline per device, one process")
+    s.add_argument(
+        "--model",
+        help="built-in name (tiny, sd15-small, sd15, shapes), diffusers directory or hub id (default: REPRISE_MODEL or tiny)",
+    )
+    s.add_argument("--devices", help="auto | cpu | sim | cuda:0,cuda:1 (default: REPRISE_DEVICES or auto)")
+    s.add_argument("--no-cache", action="store_true", help="serve without the latent cache")
+    s.add_argument("--hostname", help="Celery node name (default reprise-<model>-<pid>@<host>)")
+    s.add_argument("--loglevel", default="INFO")
+    s.set_defaults(func=_cmd_worker)
+    passthrough(sub, "settings", "workers.settings_doc", "every setting: environment variable, default, meaning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return run(new_parser(add_commands), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
