@@ -285,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in ("cache", "coordinator", "loadtest", "eval") and argv[1:2] != ["--"]:
         argv.insert(1, "--")  # argparse's REMAINDER cannot start with an option (`reprise loadtest --rate 2`)
