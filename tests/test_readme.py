@@ -1,5 +1,6 @@
 """The README tells the truth about settings and commands."""
 
+import re
 from pathlib import Path
 
 from ops.readme_sync import README, synced
@@ -21,3 +22,14 @@ def test_every_command_is_in_the_readme():
 
 def test_ci_runs_make_test():
     assert "make test" in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+
+
+def test_the_code_cites_only_documents_that_exist():
+    """A comment that sends the reader to a document names one in the repository (or ../shared)."""
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for path in [p for d in ("workers", "scheduler", "cache", "ops", "tests") for p in (root / d).rglob("*.py")]:
+        for name in re.findall(r"(?<![\w/.-])((?:\.\./)?[\w/-]+\.md)\b", path.read_text()):
+            if not (root / name).exists():
+                missing.append(f"{path.relative_to(root)}: {name}")
+    assert not missing, missing
