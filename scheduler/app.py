@@ -1,4 +1,4 @@
-"""The Celery app, configured for long GPU jobs (see DESIGN.md, "Celery for long GPU jobs").
+"""The Celery app, configured for long GPU jobs (README: "Celery for long GPU jobs").
 
 Producers and workers share this module; it holds no model code. Workers register the task
 ``reprise.generate`` from ``workers.tasks``; producers send it by name.
@@ -107,9 +107,10 @@ def make_app(settings: ClusterSettings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,  # a typed failure (bad request) is final: never retried
         worker_prefetch_multiplier=1,  # each device slot reserves one job at a time
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_soft_time_limit=s.soft_time_limit_s,
-        task_time_limit=s.hard_time_limit_s,
+        # Workers run Celery's thread pool (`-P threads`), which cannot stop a running thread: Celery's
+        # cancel-on-connection-loss, soft and hard time limits need prefork and are left off. The job's
+        # time limit is the loop's own (JobContext.deadline, checked at every step: JobTimeout).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,

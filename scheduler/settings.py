@@ -28,9 +28,11 @@ class ClusterSettings(BaseSettings):
     restore_interval_s: int = Field(
         10, ge=1, description="How often workers look for unacknowledged jobs past their visibility timeout."
     )
-    soft_time_limit_s: float = Field(1800, description="A job past this is stopped at its next step (JobTimeout).")
-    hard_time_limit_s: float = Field(
-        2400, description="Hard limit passed to Celery (enforced by the prefork pool only)."
+    soft_time_limit_s: float = Field(
+        1800,
+        ge=0,
+        description="A job running past this is stopped by the loop at its next step (JobTimeout); 0 = no limit. "
+        "A message's own soft_time_limit / time_limit (the smaller) overrides it.",
     )
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")
     default_model: str = Field("tiny", description="Model used when a request names none.")

@@ -1,9 +1,12 @@
 """The README tells the truth about settings and commands."""
 
+import ast
+import re
 from pathlib import Path
 
 from ops.cli import build_parser
 from ops.readme_sync import README, synced
+from workers.settings_doc import rows, settings_classes
 
 
 def test_settings_table_is_current():
@@ -21,3 +24,55 @@ def test_every_command_is_in_the_readme():
 
 def test_ci_runs_make_test():
     assert "make test" in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+
+
+def test_the_code_cites_only_documents_that_exist():
+    """A comment that sends the reader to a document names one in the repository (or ../shared)."""
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for path in [p for d in ("workers", "scheduler", "cache", "ops", "tests") for p in (root / d).rglob("*.py")]:
+        for name in re.findall(r"(?<![\w/.-])((?:\.\./)?[\w/-]+\.md)\b", path.read_text()):
+            if not (root / name).exists():
+                missing.append(f"{path.relative_to(root)}: {name}")
+    assert not missing, missing
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table_variables() -> set[str]:
+    return {name for _, env, _, _ in rows() for name in re.findall(r"`([A-Z0-9_]+)`", env)}
+
+
+def _names_read(packages) -> set[str]:
+    """Attribute names and string constants in the code of ``packages`` (how a setting is read)."""
+    names = set()
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute):
+                    names.add(node.attr)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    names.add(node.value)
+    return names
+
+
+def test_every_setting_in_the_table_is_read_by_the_code():
+    """A row of the settings table is a field some code reads (`settings.<field>`), not a knob that nothing reads."""
+    read = _names_read(("workers", "scheduler", "cache", "ops"))
+    unread = [
+        f"{cls.__name__}.{name}" for _, cls in settings_classes() for name in cls.model_fields if name not in read
+    ]
+    assert not unread, f"settings nothing reads: {unread}"
+
+
+def test_every_variable_the_services_or_the_readme_name_is_in_the_table():
+    """Workers, scheduler and cache read their knobs only through the settings classes (so the table lists
+    them all), and the README names no variable the table lacks (REPRISE_FAULT_* are the fault hooks)."""
+    table = _table_variables()
+    in_code = {
+        n for n in _names_read(("workers", "scheduler", "cache")) if re.fullmatch(r"REPRISE_[A-Z0-9_]*[A-Z0-9]", n)
+    }
+    assert in_code <= table, sorted(in_code - table)
+    in_readme = set(re.findall(r"\bREPRISE_[A-Z0-9_]*[A-Z0-9]\b", README.read_text()))
+    assert in_readme <= table, sorted(in_readme - table)

@@ -90,7 +90,6 @@ def add_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return run(new_parser(add_commands), argv)
 
 

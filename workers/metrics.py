@@ -95,7 +95,7 @@ def outcome_of(exc: BaseException) -> str:
         return "invalid"
     if isinstance(exc, JobCancelled):
         return "cancelled"
-    if isinstance(exc, JobTimeout) or type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+    if isinstance(exc, JobTimeout):
         return "timeout"
     return "failed"
 

@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +227,20 @@ def _build_builtin(name: str, seed: int = 0) -> dict:
     )
 
 
-def _load_directory(path: Path, name: str) -> dict:
+# The pipeline components this module loads from a diffusers directory (see _load_directory).
+PIPELINE_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# name[.variant][-0000k-of-0000n].safetensors, and the index of sharded weights
+_WEIGHTS = re.compile(r"^[^.]+?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.safetensors$")
+_WEIGHTS_INDEX = re.compile(r"^[^.]+\.safetensors\.index(?:\.(?P<variant>\w+))?\.json$")
+
+
+def _weights_variant(folder: Path, prefer_fp16: bool) -> str | None:
+    """ "fp16" when the folder holds fp16 safetensors and fp16 is wanted (or nothing else is there)."""
+    variants = {m["variant"] for p in folder.glob("*.safetensors") if (m := _WEIGHTS.match(p.name))}
+    return "fp16" if "fp16" in variants and (prefer_fp16 or None not in variants) else None
+
+
+def _load_directory(path: Path, name: str, prefer_fp16: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -235,10 +250,16 @@ def _load_directory(path: Path, name: str) -> dict:
     index = json.loads(index_file.read_text())
     extra = index.get("reprise", {})
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(
+        path / "text_encoder", variant=_weights_variant(path / "text_encoder", prefer_fp16)
+    )
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", variant=_weights_variant(path / "unet", prefer_fp16))
     vae_entry = index.get("vae") or [None, None]
-    vae = AutoencoderKL.from_pretrained(path / "vae") if vae_entry[0] and (path / "vae").exists() else None
+    vae = (
+        AutoencoderKL.from_pretrained(path / "vae", variant=_weights_variant(path / "vae", prefer_fp16))
+        if vae_entry[0] and (path / "vae").exists()
+        else None
+    )
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     pixel_space = vae is None
     factor = 1 if pixel_space else 2 ** (len(vae.config.block_out_channels) - 1)
@@ -311,12 +332,13 @@ def load_components(model: str, device: str | torch.device = "cpu", dtype: torch
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     name, directory = resolve_model(model)
+    fp16 = dtype == torch.float16  # then an fp16 variant of the weights, where there is one, is loaded
     if model in BUILTINS:
         parts = _build_builtin(model)
     elif directory is not None:
-        parts = _load_directory(directory, name)
+        parts = _load_directory(directory, name, prefer_fp16=fp16)
     else:
-        parts = _load_from_hub(model, name)
+        parts = _load_from_hub(model, name, fp16=fp16)
     fp = fingerprint(parts)
     for key in ("text_encoder", "unet", "vae"):
         if parts.get(key) is not None:
@@ -324,21 +346,56 @@ def load_components(model: str, device: str | torch.device = "cpu", dtype: torch
     return Components(name=name, device=device, dtype=dtype, fingerprint=fp, **parts)
 
 
-def _load_from_hub(model_id: str, name: str) -> dict:
-    from huggingface_hub import snapshot_download
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read as huggingface_hub reads it, now: 1, true, yes or on
+    (any case) is offline; 0, false, empty or unset is online."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return bool(value) and value.upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def hub_files(files: Iterable[str], model_index: dict, fp16: bool) -> list[str]:
+    """The files of a hub repository that _load_directory reads: model_index.json and, for each pipeline
+    component the index names, its configs and tokenizer files and one set of safetensors weights -- the
+    fp16 variant when ``fp16`` and the component has one, else the plain weights. Nothing else: not the
+    full checkpoints an SD repository keeps beside its folders, other variants, .bin or .ckpt files."""
+    files = list(files)
+    wanted = ["model_index.json"]
+    for component in PIPELINE_COMPONENTS:
+        entry = model_index.get(component)
+        if not isinstance(entry, (list, tuple)) or not entry or entry[0] is None:
+            continue
+        names = [f.split("/", 1)[1] for f in files if f.startswith(f"{component}/") and f.count("/") == 1]
+        configs, weights = [], {}  # weights: variant (None = plain) -> file names
+        for n in names:
+            if m := _WEIGHTS.match(n) or _WEIGHTS_INDEX.match(n):
+                weights.setdefault(m["variant"], []).append(n)
+            elif n.endswith((".json", ".txt")):
+                configs.append(n)
+        variant = "fp16" if "fp16" in weights and (fp16 or None not in weights) else None
+        if component in ("text_encoder", "unet", "vae") and variant not in weights:
+            raise FileNotFoundError(f"the repository has no {component}/*.safetensors weights (only those are loaded)")
+        wanted += [f"{component}/{n}" for n in sorted(configs + weights.get(variant, []))]
+    return wanted
+
+
+def _load_from_hub(model_id: str, name: str, fp16: bool = False) -> dict:
+    import huggingface_hub
 
     try:
-        local = snapshot_download(
-            model_id,
-            allow_patterns=["*.json", "*.txt", "*.safetensors"],
-            local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")),
-        )
+        if hub_offline():
+            local = huggingface_hub.snapshot_download(model_id, local_files_only=True)
+        else:
+            index = json.loads(Path(huggingface_hub.hf_hub_download(model_id, "model_index.json")).read_text())
+            files = hub_files(huggingface_hub.HfApi().list_repo_files(model_id), index, fp16)
+            local = huggingface_hub.snapshot_download(model_id, allow_patterns=files)
     except Exception as exc:  # offline machines: say what to do instead
         raise FileNotFoundError(
             f"model {model_id!r} is neither a built-in ({', '.join(BUILTINS)}), a shipped model, a local directory, "
-            f"nor downloadable here ({type(exc).__name__}). Pass a diffusers directory with --model."
+            f"nor downloadable here ({type(exc).__name__}: {exc}). Pass a diffusers directory with --model."
         ) from None
-    return _load_directory(Path(local), name)
+    return _load_directory(Path(local), name, prefer_fp16=fp16)
 
 
 def save_builtin(name: str, directory: str | Path, seed: int = 0) -> Path:
