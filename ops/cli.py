@@ -9,7 +9,6 @@ tests, evaluations). Each subcommand imports its module only when it runs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from scheduler import cli as scheduler_cli
