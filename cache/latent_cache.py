@@ -43,7 +43,7 @@ PAYLOAD_OVERHEAD_BYTES = 1024  # rough size of one entry's payload and its index
 # (qdrant-edge-py 0.9 turns MatchValue(True) into the integer 1, so a bool filter on
 # `shareable` never matches there; keyword matching works on every backend.)
 SHARED_AUDIENCE = "*"
-_EVICTION_FIELDS = ["ks_present", "state_shape", "state_slots", "checksums", "created_at", "last_hit_at"]
+_EVICTION_FIELDS = ["ks_present", "state_shape", "state_slots", "checksums", "created_at", "hits", "last_hit_at"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def state_checksum(state: np.ndarray) -> str:
 class HitCounter:
     """Hit counts per (entry, K) and last-hit time: Redis hashes `reprise:hits:{entry_id}`.
 
-    Qdrant has no atomic increment, so counters live in Redis (HINCRBY) and are folded in at
-    eviction time. Without Redis they are counted in this process, which is exact for the
-    embedded mode where one process owns the cache.
+    Qdrant has no atomic increment, so counters live in Redis (HINCRBY); eviction reads them, and
+    `LatentCache.fold_counters` (the coordinator's `fold` duty) copies them into the payloads, where
+    they outlive the counters. Without Redis they are counted in this process, which is exact for the
+    embedded mode where one process owns the cache (until it restarts: then the folded payloads remain).
     """
 
     PREFIX = "reprise:hits:"
@@ -123,6 +124,27 @@ class HitCounter:
 
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def merge_hits(
+    payload: dict, counted: dict[int, int], last_counted: float | None
+) -> tuple[dict[int, int], float | None]:
+    """An entry's hits per K and last hit: the folded payload's and the live counters', the larger of each.
+
+    Counts only grow, so the larger is the better estimate when the counters were lost and restarted
+    (a lower bound then); it also makes a fold idempotent. An unreadable payload value counts as none.
+    """
+    hits: dict[int, int] = {}
+    stored = payload.get("hits")
+    for k, n in stored.items() if isinstance(stored, dict) else ():
+        try:
+            hits[int(k)] = max(hits.get(int(k), 0), int(n))
+        except (TypeError, ValueError):
+            continue
+    for k, n in counted.items():
+        hits[k] = max(hits.get(k, 0), int(n))
+    lasts = [float(t) for t in (payload.get("last_hit_at"), last_counted) if isinstance(t, (int, float))]
+    return hits, max(lasts) if lasts else None
 
 
 class _BackgroundOptimizer:
@@ -457,6 +479,7 @@ class LatentCache:
             "embedder": self.embedder.version,
             "created_at": now,
             "expires_at": now + self.settings.ttl_seconds,
+            "hits": {},  # K -> hits, folded in from the counters (fold_counters)
             "last_hit_at": None,
             "writer": uuid.uuid4().hex,  # tells this write from a concurrent one of the same key
         }
@@ -483,7 +506,7 @@ class LatentCache:
         out = []
         for r in records:
             p = r.payload
-            hits, last_hit = counters.get(r.id, ({}, None))
+            hits, last_hit = merge_hits(p, *counters.get(r.id, ({}, None)))
             state_bytes = _padded_state_bytes(p.get("state_shape") or [])
             ks = [int(k) for k in p.get("ks_present") or []]
             out.append(
@@ -492,12 +515,42 @@ class LatentCache:
                     ks=ks,
                     hits=hits,
                     created_at=float(p.get("created_at") or 0.0),
-                    last_hit_at=last_hit if last_hit is not None else p.get("last_hit_at"),
+                    last_hit_at=last_hit,
                     bytes_per_state={k: state_bytes for k in ks},
                     overhead_bytes=self.embedder.dim * 4 + PAYLOAD_OVERHEAD_BYTES,
                 )
             )
         return out
+
+    def fold_counters(self) -> int:
+        """Copy the hit counters into each entry's payload (`hits`: K -> count, `last_hit_at`).
+
+        Eviction reads the counters and the payloads (the larger count per K, the later last hit), so
+        a fold keeps LRU, LFU and LCBFU informed when the counters are lost: Redis restarted without
+        persistence, or a node without Redis restarted. Idempotent (several nodes folding one shared
+        collection agree). Returns how many payloads changed.
+        """
+        records = list(self.store.iter_records(None, ["hits", "last_hit_at"]))
+        folded = 0
+        for start in range(0, len(records), 1000):
+            batch = records[start : start + 1000]
+            counters = self.hits.get_many([r.id for r in batch])
+            for r in batch:
+                hits, last_hit = merge_hits(r.payload, *counters.get(r.id, ({}, None)))
+                if (hits, last_hit) == merge_hits(r.payload, {}, None):
+                    continue  # nothing new since the last fold
+                try:
+                    self.store.set_payload(
+                        [r.id], {"hits": {str(k): n for k, n in sorted(hits.items())}, "last_hit_at": last_hit}
+                    )
+                except CacheUnavailableError:
+                    raise  # the shard is offline: the next round folds everything again
+                except Exception as exc:  # deleted meanwhile (an invalidation, an eviction): nothing to fold
+                    self.health["fold_error"] += 1
+                    log.info("hit counters of %s not folded: %s", r.id, exc)
+                    continue
+                folded += 1
+        return folded
 
     def stats(self) -> dict:
         entries = self._entry_stats()

@@ -6,7 +6,9 @@ a paused or partitioned ex-leader can never delete anything once a successor exi
 
 Duties of the leader, each idempotent and rate-limited: TTL sweeps, GC of old cache generations,
 capacity enforcement with the configured policy from the hit counters in Redis, and folding the
-counters into the cache payloads for visibility.
+counters into the cache payloads (where eviction still finds them if the counters are lost). While
+a duty waits for slow nodes the leader keeps renewing its lease, so a slow node never moves the
+leadership.
 
     reprise coordinator run      # leader or standby, until stopped
     reprise coordinator status   # who leads, token, lease, members, last sweeps, generations
@@ -63,7 +65,9 @@ class CoordinatorSettings(BaseSettings):
         ge=0,
         description="Prometheus metrics port of the coordinator (0 = off); away from the workers' 9101+ range.",
     )
-    broadcast_timeout_s: float = Field(20.0, gt=0, description="How long a duty waits for the nodes' replies.")
+    broadcast_timeout_s: float = Field(
+        20.0, gt=0, description="How long a duty waits for the nodes' replies (the leader renews its lease meanwhile)."
+    )
 
 
 class Lease:
@@ -111,16 +115,50 @@ class Coordinator:
         self.last_round = 0.0
         self.metrics = None
 
+    def _leading_with(self, token: int | None) -> bool:
+        """Renew the lease; True while this member still leads under the same token."""
+        return self.lease.hold() and self.lease.token == token
+
+    def _broadcast_renewing(self, op: str, params: dict, token: int | None) -> dict | str:
+        """Broadcast one duty and wait for the replies (up to broadcast_timeout_s), renewing the lease
+        every lease_s / 3 meanwhile: a slow node must not cost this member its leadership. Returns the
+        replies, or "lost leadership" / "stopped" when the wait was given up."""
+        done = threading.Event()
+        outcome: dict = {}
+
+        def call() -> None:
+            try:
+                outcome["replies"] = self.admin.broadcast(
+                    op, params, token=token, timeout=self.settings.broadcast_timeout_s
+                )
+            except BaseException as exc:  # handed to the waiting thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"reprise-duty-{op}", daemon=True).start()
+        while not done.wait(self.settings.lease_s / 3):
+            if self.stopped.is_set():
+                return "stopped"
+            if not self._leading_with(token):  # the replies, if any, are no longer this leader's business
+                return "lost leadership"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["replies"]
+
     def round_of_duties(self) -> dict:
         """One pass of every duty on every node, with this leader's token."""
         token = self.lease.token
         results = {}
         for op in ("expire", "gc", "evict", "fold"):
-            if not self.lease.hold():  # lost the lease mid-round: stop at once
+            if not self._leading_with(token):  # lost the lease mid-round: stop at once
                 results[op] = "lost leadership"
                 break
             params = {"to_fraction": self.settings.evict_to_fraction} if op == "evict" else {}
-            replies = self.admin.broadcast(op, params, token=token, timeout=self.settings.broadcast_timeout_s)
+            replies = self._broadcast_renewing(op, params, token)
+            if isinstance(replies, str):
+                results[op] = replies
+                break
             results[op] = replies
             self.r.hincrby(f"{self.prefix}:coordinator:sweeps", op, 1)
             if self.metrics:

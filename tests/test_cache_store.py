@@ -354,6 +354,46 @@ def test_evict_to_whole_entry_policies(open_cache, policy):
         assert left == set(expected)
 
 
+def test_fold_writes_hits_into_payloads_and_eviction_keeps_them_when_the_counters_are_lost(open_cache):
+    """The coordinator's `fold` duty: hit counters go into the payloads, so LRU still evicts the least
+    recently *hit* entry (not the least recently written) after the counters are gone."""
+    clock = Clock()
+    cache = open_cache(clock=clock)
+    ids = _fill(cache, clock)  # written at t0, t0+10, ..., t0+50
+    for entry_id in (ids[0], ids[2], ids[1], ids[0]):  # last hits: ids[2] < ids[1] < ids[0], all after every write
+        cache.record_hit(entry_id, 10)
+        clock.now += 10
+    assert cache.fold_counters() == 3
+    payloads = {r.id: r.payload for r in cache.store.iter_records(None, ["hits", "last_hit_at"])}
+    assert payloads[ids[0]]["hits"] == {"10": 2} and payloads[ids[1]]["hits"] == {"10": 1}
+    assert payloads[ids[0]]["last_hit_at"] > payloads[ids[1]]["last_hit_at"] > payloads[ids[2]]["last_hit_at"]
+    assert payloads[ids[5]].get("hits") in ({}, None) and payloads[ids[5]].get("last_hit_at") is None
+    assert cache.fold_counters() == 0  # idempotent: nothing new to fold
+    cache.hits.forget(ids)  # the counters are lost (Redis restarted without persistence, node restarted)
+    clock.now += 100
+    assert cache.evict_to(capacity=2, policy="lru") == 4
+    assert {r.id for r in cache.store.iter_records(None, [])} == {ids[0], ids[1]}
+    assert cache.evict_to(capacity=1, policy="lfu") == 1  # ids[0] has two hits, ids[1] one
+    assert {r.id for r in cache.store.iter_records(None, [])} == {ids[0]}
+
+
+def test_fold_never_lowers_a_count_and_adds_new_hits(open_cache):
+    clock = Clock()
+    cache = open_cache(clock=clock)
+    ids = _fill(cache, clock, n=2)
+    for _ in range(3):
+        cache.record_hit(ids[0], 10)
+    assert cache.fold_counters() == 1
+    cache.hits.forget(ids)  # counters restart from zero
+    clock.now += 50
+    cache.record_hit(ids[0], 5)
+    cache.record_hit(ids[1], 10)
+    assert cache.fold_counters() == 2
+    payloads = {r.id: r.payload for r in cache.store.iter_records(None, ["hits", "last_hit_at"])}
+    assert payloads[ids[0]]["hits"] == {"5": 1, "10": 3} and payloads[ids[0]]["last_hit_at"] == clock.now
+    assert payloads[ids[1]]["hits"] == {"10": 1}
+
+
 def test_evict_to_lcbfu_drops_states_then_entries(open_cache):
     clock = Clock()
     cache = open_cache(clock=clock)

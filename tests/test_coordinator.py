@@ -137,6 +137,36 @@ def test_stats_json(node):
     assert set(out["hits"]["coordmodel"]["hit_rate"]) == {"exact", "approximate", "miss"}
 
 
+def test_a_fold_round_folds_the_node_hit_counters(node):
+    """The leader's `fold` duty reaches the node's embedded cache and reports what it folded: the entry
+    just hit, once (a second round has nothing new), and again after another hit."""
+    from scheduler.coordinator import Coordinator, CoordinatorSettings
+
+    prompt = "a lighthouse counting its visitors"
+    _job(prompt, seed=21)
+    time.sleep(0.5)
+    assert _job(prompt, seed=21).cache.hit == "exact"
+    coordinator = Coordinator(CoordinatorSettings(lease_s=3, metrics_port=0, broadcast_timeout_s=10))
+    deadline = time.monotonic() + 15  # a coordinator process of an earlier test may still hold the lease
+    while not coordinator.lease.hold():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    def folded() -> int:
+        replies = coordinator.round_of_duties()["fold"]
+        mine = [reply for name, reply in replies.items() if "coordmodel" in name]
+        assert mine and all("folded" in reply for reply in mine), replies
+        return sum(reply["folded"] for reply in mine)
+
+    try:
+        assert folded() >= 1
+        assert folded() == 0
+        assert _job(prompt, seed=21).cache.hit == "exact"
+        assert folded() == 1
+    finally:
+        coordinator.lease.release()
+
+
 def _coordinator(env_extra):
     env = {
         **os.environ,
@@ -281,3 +311,88 @@ def test_cache_operations_as_celery_tasks(node):
     out = app.send_task("reprise.cache.invalidate", kwargs={"model": "coordmodel"}).get(timeout=60)
     assert out["generation"] == before + 1
     assert _job("a prompt for the task api").cache.hit == "miss"
+
+
+# A node that answers every cache duty only after `delay` seconds (longer than the lease): a real Celery
+# worker with nothing but the control command.
+SLOW_NODE = """
+import sys, time
+from celery.worker.control import control_command
+from scheduler.app import get_app
+
+delay = float(sys.argv[1])
+
+
+@control_command(args=[("op", str), ("params", dict), ("token", int)], signature="<op> [params] [token]")
+def reprise_cache(state, op, params=None, token=0):
+    time.sleep(delay)
+    return {"op": op, "slept_s": delay}
+
+
+get_app().worker_main(
+    ["worker", "--pool", "solo", "-Q", "reprise-slow-node", "-n", sys.argv[2], "--loglevel", "INFO",
+     "--without-gossip", "--without-mingle", "--without-heartbeat"]
+)
+"""
+
+
+@pytest.mark.parametrize(
+    "delay_s, timeout_s", [(2.5, 10.0), (4.0, 2.0)], ids=["replies-after-the-lease", "times-out-after-the-lease"]
+)
+def test_a_slow_node_never_moves_the_leadership(redis_server, tmp_path, delay_s, timeout_s):
+    """Two coordinators (lease 1.5 s) and a node that takes longer than the lease to answer each duty:
+    the leader renews its lease while it waits, so one leader holds throughout, and every duty of the
+    round ends with the node's reply (or, past the broadcast timeout, with none)."""
+    import redis
+
+    from ops.localcluster import _wait
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own: no other test's nodes answer
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {"REDIS_URL": url, "REPRISE_REDIS_URL": url}
+    hostname = f"slow-node-{os.getpid()}@test"
+    log = tmp_path / "slow-node.log"
+    with open(log, "wb") as out:
+        slow = subprocess.Popen(
+            [sys.executable, "-c", SLOW_NODE, str(delay_s), hostname],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    coordinators = []
+    try:
+        _wait(lambda: b" ready." in log.read_bytes(), 60, "slow node", slow, log)
+        ModelRegistry(r).announce_node(hostname, {}, ttl_s=300)  # the leader waits for one reply
+        coordinators = [
+            _coordinator({**env, "REPRISE_COORDINATOR_BROADCAST_TIMEOUT_S": str(timeout_s)}) for _ in range(2)
+        ]
+        deadline = time.monotonic() + 30
+        while not r.get("reprise:coordinator:leader") or b"|pending" in r.get("reprise:coordinator:leader"):
+            assert time.monotonic() < deadline, "no leader"
+            time.sleep(0.1)
+        leader = r.get("reprise:coordinator:leader")
+        deadline = time.monotonic() + 4 * max(delay_s, timeout_s) + 30
+        while not r.exists("reprise:coordinator:last-round"):  # one whole round: four slow duties
+            assert r.get("reprise:coordinator:leader") == leader, "the leadership moved during a slow duty"
+            assert time.monotonic() < deadline, "no round of duties completed"
+            time.sleep(0.1)
+        assert r.get("reprise:coordinator:leader") == leader
+        assert int(r.get("reprise:coordinator:leader-changes")) == 1
+        last = {k.decode(): v.decode() for k, v in r.hgetall("reprise:coordinator:last-round").items()}
+        assert last["token"] == leader.decode().rsplit("|", 1)[1]
+        results = json.loads(last["results"])
+        for op in ("expire", "gc", "evict", "fold"):
+            expected = {hostname: {"op": op, "slept_s": delay_s}} if delay_s < timeout_s else {}
+            assert results[op] == expected, results
+    finally:
+        for p in coordinators:
+            p.terminate()
+        for p in [*coordinators, slow]:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:  # a coordinator stuck in a duty, the node inside a slow reply
+                p.kill()
+                p.wait(15)
+        r.flushdb()

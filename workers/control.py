@@ -148,7 +148,7 @@ def run_op(op: str, params: dict, token: int) -> dict:
                 "policy": params.get("policy") or cache.settings.policy,
             }
         else:
-            out = {"folded": cache.fold_counters() if hasattr(cache, "fold_counters") else 0}
+            out = {"folded": cache.fold_counters()}
         _check_token(token)  # still the newest token after the work: report it (the work itself was idempotent)
     else:
         return {"error": f"unknown op {op!r}"}
