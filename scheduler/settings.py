@@ -33,7 +33,9 @@ class ClusterSettings(BaseSettings):
         2400, description="Hard limit passed to Celery (enforced by the prefork pool only)."
     )
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")
-    default_model: str = Field("tiny", description="Model used when a request names none.")
+    default_model: str = Field(
+        "tiny", description="Model that serves a request naming none: it is routed to <prefix>.<default_model>."
+    )
     flower_port: int = Field(5555, description="Port of `reprise flower`.")
     flower_user: str = Field("reprise", description="Flower basic-auth user.")
     flower_password: str = Field(
