@@ -116,7 +116,10 @@ class PromptEmbedder:
     def _encode(self, prompts: list[str]) -> np.ndarray:
         model = load_minilm()
         with self._encode_lock:
-            out = model.encode(prompts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
+            # No progress bar: in a worker its stderr lines become two WARNING log lines per job.
+            out = model.encode(
+                prompts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+            )
         return normalise(out).copy()
 
 

@@ -68,17 +68,17 @@ def state_checksum(state: np.ndarray) -> str:
 
 
 class HitCounter:
-    """Hit counts per (entry, K) and last-hit time: Redis hashes `reprise:hits:{entry_id}`.
+    """Hit counts per (entry, K) and last-hit time: Redis hashes `<prefix>:hits:{entry_id}`.
 
     Qdrant has no atomic increment, so counters live in Redis (HINCRBY); eviction reads them, and
     `LatentCache.fold_counters` (the coordinator's `fold` duty) copies them into the payloads, where
     they outlive the counters. Without Redis they are counted in this process, which is exact for the
-    embedded mode where one process owns the cache (until it restarts: then the folded payloads remain).
+    embedded mode where one process owns the cache (until it restarts: then the folded payloads remain). `prefix` is the cluster's
+    REPRISE_QUEUE_PREFIX, so that two clusters sharing one Redis never mix their counts.
     """
 
-    PREFIX = "reprise:hits:"
-
-    def __init__(self, redis=None) -> None:
+    def __init__(self, redis=None, prefix: str = "reprise") -> None:
+        self.key_prefix = f"{prefix}:hits:"
         self._redis = redis
         self._local: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
@@ -86,8 +86,8 @@ class HitCounter:
     def incr(self, entry_id: str, k: int, now: float) -> None:
         if self._redis is not None:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hincrby(self.PREFIX + entry_id, str(int(k)), 1)
-            pipe.hset(self.PREFIX + entry_id, "last_hit_at", repr(float(now)))
+            pipe.hincrby(self.key_prefix + entry_id, str(int(k)), 1)
+            pipe.hset(self.key_prefix + entry_id, "last_hit_at", repr(float(now)))
             pipe.execute()
             return
         with self._lock:
@@ -99,7 +99,7 @@ class HitCounter:
         if self._redis is not None:
             pipe = self._redis.pipeline(transaction=False)
             for entry_id in entry_ids:
-                pipe.hgetall(self.PREFIX + entry_id)
+                pipe.hgetall(self.key_prefix + entry_id)
             rows = [{_s(k): _s(v) for k, v in (row or {}).items()} for row in pipe.execute()]
         else:
             with self._lock:
@@ -115,7 +115,7 @@ class HitCounter:
         if not entry_ids:
             return
         if self._redis is not None:
-            self._redis.delete(*[self.PREFIX + e for e in entry_ids])
+            self._redis.delete(*[self.key_prefix + e for e in entry_ids])
             return
         with self._lock:
             for e in entry_ids:
@@ -209,12 +209,13 @@ class LatentCache:
         embedder: Embedder,
         redis=None,
         clock: Callable[[], float] = time.time,
+        key_prefix: str = "reprise",
     ) -> None:
         self.settings = settings
         self.store = store
         self.embedder = embedder
         self.clock = clock
-        self.hits = HitCounter(redis)
+        self.hits = HitCounter(redis, key_prefix)
         self.health: Counter = Counter()
         self._table = settings.table()
         self._timeout_s = settings.lookup_timeout_ms / 1000.0
@@ -232,9 +233,11 @@ class LatentCache:
         redis=None,
         embedder: Embedder | Callable | None = None,
         clock: Callable[[], float] = time.time,
+        key_prefix: str = "reprise",
     ) -> "LatentCache":
         """Open (or create) the cache. For the clip embedder pass `embedder`: an Embedder, or a
-        callable prompt -> pooled text embedding (wrapped with version "clip", settings.clip_dim)."""
+        callable prompt -> pooled text embedding (wrapped with version "clip", settings.clip_dim).
+        `key_prefix` starts every Redis key the cache writes (the cluster's REPRISE_QUEUE_PREFIX)."""
         settings = settings or CacheSettings()
         if embedder is None:
             if settings.embedder == "clip":
@@ -244,7 +247,9 @@ class LatentCache:
             embedder = CallableEmbedder(
                 embedder, version="clip", dim=settings.clip_dim, memo_entries=settings.memo_entries
             )
-        return cls(settings, open_store(settings, embedder.dim), embedder, redis=redis, clock=clock)
+        return cls(
+            settings, open_store(settings, embedder.dim), embedder, redis=redis, clock=clock, key_prefix=key_prefix
+        )
 
     # --- embedding ------------------------------------------------------------------------
 

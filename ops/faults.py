@@ -575,7 +575,11 @@ def fault_worker_kill(h: Harness, row: Row) -> None:
     account(row, h, outcomes, since)
     import redis
 
-    resent = int(redis.Redis.from_url(h.redis.url).hget("reprise:ledger:resent", "jobs") or 0)
+    from scheduler.app import ledger_key
+    from scheduler.settings import get_settings
+
+    resent_key = ledger_key(get_settings().queue_prefix) + ":resent"
+    resent = int(redis.Redis.from_url(h.redis.url).hget(resent_key, "jobs") or 0)
     row.notes.append(
         f"jobs lost by the broker transport (popped by a worker killed before it recorded them) and "
         f"sent again from the ledger: {resent}"

@@ -31,6 +31,11 @@ def ledger_key(prefix: str) -> str:
     return f"{prefix}:ledger"
 
 
+def cancel_key(prefix: str, job_id: str) -> str:
+    """Set by `Job.cancel()`; a running job stops at its next step once it sees it (workers/tasks.py)."""
+    return f"{prefix}:cancel:{job_id}"
+
+
 def _ledger_redis():
     import redis
 

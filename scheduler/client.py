@@ -19,10 +19,10 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from scheduler import errors  # noqa: F401  (imported so Celery can rebuild our typed errors)
-from scheduler.app import GENERATE_TASK, get_app
+from scheduler.app import GENERATE_TASK, cancel_key, get_app
 from scheduler.errors import JobCancelled, JobFailed, JobTimeout, RepriseError, SizeOverLimit, UnknownModel
 from scheduler.registry import ModelRegistry
-from scheduler.schema import GenerationRequest, GenerationResult, parse_request, queue_for
+from scheduler.schema import GenerationRequest, GenerationResult, parse_request, queue_for, with_model
 from scheduler.settings import get_settings
 
 # What a Redis restart looks like to a waiting client (redis-py, kombu, the socket itself).
@@ -32,10 +32,17 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError
 class Job:
     """A handle on one submitted generation."""
 
-    def __init__(self, async_result: AsyncResult, request: GenerationRequest, redis_client: redis.Redis | None = None):
+    def __init__(
+        self,
+        async_result: AsyncResult,
+        request: GenerationRequest,
+        redis_client: redis.Redis | None = None,
+        queue_prefix: str | None = None,
+    ):
         self._ar = async_result
         self.request = request
         self._redis = redis_client
+        self._prefix = queue_prefix or get_settings().queue_prefix
 
     @property
     def id(self) -> str:
@@ -58,7 +65,7 @@ class Job:
     def cancel(self) -> None:
         """Stop the job: before it starts, or within one denoising step once it runs."""
         if self._redis is not None:
-            self._redis.set(f"reprise:cancel:{self.id}", 1, ex=24 * 3600)
+            self._redis.set(cancel_key(self._prefix, self.id), 1, ex=24 * 3600)
         self._ar.revoke()
 
     def ready(self) -> bool:
@@ -140,19 +147,20 @@ def submit(
         request = fields
     elif fields:
         raise TypeError("give a request or keyword fields, not both")
-    req = parse_request(request)
+    settings = get_settings()
+    req = with_model(parse_request(request), settings.default_model)  # no model: the cluster's default
     app = app or get_app()
     client = redis.Redis.from_url(app.conf.broker_url)
     if check_model:
-        check_served(req, ModelRegistry(client, get_settings().queue_prefix))
+        check_served(req, ModelRegistry(client, settings.queue_prefix))
     ar = app.send_task(
         GENERATE_TASK,
         kwargs=req.model_dump(mode="json", exclude_none=True),
-        queue=queue_for(req.model, get_settings().queue_prefix),
+        queue=queue_for(req.model, settings.queue_prefix),
         priority=req.priority,
         headers={"reprise_queued_at": time.time()},
     )
-    return Job(ar, req, client)
+    return Job(ar, req, client, settings.queue_prefix)
 
 
 def job(job_id: str, app: Celery | None = None) -> Job:

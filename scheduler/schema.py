@@ -41,7 +41,9 @@ class FeatureCacheOptions(BaseModel):
     block_delta: float | None = Field(
         None, gt=0, le=10, description="Block caching: accumulated relative change that forces a recompute."
     )
-    text_memo: bool = Field(True, description="Reuse the text encoder's output for a prompt seen before.")
+    text_memo: bool = Field(
+        True, description="Reuse the text encoder's output for a prompt seen before; false encodes it afresh."
+    )
 
 
 class CacheOptions(BaseModel):
@@ -80,7 +82,12 @@ class GenerationRequest(BaseModel):
         None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent."
     )
     scheduler: Literal["ddim", "euler", "dpmpp_2m"] = Field("ddim", description="Sampler.")
-    model: str = Field("tiny", pattern=_NAME, description="Model name a worker serves (see `reprise models`).")
+    model: str | None = Field(
+        None,
+        pattern=_NAME,
+        description="Model name a worker serves (see `reprise models`); absent: the cluster's default model "
+        "(REPRISE_DEFAULT_MODEL).",
+    )
     priority: int = Field(5, ge=0, le=9, description="0 runs first, 9 last.")
     tenant: str = Field("public", pattern=_NAME, description="Who asked; cache entries are scoped to it.")
     cache: CacheOptions = Field(default_factory=CacheOptions)
@@ -194,6 +201,11 @@ def request_json_schema() -> dict:
         "request": GenerationRequest.model_json_schema(),
         "result": GenerationResult.model_json_schema(),
     }
+
+
+def with_model(request: GenerationRequest, model: str) -> GenerationRequest:
+    """The request with `model` filled in when it names none (producers: the cluster's default; a worker: its own)."""
+    return request if request.model is not None else request.model_copy(update={"model": model})
 
 
 def queue_for(model: str, prefix: str = "reprise") -> str:

@@ -35,7 +35,9 @@ class ClusterSettings(BaseSettings):
         "A message's own soft_time_limit / time_limit (the smaller) overrides it.",
     )
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")
-    default_model: str = Field("tiny", description="Model used when a request names none.")
+    default_model: str = Field(
+        "tiny", description="Model that serves a request naming none: it is routed to <prefix>.<default_model>."
+    )
     flower_port: int = Field(5555, description="Port of `reprise flower`.")
     flower_user: str = Field("reprise", description="Flower basic-auth user.")
     flower_password: str = Field(

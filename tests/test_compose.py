@@ -337,6 +337,28 @@ def flower_problems(compose: dict) -> list[str]:
     return []
 
 
+def default_model_problems(compose: dict) -> list[str]:
+    """Every process that routes jobs (Flower's HTTP API, workers' redeliveries, the coordinator) sends a request
+    that names no model to REPRISE_DEFAULT_MODEL: that must be a model some worker serves."""
+    from scheduler.cli import build_parser
+
+    env, parser = load_env_example(), build_parser()
+    served = {
+        parser.parse_args(shlex.split(command_text(interpolate(compose["services"][name], env)))).model
+        for name in worker_names(compose)
+    }
+    problems = []
+    for name, service in compose["services"].items():
+        if "build" not in service:
+            continue
+        default = interpolate(environment(service).get("REPRISE_DEFAULT_MODEL", ""), env)
+        if default not in served:
+            problems.append(
+                f"{name}: REPRISE_DEFAULT_MODEL is {default or 'unset (tiny)'!r}, not a served model {sorted(served)}"
+            )
+    return problems
+
+
 def secret_problems(compose: dict) -> list[str]:
     problems = []
     for name, service in compose["services"].items():
@@ -532,6 +554,7 @@ COMPOSE_CHECKS = [
     worker_env_problems,
     command_problems,
     flower_problems,
+    default_model_problems,
     secret_problems,
     volume_problems,
     resilience_problems,
@@ -659,6 +682,12 @@ COMPOSE_MUTATIONS = [
     (command_problems, "flower on loopback", _set("services/flower/command", ["flower"])),
     (command_problems, "no standby", _set("services/coordinator/deploy", {"replicas": 1})),
     (flower_problems, "no basic auth", _set("services/flower/environment/REPRISE_FLOWER_PASSWORD", None)),
+    (default_model_problems, "flower routes to tiny", _set("services/flower/environment/REPRISE_DEFAULT_MODEL", None)),
+    (
+        default_model_problems,
+        "default not served",
+        _set("services/coordinator/environment/REPRISE_DEFAULT_MODEL", "sd15"),
+    ),
     (
         secret_problems,
         "literal Grafana password",

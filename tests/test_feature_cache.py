@@ -251,3 +251,22 @@ def test_loop_with_memo_encodes_each_prompt_once_and_gives_the_same_image(tiny, 
     assert (memo.hits, memo.misses) == (0, 2)  # prompt and negative prompt
     assert torch.equal(loop.denoise(**JOB).latents, plain)
     assert (memo.hits, memo.misses) == (2, 2)
+
+
+def test_request_text_memo_false_bypasses_the_memo(tiny, tmp_path):
+    from workers.artifacts import ArtifactStore
+    from workers.service import Device, DevicePool, GenerationService, JobContext
+
+    memo = TextEmbeddingMemo()
+    service = GenerationService(
+        "tiny", DevicePool([Device("cpu", DenoiseLoop(tiny, text_memo=memo))]), ArtifactStore(str(tmp_path))
+    )
+    request = {"prompt": "a lighthouse at dusk", "seed": 7, "steps": 2, "guidance_scale": 7.5}
+    try:
+        fresh = service.run({**request, "cache": {"feature": {"text_memo": False}}}, JobContext(job_id="fresh"))
+        assert memo.stats() == {"entries": 0, "max_entries": 1024, "hits": 0, "misses": 0}  # neither read nor filled
+        memoised = service.run(request, JobContext(job_id="memoised"))
+        assert (len(memo), memo.hits, memo.misses) == (2, 0, 2)  # prompt and negative prompt
+        assert memoised.seed == fresh.seed == 7
+    finally:
+        service.close()

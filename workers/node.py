@@ -179,7 +179,7 @@ def _text_memo(worker: WorkerSettings):
     return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
 
 
-def _open_cache(redis_client, components=None):
+def _open_cache(redis_client, components, key_prefix: str):
     from cache import CacheSettings, LatentCache
 
     settings, embedder = cache_settings_for(CacheSettings(), components)
@@ -187,13 +187,13 @@ def _open_cache(redis_client, components=None):
     clock = (
         RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
     )
-    return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock)
+    return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock, key_prefix=key_prefix)
 
 
 def _open_cache_or_defer(redis_client, components, cluster):
     """(cache, None), or (None, why) when the cache cannot open now: a node never needs its cache to serve."""
     try:
-        return _open_cache(redis_client, components), None
+        return _open_cache(redis_client, components, cluster.queue_prefix), None
     except Exception as exc:
         log.error(
             "CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
@@ -213,7 +213,7 @@ def _reopen_later(
         service.cache_note = None
         control.start_control(service, redis_client, cluster)
 
-    CacheReopener(lambda: _open_cache(redis_client, components), on_open, every_s).start()
+    CacheReopener(lambda: _open_cache(redis_client, components, cluster.queue_prefix), on_open, every_s).start()
 
 
 def cache_settings_for(settings, components=None):

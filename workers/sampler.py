@@ -96,9 +96,11 @@ class DenoiseLoop:
 
     # 1. encode ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, text: str) -> torch.Tensor:
-        if self.text_memo is not None:
-            cached = self.text_memo.get(self.c.fingerprint, text)
+    def encode_text(self, text: str, use_memo: bool = True) -> torch.Tensor:
+        """The text encoder's output; ``use_memo=False`` neither reads nor fills the node's memo."""
+        memo = self.text_memo if use_memo else None
+        if memo is not None:
+            cached = memo.get(self.c.fingerprint, text)
             if cached is not None:
                 return cached.to(self.c.device)
         tok = self.c.tokenizer(
@@ -109,15 +111,17 @@ class DenoiseLoop:
             return_tensors="pt",
         )
         embeds = self.c.text_encoder(tok.input_ids.to(self.c.device))[0]
-        if self.text_memo is not None:
-            self.text_memo.put(self.c.fingerprint, text, embeds)
+        if memo is not None:
+            memo.put(self.c.fingerprint, text, embeds)
         return embeds
 
-    def conditioning(self, prompt: str, negative_prompt: str, guidance_scale: float) -> torch.Tensor:
-        cond = self.encode_text(prompt)
+    def conditioning(
+        self, prompt: str, negative_prompt: str, guidance_scale: float, use_memo: bool = True
+    ) -> torch.Tensor:
+        cond = self.encode_text(prompt, use_memo)
         if guidance_scale <= 1.0:
             return cond
-        return torch.cat([self.encode_text(negative_prompt), cond])
+        return torch.cat([self.encode_text(negative_prompt, use_memo), cond])
 
     # 2. choose the start --------------------------------------------------------------------------
     def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
@@ -146,6 +150,7 @@ class DenoiseLoop:
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
         snap_dtype: torch.dtype | None = None,
+        use_text_memo: bool = True,
     ) -> LoopOutput:
         """Run steps ``start_step .. steps-1``; ``captured[k]`` is the latent after ``k`` steps.
 
@@ -162,7 +167,7 @@ class DenoiseLoop:
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start_step)
         cfg = guidance_scale > 1.0
-        context = self.conditioning(prompt, negative_prompt, guidance_scale)
+        context = self.conditioning(prompt, negative_prompt, guidance_scale, use_text_memo)
 
         shape = (1, *self.c.latent_shape(width, height))
         if start_latents is None:

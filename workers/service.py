@@ -19,7 +19,15 @@ import torch
 
 from scheduler.errors import JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
 from scheduler.registry import count_outcome
-from scheduler.schema import CacheReport, FeatureReport, GenerationRequest, GenerationResult, Timings, parse_request
+from scheduler.schema import (
+    CacheReport,
+    FeatureReport,
+    GenerationRequest,
+    GenerationResult,
+    Timings,
+    parse_request,
+    with_model,
+)
 from workers.artifacts import ArtifactStore
 from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
@@ -130,7 +138,9 @@ class GenerationService:
 
     # --- validation ---------------------------------------------------------------------------
     def validate(self, payload: Any) -> tuple[GenerationRequest, int, int]:
-        request = parse_request(payload)
+        # A request that names no model reached this worker through its model's queue: the producer routed
+        # it to the cluster's default model, which is this one. It is served, and reported, as this model.
+        request = with_model(parse_request(payload), self.model_name)
         if request.model != self.model_name:
             raise UnknownModel(
                 f"this worker serves {self.model_name!r}, not {request.model!r}",
@@ -289,6 +299,7 @@ class GenerationService:
                 on_step=job.on_progress,
                 should_stop=should_stop,
                 snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
+                use_text_memo=request.cache.feature.text_memo,
             )
         except StopRequested as exc:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout

@@ -9,7 +9,7 @@ from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.worker import state as worker_state
 
-from scheduler.app import GENERATE_TASK, get_app
+from scheduler.app import GENERATE_TASK, cancel_key, get_app
 from scheduler.errors import JobCancelled
 from scheduler.settings import get_settings
 from workers import metrics
@@ -21,18 +21,43 @@ app = get_app()
 _service: GenerationService | None = None
 _redis = None
 _progress_interval_s = 0.2
+_queue_prefix = "reprise"
 
 
-def install(service: GenerationService, redis_client, progress_interval_s: float) -> None:
-    global _service, _redis, _progress_interval_s
-    _service, _redis, _progress_interval_s = service, redis_client, progress_interval_s
+def install(service: GenerationService, redis_client, progress_interval_s: float, queue_prefix: str) -> None:
+    global _service, _redis, _progress_interval_s, _queue_prefix
+    _service, _redis, _progress_interval_s, _queue_prefix = service, redis_client, progress_interval_s, queue_prefix
+    quiet_job_logs()
+
+
+class _OneInfoLinePerJob(logging.Filter):
+    """Celery logs every job twice at INFO: "received", then "succeeded in ...: <the whole result>" (or
+    "ignored" for a cancelled one). A node keeps the "received" line only, unless it runs at DEBUG;
+    failures still log at ERROR, and the outcome of every job is in its result and the metrics."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.app import trace
+
+        if record.msg in (trace.LOG_SUCCESS, trace.LOG_IGNORED):
+            return self._logger.isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_job_logs() -> None:
+    logger = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _OneInfoLinePerJob) for f in logger.filters):
+        logger.addFilter(_OneInfoLinePerJob(logger))
 
 
 def _cancelled(job_id: str) -> bool:
     if job_id in worker_state.revoked:
         return True
     try:
-        return bool(_redis is not None and _redis.exists(f"reprise:cancel:{job_id}"))
+        return bool(_redis is not None and _redis.exists(cancel_key(_queue_prefix, job_id)))
     except Exception:  # Redis briefly away: keep going, the revoke broadcast is still checked
         return False
 
