@@ -340,7 +340,7 @@ def flower_problems(compose: dict) -> list[str]:
 def default_model_problems(compose: dict) -> list[str]:
     """Every process that routes jobs (Flower's HTTP API, workers' redeliveries, the coordinator) sends a request
     that names no model to REPRISE_DEFAULT_MODEL: that must be a model some worker serves."""
-    from scheduler.cli import build_parser
+    from ops.cli import build_parser
 
     env, parser = load_env_example(), build_parser()
     served = {
