@@ -212,7 +212,8 @@ def test_leases_hold_under_skewed_clocks_and_a_local_clock_lease_fails(cluster, 
     """Coordinators with every local clock (wall and monotonic) 1 h behind and 1 h ahead: never two leaders,
     and a takeover after the leader's SIGKILL. The same run with leases on local wall clocks fails.
     (`cluster`: live nodes answer the leader's broadcasts; with none, its first stats broadcast waits 10 s
-    without renewing the lease, and the standby takes over while the old leader still says it leads.)"""
+    without renewing the lease, and the standby takes over while the old leader still says it leads: a gap
+    the README lists, unrelated to clocks.)"""
     from ops.faults import leases_under_skew
 
     start = _start_hooked_coordinator(tmp_path)
