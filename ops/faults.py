@@ -14,7 +14,13 @@ from REPRISE_FAULT_* variables before handing over to `ops.cli`:
   writeback: right after the cache insert).
 - REPRISE_FAULT_CACHE_DELAY_MS (while REPRISE_FAULT_CACHE_DELAY_FILE exists): every cache lookup sleeps first.
 - REPRISE_FAULT_ARTIFACT_FULL_FILE: while it exists, artifact writes fail with ENOSPC.
-- REPRISE_FAULT_CLOCK_SKEW_S: time.time() is off by this much.
+- REPRISE_FAULT_CLOCK_SKEW_S: every local clock of the process is off by this much: the wall clock
+  (time.time, time.time_ns) and the monotonic clock (time.monotonic, time.monotonic_ns), the one the
+  cache clock (RedisClock) and the coordinator's pacing read. With REPRISE_FAULT_CLOCK_SKEW_FILE the
+  wall clock steps by that much while the file exists (an NTP step, a resumed VM) and the monotonic
+  clock is left alone (it never steps).
+- REPRISE_FAULT_CLOCK_NAIVE=1: the broken implementation the clock_skew checks must catch: coordinator
+  leases kept on each node's wall clock (LocalClockLease) and the cache clock = the node's wall clock.
 - REPRISE_FAULT_JOURNAL: one JSON line per job start and end (pid, seed, sha256 of the image).
 
 Counting, per fault: sent (send_task returned: "accepted"), completed (SUCCESS), failed (a typed
@@ -73,10 +79,17 @@ def install_hooks(worker: bool = True) -> None:
     env = os.environ
     skew = float(env.get("REPRISE_FAULT_CLOCK_SKEW_S") or 0)
     if skew:
-        real_time = time.time
-        time.time = lambda: real_time() + skew
+        skew_clocks(skew, env.get("REPRISE_FAULT_CLOCK_SKEW_FILE"))
+    if env.get("REPRISE_FAULT_CLOCK_NAIVE"):
+        from scheduler import coordinator
+
+        coordinator.Lease = LocalClockLease
     if not worker:
         return
+    if env.get("REPRISE_FAULT_CLOCK_NAIVE"):
+        from workers import node
+
+        node.RedisClock = lambda *args, **kwargs: lambda: time.time()  # the cache reads the node's wall clock
 
     from workers import service as service_mod
     from workers.artifacts import ArtifactStore
@@ -210,6 +223,54 @@ def install_hooks(worker: bool = True) -> None:
                 return _original(self, *args, **kwargs)
 
             setattr(latent_cache.LatentCache, name, slow)
+
+
+def skew_clocks(skew_s: float, wall_flag: str | None = None) -> None:
+    """Put this process's clocks ``skew_s`` seconds off (see the module docstring). Modules that later call
+    time.time()/time.monotonic() read the skewed clocks; so do ``from time import ...`` names bound after this."""
+    real_time, real_time_ns = time.time, time.time_ns
+    real_mono, real_mono_ns = time.monotonic, time.monotonic_ns
+    if wall_flag:
+
+        def wall_skew() -> float:
+            return skew_s if os.path.exists(wall_flag) else 0.0
+
+        time.time = lambda: real_time() + wall_skew()
+        time.time_ns = lambda: real_time_ns() + int(wall_skew() * 1e9)
+        return
+    time.time = lambda: real_time() + skew_s
+    time.time_ns = lambda: real_time_ns() + int(skew_s * 1e9)
+    time.monotonic = lambda: real_mono() + skew_s
+    time.monotonic_ns = lambda: real_mono_ns() + int(skew_s * 1e9)
+
+
+class LocalClockLease:
+    """What not to do, for the clock_skew checks to catch: a lease whose expiry is a wall-clock time stored in
+    Redis. The holder trusts its own clock until then and renews with a blind write; the others take the lease
+    once the stored expiry is past by their own clocks."""
+
+    def __init__(self, r, prefix: str, member: str, lease_s: float):
+        self.r, self.member, self.lease_s = r, member, lease_s
+        self.key = f"{prefix}:coordinator:leader"
+        self.token_key = f"{prefix}:coordinator:token"
+        self.token: int | None = None
+        self.until = 0.0
+
+    def hold(self) -> bool:
+        now = time.time()
+        if self.token is not None and now < self.until - self.lease_s / 2:
+            return True  # still mine, by my clock
+        if self.token is None:
+            raw = self.r.get(self.key)
+            if raw is not None and float(raw.decode().rsplit("|", 1)[1]) > now:
+                return False
+            self.token = int(self.r.incr(self.token_key))
+        self.until = now + self.lease_s
+        self.r.set(self.key, f"{self.member}|{self.token}|{self.until}", px=60_000)  # px: leaves no debris
+        return True
+
+    def release(self) -> None:
+        self.token = None
 
 
 def run_with_hooks(argv: list[str]) -> int:
@@ -859,97 +920,133 @@ def fault_coordinator(h: Harness, row: Row) -> None:
 
 
 def fault_clock_skew(h: Harness, row: Row) -> None:
-    """Coordinators whose clocks are off by +1 h and -1 h never lead at once; cache TTLs use Redis's clock."""
-    import requests
-
-    coords = [
-        h.start_coordinator("ahead", REPRISE_FAULT_CLOCK_SKEW_S="3600"),
-        h.start_coordinator("behind", REPRISE_FAULT_CLOCK_SKEW_S="-3600"),
-    ]
-
-    def leading(p) -> int | None:
-        try:
-            text = requests.get(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=0.5).text
-            m = re.search(r"^reprise_coordinator_is_leader (\S+)", text, re.M)
-            return int(float(m.group(1))) if m else None
-        except requests.RequestException:
-            return None
-
-    samples, both, none_ = 0, 0, 0
-    end = time.monotonic() + (6 if h.quick else 12)
-    killed = False
-    while time.monotonic() < end:
-        views = [leading(p) for p in coords if p.poll() is None]
-        if None not in views and views:
-            samples += 1
-            both += int(sum(views) > 1)
-            none_ += int(sum(views) == 0)
-        if not killed and time.monotonic() > end - (3 if h.quick else 6):
-            for p in coords:
-                if leading(p) == 1:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait(10)
-                    killed = True
-                    break
-        time.sleep(0.05)
-    row.sent, row.completed = samples, samples - both
-    row.duplicated = both
-    row.check(
-        "never two leaders (each coordinator's own view, sampled every 50 ms)",
-        both == 0 and samples > 20,
-        {"samples": samples, "both_leading": both, "none_leading": none_},
-    )
-    for p in coords:
-        if p.poll() is None:
-            p.terminate()
-            p.wait(10)
+    """Every local clock of the processes skewed (wall and monotonic), and the same runs with a naive
+    implementation on local wall clocks (REPRISE_FAULT_CLOCK_NAIVE), which the same checks must catch."""
+    seconds = 5 if h.quick else 10
+    real = leases_under_skew(h.start_coordinator, seconds)
     h.coordinators.clear()
-    premature, redis_ok = ttl_under_skew(h.redis.url, h.workdir / "qdrant-skew")
-    row.check("with local clocks a reader 2 h ahead expires a 1 h entry early (the fault is real)", premature)
-    row.check("with the Redis clock the same reader still hits it", redis_ok)
+    naive = leases_under_skew(h.start_coordinator, seconds, naive=True)
+    h.coordinators.clear()
+    row.sent, row.completed = real["samples"], real["samples"] - real["both_leading"]
+    row.duplicated = real["both_leading"]
+    row.check(
+        "leases: coordinators at -1 h and +1 h never both lead (each one's own view, sampled every 50 ms)",
+        real["both_leading"] == 0 and real["samples"] > 20,
+        real,
+    )
+    row.check("leases: the survivor leads within 2 leases + 1 s of the leader's SIGKILL", real["takeover_s"] < 4, real)
+    row.check(
+        "leases on local wall clocks give two leaders at once (the fault is real)",
+        naive["both_leading"] > 0,
+        naive,
+    )
+    from workers.models import save_builtin
+
+    model = str(h.workdir / "skewmodel")  # a queue of its own: only the node under test takes these jobs
+    if not Path(model).exists():
+        save_builtin("tiny", model, seed=0)
+    kept = cache_ttl_across_clock_step(h.start_worker, model, h.workdir / "clock-step.flag")
+    lost = cache_ttl_across_clock_step(h.start_worker, model, h.workdir / "clock-step.flag", naive=True)
+    row.check(
+        "cache: an entry (TTL 1 h) is still an exact hit after its node's wall clock steps +2 h", kept == "exact", kept
+    )
+    row.check("cache on the node's wall clock misses it there (the fault is real)", lost == "miss", lost)
     row.notes.append(
         "leases: SET NX PX and PEXPIRE run on the Redis server's clock; cache TTLs: expires_at and "
         "every 'now' from RedisClock (server TIME + local monotonic), tolerance = one TIME round trip"
     )
 
 
-def ttl_under_skew(redis_url: str, folder: Path) -> tuple[bool, bool]:
-    """Writer on the true clock, reader whose wall clock is 2 h ahead, TTL 1 h: (local clocks expire it, Redis clock keeps it)."""
-    import numpy as np
-    import redis
+def _leading(p) -> int | None:
+    """A coordinator's own view (its reprise_coordinator_is_leader gauge); None while it does not answer."""
+    import requests
 
-    from cache import CacheKey, CacheSettings, LatentCache
-
-    r = redis.Redis.from_url(redis_url)
-    settings = CacheSettings(path=str(folder), embedder="clip", clip_dim=8, ttl_seconds=3600)
-    key = CacheKey("m", "v1", 0, "a skewed prompt", "", 1, 10, 5.0, 64, 64, "ddim", "t")
-    state = {5: np.ones((4, 8, 8), np.float32)}
-    embed = lambda p: np.ones(8, np.float32)  # noqa: E731
-    results = []
-    for clock_of in (lambda skew: lambda: time.time() + skew, lambda skew: _skewed_redis_clock(r, skew)):
-        shutil.rmtree(folder, ignore_errors=True)
-        with LatentCache.open(settings, embedder=embed, clock=clock_of(0)) as cache:
-            cache.write_back(key, np.ones(8), state, "file:///x.png")
-        with LatentCache.open(settings, embedder=embed, clock=clock_of(7200)) as cache:
-            results.append(cache.lookup_exact(key) is not None and cache.expire() == 0)
-    return (not results[0]), results[1]
+    try:
+        text = requests.get(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=0.5).text
+        m = re.search(r"^reprise_coordinator_is_leader (\S+)", text, re.M)
+        return int(float(m.group(1))) if m else None
+    except requests.RequestException:
+        return None
 
 
-def _skewed_redis_clock(r, skew: float):
-    """A RedisClock in a process whose wall clock is off by `skew`: it must not matter."""
-    from workers.resilient_cache import RedisClock
+def leases_under_skew(start, seconds: float, naive: bool = False) -> dict:
+    """Two coordinators, every local clock of one 1 h behind and of the other 1 h ahead; the one behind leads
+    first. ``start(name, **env)`` starts a hooked coordinator (``.metrics_port`` set). Samples both views for
+    ``seconds``, then SIGKILLs the leader and times the survivor's takeover."""
+    from scheduler.cache_admin import CacheAdmin
 
-    clock = RedisClock(r)
-    real = time.time
+    # A leader blocks on its broadcasts (README, known gaps): wait until every node the registry lists
+    # answers (a node stopped a moment ago stays listed for up to 3 heartbeats), so that only clocks are tested.
+    admin, deadline = CacheAdmin(), time.monotonic() + 30
+    while not set(admin.registry.live_nodes()) <= set(admin.broadcast("stats", timeout=2)):
+        assert time.monotonic() < deadline, "some listed node never answered"
+    extra = {"REPRISE_FAULT_CLOCK_NAIVE": "1"} if naive else {}
+    behind = start("behind" + "-naive" * naive, REPRISE_FAULT_CLOCK_SKEW_S="-3600", **extra)
+    procs = [behind]
+    out = {"samples": 0, "both_leading": 0, "none_leading": 0, "takeover_s": float("inf")}
+    try:
+        deadline = time.monotonic() + 60
+        while _leading(behind) != 1:
+            assert time.monotonic() < deadline and behind.poll() is None, "the first coordinator never led"
+            time.sleep(0.05)
+        ahead = start("ahead" + "-naive" * naive, REPRISE_FAULT_CLOCK_SKEW_S="3600", **extra)
+        procs.append(ahead)
+        while _leading(ahead) is None:
+            assert time.monotonic() < deadline and ahead.poll() is None, "the second coordinator never answered"
+            time.sleep(0.05)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            views = [_leading(p) for p in procs]
+            if None not in views:
+                out["samples"] += 1
+                out["both_leading"] += int(sum(views) == 2)
+                out["none_leading"] += int(sum(views) == 0)
+            time.sleep(0.05)
+        victim = ahead if _leading(ahead) == 1 else behind
+        survivor = behind if victim is ahead else ahead
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        t = time.monotonic()
+        while time.monotonic() - t < 10:
+            if _leading(survivor) == 1:
+                out["takeover_s"] = round(time.monotonic() - t, 2)
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+        if naive:  # its lease is no PX lease: leave nothing for the next coordinators
+            admin.r.delete(f"{admin.prefix}:coordinator:leader")
+    return out
 
-    def call() -> float:
-        time.time = lambda: real() + skew
-        try:
-            return clock()
-        finally:
-            time.time = real
 
-    return call
+def cache_ttl_across_clock_step(start, model_dir: str, flag: Path, naive: bool = False) -> str:
+    """A real node (``start(model_dir, **env)`` starts it under the hooks) caches a job with a 1 h TTL, then its
+    wall clock steps 2 h ahead; returns the cache answer for the same request after the step."""
+    from scheduler.client import submit
+
+    flag.unlink(missing_ok=True)
+    env = {
+        "REPRISE_CACHE_TTL_SECONDS": "3600",
+        "REPRISE_FAULT_CLOCK_SKEW_S": "7200",
+        "REPRISE_FAULT_CLOCK_SKEW_FILE": str(flag),
+        **({"REPRISE_FAULT_CLOCK_NAIVE": "1"} if naive else {}),
+    }
+    worker = start(model_dir, **env)
+    probe = dict(prompt=f"an entry cached before the clock step {'naive' if naive else 'real'}", steps=6, seed=1)
+    probe["model"] = Path(model_dir).name
+    try:
+        deadline = time.monotonic() + 60
+        while submit(**probe).wait(60).cache.hit != "exact":  # the write-back is asynchronous
+            assert time.monotonic() < deadline, "the entry was never cached"
+            time.sleep(0.3)
+        flag.touch()
+        return submit(**probe).wait(60).cache.hit
+    finally:
+        flag.unlink(missing_ok=True)
+        worker.stop()
 
 
 # --- bad and hostile input ------------------------------------------------------------------

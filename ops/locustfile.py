@@ -1,4 +1,4 @@
-"""Locust users for Reprise (optional: ``pip install -e .[load]``).
+"""Locust users for Reprise (the ``load`` extra; ``dev`` installs it too, for the tests).
 
     REDIS_URL=redis://127.0.0.1:6379/0 REPRISE_LOCUST_PROMPTS=../shared/prompts/PartiPrompts.tsv \\
         locust -f ops/locustfile.py --headless -u 8 -r 2 -t 2m

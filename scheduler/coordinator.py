@@ -252,6 +252,7 @@ class CoordinatorMetrics:
             "reprise_coordinator_is_leader", "1 while this coordinator leads", registry=self.registry
         )
         self._last_stats = 0.0
+        self._stats_running = threading.Event()
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
     def update(self, coordinator: Coordinator, leading: bool) -> None:
@@ -260,11 +261,22 @@ class CoordinatorMetrics:
         self.leader_changes.set(int(r.get(f"{p}:coordinator:leader-changes") or 0))
         for model, gen in coordinator.admin.registry.generations().items():
             self.generation.labels(model).set(gen)
-        if leading and time.monotonic() - self._last_stats > 30:
+        if leading and time.monotonic() - self._last_stats > 30 and not self._stats_running.is_set():
             self._last_stats = time.monotonic()
+            self._stats_running.set()
+            # The stats broadcast waits for every node (up to 10 s when one does not answer): off the lease
+            # loop, so the leader keeps renewing its lease and its is_leader gauge stays true meanwhile.
+            threading.Thread(target=self._refresh_stats, args=(coordinator,), daemon=True).start()
+
+    def _refresh_stats(self, coordinator: Coordinator) -> None:
+        try:
             totals = coordinator.admin.stats()["totals"]
             self.entries.set(totals["entries"])
             self.bytes.set(totals["approx_bytes"])
+        except Exception as exc:  # no node answered, Redis away: the next refresh tries again
+            log.info("coordinator stats not refreshed: %s", exc)
+        finally:
+            self._stats_running.clear()
 
     def observe_duty(self, op: str, replies: dict) -> None:
         self.sweeps.labels(op).inc()

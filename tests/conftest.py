@@ -23,6 +23,8 @@ TEST_ENV = {
     "REPRISE_RESTORE_INTERVAL_S": "1",
     "REPRISE_HEARTBEAT_S": "2",
     "REPRISE_TORCH_THREADS": "1",
+    # Every step is reported, so a test can read exactly how far a job had got (the cancel test does).
+    "REPRISE_PROGRESS_INTERVAL_S": "0",
 }
 os.environ.update(TEST_ENV)
 

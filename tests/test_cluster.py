@@ -50,12 +50,43 @@ def test_seed_chosen_and_returned(cluster):
     assert 0 <= result.seed < 2**32
 
 
+def _running_on(job, timeout: float = 60) -> str:
+    """Wait until the job reports a denoising step; the node (Celery hostname) running it."""
+    deadline = time.monotonic() + timeout
+    while (job.progress().get("step") or 0) < 1:
+        assert time.monotonic() < deadline, job.status()
+        time.sleep(0.02)
+    return job._ar.worker
+
+
+def _cancel(job) -> None:
+    job.cancel()
+    with pytest.raises(JobCancelled):
+        job.wait(60)
+
+
 def test_same_seed_same_image_across_runs_and_workers(cluster):
-    results = [submit(prompt="a lighthouse at dusk", steps=12, seed=1234, **_nocache()).wait(60) for _ in range(4)]
-    images = [_pixels(r.image_uri) for r in results]
+    """Each node has one slot and prefetches one job: while a long job holds one node, the next job must run
+    on the other. So the first run goes to one node and the second to the other, by construction."""
+    nodes = {w.hostname for w in cluster.workers if w.alive() and w.model == "tiny"}
+    assert len(nodes) == 2
+    same = dict(prompt="a lighthouse at dusk", steps=12, seed=1234, **_nocache())
+    hold_a = submit(prompt="a long job holding one node", steps=500, seed=1, **_nocache())
+    node_a = _running_on(hold_a)
+    first = submit(**same).wait(60)
+    assert hold_a.status() == "PROGRESS"  # node_a was busy all along
+    hold_b = submit(prompt="a long job holding the other node", steps=500, seed=2, **_nocache())
+    node_b = _running_on(hold_b)
+    _cancel(hold_a)
+    second = submit(**same).wait(60)
+    assert hold_b.status() == "PROGRESS"  # node_b was busy all along
+    _cancel(hold_b)
+    third = submit(**same).wait(60)
+    assert {node_a, node_b} == nodes
+    assert (first.worker, second.worker) == (node_b, node_a)  # the result names the node that ran it
+    images = [_pixels(r.image_uri) for r in (first, second, third)]
     for img in images[1:]:
         assert np.array_equal(img, images[0])
-    assert len({r.worker for r in results}) >= 1
 
 
 def test_send_task_by_name(cluster):
@@ -161,21 +192,28 @@ def test_random_raw_messages_never_crash_a_worker(cluster, payload):
 
 
 def test_cancel_stops_within_one_step_and_frees_the_worker(cluster):
-    job = submit(prompt="a very long job", steps=200, seed=1, **_nocache())
+    """Workers here report every step (REPRISE_PROGRESS_INTERVAL_S=0), so the job's stored progress at the
+    instant the cancel flag appears is exactly the steps done then. From that instant at most the step in
+    progress may complete: the loop checks the flag before each step."""
+    job = submit(prompt="a very long job", steps=500, seed=1, **_nocache())
     deadline = time.monotonic() + 60
     while (job.progress().get("step") or 0) < 10:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    step_at_cancel = job.progress()["step"]
-    job.cancel()
+    with cluster.redis.pipeline(transaction=True) as tx:  # MULTI/EXEC: read the progress and raise the flag at once
+        tx.get(job._ar.backend.get_key_for_task(job.id))
+        tx.set(f"reprise:cancel:{job.id}", 1, ex=3600)  # the flag Job.cancel() raises
+        meta, _ = tx.execute()
+    meta = json.loads(meta)
+    assert meta["status"] == "PROGRESS", meta
+    done_at_cancel = meta["result"]["step"]
+    job.cancel()  # and the revoke broadcast, as a user's cancel does
     with pytest.raises(JobCancelled):
         job.wait(60)
     assert job.status() == "REVOKED"
-    meta = job._ar.backend.get_task_meta(job.id)
-    stopped = int(str(meta["result"]).split("before step ")[1].split()[0])  # "...stopped before step N of 200"
-    assert stopped < 200
-    # The progress shown at cancel may lag by one update interval; the loop stops at its next step check.
-    assert stopped - step_at_cancel <= 30, (step_at_cancel, stopped)
+    reason = str(job._ar.backend.get_task_meta(job.id)["result"])
+    done_at_stop = int(reason.split("before step ")[1].split()[0]) - 1  # "...stopped before step N of 500"
+    assert done_at_stop - done_at_cancel in (0, 1), (done_at_cancel, done_at_stop)
     assert submit(prompt="next job", steps=3).wait(30).steps == 3
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from scheduler.errors import InvalidRequest
 from scheduler.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts"
 
 
@@ -131,38 +135,45 @@ def test_short_loadtest_writes_report_plots_and_agrees_with_flower(sim_worker, c
             assert image.format == "PNG" and image.size[0] > 300
 
 
-def test_locust_user_reports_each_job_as_a_request(sim_worker, monkeypatch):
-    """ops/locustfile.py with Locust's four names stood in when Locust (an optional extra) is absent."""
-    import importlib
-    import sys
-    import types
-
-    fired = []
-    try:
-        import locust  # noqa: F401
-
-        real = True
-    except ImportError:
-        real = False
-        fake = types.ModuleType("locust")
-        fake.User = type("User", (), {"__init__": lambda self, *a, **k: None})
-        fake.between = lambda a, b: lambda self: a
-        fake.task = lambda f: f
-        fake.events = types.SimpleNamespace(request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw)))
-        monkeypatch.setitem(sys.modules, "locust", fake)
-    monkeypatch.setenv("REPRISE_LOCUST_MODEL", "sim")
-    monkeypatch.setenv("REPRISE_LOCUST_STEPS", "3")
-    locustfile = (
-        importlib.reload(importlib.import_module("ops.locustfile"))
-        if "ops.locustfile" in sys.modules
-        else importlib.import_module("ops.locustfile")
+def test_locust_run_reports_each_job_as_a_request(sim_worker, cluster, tmp_path):
+    """Real Locust (the `load` extra, installed with `dev`): a headless run of ops/locustfile.py for a few
+    seconds against the test cluster, in its own process (Locust monkey-patches the process with gevent).
+    No web UI, no master port: standalone headless, only the test Redis on loopback."""
+    csv = tmp_path / "locust"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "ops" / "locustfile.py"),
+            "--headless",
+            "--users",
+            "2",
+            "--spawn-rate",
+            "2",
+            "--run-time",
+            "4s",
+            "--stop-timeout",
+            "30",  # users finish the job they wait for
+            "--csv",
+            str(csv),
+            "--only-summary",
+            "--exit-code-on-error",
+            "1",
+        ],
+        env=cluster.process_env(REPRISE_LOCUST_MODEL="sim", REPRISE_LOCUST_STEPS="3", REPRISE_LOCUST_TIMEOUT_S="30"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
-    if real:
-        locustfile.events.request.add_listener(lambda **kw: fired.append(kw))
-    user = locustfile.GenerationUser.__new__(locustfile.GenerationUser)
-    user.generate()
-    user.generate()
-    assert len(fired) == 2
-    for event in fired:
-        assert event["request_type"] == "generate" and event["exception"] is None
-        assert event["name"].startswith("sim ") and event["response_time"] > 0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(f"{csv}_stats.csv") as f:
+        rows = list(csv_module.DictReader(f))
+    total = next(r for r in rows if r["Name"] == "Aggregated")
+    ours = [r for r in rows if r["Type"] == "generate"]
+    assert ours and {r["Name"].split()[0] for r in ours} == {"sim"}, rows
+    assert {r["Name"].split()[1] for r in ours} <= {"miss", "exact", "approximate"}, rows
+    assert int(total["Request Count"]) >= 2 and int(total["Failure Count"]) == 0, total
+    assert float(total["Average Response Time"]) > 0

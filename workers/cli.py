@@ -37,6 +37,7 @@ def _cmd_worker(args) -> int:
     serve_metrics(service, wsettings, client, cluster.queue_prefix)
     hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"
     service.queue = queue
+    service.hostname = hostname  # results name the node that ran them (several nodes may share a machine)
     info = node_info(service, queue)
     info["node"] = hostname
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
