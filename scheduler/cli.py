@@ -72,7 +72,7 @@ def _cmd_worker(args) -> int:
         "-P",
         "threads",
         "-c",
-        str(len(service.pool.devices)),
+        str(service.slots),
         "-Q",
         f"{queue},{control_queue}",
         "-E",
@@ -194,6 +194,7 @@ def _cmd_bench(args) -> int:
         "lookup": "cache.bench_lookup",
         "cache": "ops.bench_cache",
         "scale": "ops.bench_scale",
+        "batching": "ops.bench_batching",
     }[args.which]
     import importlib
 
@@ -262,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="models served now, with their limits and cache generation")
     s.set_defaults(func=_cmd_models)
 
-    s = sub.add_parser("bench", help="benchmarks: overhead | feature | lookup | cache | scale (see --help of each)")
-    s.add_argument("which", choices=["overhead", "feature", "lookup", "cache", "scale"])
+    s = sub.add_parser(
+        "bench", help="benchmarks: overhead | feature | lookup | cache | scale | batching (see --help of each)"
+    )
+    s.add_argument("which", choices=["overhead", "feature", "lookup", "cache", "scale", "batching"])
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
 
