@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -92,7 +93,9 @@ class PromptEmbedder:
 
     def __init__(self, memo_entries: int = 50_000) -> None:
         self._memo = _Memo(memo_entries)
-        self._encode_lock = threading.Lock()  # one encode at a time: torch already uses both cores
+        # One encode at a time (torch already uses every core), but the prompts that arrive meanwhile
+        # join the next batch instead of queueing behind a lock one by one.
+        self._batched = CoalescedEncode(self._encode_batch)
 
     def embed(self, prompt: str) -> np.ndarray:
         key = (self.version, prompt)
@@ -114,13 +117,56 @@ class PromptEmbedder:
         self._memo.clear()
 
     def _encode(self, prompts: list[str]) -> np.ndarray:
+        return np.stack(self._batched.many(prompts))
+
+    def _encode_batch(self, prompts: list[str]) -> np.ndarray:
         model = load_minilm()
-        with self._encode_lock:
-            # No progress bar: in a worker its stderr lines become two WARNING log lines per job.
-            out = model.encode(
-                prompts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-            )
+        # No progress bar: in a worker its stderr lines become two WARNING log lines per job.
+        out = model.encode(
+            prompts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
         return normalise(out).copy()
+
+
+class CoalescedEncode:
+    """Encodes the prompts of concurrent callers in shared batches.
+
+    The first caller to find the encoder idle becomes the leader: it encodes everything waiting, then
+    whatever arrived during that batch, until nothing waits. The others only wait for their vectors.
+    """
+
+    def __init__(self, encode_batch: Callable[[list[str]], np.ndarray]) -> None:
+        self._encode_batch = encode_batch
+        self._lock = threading.Lock()
+        self._waiting: dict[str, Future] = {}
+        self._running = False
+        self.batches = 0
+
+    def many(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        with self._lock:
+            futures = [self._waiting.setdefault(p, Future()) for p in prompts]
+            lead = not self._running
+            self._running = True
+        if lead:
+            self._drain()
+        return [f.result() for f in futures]
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._waiting = self._waiting, {}
+                if not batch:
+                    self._running = False
+                    return
+            try:
+                vectors = self._encode_batch(list(batch))
+            except BaseException as exc:  # every waiter gets the error, none hangs
+                for future in batch.values():
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            for future, vector in zip(batch.values(), vectors):
+                future.set_result(vector)
 
 
 class CallableEmbedder:

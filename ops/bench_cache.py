@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedded:
         from ops.localcluster import LocalCluster
 
-        cluster = LocalCluster(workdir=str(Path("var/bench-cache").resolve())).__enter__()
+        workdir = Path("var/bench-cache").resolve()
+        shutil.rmtree(workdir, ignore_errors=True)  # its own Redis starts at generation 0: old entries would match
+        cluster = LocalCluster(workdir=str(workdir)).__enter__()
         os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = cluster.redis_url
         console.print(f"{cluster.how_redis}; starting a {args.model} worker on {args.devices} ...")
         env = {"REPRISE_CACHE_SKIP_TABLE": args.skip_table} if args.skip_table else {}

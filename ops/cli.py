@@ -21,6 +21,7 @@ BENCHES = {
     "lookup": "ops.bench_lookup",
     "cache": "ops.bench_cache",
     "scale": "ops.bench_scale",
+    "batching": "ops.bench_batching",
 }
 
 

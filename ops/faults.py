@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -129,21 +129,22 @@ def install_hooks(worker: bool = True) -> None:
 
     service_mod.GenerationService.run = journaled_run
 
-    run_on = service_mod.GenerationService._run_on
+    lookup = service_mod.GenerationService.lookup
 
-    def run_on_hooked(self, *args, **kwargs):
+    def lookup_hooked(self, *args, **kwargs):
         if due("load"):
             _die("load")
-        return run_on(self, *args, **kwargs)
+        return lookup(self, *args, **kwargs)
 
-    service_mod.GenerationService._run_on = run_on_hooked
+    service_mod.GenerationService.lookup = lookup_hooked
 
-    denoise = DenoiseLoop.denoise
+    on_device = service_mod.GenerationService.on_device
 
-    def denoise_hooked(self, *args, **kwargs):
+    def on_device_hooked(self, admitted, *args, **kwargs):
         if kill_at == "denoise" and due("denoise"):
-            on_step = kwargs.get("on_step")
-            steps = kwargs.get("steps", 2)
+            job = admitted.job
+            on_step = job.on_progress
+            steps = admitted.request.steps
 
             def dying_step(step, total):
                 if step >= max(1, steps // 2):
@@ -151,10 +152,10 @@ def install_hooks(worker: bool = True) -> None:
                 if on_step:
                     on_step(step, total)
 
-            kwargs["on_step"] = dying_step
-        return denoise(self, *args, **kwargs)
+            admitted.job = replace(job, on_progress=dying_step)
+        return on_device(self, admitted, *args, **kwargs)
 
-    DenoiseLoop.denoise = denoise_hooked
+    service_mod.GenerationService.on_device = on_device_hooked
 
     decode = DenoiseLoop.decode
 

@@ -91,6 +91,11 @@ class GenerationRequest(BaseModel):
     priority: int = Field(5, ge=0, le=9, description="0 runs first, 9 last.")
     tenant: str = Field("public", pattern=_NAME, description="Who asked; cache entries are scoped to it.")
     cache: CacheOptions = Field(default_factory=CacheOptions)
+    deterministic: bool = Field(
+        False,
+        description="Run alone on the device, never batched with other requests: the same request then gives "
+        "the same image bit for bit (batching changes floating-point summation order).",
+    )
 
     @field_validator("prompt")
     @classmethod

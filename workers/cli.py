@@ -60,7 +60,7 @@ def _cmd_worker(args) -> int:
         "-P",
         "threads",
         "-c",
-        str(len(service.pool.devices)),
+        str(service.slots),
         "-Q",
         f"{queue},{control_queue}",
         "-E",

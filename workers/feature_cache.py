@@ -228,27 +228,48 @@ class DeepCacheUNet:
         return down, up_in_order[::-1]
 
     def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
-        stale = self.deep_input is None or self.deep_input.shape[0] != sample.shape[0]
-        if step_index in self.full_steps or stale:
-            return self._full(unet, sample, t, encoder_hidden_states)
-        return self._partial(unet, sample, t, encoder_hidden_states)
+        return self.run_batch([self], unet, sample, t, encoder_hidden_states, [sample.shape[0]], [step_index])
+
+    def wants_full(self, step_index: int, rows: int) -> bool:
+        stale = self.deep_input is None or self.deep_input.shape[0] != rows
+        return step_index in self.full_steps or stale
+
+    def batch_key(self, step_index: int, rows: int) -> tuple:
+        """Requests whose runners give the same key can share this step's U-Net call (``run_batch``)."""
+        return ("deepcache", self.branch, self.wants_full(step_index, rows))
+
+    @staticmethod
+    def run_batch(runners, unet, sample, t, encoder_hidden_states, rows, step_indices):
+        """One U-Net call for several requests at the same kind of step (all full, or all partial with the
+        same branch): a full pass keeps each request's slice of the deep feature; a partial pass runs the
+        shallow branch once around all of their kept features. ``rows``: each request's samples."""
+        lead = runners[0]
+        if lead.wants_full(step_indices[0], rows[0]):
+            out, deep = lead._full(unet, sample, t, encoder_hidden_states)
+            for runner, part in zip(runners, deep.split(rows)):
+                runner.deep_input = part
+                runner.full_passes += 1
+            return out
+        deep = torch.cat([r.deep_input for r in runners]) if len(runners) > 1 else lead.deep_input
+        for runner in runners:
+            runner.partial_passes += 1
+        return lead._partial(unet, sample, t, encoder_hidden_states, deep)
 
     def _full(self, unet, sample, t, encoder_hidden_states):
-        self.full_passes += 1
         branch_resnet = self.up_layers[self.branch][0]
+        kept = []
 
         def keep_input(_module, args):
-            self.deep_input = args[0]
+            kept.append(args[0])
 
         handle = branch_resnet.register_forward_pre_hook(keep_input)
         try:
-            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample, kept[-1]
         finally:
             handle.remove()
 
-    def _partial(self, unet, sample, t, encoder_hidden_states):
+    def _partial(self, unet, sample, t, encoder_hidden_states, deep_input):
         """UNet2DConditionModel.forward restricted to the shallow branch (no masks, adapters or ControlNet)."""
-        self.partial_passes += 1
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
@@ -268,7 +289,7 @@ class DeepCacheUNet:
             skips.append(h)
 
         # The kept input is [deep hidden state, skip b]; the skip is recomputed fresh.
-        h = self.deep_input[:, : self.deep_input.shape[1] - skips[self.branch].shape[1]]
+        h = deep_input[:, : deep_input.shape[1] - skips[self.branch].shape[1]]
         up_factor = 2**unet.num_upsamplers
         forward_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
         for j in range(self.branch, -1, -1):

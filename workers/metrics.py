@@ -18,6 +18,9 @@ The names are fixed (the dashboards use them):
 - ``reprise_device_busy_ratio{device}``: share of the last ``BUSY_WINDOW_S`` seconds the device
   spent on jobs (devices with the same name are averaged).
 - ``reprise_devices{model}``: devices this node serves.
+- ``reprise_denoiser_calls_total{device}``, ``reprise_batched_requests_total{device}``: the engine's
+  batched calls and the requests they stepped (their ratio is the mean batch);
+  ``reprise_device_busy_seconds_total{device}``: time inside denoiser calls.
 
 The task records each job with one call (``observe_result`` / ``observe_failure``); everything
 read from the service or Redis is read when Prometheus scrapes.
@@ -159,8 +162,9 @@ def observe_result(result) -> None:
         GPU_SECONDS_SAVED.labels(model).inc(_clock.seconds_for(model, cache.steps_saved))
     if cache.lookup_ms is not None:
         LOOKUP.labels(model).observe(cache.lookup_ms / 1000.0)
-    now = time.time()
-    _busy.observe(result.device, now - service_s, now)
+    if result.device:  # an exact hit never held a device
+        now = time.time()
+        _busy.observe(result.device, now - service_s, now)
 
 
 def observe_failure(model: str, exc_or_outcome: BaseException | str) -> None:
@@ -216,12 +220,31 @@ class NodeCollector:
         devices = GaugeMetricFamily("reprise_devices", "Devices this node serves.", labels=["model"])
         devices.add_metric([model], len(self.service.pool.devices))
         yield devices
+        yield from self.engine_metrics()
         failures = CounterMetricFamily(
             "reprise_cache_writeback_failures", "Cache write-backs that failed or were dropped.", labels=["model"]
         )
         counters = self.service.counters
         failures.add_metric([model], counters.get("writeback_failed", 0) + counters.get("writeback_dropped", 0))
         yield failures
+
+    def engine_metrics(self):
+        """The engine's batching, per device: mean batch = rate(requests) ÷ rate(calls)."""
+        families = {
+            "calls": CounterMetricFamily("reprise_denoiser_calls", "Batched denoiser calls.", labels=["device"]),
+            "requests": CounterMetricFamily(
+                "reprise_batched_requests", "Requests stepped, summed over calls (the batch sizes).", labels=["device"]
+            ),
+            "busy": CounterMetricFamily(
+                "reprise_device_busy_seconds", "Time each device spent inside denoiser calls.", labels=["device"]
+            ),
+        }
+        engine = getattr(self.service, "_engine", None)
+        for name, stats in sorted(engine.stats().items() if engine is not None else []):
+            families["calls"].add_metric([name], stats.calls)
+            families["requests"].add_metric([name], stats.requests_stepped)
+            families["busy"].add_metric([name], stats.call_s)
+        yield from families.values()
 
 
 _collector: NodeCollector | None = None

@@ -70,7 +70,9 @@ def build_service(
         if name.startswith("sim"):
             from workers.sim import load_sim_components
 
-            components = load_sim_components(worker.model, worker.sim_step_ms, worker.sim_latent_size)
+            components = load_sim_components(
+                worker.model, worker.sim_step_ms, worker.sim_latent_size, worker.sim_call_ms, worker.sim_sample_ms
+            )
         else:
             components = load_components(worker.model, name)
         log.info(
@@ -87,7 +89,7 @@ def build_service(
         registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
     reopen = None
     if cache is None and open_cache and worker.cache_enabled:
-        cache, reopen = _open_cache_or_defer(redis_client, devices[0].loop.c, cluster)
+        cache, reopen = _open_cache_or_defer(redis_client, devices[0].loop.c, cluster, memo)
     defaults = {"method": worker.feature_profile}
     if worker.blockcache_dir:
         defaults["calibration_dir"] = worker.blockcache_dir
@@ -99,6 +101,7 @@ def build_service(
         registry=registry,
         feature_defaults=defaults,
         writeback_queue=worker.writeback_queue,
+        max_batch=worker.max_batch,
     )
     service.text_memo = memo
     if redis_client is not None:
@@ -107,7 +110,7 @@ def build_service(
     service.share_grants = resilience.share_grants()
     if reopen is not None:  # the cache could not open: serve uncached, keep trying in the background
         service.cache_note = f"cache unavailable ({reopen}); retrying every {resilience.cache_reopen_s:g}s"
-        _reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s)
+        _reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s, memo)
     if worker.warmup:
         if cache is not None:
             cache.embed("warm-up")  # loads the prompt embedder now, not on the first job
@@ -179,10 +182,10 @@ def _text_memo(worker: WorkerSettings):
     return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
 
 
-def _open_cache(redis_client, components, key_prefix: str):
+def _open_cache(redis_client, components, key_prefix: str, text_memo=None):
     from cache import CacheSettings, LatentCache
 
-    settings, embedder = cache_settings_for(CacheSettings(), components)
+    settings, embedder = cache_settings_for(CacheSettings(), components, text_memo)
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
     clock = (
         RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
@@ -190,10 +193,10 @@ def _open_cache(redis_client, components, key_prefix: str):
     return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock, key_prefix=key_prefix)
 
 
-def _open_cache_or_defer(redis_client, components, cluster):
+def _open_cache_or_defer(redis_client, components, cluster, text_memo=None):
     """(cache, None), or (None, why) when the cache cannot open now: a node never needs its cache to serve."""
     try:
-        return _open_cache(redis_client, components, cluster.queue_prefix), None
+        return _open_cache(redis_client, components, cluster.queue_prefix, text_memo), None
     except Exception as exc:
         log.error(
             "CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
@@ -204,7 +207,7 @@ def _open_cache_or_defer(redis_client, components, cluster):
 
 
 def _reopen_later(
-    service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float
+    service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float, text_memo=None
 ) -> None:
     def on_open(cache) -> None:
         from workers import control
@@ -213,10 +216,12 @@ def _reopen_later(
         service.cache_note = None
         control.start_control(service, redis_client, cluster)
 
-    CacheReopener(lambda: _open_cache(redis_client, components, cluster.queue_prefix), on_open, every_s).start()
+    CacheReopener(
+        lambda: _open_cache(redis_client, components, cluster.queue_prefix, text_memo), on_open, every_s
+    ).start()
 
 
-def cache_settings_for(settings, components=None):
+def cache_settings_for(settings, components=None, text_memo=None):
     """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
     text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
     clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default."""
@@ -225,12 +230,12 @@ def cache_settings_for(settings, components=None):
     update = {"clip_dim": int(components.text_encoder.config.hidden_size)}
     if settings.skip_table is None and components.extra.get("clip_skip_table"):
         update["skip_table"] = [tuple(row) for row in components.extra["clip_skip_table"]]
-    return settings.model_copy(update=update), clip_embedder(components)
+    return settings.model_copy(update=update), clip_embedder(components, text_memo)
 
 
-def clip_embedder(components):
-    """The pipeline's own text encoder, pooled: the `clip` prompt embedder of the cache."""
-    lock = threading.Lock()  # the devices' threads share this one encoder
+def clip_embedder(components, text_memo=None):
+    """The pipeline's own text encoder, pooled: the `clip` prompt embedder of the cache. The same pass gives
+    the prompt's conditioning: it goes into the node's text memo, so the device stage does not encode again."""
 
     @torch.no_grad()
     def embed(prompt: str):
@@ -241,9 +246,11 @@ def clip_embedder(components):
             truncation=True,
             return_tensors="pt",
         )
-        with lock:
-            pooled = components.text_encoder(tok.input_ids.to(components.device)).pooler_output
-        return pooled[0].float().cpu().numpy()
+        # No lock: inference only, and torch releases the GIL, so the lookups of several jobs run together.
+        out = components.text_encoder(tok.input_ids.to(components.device))
+        if text_memo is not None:
+            text_memo.put(components.fingerprint, prompt, out.last_hidden_state)
+        return out.pooler_output[0].float().cpu().numpy()
 
     return embed
 

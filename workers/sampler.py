@@ -87,6 +87,60 @@ class StopRequested(Exception):
         self.reason, self.step, self.steps = reason, step, steps
 
 
+class Trajectory:
+    """One request's way through the denoising loop: its latents, its own scheduler (a state machine:
+    step index, a multistep solver's kept outputs), its conditioning, its captures. Many trajectories
+    at different steps can share one U-Net call, each with its own timestep."""
+
+    def __init__(self, loop, sched, scheduler, latents, context, guidance_scale, steps, start_step, capture, snap):
+        self.loop, self.sched, self.scheduler = loop, sched, scheduler
+        self.latents, self.context = latents, context
+        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1.0
+        self.steps, self.i = steps, start_step
+        self.capture, self.snap_dtype = capture, snap
+        self.captured: dict[int, torch.Tensor] = {}
+        self.steps_computed = 0
+
+    def to(self, device: torch.device) -> None:
+        """Onto the device that will step it (a no-op where admission ran on the same device)."""
+        self.latents, self.context = self.latents.to(device), self.context.to(device)
+        self.sched.timesteps = self.sched.timesteps.to(device)
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.steps
+
+    @property
+    def rows(self) -> int:
+        """Samples this trajectory puts into a U-Net call (2 with classifier-free guidance)."""
+        return 2 if self.cfg else 1
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U-Net input rows, this step's timestep)."""
+        t = self.sched.timesteps[self.i]
+        model_in = torch.cat([self.latents] * 2) if self.cfg else self.latents
+        return self.loop.c.unet_input(self.sched.scale_model_input(model_in, t)), t
+
+    @torch.no_grad()
+    def advance(self, noise: torch.Tensor) -> None:
+        """Guidance, one scheduler step, and the capture after it, from this trajectory's U-Net output rows."""
+        t = self.sched.timesteps[self.i]
+        if self.cfg:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + self.guidance_scale * (cond - uncond)
+        self.latents = self.sched.step(noise, t, self.latents).prev_sample
+        self.steps_computed += 1
+        self.i += 1
+        if self.i in self.capture:
+            loop = self.loop
+            if self.snap_dtype is not None:
+                self.latents = loop._snap(self.sched, self.scheduler, self.latents, self.snap_dtype)
+            self.captured[self.i] = loop._capture_state(self.sched, self.scheduler, self.latents)
+
+    def output(self, denoise_s: float) -> LoopOutput:
+        return LoopOutput(self.latents, self.captured, self.steps_computed, denoise_s)
+
+
 class DenoiseLoop:
     """One model on one device. Thread-confined: one job at a time per instance."""
 
@@ -131,8 +185,7 @@ class DenoiseLoop:
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.c.device, self.c.dtype)
 
     # 3. step ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def denoise(
+    def trajectory(
         self,
         *,
         prompt: str,
@@ -146,59 +199,59 @@ class DenoiseLoop:
         start_latents: torch.Tensor | None = None,
         start_step: int = 0,
         capture_at: tuple[int, ...] | list[int] = (),
+        snap_dtype: torch.dtype | None = None,
+        context: torch.Tensor | None = None,
+        use_text_memo: bool = True,
+    ) -> Trajectory:
+        """One request's denoising state before its first step: the start (fresh noise or a stored state
+        at ``start_step``), its own scheduler, its conditioning. ``denoise`` steps it alone; the node
+        engine steps many of them in one U-Net call."""
+        if not 0 <= start_step < steps:
+            raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
+        sched = make_scheduler(scheduler, self.c.scheduler_config)
+        sched.set_timesteps(steps, device=self.c.device)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start_step)
+        if context is None:
+            context = self.conditioning(prompt, negative_prompt, guidance_scale, use_text_memo)
+        shape = (1, *self.c.latent_shape(width, height))
+        if start_latents is None:
+            latents = self.initial_noise(seed, width, height) * sched.init_noise_sigma
+        else:
+            latents = self._restore_state(sched, scheduler, start_latents, start_step, shape)
+        return Trajectory(
+            self, sched, scheduler, latents, context, guidance_scale, steps, start_step, set(capture_at), snap_dtype
+        )
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        *,
         unet_runner: UNetRunner | None = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
-        snap_dtype: torch.dtype | None = None,
-        use_text_memo: bool = True,
+        **start,
     ) -> LoopOutput:
-        """Run steps ``start_step .. steps-1``; ``captured[k]`` is the latent after ``k`` steps.
+        """Run steps ``start_step .. steps-1`` of one request alone; ``captured[k]`` is the latent after
+        ``k`` steps. ``start`` are the arguments of ``trajectory``.
 
         ``snap_dtype``: the dtype the cache stores states in. The trajectory itself continues from
         the rounded state at each capture, so a later resume from the stored state reproduces
         this run bit for bit (the rounding moves at most one 8-bit level in about 1% of pixels
         against a run that captures nothing).
         """
-        if not 0 <= start_step < steps:
-            raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
         runner = unet_runner or PlainUNet()
-        sched = make_scheduler(scheduler, self.c.scheduler_config)
-        sched.set_timesteps(steps, device=self.c.device)
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start_step)
-        cfg = guidance_scale > 1.0
-        context = self.conditioning(prompt, negative_prompt, guidance_scale, use_text_memo)
-
-        shape = (1, *self.c.latent_shape(width, height))
-        if start_latents is None:
-            latents = self.initial_noise(seed, width, height) * sched.init_noise_sigma
-        else:
-            latents = self._restore_state(sched, scheduler, start_latents, start_step, shape)
-        wanted = set(capture_at)
-        out = LoopOutput(latents=latents)
+        traj = self.trajectory(**start)
         started = time.perf_counter()
-        for i in range(start_step, steps):
+        while not traj.done:
             reason = should_stop() if should_stop is not None else None
             if reason:
-                raise StopRequested(reason, i + 1, steps)
-            t = sched.timesteps[i]
-            model_in = torch.cat([latents] * 2) if cfg else latents
-            model_in = self.c.unet_input(sched.scale_model_input(model_in, t))
-            noise = runner(self.c.unet, model_in, t, i, context)
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(noise, t, latents).prev_sample
-            out.steps_computed += 1
-            if i + 1 in wanted:
-                if snap_dtype is not None:
-                    latents = self._snap(sched, scheduler, latents, snap_dtype)
-                out.captured[i + 1] = self._capture_state(sched, scheduler, latents)
+                raise StopRequested(reason, traj.i + 1, traj.steps)
+            model_in, t = traj.model_input()
+            traj.advance(runner(self.c.unet, model_in, t, traj.i, traj.context))
             if on_step is not None:
-                on_step(i + 1, steps)
-        out.latents = latents
-        out.denoise_s = time.perf_counter() - started
-        return out
+                on_step(traj.i, traj.steps)
+        return traj.output(time.perf_counter() - started)
 
     def _snap(self, sched, scheduler: str, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if scheduler in MULTISTEP:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from scheduler.schema import (
     with_model,
 )
 from workers.artifacts import ArtifactStore
+from workers.engine import EngineRequest, NodeEngine
 from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
 
@@ -60,19 +60,11 @@ class Device:
 
 
 class DevicePool:
-    """Each device runs one job at a time; a job borrows a free device for its whole run."""
+    """The node's devices. Which job runs on which device, and with which others, is the engine's choice
+    (workers/engine.py)."""
 
     def __init__(self, devices: list[Device]):
         self.devices = devices
-        self._free: queue.Queue[Device] = queue.Queue()
-        for d in devices:
-            self._free.put(d)
-
-    def acquire(self) -> Device:
-        return self._free.get()
-
-    def release(self, device: Device) -> None:
-        self._free.put(device)
 
 
 @dataclass
@@ -98,6 +90,33 @@ class StepTimer:
         return (self.per_step_s or 0.0) * steps + self.decode_s + self.other_s
 
 
+@dataclass
+class AdmittedJob:
+    """One job between its stages: what admission fixed, what lookup found, what the device made."""
+
+    request: GenerationRequest
+    width: int
+    height: int
+    seed: int
+    job: JobContext
+    started: float
+    queue_wait: float
+    report: CacheReport
+    uri: str | None = None  # set once the job has its image (redelivery, exact hit, or stored)
+    use_cache: bool = False
+    shareable: bool = False
+    key: Any = None
+    vector: Any = None
+    start_latents: torch.Tensor | None = None
+    start_step: int = 0
+    capture: list[int] = field(default_factory=list)
+    runner: Any = None
+    device: str = ""  # the device that ran it; "" when it never needed one
+    load_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+
+
 class GenerationService:
     def __init__(
         self,
@@ -109,6 +128,7 @@ class GenerationService:
         feature_defaults: dict | None = None,
         writeback_queue: int = 64,
         hostname: str | None = None,
+        max_batch: int = 8,
     ):
         self.model_name = model_name
         self.pool = pool
@@ -118,6 +138,9 @@ class GenerationService:
         self.feature_defaults = feature_defaults or {"method": "off"}
         self.hostname = hostname or socket.gethostname()
         self.timer = StepTimer()
+        self.max_batch = max_batch
+        self._engine: NodeEngine | None = None
+        self._engine_lock = threading.Lock()
         self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
         self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
         self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
@@ -131,6 +154,12 @@ class GenerationService:
             "writeback_failed": 0,
             "writeback_dropped": 0,
         }
+
+    @property
+    def slots(self) -> int:
+        """Jobs the node takes at once: a full batch on each device, and one per device in admission and
+        lookup meanwhile, so the next job's lookups overlap the device's work instead of following it."""
+        return len(self.pool.devices) * (self.max_batch + 1)
 
     @property
     def components(self) -> Components:
@@ -164,18 +193,170 @@ class GenerationService:
             raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
         return request, width, height
 
-    # --- one job ------------------------------------------------------------------------------
+    # --- one job: admission → lookup → device → store -----------------------------------------
     def run(self, payload: Any, job: JobContext) -> GenerationResult:
+        """Serve one job. Only the device stage holds a device: admission, lookups, the artifact write
+        and the write-back run on the caller's thread, so a cache miss costs the device nothing."""
+        admitted = self.admit(payload, job)
+        self.lookup(admitted)
+        if admitted.uri is None:
+            out, image = self.on_device(admitted)
+            self.store(admitted, out, image)
+        self._pad_for_isolation(admitted)
+        result = self._result(admitted)
+        self._count(result)
+        return result
+
+    def admit(self, payload: Any, job: JobContext) -> AdmittedJob:
+        """Validate, fix the seed, and reuse the image of a redelivered job that was already stored."""
         started = time.time()
         request, width, height = self.validate(payload)
         # A redelivered job (worker died, visibility timeout) must redo the same image: no seed, one per job id.
         seed = request.seed if request.seed is not None else seed_for_job(job.job_id)
-        queue_wait = max(0.0, started - job.queued_at) if job.queued_at else 0.0
-        device = self.pool.acquire()
+        report = CacheReport(
+            hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None
+        )
+        a = AdmittedJob(
+            request=request,
+            width=width,
+            height=height,
+            seed=seed,
+            job=job,
+            started=started,
+            queue_wait=max(0.0, started - job.queued_at) if job.queued_at else 0.0,
+            report=report,
+        )
+        done = self._already_stored(request, seed, width, height, job)
+        if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
+            report.hit, report.steps_saved = "exact", request.steps
+            report.note = "redelivered job: its image was already stored"
+            a.uri = done
+            return a
+        a.shareable = request.cache.share
+        if a.shareable and self.share_grants is not None and request.tenant not in self.share_grants:
+            a.shareable = False
+            report.note = f"share ignored: tenant {request.tenant!r} is not granted sharing (REPRISE_SHARE_TENANTS)"
+        a.use_cache = self.cache is not None and (
+            request.cache.exact or request.cache.approximate or request.cache.write
+        )
+        return a
+
+    def lookup(self, a: AdmittedJob) -> None:
+        """Exact lookup (a hit ends the job here), prompt embedding, approximate lookup and state fetch."""
+        if a.uri is not None or not a.use_cache:
+            return
+        request, report = a.request, a.report
+        if self.before_lookup is not None:
+            self.before_lookup()
+        a.key, report.generation = self._cache_key(request, a.seed, a.width, a.height)
+        t = time.perf_counter()
+        if request.cache.exact:
+            hit = self.cache.lookup_exact(a.key, allow_shared=request.cache.use_shared)
+            if hit is not None and self.artifacts.exists(hit.image_uri):
+                uri = hit.image_uri
+                if hit.tenant != request.tenant:
+                    uri = self.artifacts.copy_for(hit.image_uri, request.tenant, a.job.job_id)
+                # An exact hit saves all N steps; LCBFU scores states, so credit the deepest one
+                # (K_max x hits keeps the entry, and with it the image, among the most beneficial).
+                ks = self.cache.state_steps(request.steps)
+                self.cache.record_hit(hit.entry_id, ks[-1] if ks else request.steps)
+                report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, request.steps
+                report.lookup_ms = (time.perf_counter() - t) * 1000
+                a.uri = uri
+                return
+        if request.cache.approximate or request.cache.write:
+            a.vector = self.cache.embed(request.prompt)
+        if request.cache.approximate and a.vector is not None:
+            ahit = self.cache.lookup_approx(a.key, a.vector, allow_shared=request.cache.use_shared)
+            if ahit is not None and 0 < ahit.k < request.steps:
+                a.start_latents = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
+                a.start_step = ahit.k
+                self.cache.record_hit(ahit.entry_id, ahit.k)
+                report.hit, report.k, report.similarity, report.source_id = (
+                    "approximate",
+                    ahit.k,
+                    float(ahit.similarity),
+                    ahit.entry_id,
+                )
+        report.lookup_ms = (time.perf_counter() - t) * 1000
+        if request.cache.write:
+            a.capture = [k for k in self.cache.state_steps(request.steps) if k > a.start_step]
+
+    def on_device(self, a: AdmittedJob):
+        """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
+        the node engine, which steps it in batches with the other active jobs; decode follows, on the
+        device where decoding is device work, here otherwise."""
+        loop, request, job = self.pool.devices[0].loop, a.request, a.job
+        a.runner = self._unet_runner(loop.c, request, request.steps, a.start_step)
+        trajectory = loop.trajectory(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=a.seed,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=a.width,
+            height=a.height,
+            scheduler=request.scheduler,
+            start_latents=a.start_latents,
+            start_step=a.start_step,
+            capture_at=a.capture,
+            snap_dtype=torch.float16 if a.capture else None,  # the cache stores float16 states
+            use_text_memo=request.cache.feature.text_memo,
+        )
+        # A feature cache whose runner cannot batch (block caching) runs alone, as a deterministic request does.
+        alone = request.deterministic or (a.runner is not None and not hasattr(a.runner, "run_batch"))
+        entry = EngineRequest(
+            trajectory,
+            group=("solo", job.job_id) if alone else ("shared", a.width, a.height, getattr(a.runner, "method", "off")),
+            runner=a.runner,
+            priority=request.priority,
+            deadline=job.deadline,
+            decode_on_device=loop.c.device.type == "cuda",
+        )
+        self.engine.submit(entry)
         try:
-            result = self._run_on(device, request, seed, width, height, job, started, queue_wait)
-        finally:
-            self.pool.release(device)
+            out, image, a.decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
+        except StopRequested as exc:
+            error = JobCancelled if exc.reason == "cancelled" else JobTimeout
+            raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
+        a.device = entry.device.name
+        a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
+        if image is None:
+            t = time.perf_counter()
+            image = entry.device.loop.decode(out.latents)
+            a.decode_s = time.perf_counter() - t
+        return out, image
+
+    @property
+    def engine(self) -> NodeEngine:
+        """The node engine, started with the first job that needs a device."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = NodeEngine(self.pool.devices, self.max_batch)
+            return self._engine
+
+    def store(self, a: AdmittedJob, out, image) -> None:
+        """After the device: the artifact, the step timer, and the write-back (queued, never awaited)."""
+        request, report = a.request, a.report
+        a.denoise_s = out.denoise_s
+        report.steps_computed = out.steps_computed
+        report.steps_saved = request.steps - out.steps_computed
+        if a.runner is not None and hasattr(a.runner, "report"):
+            report.feature = FeatureReport(**a.runner.report())
+        metadata = {
+            "request": request.model_dump(mode="json"),
+            "seed": a.seed,
+            "model_version": self.components.fingerprint,
+            "job_id": a.job.job_id,
+        }
+        a.uri = self.artifacts.write_png(image, request.tenant, a.job.job_id, metadata)
+        # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
+        other_s = time.time() - a.started - out.denoise_s - a.decode_s if report.hit == "miss" else None
+        self.timer.observe(out.steps_computed, out.denoise_s, a.decode_s, other_s)
+        if a.use_cache and request.cache.write and out.captured and a.vector is not None:
+            self._schedule_writeback(a.key, a.vector, out.captured, a.uri, a.shareable)
+
+    def _count(self, result: GenerationResult) -> None:
         self.counters["jobs"] += 1
         self.counters[result.cache.hit if result.cache.hit in self.counters else "miss"] += 1
         if self.registry is not None and result.cache.hit != "off":
@@ -183,152 +364,6 @@ class GenerationService:
                 count_outcome(self.registry.r, self.registry.prefix, self.model_name, result.cache.hit, result.cache.k)
             except Exception as exc:  # statistics only
                 log.warning("cannot count the cache outcome: %s", exc)
-        return result
-
-    def _run_on(
-        self, device: Device, request, seed, width, height, job: JobContext, started, queue_wait
-    ) -> GenerationResult:
-        loop = device.loop
-        c = loop.c
-        steps = request.steps
-        report = CacheReport(
-            hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None
-        )
-        done = self._already_stored(request, seed, width, height, job)
-        if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
-            report.hit, report.steps_saved = "exact", steps
-            report.note = "redelivered job: its image was already stored"
-            return self._result(
-                job,
-                request,
-                seed,
-                width,
-                height,
-                done,
-                device,
-                report,
-                started,
-                queue_wait,
-                0.0,
-                0.0,
-                time.time() - started,
-            )
-        shareable = request.cache.share
-        if shareable and self.share_grants is not None and request.tenant not in self.share_grants:
-            shareable = False
-            report.note = f"share ignored: tenant {request.tenant!r} is not granted sharing (REPRISE_SHARE_TENANTS)"
-        use_cache = self.cache is not None and (request.cache.exact or request.cache.approximate or request.cache.write)
-        key = vector = None
-        start_latents, start_step = None, 0
-
-        if use_cache:
-            if self.before_lookup is not None:
-                self.before_lookup()
-            key, report.generation = self._cache_key(request, seed, width, height)
-            t = time.perf_counter()
-            if request.cache.exact:
-                hit = self.cache.lookup_exact(key, allow_shared=request.cache.use_shared)
-                if hit is not None and self.artifacts.exists(hit.image_uri):
-                    uri = hit.image_uri
-                    if hit.tenant != request.tenant:
-                        uri = self.artifacts.copy_for(hit.image_uri, request.tenant, job.job_id)
-                    # An exact hit saves all N steps; LCBFU scores states, so credit the deepest one
-                    # (K_max x hits keeps the entry, and with it the image, among the most beneficial).
-                    ks = self.cache.state_steps(steps)
-                    self.cache.record_hit(hit.entry_id, ks[-1] if ks else steps)
-                    report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, steps
-                    report.lookup_ms = (time.perf_counter() - t) * 1000
-                    self._pad_for_isolation(request, started)
-                    return self._result(
-                        job,
-                        request,
-                        seed,
-                        width,
-                        height,
-                        uri,
-                        device,
-                        report,
-                        started,
-                        queue_wait,
-                        0.0,
-                        0.0,
-                        time.time() - started,
-                    )
-            if request.cache.approximate or request.cache.write:
-                vector = self.cache.embed(request.prompt)
-            if request.cache.approximate and vector is not None:
-                ahit = self.cache.lookup_approx(key, vector, allow_shared=request.cache.use_shared)
-                if ahit is not None and 0 < ahit.k < steps:
-                    start_latents = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
-                    start_step = ahit.k
-                    self.cache.record_hit(ahit.entry_id, ahit.k)
-                    report.hit, report.k, report.similarity, report.source_id = (
-                        "approximate",
-                        ahit.k,
-                        float(ahit.similarity),
-                        ahit.entry_id,
-                    )
-            report.lookup_ms = (time.perf_counter() - t) * 1000
-
-        prep_s = time.time() - started  # device, lookups and state fetch: the job's "load" time
-        capture = self.cache.state_steps(steps) if use_cache and request.cache.write else []
-        capture = [k for k in capture if k > start_step]
-        runner = self._unet_runner(c, request, steps, start_step)
-
-        def should_stop() -> str | None:
-            if job.is_cancelled is not None and job.is_cancelled():
-                return "cancelled"
-            if job.deadline is not None and time.time() > job.deadline:
-                return "time limit"
-            return None
-
-        try:
-            out = loop.denoise(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                seed=seed,
-                steps=steps,
-                guidance_scale=request.guidance_scale,
-                width=width,
-                height=height,
-                scheduler=request.scheduler,
-                start_latents=start_latents,
-                start_step=start_step,
-                capture_at=capture,
-                unet_runner=runner,
-                on_step=job.on_progress,
-                should_stop=should_stop,
-                snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
-                use_text_memo=request.cache.feature.text_memo,
-            )
-        except StopRequested as exc:
-            error = JobCancelled if exc.reason == "cancelled" else JobTimeout
-            raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
-        t = time.perf_counter()
-        image = loop.decode(out.latents)
-        decode_s = time.perf_counter() - t
-        report.steps_computed = out.steps_computed
-        report.steps_saved = steps - out.steps_computed
-        if runner is not None and hasattr(runner, "report"):
-            report.feature = FeatureReport(**runner.report())
-        metadata = {
-            "request": request.model_dump(mode="json"),
-            "seed": seed,
-            "model_version": c.fingerprint,
-            "job_id": job.job_id,
-        }
-        uri = self.artifacts.write_png(image, request.tenant, job.job_id, metadata)
-        device.jobs_done += 1
-        # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
-        other_s = time.time() - started - out.denoise_s - decode_s if report.hit == "miss" else None
-        self.timer.observe(out.steps_computed, out.denoise_s, decode_s, other_s)
-        if use_cache and request.cache.write and out.captured and vector is not None:
-            self._schedule_writeback(key, vector, out.captured, uri, shareable)
-        if report.hit == "approximate":
-            self._pad_for_isolation(request, started)
-        return self._result(
-            job, request, seed, width, height, uri, device, report, started, queue_wait, out.denoise_s, decode_s, prep_s
-        )
 
     # --- helpers ------------------------------------------------------------------------------
     def _already_stored(
@@ -375,10 +410,11 @@ class GenerationService:
 
         return make_unet_runner(components, options, self.feature_defaults, steps=steps, start_step=start_step)
 
-    def _pad_for_isolation(self, request: GenerationRequest, started: float) -> None:
-        if not request.cache.isolate_timing:
+    def _pad_for_isolation(self, a: AdmittedJob) -> None:
+        """A hit answers no sooner than a miss would (off the device: the padding holds no device)."""
+        if not a.request.cache.isolate_timing or a.report.hit not in ("exact", "approximate"):
             return
-        remaining = self.timer.miss_time(request.steps) - (time.time() - started)
+        remaining = self.timer.miss_time(a.request.steps) - (time.time() - a.started)
         if remaining > 0:
             time.sleep(remaining)
 
@@ -405,32 +441,32 @@ class GenerationService:
         """Wait for pending write-backs (tests, shutdown)."""
         self._writeback.submit(lambda: None).result(timeout=timeout)
 
-    def _result(
-        self, job, request, seed, width, height, uri, device, report, started, queue_wait, denoise_s, decode_s, load_s
-    ):
-        total = time.time() - started
+    def _result(self, a: AdmittedJob) -> GenerationResult:
+        total = time.time() - a.started
         return GenerationResult(
-            job_id=job.job_id,
-            image_uri=uri,
-            seed=seed,
-            width=width,
-            height=height,
-            steps=request.steps,
+            job_id=a.job.job_id,
+            image_uri=a.uri,
+            seed=a.seed,
+            width=a.width,
+            height=a.height,
+            steps=a.request.steps,
             model=self.model_name,
             model_version=self.components.fingerprint,
-            device=device.name,
+            device=a.device,
             worker=self.hostname,
             timings=Timings(
-                queue_wait_s=round(queue_wait, 4),
-                load_s=round(load_s, 4),
-                denoise_s=round(denoise_s, 4),
-                decode_s=round(decode_s, 4),
-                total_s=round(total + queue_wait, 4),
+                queue_wait_s=round(a.queue_wait, 4),
+                load_s=round(a.load_s if a.device else total, 4),
+                denoise_s=round(a.denoise_s, 4),
+                decode_s=round(a.decode_s, 4),
+                total_s=round(total + a.queue_wait, 4),
             ),
-            cache=report,
+            cache=a.report,
         )
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
         self._writeback.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()

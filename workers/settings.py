@@ -25,7 +25,20 @@ class WorkerSettings(BaseSettings):
         64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
     )
     heartbeat_s: float = Field(10.0, gt=0, description="How often a worker refreshes its entry in the model registry.")
-    sim_step_ms: float = Field(50.0, ge=0, description="Time one denoising step costs on the simulated device `sim`.")
+    max_batch: int = Field(
+        8, ge=1, le=64, description="Most requests a device steps in one denoiser call (1 = one request at a time)."
+    )
+    sim_step_ms: float | None = Field(
+        None,
+        ge=0,
+        description="If set, every denoiser call on `sim` costs this long whatever its batch (no cost model).",
+    )
+    sim_call_ms: float = Field(
+        16.4, ge=0, description="`sim` cost model: fixed time of one denoiser call (SD v1-4 on a GPU, see README)."
+    )
+    sim_sample_ms: float = Field(
+        18.4, ge=0, description="`sim` cost model: time each sample adds to a call (2 per image with guidance)."
+    )
     sim_latent_size: int = Field(64, ge=8, description="Latent side of the simulated device (64 = SD 1.5 at 512 px).")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch on a cpu device; 0 = cores ÷ cpu devices.")
     blockcache_dir: str = Field(

@@ -1,12 +1,18 @@
-"""The simulated accelerator `sim`: a device whose U-Net step costs a fixed time and no CPU.
+"""The simulated accelerator `sim`: a device whose U-Net call costs time and no CPU.
 
 It exists to load-test and scale-test the cluster on machines without GPUs. Everything around the
 U-Net is real: the tiny model's tokenizer and text encoder, the scheduler, real-sized latents
 (4 × latent_size × latent_size; 64 = SD 1.5 at 512 px) so that cache lookups and write-backs move
 real-sized noise states, the artifact store. Only two parts are stand-ins:
 
-- ``SleepingUNet``: its forward sleeps ``step_ms`` (``time.sleep`` releases the GIL and uses no
-  CPU, as a GPU kernel would) and returns ``0.1 * sample`` (deterministic, input-shaped).
+- ``SleepingUNet``: its forward sleeps (``time.sleep`` releases the GIL and uses no CPU, as a GPU
+  kernel would) and returns ``0.1 * sample`` (deterministic, input-shaped). A call of ``b`` samples
+  costs ``call_ms + sample_ms × b``, a GPU's batching curve. The defaults come from diffusers' own
+  benchmark records for SD v1-4 (50 steps, guidance on, so 2 U-Net samples per image): 2.66 s for one
+  image and 8.18 s for four, i.e. 53.2 ms and 163.6 ms per step at 2 and 8 samples, so
+  sample_ms = (163.6 − 53.2) / 6 = 18.4 ms and call_ms = 53.2 − 2 × 18.4 = 16.4 ms (both figures
+  include the decode and the text encoder, spread over the 50 steps: an upper bound of the fixed part).
+  ``step_ms``, when given, replaces the model: every call costs step_ms whatever its batch.
 - ``LatentPreview`` as the VAE: ``decode`` takes the first three latent channels as the picture
   (a latent_size × latent_size PNG) instead of running a decoder. It reports SD's scale factor 8, so
   the served sizes and latent shapes are those of the model it stands in for; the sampler's decode
@@ -30,16 +36,29 @@ SIM_MODEL = "sim"
 
 
 class SleepingUNet(torch.nn.Module):
-    """Stands in for a U-Net on an accelerator: each call sleeps ``step_ms``; the output is 0.1 × input."""
+    """Stands in for a U-Net on an accelerator: a call of b samples sleeps call_ms + sample_ms × b (or
+    step_ms flat); the output is 0.1 × input."""
 
-    def __init__(self, step_ms: float, latent_size: int, channels: int = 4):
+    def __init__(
+        self,
+        step_ms: float | None,
+        latent_size: int,
+        channels: int = 4,
+        call_ms: float = 16.4,
+        sample_ms: float = 18.4,
+    ):
         super().__init__()
-        self.step_s = step_ms / 1000.0
+        self.flat_s = None if step_ms is None else step_ms / 1000.0
+        self.call_s, self.sample_s = call_ms / 1000.0, sample_ms / 1000.0
         self.config = SimpleNamespace(in_channels=channels, out_channels=channels, sample_size=latent_size)
 
+    def cost_s(self, samples: int) -> float:
+        return self.flat_s if self.flat_s is not None else self.call_s + self.sample_s * samples
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, **kwargs):
-        if self.step_s > 0:
-            time.sleep(self.step_s)
+        seconds = self.cost_s(sample.shape[0])
+        if seconds > 0:
+            time.sleep(seconds)
         return SimpleNamespace(sample=0.1 * sample)
 
 
@@ -65,7 +84,13 @@ def _text_side():
     return tiny["tokenizer"], text_encoder, text_fp
 
 
-def load_sim_components(model: str = SIM_MODEL, step_ms: float = 50.0, latent_size: int = 64) -> Components:
+def load_sim_components(
+    model: str = SIM_MODEL,
+    step_ms: float | None = None,
+    latent_size: int = 64,
+    call_ms: float = 16.4,
+    sample_ms: float = 18.4,
+) -> Components:
     """Components of the simulated device. ``model`` is not used: the served name is always ``sim``."""
     tokenizer, text_encoder, text_fp = _text_side()
     # The step time changes no output, so it is not part of the fingerprint: sim workers with different
@@ -76,12 +101,18 @@ def load_sim_components(model: str = SIM_MODEL, step_ms: float = 50.0, latent_si
         name=SIM_MODEL,
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        unet=SleepingUNet(step_ms, latent_size),
+        unet=SleepingUNet(step_ms, latent_size, call_ms=call_ms, sample_ms=sample_ms),
         vae=LatentPreview(),
         scheduler_config=dict(SD_SCHEDULER_CONFIG),
         device=torch.device("cpu"),
         dtype=torch.float32,
         spec=ModelSpec(SIM_MODEL, default_size=size, max_size=size * 2),
         fingerprint=fp,
-        extra={"simulated": True, "step_ms": step_ms, "latent_size": latent_size},
+        extra={
+            "simulated": True,
+            "step_ms": step_ms,
+            "call_ms": call_ms,
+            "sample_ms": sample_ms,
+            "latent_size": latent_size,
+        },
     )

@@ -1,0 +1,261 @@
+"""The node engine (workers/engine.py) through the generation service, in process: requests at different
+steps share one denoiser call, lookups never wait for a device, and each request keeps its own progress,
+cancel, time limit and result inside a batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache import CacheSettings, LatentCache
+from scheduler.errors import JobCancelled, JobTimeout
+from workers.artifacts import ArtifactStore
+from workers.models import load_components
+from workers.sampler import DenoiseLoop
+from workers.service import Device, DevicePool, GenerationService, JobContext
+
+STEPS = 10
+
+
+class SpyUNet:
+    """The tiny U-Net, recording each call's batch and timesteps; ``gate`` holds calls back until set."""
+
+    def __init__(self, unet):
+        self.unet, self.config = unet, unet.config
+        self.calls: list[tuple[int, list[float]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):  # the U-Net's blocks, for feature caches
+        return getattr(self.unet, name)
+
+    def __call__(self, sample, t, encoder_hidden_states=None):
+        self.gate.wait(60)
+        self.calls.append((sample.shape[0], torch.as_tensor(t).reshape(-1).float().tolist()))
+        return self.unet(sample, t, encoder_hidden_states=encoder_hidden_states)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny")
+
+
+def _service(tiny, tmp_path, max_batch=8, cache=None, devices=1):
+    spy = SpyUNet(tiny.unet)
+    components = dataclasses.replace(tiny, unet=spy)
+    pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(components)) for i in range(devices)])
+    service = GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=cache, max_batch=max_batch)
+    return service, spy
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(Image.open(result.image_uri.removeprefix("file://")).convert("RGB")).astype(np.int16)
+
+
+def _together(service, spy, jobs: list[tuple[dict, JobContext]]) -> list:
+    """Run jobs so that all but the first join the engine while its first call is held: they then share calls."""
+    results: list = [None] * len(jobs)
+    spy.gate.clear()
+
+    def run(i):
+        try:
+            results[i] = service.run(*jobs[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while not service.engine.schedulers[0].active:  # the first job is on the device, its call held
+        assert not isinstance(results[0], Exception), results[0]
+        assert time.monotonic() < deadline, "the first job never reached the device"
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    while service.engine.waiting.qsize() < len(jobs) - 1:
+        assert not any(isinstance(r, Exception) for r in results), results
+        assert time.monotonic() < deadline, "the jobs never reached the engine"
+        time.sleep(0.01)
+    spy.gate.set()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+NOCACHE = {"exact": False, "approximate": False, "write": False}
+
+
+def test_fresh_and_resumed_requests_share_a_call_with_their_own_timesteps(tiny, tmp_path):
+    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
+    service, spy = _service(tiny, tmp_path, cache=LatentCache.open(settings))
+    try:
+        first = {"prompt": "a red fox in the snow", "seed": 3, "steps": STEPS, "guidance_scale": 4.0}
+        full = service.run(first, JobContext(job_id="full"))
+        service.drain_writebacks()
+        resumed_req = {**first, "cache": {"exact": False}}
+        fresh_req = {
+            "prompt": "a blue whale",
+            "negative_prompt": "blurry",
+            "seed": 4,
+            "steps": STEPS,
+            "guidance_scale": 7.0,
+            "scheduler": "euler",
+            "cache": {"approximate": False, "write": False},
+        }
+        spy.calls.clear()
+        resumed, fresh = _together(
+            service, spy, [(resumed_req, JobContext(job_id="resumed")), (fresh_req, JobContext(job_id="fresh"))]
+        )
+        assert resumed.cache.hit == "approximate" and resumed.cache.k == 4 and resumed.cache.steps_computed == 6
+        assert fresh.cache.hit == "miss" and fresh.cache.steps_computed == STEPS
+        shared = [ts for rows, ts in spy.calls if rows == 4]  # 2 requests x 2 rows (guidance)
+        assert shared and all(len(set(ts)) == 2 for ts in shared), spy.calls  # one call, two different steps
+        assert len(spy.calls) < 6 + STEPS  # fewer calls than the two requests alone
+        # Batching only changes the summation order: within one 8-bit level of the request alone.
+        assert np.abs(_pixels(resumed) - _pixels(full)).max() <= 1
+        alone = service.run({**fresh_req, "deterministic": True}, JobContext(job_id="fresh-alone"))
+        assert np.abs(_pixels(fresh) - _pixels(alone)).max() <= 1
+    finally:
+        service.close()
+
+
+def test_deterministic_request_runs_alone_and_matches_the_plain_loop(tiny, tmp_path):
+    service, spy = _service(tiny, tmp_path)
+    try:
+        request = {"prompt": "a lighthouse", "seed": 5, "steps": STEPS, "guidance_scale": 5.0, "cache": NOCACHE}
+        other = {**request, "prompt": "a windmill", "seed": 6}
+        spy.calls.clear()
+        solo, _ = _together(
+            service,
+            spy,
+            [({**request, "deterministic": True}, JobContext(job_id="d")), (other, JobContext(job_id="o"))],
+        )
+        assert all(rows == 2 for rows, _ in spy.calls), spy.calls  # never shared a call
+        loop = DenoiseLoop(tiny)
+        latents = loop.denoise(prompt="a lighthouse", seed=5, steps=STEPS, guidance_scale=5.0, width=64, height=64)
+        assert np.array_equal(_pixels(solo), np.asarray(loop.decode(latents.latents)).astype(np.int16))
+    finally:
+        service.close()
+
+
+def test_max_batch_and_sizes_make_the_groups(tiny, tmp_path):
+    service, spy = _service(tiny, tmp_path, max_batch=2)
+    try:
+        base = {"steps": STEPS, "guidance_scale": 1.0, "cache": NOCACHE}  # no guidance: one row per request
+        jobs = [({**base, "prompt": f"a cat {i}", "seed": i}, JobContext(job_id=f"s{i}")) for i in range(3)]
+        jobs.append(
+            ({**base, "prompt": "a wide cat", "seed": 9, "width": 128, "height": 64}, JobContext(job_id="wide"))
+        )
+        results = _together(service, spy, jobs)
+        assert all(not isinstance(r, Exception) for r in results), results
+        assert max(rows for rows, _ in spy.calls) == 2 and any(rows == 2 for rows, _ in spy.calls)
+        assert results[3].width == 128 and results[3].cache.steps_computed == STEPS
+    finally:
+        service.close()
+
+
+def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
+    service, spy = _service(tiny, tmp_path)
+    try:
+        cancel = threading.Event()
+        seen = []
+
+        def progress(step, total):
+            seen.append(step)
+            if step >= 3:
+                cancel.set()
+
+        long = {"steps": 200, "guidance_scale": 1.0, "cache": NOCACHE}
+        jobs = [
+            (
+                {**long, "prompt": "cancel me", "seed": 1},
+                JobContext("c", on_progress=progress, is_cancelled=cancel.is_set),
+            ),
+            ({**long, "prompt": "too slow", "seed": 2}, JobContext("t", deadline=time.time() + 1.0)),
+            ({"prompt": "finish me", "seed": 3, "steps": STEPS, "cache": NOCACHE}, JobContext("f")),
+        ]
+        cancelled, timed_out, finished = _together(service, spy, jobs)
+        assert isinstance(cancelled, JobCancelled) and isinstance(timed_out, JobTimeout), (cancelled, timed_out)
+        assert cancelled.details["step"] < 200 and timed_out.details["step"] < 200
+        assert seen and max(seen) < 200 and finished.cache.steps_computed == STEPS
+    finally:
+        service.close()
+
+
+def test_an_exact_hit_is_answered_while_the_only_device_is_busy(tiny, tmp_path):
+    """Lookups run before a request takes a device: an exact hit never waits for one, nor runs on one."""
+    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"))
+    service, spy = _service(tiny, tmp_path, cache=LatentCache.open(settings))
+    try:
+        request = {"prompt": "a tiny house on a hill", "seed": 2, "steps": STEPS}
+        service.run(request, JobContext(job_id="a"))
+        service.drain_writebacks()
+        spy.gate.clear()  # the device is now stuck inside a call of another job
+        busy = threading.Thread(
+            target=service.run, args=({"prompt": "long", "steps": 50, "cache": NOCACHE}, JobContext(job_id="long"))
+        )
+        busy.start()
+        while not service.engine.schedulers[0].active:
+            time.sleep(0.01)
+        calls = len(spy.calls)
+        hit = service.run(request, JobContext(job_id="b"))
+        assert hit.cache.hit == "exact" and hit.device == "" and hit.timings.denoise_s == 0
+        assert len(spy.calls) == calls
+        spy.gate.set()
+        busy.join(60)
+    finally:
+        spy.gate.set()
+        service.close()
+
+
+def test_deepcache_requests_at_different_steps_batch_and_keep_their_own_features(tiny, tmp_path):
+    service, spy = _service(tiny, tmp_path)
+    try:
+        feature = {"method": "deepcache", "deepcache_interval": 3}
+        base = {"steps": STEPS, "guidance_scale": 5.0, "cache": {**NOCACHE, "feature": feature}}
+        reqs = [{**base, "prompt": f"a castle {i}", "seed": i} for i in range(3)]
+        together = _together(service, spy, [(r, JobContext(job_id=f"dc{i}")) for i, r in enumerate(reqs)])
+        stats = service.engine.stats()["cpu0"]
+        assert stats.mean_batch > 1.5, stats  # full and partial passes were shared
+        for i, (r, batched) in enumerate(zip(reqs, together)):
+            assert batched.cache.feature.full_unet_passes == 4 and batched.cache.feature.partial_unet_passes == 6
+            alone = service.run({**r, "deterministic": True}, JobContext(job_id=f"dc-alone{i}"))
+            assert alone.cache.feature.full_unet_passes == 4
+            assert np.abs(_pixels(batched) - _pixels(alone)).max() <= 1, i
+    finally:
+        service.close()
+
+
+def test_sim_cost_model_is_fixed_plus_per_sample():
+    from workers.sim import SleepingUNet
+
+    unet = SleepingUNet(None, 8)
+    assert unet.cost_s(2) == pytest.approx(0.0532) and unet.cost_s(8) == pytest.approx(
+        0.1636
+    )  # SD v1-4, 1 and 4 images
+    assert SleepingUNet(50.0, 8).cost_s(8) == pytest.approx(0.05)  # the flat step time when one is set
+    start = time.perf_counter()
+    SleepingUNet(None, 8, call_ms=20, sample_ms=30)(torch.zeros(3, 4, 8, 8), 1)
+    assert time.perf_counter() - start >= 0.11
+
+
+def test_clip_embedding_and_conditioning_are_one_text_encoder_pass(tiny):
+    from workers.node import clip_embedder
+    from workers.text_memo import TextEmbeddingMemo
+
+    memo = TextEmbeddingMemo(8)
+    clip_embedder(tiny, memo)("a harbour at night")
+    passes = []
+    handle = tiny.text_encoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        conditioning = DenoiseLoop(tiny, text_memo=memo).encode_text("a harbour at night")
+        assert passes == []  # the lookup's pass already gave the conditioning
+        assert torch.equal(conditioning, DenoiseLoop(tiny).encode_text("a harbour at night")) and passes == [1]
+    finally:
+        handle.remove()

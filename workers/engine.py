@@ -1,0 +1,250 @@
+"""The node engine: every request of a node that needs a device goes through here.
+
+vLLM's layering, for diffusion: the engine owns the requests that are on a device; one scheduler per
+device (a thread) decides, at each iteration, which of its active requests share the next denoiser
+call; the device runs that one batched call, each sample with its own timestep, and every request's
+own diffusers scheduler then steps its slice of the output. A fresh request at step 0 and one resumed
+from the cache at step K share a call. New requests join at the next iteration; finished ones leave to
+decode. Admission and lookups happen before (workers/service.py), on the callers' threads.
+
+Requests share a call when they have the same size and feature cache. DeepCache requests share a call
+with those whose runner makes the same kind of pass at this step (all full, or all partial around their
+own kept features); a block-caching request (its runner patches the U-Net's blocks per request) or one
+marked ``deterministic`` runs in a group of its own. Groups take turns, the longest-waiting first.
+
+Progress, cancellation and time limits stay per request: the device thread posts each step to the
+request's caller, and looks at a stop flag (set by the caller, which polls for cancellation off the
+device) and the deadline before every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workers.sampler import LoopOutput, PlainUNet, StopRequested, Trajectory
+
+log = logging.getLogger("reprise.engine")
+
+
+@dataclass
+class EngineRequest:
+    """One request inside the engine: its trajectory, whom it may share a call with, and its way back."""
+
+    trajectory: Trajectory
+    group: tuple  # requests share a U-Net call only within one group
+    runner: Any = None  # a feature-cache runner: the request runs alone, through it
+    priority: int = 5
+    deadline: float | None = None  # time.time() past which it stops before its next step
+    decode_on_device: bool = False
+    stop: str | None = None  # "cancelled", set by the caller
+    events: queue.Queue = field(default_factory=queue.Queue)
+    device: Any = None
+    first_step_at: float | None = None
+    last_stepped: int = -1  # the iteration that last stepped it (fair turns between groups)
+
+    def turn_key(self) -> tuple:
+        """Whom it may share this iteration's call with: its group, and for a feature cache that can batch
+        (DeepCache) the kind of pass its runner makes at this step (full or partial)."""
+        batch_key = getattr(self.runner, "batch_key", None)
+        if batch_key is None:
+            return self.group
+        return self.group + batch_key(self.trajectory.i, self.trajectory.rows)
+
+
+@dataclass
+class DeviceStats:
+    calls: int = 0
+    requests_stepped: int = 0  # sum of batch sizes, in requests
+    rows: int = 0  # sum of batch sizes, in U-Net samples (2 per request with guidance)
+    call_s: float = 0.0  # time inside denoiser calls: the device's busy time
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.requests_stepped / self.calls if self.calls else 0.0
+
+
+class DeviceScheduler(threading.Thread):
+    """Runs one device: takes waiting requests while it has room, and each iteration makes one batched
+    denoiser call for the group whose turn it is."""
+
+    def __init__(self, device, waiting: queue.PriorityQueue, max_batch: int):
+        super().__init__(name=f"reprise-engine-{device.name}", daemon=True)
+        self.device, self.waiting, self.max_batch = device, waiting, max_batch
+        self.active: list[EngineRequest] = []
+        self.stats = DeviceStats()
+        self.iteration = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            while not self.stopped.is_set():
+                try:
+                    self._take_waiting()
+                    group = self._next_group()
+                    if group:
+                        self._step(group)
+                except Exception as exc:  # never leave a caller waiting: fail the active requests, go on
+                    log.exception("engine iteration failed on %s", self.device.name)
+                    for request in list(self.active):
+                        self._leave(request)
+                        request.events.put(("error", exc))
+
+    # --- scheduling --------------------------------------------------------------------------------
+    def _take_waiting(self) -> None:
+        while len(self.active) < self.max_batch:
+            try:
+                _, _, request = self.waiting.get(timeout=0.2) if not self.active else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if request is None:  # shutdown
+                self.stopped.set()
+                return
+            request.device = self.device
+            self.active.append(request)
+            request.trajectory.to(self.device.loop.c.device)
+
+    def _next_group(self) -> list[EngineRequest]:
+        """The group of the request that waited longest since its last step; stopped requests leave."""
+        for request in list(self.active):
+            reason = self._stop_reason(request)
+            if reason:
+                self._leave(request)
+                t = request.trajectory
+                request.events.put(("error", StopRequested(reason, t.i + 1, t.steps)))
+        if not self.active:
+            return []
+        first = min(self.active, key=lambda r: (r.last_stepped, r.priority))
+        key = first.turn_key()
+        return [r for r in self.active if r.turn_key() == key]
+
+    @staticmethod
+    def _stop_reason(request: EngineRequest) -> str | None:
+        if request.stop:
+            return request.stop
+        if request.deadline is not None and time.time() > request.deadline:
+            return "time limit"
+        return None
+
+    def _leave(self, request: EngineRequest) -> None:
+        self.active.remove(request)
+
+    # --- one iteration -----------------------------------------------------------------------------
+    def _step(self, group: list[EngineRequest]) -> None:
+        c = self.device.loop.c
+        self.iteration += 1
+        try:
+            inputs = [r.trajectory.model_input() for r in group]
+            for request in group:
+                request.first_step_at = request.first_step_at or time.time()
+            t0 = time.perf_counter()
+            rows = [r.trajectory.rows for r in group]
+            if len(group) == 1:  # alone, exactly as DenoiseLoop.denoise runs it
+                request, (model_in, t) = group[0], inputs[0]
+                runner = request.runner or PlainUNet()
+                outputs = [runner(c.unet, model_in, t, request.trajectory.i, request.trajectory.context)]
+            else:
+                sample = torch.cat([x for x, _ in inputs])
+                timesteps = torch.cat([t.reshape(1).float().expand(n) for n, (_, t) in zip(rows, inputs)])
+                context = torch.cat([r.trajectory.context for r in group])
+                if group[0].runner is not None:  # a feature cache that batches (same turn key)
+                    runners = [r.runner for r in group]
+                    steps = [r.trajectory.i for r in group]
+                    noise = type(runners[0]).run_batch(runners, c.unet, sample, timesteps, context, rows, steps)
+                else:
+                    noise = c.unet(sample, timesteps, encoder_hidden_states=context).sample
+                outputs = noise.split(rows)
+            self.stats.call_s += time.perf_counter() - t0
+            self.stats.calls += 1
+            self.stats.requests_stepped += len(group)
+            self.stats.rows += sum(rows)
+            for request, out in zip(group, outputs):
+                request.last_stepped = self.iteration
+                request.trajectory.advance(out)
+                request.events.put(("step", request.trajectory.i, request.trajectory.steps))
+        except Exception as exc:  # the whole call failed: every request in it gets the error, the device goes on
+            log.exception("denoiser call failed on %s", self.device.name)
+            for request in group:
+                self._leave(request)
+                request.events.put(("error", exc))
+            return
+        for request in group:
+            if request.trajectory.done:
+                self._leave(request)
+                self._finish(request)
+
+    def _finish(self, request: EngineRequest) -> None:
+        t = request.trajectory
+        out = t.output(time.time() - (request.first_step_at or time.time()))
+        image, decode_s = None, 0.0
+        if request.decode_on_device:
+            start = time.perf_counter()
+            try:
+                image = self.device.loop.decode(out.latents)
+            except Exception as exc:
+                request.events.put(("error", exc))
+                return
+            decode_s = time.perf_counter() - start
+        self.device.jobs_done += 1
+        request.events.put(("done", out, image, decode_s))
+
+
+class NodeEngine:
+    """The node's devices and their schedulers. ``submit`` hands a request in; ``wait`` is the caller's
+    side: it reports progress, forwards a cancel, and returns (LoopOutput, image or None, decode_s)."""
+
+    def __init__(self, devices: list, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.waiting: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self.schedulers = [DeviceScheduler(d, self.waiting, max_batch) for d in devices]
+        for s in self.schedulers:
+            s.start()
+
+    def submit(self, request: EngineRequest) -> None:
+        self.waiting.put((request.priority, next(self._order), request))
+
+    def wait(self, request: EngineRequest, on_progress=None, is_cancelled=None) -> tuple[LoopOutput, Any, float]:
+        while True:
+            try:
+                event = request.events.get(timeout=0.25)
+            except queue.Empty:
+                event = None
+            latest = None
+            while event is not None:  # report only the newest step of those that arrived meanwhile
+                kind = event[0]
+                if kind == "step":
+                    latest = event
+                elif kind == "done":
+                    if latest is not None and on_progress is not None:
+                        on_progress(latest[1], latest[2])
+                    return event[1], event[2], event[3]
+                else:
+                    raise event[1]
+                try:
+                    event = request.events.get_nowait()
+                except queue.Empty:
+                    event = None
+            if latest is not None and on_progress is not None:
+                on_progress(latest[1], latest[2])
+            if request.stop is None and is_cancelled is not None and is_cancelled():
+                request.stop = "cancelled"
+
+    def stats(self) -> dict[str, DeviceStats]:
+        return {s.device.name: s.stats for s in self.schedulers}
+
+    def close(self) -> None:
+        for _ in self.schedulers:
+            self.waiting.put((-1, next(self._order), None))
+        for s in self.schedulers:
+            s.join(timeout=5)
