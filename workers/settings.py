@@ -25,6 +25,11 @@ class WorkerSettings(BaseSettings):
         64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
     )
     heartbeat_s: float = Field(10.0, gt=0, description="How often a worker refreshes its entry in the model registry.")
+    table_refresh_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often a worker reads the skip table stored for its model version (`reprise cache table`).",
+    )
     sim_step_ms: float = Field(50.0, ge=0, description="Time one denoising step costs on the simulated device `sim`.")
     sim_latent_size: int = Field(64, ge=8, description="Latent side of the simulated device (64 = SD 1.5 at 512 px).")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch on a cpu device; 0 = cores ÷ cpu devices.")
