@@ -130,12 +130,14 @@ def prompt_embedder(model: str):
     from cache.embedding import CallableEmbedder, PromptEmbedder
 
     settings = CacheSettings()
-    if settings.embedder != "clip":
+    if settings.embedder == "minilm":
         return PromptEmbedder()
     from workers.models import load_components
     from workers.node import cache_settings_for
 
     settings, fn = cache_settings_for(settings, load_components(model))
+    if settings.embedder != "clip":  # auto, without a table for the model's encoder
+        return PromptEmbedder()
     return CallableEmbedder(fn, version="clip", dim=settings.clip_dim)
 
 
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
-        "embedder": CacheSettings().embedder,
+        "embedder": "clip" if embedder.version == "clip" else "minilm",
         "relation_similarities": relation_similarities(
             list(dict.fromkeys(p["relation"] for p in pairs)), model=args.model
         ),

@@ -68,11 +68,12 @@ def test_replay_takes_each_prompts_nearest_earlier_request_and_skips_exact_repea
     assert all(p["source_index"] < p["index"] for p in pairs)  # only earlier requests can be in the cache
 
 
-def test_sample_spreads_pairs_over_the_similarity_range():
-    neighbours = [{"similarity": s} for s in [0.1] * 50 + [0.5, 0.9, 0.99]]
-    picked = sample_pairs(neighbours, 4)
-    assert len(picked) == 4
-    assert [p["similarity"] for p in picked][-3:] == [0.5, 0.9, 0.99]  # the rare close ones are all measured
+def test_sample_follows_the_log_and_spreads_over_the_similarity_range():
+    neighbours = [{"similarity": s} for s in [0.1] * 50 + [0.5, 0.9, 0.99] + [1.0] * 30]
+    picked = [p["similarity"] for p in sample_pairs(neighbours, 12)]
+    assert len(picked) == 12 and picked == sorted(picked)
+    assert {0.5, 0.9} <= set(picked)  # the rare close ones are measured
+    assert picked.count(1.0) >= 2 and picked.count(0.1) >= 3  # and the log's masses as they occur
     assert len(sample_pairs(neighbours, 100)) == len(neighbours)
 
 
@@ -315,3 +316,38 @@ def test_workers_of_one_model_share_the_stored_table_and_new_weights_are_uncalib
         assert new["model_version"] != version
         assert new["skip_table_calibrated"] is False and new["skip_table_source"] == "default"
         assert version in new["skip_table_uncalibrated"]
+
+
+# --- the model's own text encoder where it is calibrated ------------------------------------------------
+
+
+def test_auto_embedder_is_the_models_encoder_where_a_table_is_calibrated_for_it(tmp_path, monkeypatch):
+    from cache import CacheSettings
+    from workers.models import load_components, save_builtin
+    from workers.node import cache_settings_for
+    from workers.tables import auto_embedder
+
+    monkeypatch.delenv("REPRISE_CACHE_EMBEDDER", raising=False)
+    monkeypatch.delenv("REPRISE_CACHE_SKIP_TABLE", raising=False)
+    assert CacheSettings().embedder == "auto"
+    plain = load_components(str(save_builtin("tiny", tmp_path / "plain")))
+    assert auto_embedder(plain) == "minilm" and auto_embedder(None) == "minilm"
+    assert auto_embedder(plain, lambda fp: fp == plain.fingerprint) == "clip"  # a clip table stored for this version
+    assert auto_embedder(plain, lambda fp: False) == "minilm"
+    settings, embed = cache_settings_for(CacheSettings(), plain)
+    assert (
+        settings.embedder == "minilm" and embed is None and settings.table() == CacheSettings(embedder="minilm").table()
+    )
+
+    # a model directory that ships a table for its own encoder (model_index.json → reprise → clip_skip_table)
+    shipped = save_builtin("tiny", tmp_path / "shipped")
+    index = json.loads((shipped / "model_index.json").read_text())
+    index["reprise"]["clip_skip_table"] = [[0.97, 0.4]]
+    (shipped / "model_index.json").write_text(json.dumps(index))
+    model = load_components(str(shipped))
+    assert model.extra["clip_skip_table"] == [[0.97, 0.4]]
+    settings, embed = cache_settings_for(CacheSettings(), model)
+    assert settings.embedder == "clip" and callable(embed) and settings.table() == ((0.97, 0.4),)
+    assert settings.collection == CacheSettings().collection + "-clip"  # never mixed with MiniLM vectors
+    # an explicit choice wins
+    assert cache_settings_for(CacheSettings(embedder="minilm"), model)[0].embedder == "minilm"

@@ -83,13 +83,17 @@ def replay_log(rows: Sequence, embed_many: Callable[[list[str]], np.ndarray]) ->
 
 
 def sample_pairs(neighbours: Sequence[dict], n: int) -> list[dict]:
-    """``n`` pairs spread evenly over the similarity range (the nearest unused pair to each of n evenly
-    spaced similarities), so the rare close neighbours, where the table's large K live, are measured."""
+    """``n`` pairs: half at evenly spaced ranks (the log's own distribution, so a mass of identical
+    neighbours, such as re-rolls at s = 1, is measured as often as it occurs) and half at evenly spaced
+    similarities (so the rare close neighbours, where the large K live, are measured too)."""
     if n >= len(neighbours):
         return sorted(neighbours, key=lambda p: p["similarity"])
     sims = np.array([p["similarity"] for p in neighbours])
-    used: set[int] = set()
+    order = np.argsort(sims, kind="stable")
+    used = {int(order[i]) for i in np.linspace(0, len(order) - 1, (n + 1) // 2).round().astype(int)}
     for target in np.linspace(sims.min(), sims.max(), n):
+        if len(used) == n:
+            break
         for i in np.argsort(np.abs(sims - target), kind="stable"):
             if int(i) not in used:
                 used.add(int(i))
@@ -243,6 +247,10 @@ def calibrate(args, out: Callable[[str], None] = print) -> dict:
     extra = model_extra(args.model)
     steps = args.steps or int(extra.get("default_steps", 25))
     guidance = args.guidance if args.guidance is not None else float(extra.get("default_guidance_scale", 4.0))
+    if embedder_name == "auto":
+        from workers.tables import auto_embedder
+
+        embedder_name = auto_embedder(components)
     embedder = make_embedder(embedder_name, components)
     neighbours, repeats = replay_log(rows, embedder.embed_many)
     if len(neighbours) < 2:
@@ -277,7 +285,7 @@ def calibrate(args, out: Callable[[str], None] = print) -> dict:
             f"  pair {i}/{len(chosen)}  s={pair['similarity']:.3f}  loss at {ks}: {losses}  ({time.perf_counter() - t:.1f} s)"
         )
     pairs = by_scorer[scorer.name]
-    min_pairs = args.min_pairs or max(1, min(15, len(pairs) // 4))
+    min_pairs = args.min_pairs or max(1, min(15, len(pairs) // 8))
     table = fit_table(pairs, args.tolerance, min_pairs, fractions, args.z)
     references = {f"default {embedder_name} table": DEFAULT_TABLES[embedder_name]}
     report = {
@@ -380,12 +388,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", default="pixel", help="pixel | clip (with --clip-model) | checker (shapes)")
     p.add_argument("--clip-model", help="CLIP model directory for --scorer clip")
     p.add_argument("--tolerance", type=float, default=2.0, help="points an approximate hit may lose (default 2)")
-    p.add_argument("--embedder", choices=["minilm", "clip"], help="default: the cache's (REPRISE_CACHE_EMBEDDER)")
+    p.add_argument(
+        "--embedder",
+        choices=["minilm", "clip"],
+        help="default: the cache's (REPRISE_CACHE_EMBEDDER; auto: the model's own encoder where it ships a table for it)",
+    )
     p.add_argument("--pairs", type=int, default=40, help="neighbour pairs generated (default 40)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 25)")
     p.add_argument("--guidance", type=float, help="default: the model's, else 4")
     p.add_argument("--limit", type=int, default=3000, help="first prompts of the log replayed (default 3000)")
-    p.add_argument("--min-pairs", type=int, help="smallest tail or band judged (default: pairs/4, at most 15)")
+    p.add_argument("--min-pairs", type=int, help="smallest tail or band judged (default: pairs/8, at most 15)")
     p.add_argument("--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance")
     p.add_argument("--json", dest="json_out", help="write the report here")
     p.add_argument("--plot", help="write the curve here (PNG)")

@@ -181,8 +181,9 @@ def _text_memo(worker: WorkerSettings):
 
 def _open_cache(redis_client, components=None):
     from cache import CacheSettings, LatentCache
+    from workers.tables import stored_clip_calibration
 
-    settings, embedder = cache_settings_for(CacheSettings(), components)
+    settings, embedder = cache_settings_for(CacheSettings(), components, stored_clip_calibration(redis_client))
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
     clock = (
         RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
@@ -216,10 +217,20 @@ def _reopen_later(
     CacheReopener(lambda: _open_cache(redis_client, components), on_open, every_s).start()
 
 
-def cache_settings_for(settings, components=None):
+def cache_settings_for(settings, components=None, clip_calibrated=None):
     """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
     text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
-    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default."""
+    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default.
+    `auto` resolves to clip or minilm here (workers.tables.auto_embedder; ``clip_calibrated(fingerprint)``:
+    whether a clip table is stored for that model version)."""
+    if settings.embedder == "auto":
+        from workers.tables import auto_embedder
+
+        chosen = auto_embedder(components, clip_calibrated)
+        update = {"embedder": chosen}
+        if chosen == "clip":  # its vectors live apart from MiniLM's (other size, other space)
+            update["collection"] = f"{settings.collection}-clip"
+        settings = settings.model_copy(update=update)
     if settings.embedder != "clip" or components is None:
         return settings, None
     update = {"clip_dim": int(components.text_encoder.config.hidden_size)}

@@ -96,6 +96,37 @@ class TableWatcher(threading.Thread):
                 log.warning("skip table refresh failed: %s", exc)
 
 
+def auto_embedder(components, clip_calibrated=None) -> str:
+    """`REPRISE_CACHE_EMBEDDER=auto`: the model's own text encoder (`clip`: no extra pass, its output is the
+    conditioning) where a table is calibrated for it, stored for this model version or shipped in the
+    model's model_index.json; MiniLM otherwise (its default table is calibrated, NIRVANA's CLIP one is not)."""
+    if components is None:
+        return "minilm"
+    if components.extra.get("clip_skip_table"):
+        return "clip"
+    if clip_calibrated is not None and clip_calibrated(components.fingerprint):
+        return "clip"
+    return "minilm"
+
+
+def stored_clip_calibration(client):
+    """fingerprint -> whether a clip table is stored for it (None without Redis); an unreachable Redis: no."""
+    if client is None:
+        return None
+    from scheduler.settings import get_settings
+
+    store = TableStore(client, get_settings().queue_prefix)
+
+    def calibrated(fingerprint: str) -> bool:
+        try:
+            return store.get(fingerprint, "clip") is not None
+        except Exception as exc:  # Redis down at start: MiniLM until the next start
+            log.warning("could not read the stored clip table: %s", exc)
+            return False
+
+    return calibrated
+
+
 def _explicit_table() -> bool:
     from cache import CacheSettings
 
