@@ -166,6 +166,17 @@ def test_reprise_calibrate_runs_to_the_end_on_a_random_weight_model(tmp_path):
     assert [c["tolerance"] for c in report["curve"]["fitted"]][0] == 0.0
     assert png.stat().st_size > 1000
 
+    # --refit: the same scored pairs fitted again (here: anything goes), no generation
+    from workers import calibrate
+
+    again = tmp_path / "refit.json"
+    assert calibrate.main(["--refit", str(out), "--tolerance", "100", "--z", "0", "--json", str(again)]) == 0
+    refit = json.loads(again.read_text())
+    assert refit["pairs"] == report["pairs"] and refit["meta"]["refit_of"] == str(out)
+    assert refit["table"] == [[round(sims[0] - 1e-4, 4), max(report["meta"]["fractions"])]]  # every pair, largest K
+    with pytest.raises(CalibrationError, match="not a calibration report"):
+        calibrate.main(["--refit", str(png)])
+
 
 def test_calibrate_with_the_clip_scorer_and_the_clip_embedder(tmp_path):
     from workers import calibrate
@@ -194,6 +205,8 @@ def test_calibrate_refuses_bad_input_with_typed_errors(tmp_path):
         calibrate.main(["--model", "tiny", "--prompts", str(tmp_path / "missing.tsv")])
     with pytest.raises(CalibrationError, match="--pairs"):
         calibrate.main(["--model", "tiny", "--prompts", str(one), "--pairs", "1"])
+    with pytest.raises(CalibrationError, match="--prompts"):
+        calibrate.main(["--model", "tiny"])
     proc = _reprise("calibrate", "--prompts", str(one), "--scorer", "nope")
     assert proc.returncode == 2 and "invalid_scorer" in proc.stderr
 
@@ -351,3 +364,19 @@ def test_auto_embedder_is_the_models_encoder_where_a_table_is_calibrated_for_it(
     assert settings.collection == CacheSettings().collection + "-clip"  # never mixed with MiniLM vectors
     # an explicit choice wins
     assert cache_settings_for(CacheSettings(embedder="minilm"), model)[0].embedder == "minilm"
+
+
+def test_cache_table_calibrate_is_reprise_calibrate_with_store(monkeypatch):
+    from scheduler import cache_cli
+    from workers import calibrate
+
+    monkeypatch.setattr(cache_cli, "TABLE_CALIBRATE", None)
+    with pytest.raises(cache_cli.TableCommandError, match="worker layer"):  # the scheduler's command alone
+        cache_cli.main(["table", "calibrate", "--prompts", "log.txt"])
+    from ops.cli import build_parser
+
+    build_parser()  # the full command wires the worker's calibration in
+    seen = []
+    monkeypatch.setattr(calibrate, "main", lambda argv: seen.append(argv) or 0)
+    assert cache_cli.main(["table", "calibrate", "--model", "shapes", "--prompts", "log.txt"]) == 0
+    assert seen == [["--model", "shapes", "--prompts", "log.txt", "--store"]]

@@ -284,50 +284,72 @@ def calibrate(args, out: Callable[[str], None] = print) -> dict:
         out(
             f"  pair {i}/{len(chosen)}  s={pair['similarity']:.3f}  loss at {ks}: {losses}  ({time.perf_counter() - t:.1f} s)"
         )
-    pairs = by_scorer[scorer.name]
+    meta = {
+        "model": components.name,
+        "fingerprint": components.fingerprint,
+        "embedder": embedder_name,
+        "scorer": scorer.name,
+        "prompts": str(args.prompts),
+        "log_prompts": len(rows),
+        "exact_repeats": repeats,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "fractions": fractions,
+        "calibration_s": round(time.perf_counter() - started, 1),
+    }
+    return fit_report(by_scorer, [p["similarity"] for p in neighbours], meta, args)
+
+
+def fit_report(by_scorer: dict[str, list[dict]], neighbour_sims: list[float], meta: dict, args) -> dict:
+    """Fit the first scorer's table (and, for comparison, one per other scorer) and price the curve."""
+    names = list(by_scorer)
+    pairs, steps, fractions, prompts = by_scorer[names[0]], meta["steps"], meta["fractions"], meta["log_prompts"]
+    neighbours = [{"similarity": s} for s in neighbour_sims]
     min_pairs = args.min_pairs or max(1, min(15, len(pairs) // 8))
     table = fit_table(pairs, args.tolerance, min_pairs, fractions, args.z)
-    references = {f"default {embedder_name} table": DEFAULT_TABLES[embedder_name]}
+    references = {f"default {meta['embedder']} table": DEFAULT_TABLES[meta["embedder"]]}
     report = {
-        "meta": {
-            "model": components.name,
-            "fingerprint": components.fingerprint,
-            "embedder": embedder_name,
-            "scorer": scorer.name,
-            "prompts": str(args.prompts),
-            "log_prompts": len(rows),
-            "exact_repeats": repeats,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "fractions": fractions,
-            "min_pairs": min_pairs,
-            "z": args.z,
-            "calibration_s": round(time.perf_counter() - started, 1),
-        },
+        "meta": {**meta, "min_pairs": min_pairs, "z": args.z},
         "tolerance": args.tolerance,
         "table": [list(r) for r in table],
         "score": {
             **score_table(pairs, table, steps),
-            "steps_saved_on_log_pct": log_steps_saved(neighbours, len(rows), table, steps),
+            "steps_saved_on_log_pct": log_steps_saved(neighbours, prompts, table, steps),
         },
-        "curve": report_curve(pairs, neighbours, len(rows), steps, min_pairs, fractions, args.z, references),
-        "neighbour_similarities": [p["similarity"] for p in neighbours],
+        "curve": report_curve(pairs, neighbours, prompts, steps, min_pairs, fractions, args.z, references),
+        "neighbour_similarities": list(neighbour_sims),
         "pairs": pairs,
     }
-    if len(scorers) > 1:  # the same images, scored and fitted by the other scorers
+    if len(names) > 1:  # the same images, scored and fitted by the other scorers
         report["other_scorers"] = {}
-        for name, scored in list(by_scorer.items())[1:]:
+        for name in names[1:]:
+            scored = by_scorer[name]
             other = fit_table(scored, args.tolerance, min_pairs, fractions, args.z)
             report["other_scorers"][name] = {
                 "table": [list(r) for r in other],
                 "score": {
                     **score_table(scored, other, steps),
-                    "steps_saved_on_log_pct": log_steps_saved(neighbours, len(rows), other, steps),
+                    "steps_saved_on_log_pct": log_steps_saved(neighbours, prompts, other, steps),
                 },
                 "primary_table_scored": score_table(scored, table, steps),
                 "pairs": scored,
             }
     return report
+
+
+def refit(args) -> dict:
+    """``--refit REPORT``: fit again (another tolerance, z or min-pairs) from an earlier report's scored pairs,
+    no generation."""
+    try:
+        old = json.loads(Path(args.refit).read_text())
+        by_scorer = {old["meta"]["scorer"]: old["pairs"]}
+        by_scorer.update({name: o["pairs"] for name, o in old.get("other_scorers", {}).items()})
+        meta = {k: v for k, v in old["meta"].items() if k not in ("min_pairs", "z")}
+        return fit_report(by_scorer, old["neighbour_similarities"], {**meta, "refit_of": str(args.refit)}, args)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CalibrationError(
+            f"--refit {args.refit}: not a calibration report ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def print_report(report: dict, out: Callable[[str], None] = print) -> None:
@@ -382,9 +404,7 @@ def store(report: dict, prefix: str | None = None, client=None) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="built-in name, model directory or hub id (default tiny)")
-    p.add_argument(
-        "--prompts", required=True, help="prompt log: .tsv/.csv with a Prompt column, .jsonl or one per line"
-    )
+    p.add_argument("--prompts", help="prompt log: .tsv/.csv with a Prompt column, .jsonl or one per line")
     p.add_argument("--scorer", default="pixel", help="pixel | clip (with --clip-model) | checker (shapes)")
     p.add_argument("--clip-model", help="CLIP model directory for --scorer clip")
     p.add_argument("--tolerance", type=float, default=2.0, help="points an approximate hit may lose (default 2)")
@@ -398,8 +418,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="default: the model's, else 4")
     p.add_argument("--limit", type=int, default=3000, help="first prompts of the log replayed (default 3000)")
     p.add_argument("--min-pairs", type=int, help="smallest tail or band judged (default: pairs/8, at most 15)")
-    p.add_argument("--z", type=float, default=0.0, help="also require loss + z standard errors <= tolerance")
+    p.add_argument(
+        "--z",
+        type=float,
+        default=2.0,
+        help="require loss + z standard errors <= tolerance (default 2; 0: the mean alone)",
+    )
     p.add_argument("--json", dest="json_out", help="write the report here")
+    p.add_argument("--refit", help="fit again from this earlier report's scored pairs (no generation)")
     p.add_argument("--plot", help="write the curve here (PNG)")
     p.add_argument("--store", action="store_true", help="store the table in Redis for this model version")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
@@ -412,7 +438,12 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = calibrate(args, out=lambda line: print(line, flush=True))
+    if args.refit:
+        report = refit(args)
+    elif not args.prompts:
+        raise CalibrationError("--prompts (a prompt log) or --refit (an earlier report) is needed")
+    else:
+        report = calibrate(args, out=lambda line: print(line, flush=True))
     print_report(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
