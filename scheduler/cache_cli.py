@@ -92,10 +92,25 @@ def table_main(argv: list[str]) -> int:
         value = client.get(f"{cluster.queue_prefix}:fingerprint:{model}")
         return value.decode() if isinstance(value, bytes) else value
 
-    def default_embedder() -> str:
+    def default_embedder(model: str) -> str:
+        """REPRISE_CACHE_EMBEDDER; for `auto`, the embedder the model's live workers report using."""
         from cache.settings import CacheSettings
+        from scheduler.registry import ModelRegistry
 
-        return CacheSettings().embedder
+        chosen = CacheSettings().embedder
+        if chosen != "auto":
+            return chosen
+        used = {
+            n.get("skip_table_embedder")
+            for n in ModelRegistry(client, cluster.queue_prefix).nodes().values()
+            if n.get("model") == model and n.get("skip_table_embedder")
+        }
+        if len(used) != 1:
+            raise TableCommandError(
+                f"REPRISE_CACHE_EMBEDDER=auto and {'no live worker' if not used else 'live workers disagree'} "
+                f"of {model} says which embedder it uses ({sorted(used)}): pass --embedder minilm|clip"
+            )
+        return used.pop()
 
     try:
         if args.op == "show":
@@ -120,10 +135,11 @@ def table_main(argv: list[str]) -> int:
             if not model:
                 raise TableCommandError("cache table set needs --model (or --from a calibration report)")
             version = version or running_version(model)
-            out = store.set(model, version, embedder or default_embedder(), table, **meta)
+            out = store.set(model, version, embedder or default_embedder(model), table, **meta)
         elif args.op == "delete":
             version = args.version or running_version(args.model)
-            out = {"deleted": store.delete(version or "", args.embedder or default_embedder()), "fingerprint": version}
+            embedder = args.embedder or default_embedder(args.model)
+            out = {"deleted": store.delete(version or "", embedder), "fingerprint": version, "embedder": embedder}
         else:  # "calibrate" is handled above; reached only by `reprise cache table calibrate --help`-like misuse
             raise TableCommandError("cache table calibrate takes the arguments of `reprise calibrate`")
     except (TableStoreError, OSError, KeyError, ValueError) as exc:

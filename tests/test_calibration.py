@@ -257,6 +257,7 @@ def test_watcher_serves_the_stored_table_and_falls_back_when_it_is_deleted(redis
     watcher = TableWatcher(service, redis_client, "tw-test", info, every_s=60)
     default = service.cache.skip_table
     assert watcher.refresh() and info["skip_table_source"] == "default" and not info["skip_table_calibrated"]
+    assert info["skip_table_embedder"] == "minilm"
     store.set("m", "v1", "minilm", [(0.97, 0.4)])
     assert watcher.refresh() and service.cache.skip_table == ((0.97, 0.4),)
     assert info["skip_table_calibrated"] and info["skip_table_for"]["fingerprint"] == "v1"
@@ -270,14 +271,34 @@ def test_watcher_serves_the_stored_table_and_falls_back_when_it_is_deleted(redis
 
 def test_cache_table_cli_sets_shows_and_refuses_bad_tables(redis_server):
     env = {"REPRISE_QUEUE_PREFIX": "cli-test"}
-    proc = _reprise("cache", "table", "set", "--model", "m", "--version", "v9", "--table", "0.95:0.3", env=env)
+    proc = _reprise(
+        "cache",
+        "table",
+        "set",
+        "--model",
+        "m",
+        "--version",
+        "v9",
+        "--embedder",
+        "minilm",
+        "--table",
+        "0.95:0.3",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     shown = _reprise("cache", "table", "show", "--model", "m", "--json", env=env)
     assert json.loads(shown.stdout)["tables"][0]["table"] == [[0.95, 0.3]]
-    bad = _reprise("cache", "table", "set", "--model", "m", "--version", "v9", "--table", "0.95:7", env=env)
+    bad = _reprise(
+        "cache", "table", "set", "--model", "m", "--version", "v9", "--embedder", "clip", "--table", "0.95:7", env=env
+    )
     assert bad.returncode == 2 and "invalid_table" in bad.stderr
-    noversion = _reprise("cache", "table", "set", "--model", "never-served", "--table", "0.95:0.3", env=env)
+    noversion = _reprise(
+        "cache", "table", "set", "--model", "never-served", "--embedder", "minilm", "--table", "0.95:0.3", env=env
+    )
     assert noversion.returncode == 2 and "version" in noversion.stderr
+    # auto (the default embedder) with no live worker to say which one it resolved to: ask
+    unknown = _reprise("cache", "table", "set", "--model", "m", "--version", "v9", "--table", "0.95:0.3", env=env)
+    assert unknown.returncode == 2 and "--embedder" in unknown.stderr
 
 
 def _nodes(env) -> dict:
@@ -309,6 +330,7 @@ def test_workers_of_one_model_share_the_stored_table_and_new_weights_are_uncalib
             c.wait_worker_ready(w, timeout=300)
         nodes = _wait_for(lambda: len(_nodes(env)) == 2 and _nodes(env), 60, "two tiny nodes")
         assert all(n["skip_table_source"] == "default" and not n["skip_table_calibrated"] for n in nodes.values())
+        assert all(n["skip_table_embedder"] == "minilm" for n in nodes.values())  # auto: tiny ships no clip table
         version = next(iter(nodes.values()))["model_version"]
 
         proc = _reprise("cache", "table", "set", "--model", "tiny", "--table", "0.5:0.3,0.8:0.5", env=env)

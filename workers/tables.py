@@ -35,11 +35,13 @@ class TableWatcher(threading.Thread):
         fingerprint = self.service.components.fingerprint
         embedder = cache.settings.embedder
         base = [list(r) for r in cache.settings.table()]
+        common = {"skip_table_embedder": embedder}
         if self._explicit:
-            return None, {"skip_table": base, "skip_table_source": "settings", "skip_table_calibrated": False}
+            return None, {"skip_table": base, "skip_table_source": "settings", "skip_table_calibrated": False, **common}
         record = self.store.get(fingerprint, embedder)
         if record is not None:
             return tuple(map(tuple, record["table"])), {
+                **common,
                 "skip_table": record["table"],
                 "skip_table_source": "calibrated",
                 "skip_table_calibrated": True,
@@ -49,6 +51,7 @@ class TableWatcher(threading.Thread):
             }
         shipped = embedder == "clip" and bool(cache.settings.skip_table)  # the model's own calibrated clip table
         out = {
+            **common,
             "skip_table": base,
             "skip_table_source": "model" if shipped else "default",
             "skip_table_calibrated": False,
