@@ -172,8 +172,11 @@ def test_reprise_calibrate_runs_to_the_end_on_a_random_weight_model(tmp_path):
     again = tmp_path / "refit.json"
     assert calibrate.main(["--refit", str(out), "--tolerance", "100", "--z", "0", "--json", str(again)]) == 0
     refit = json.loads(again.read_text())
-    assert refit["pairs"] == report["pairs"] and refit["meta"]["refit_of"] == str(out)
+    assert [{k: v for k, v in p.items() if k != "report"} for p in refit["pairs"]] == report["pairs"]
+    assert refit["meta"]["refit_of"] == [str(out)]
     assert refit["table"] == [[round(sims[0] - 1e-4, 4), max(report["meta"]["fractions"])]]  # every pair, largest K
+    assert calibrate.main(["--refit", str(out), str(out), "--json", str(again)]) == 0  # reports pooled
+    assert len(json.loads(again.read_text())["pairs"]) == 2 * len(report["pairs"])
     with pytest.raises(CalibrationError, match="not a calibration report"):
         calibrate.main(["--refit", str(png)])
 

@@ -338,18 +338,29 @@ def fit_report(by_scorer: dict[str, list[dict]], neighbour_sims: list[float], me
 
 
 def refit(args) -> dict:
-    """``--refit REPORT``: fit again (another tolerance, z or min-pairs) from an earlier report's scored pairs,
-    no generation."""
-    try:
-        old = json.loads(Path(args.refit).read_text())
-        by_scorer = {old["meta"]["scorer"]: old["pairs"]}
-        by_scorer.update({name: o["pairs"] for name, o in old.get("other_scorers", {}).items()})
-        meta = {k: v for k, v in old["meta"].items() if k not in ("min_pairs", "z")}
-        return fit_report(by_scorer, old["neighbour_similarities"], {**meta, "refit_of": str(args.refit)}, args)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CalibrationError(
-            f"--refit {args.refit}: not a calibration report ({type(exc).__name__}: {exc})"
-        ) from None
+    """``--refit REPORT [REPORT ...]``: fit again (another tolerance, z or min-pairs) from earlier reports'
+    scored pairs, no generation; several reports of one model version, steps and scorers are pooled (the
+    log figures are the first report's)."""
+    by_scorer: dict[str, list[dict]] = {}
+    meta = None
+    for i, path in enumerate(args.refit):
+        try:
+            old = json.loads(Path(path).read_text())
+            scored = {old["meta"]["scorer"]: old["pairs"]}
+            scored.update({name: o["pairs"] for name, o in old.get("other_scorers", {}).items()})
+            this = {k: v for k, v in old["meta"].items() if k not in ("min_pairs", "z", "refit_of")}
+            sims = old["neighbour_similarities"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CalibrationError(f"--refit {path}: not a calibration report ({type(exc).__name__}: {exc})") from None
+        if meta is None:
+            meta, neighbour_sims = this, sims
+        else:
+            same = ("fingerprint", "embedder", "steps", "fractions")
+            if any(this.get(k) != meta.get(k) for k in same) or set(scored) != set(by_scorer):
+                raise CalibrationError(f"--refit {path}: another model version, embedder, step count or scorers")
+        for name, rows in scored.items():
+            by_scorer.setdefault(name, []).extend({**r, "report": i} for r in rows)
+    return fit_report(by_scorer, neighbour_sims, {**meta, "refit_of": [str(p) for p in args.refit]}, args)
 
 
 def print_report(report: dict, out: Callable[[str], None] = print) -> None:
@@ -425,7 +436,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="require loss + z standard errors <= tolerance (default 2; 0: the mean alone)",
     )
     p.add_argument("--json", dest="json_out", help="write the report here")
-    p.add_argument("--refit", help="fit again from this earlier report's scored pairs (no generation)")
+    p.add_argument("--refit", nargs="+", help="fit again from earlier reports' scored pairs (pooled; no generation)")
     p.add_argument("--plot", help="write the curve here (PNG)")
     p.add_argument("--store", action="store_true", help="store the table in Redis for this model version")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
