@@ -44,8 +44,7 @@ def _cmd_worker(args) -> int:
     watcher = TableWatcher(
         service, client, cluster.queue_prefix, info, wsettings.table_refresh_s, wsettings.heartbeat_s * 3
     )
-    watcher.refresh()  # the stored table of this model version, before the first heartbeat announces it
-    watcher.start()
+    watcher.start_watching()  # the stored table of this model version, before the first heartbeat
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
     app = get_app()
     from kombu import Queue

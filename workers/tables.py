@@ -91,6 +91,14 @@ class TableWatcher(threading.Thread):
         registry.announce(self.service.model_name, self.info, ttl_s=self.announce_ttl_s)
         registry.announce_node(self.info["node"], self.info, ttl_s=self.announce_ttl_s)
 
+    def start_watching(self) -> None:
+        """Apply the stored table now (before the first heartbeat announces the node), then keep checking."""
+        try:
+            self.refresh()
+        except Exception as exc:  # Redis restarting: the next round applies it
+            log.warning("skip table refresh failed: %s", exc)
+        self.start()
+
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
