@@ -24,7 +24,7 @@ from cache.embedding import CallableEmbedder, Embedder, PromptEmbedder
 from cache.keys import CacheKey
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
-from cache.skip_table import choose_k, state_steps
+from cache.skip_table import choose_k, state_steps, validate_table
 from cache.store import (
     STATE_CHUNK,
     CacheUnavailableError,
@@ -556,6 +556,16 @@ class LatentCache:
                     continue
                 folded += 1
         return folded
+
+    @property
+    def skip_table(self):
+        """The similarity -> K table served with now."""
+        return self._table
+
+    def set_skip_table(self, table) -> None:
+        """Serve with another similarity -> K table from now on (e.g. the one calibrated for this model
+        version, cache.table_store); empty or None: back to the settings' table."""
+        self._table = validate_table(table) if table else self.settings.table()
 
     def stats(self) -> dict:
         entries = self._entry_stats()

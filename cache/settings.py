@@ -64,8 +64,9 @@ class CacheSettings(BaseSettings):
     )
     policy: Literal["lcbfu", "lru", "lfu", "fifo", "lifo", "random"] = Field("lcbfu", description="Eviction policy.")
     ttl_seconds: float = Field(7 * 24 * 3600, gt=0, description="Lifetime of an entry; expire() deletes it afterwards.")
-    embedder: Literal["minilm", "clip"] = Field(
-        "minilm", description="Prompt embedder: minilm (all-MiniLM-L6-v2) or clip (callable from the worker)."
+    embedder: Literal["auto", "minilm", "clip"] = Field(
+        "auto",
+        description="Prompt embedder: minilm (all-MiniLM-L6-v2), clip (the model's own text encoder, pooled) or auto: clip where a table is calibrated for the model's encoder (stored for this model version, or shipped in its model_index.json), else minilm.",
     )
     clip_dim: int = Field(
         768, ge=1, description="Dimension of the clip embedder's vectors (SD 1.5's text encoder: 768)."
@@ -112,4 +113,8 @@ class CacheSettings(BaseSettings):
 
     def table(self) -> SkipTable:
         """The similarity->skip-fraction table in force."""
-        return validate_table(self.skip_table) if self.skip_table else DEFAULT_TABLES[self.embedder]
+        return (
+            validate_table(self.skip_table)
+            if self.skip_table
+            else DEFAULT_TABLES.get(self.embedder, DEFAULT_TABLES["minilm"])
+        )

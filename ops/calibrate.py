@@ -30,19 +30,25 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cache import CacheSettings
+from cache.calibration import (  # noqa: F401  (the fitting lives in the product; re-exported for ops tools)
+    TOLERANCES,
+    assign,
+    candidates,
+    curve,
+    fit_table,
+    loss,
+    score_table,
+    tail_threshold,
+    within,
+)
 from cache.skip_table import (
     CLIP_SKIP_TABLE,
     MINILM_SKIP_TABLE,
     SkipTable,
-    choose_skip_fraction,
     fraction_to_k,
-    validate_table,
 )
 from ops.eval_quality import ALL_RELATIONS, STATE_FRACTIONS, Condition, evaluate, write_json
 from ops.prompt_pairs import calibration_pairs
-
-TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
-
 
 # --- pairs from harness records ----------------------------------------------------------------------
 
@@ -82,144 +88,6 @@ def _share(checks: dict | None) -> float | None:
 CHANCE_ACCURACY = 100.0 * (1 / 8 + 1 / 7 + 1 / 9 + 1 / 2 + 1 / 3) / 5
 
 
-def _loss(pairs: Sequence[dict], fraction: float) -> float:
-    """Mean accuracy lost (points) by resuming at ``fraction`` instead of generating fresh."""
-    return float(np.mean([p["fresh"] - p["resumed"][str(fraction)] for p in pairs]))
-
-
-def _within(pairs: Sequence[dict], fraction: float, tolerance: float, z: float) -> bool:
-    """Loss + z standard errors (paired) <= tolerance: z = 0 trusts the mean, z > 0 asks for evidence."""
-    losses = np.array([p["fresh"] - p["resumed"][str(fraction)] for p in pairs])
-    se = losses.std(ddof=1) / np.sqrt(len(losses)) if len(losses) > 1 else 0.0
-    return float(losses.mean() + z * se) <= tolerance
-
-
-# --- fitting -----------------------------------------------------------------------------------------
-
-
-def _candidates(pairs: Sequence[dict]) -> list[float]:
-    """Thresholds just below each measured similarity (a pair passes when s > t), lowest first."""
-    sims = sorted({round(p["similarity"], 4) for p in pairs})
-    return [round(s - 1e-4, 4) for s in sims]
-
-
-def tail_threshold(
-    pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0
-) -> float | None:
-    """Lowest t such that every tail s > t' (t' >= t, at least min_pairs pairs) loses <= tolerance points."""
-    best = None
-    for t in reversed(_candidates(pairs)):  # from the top down: stop at the first failing tail
-        tail = [p for p in pairs if p["similarity"] > t]
-        if len(tail) < min_pairs:
-            continue
-        if not _within(tail, fraction, tolerance, z):
-            break
-        best = t
-    return best
-
-
-def assign(similarity: float, table: SkipTable) -> float:
-    return choose_skip_fraction(similarity, table) if table else 0.0
-
-
-def fit_table(
-    pairs: Sequence[dict],
-    tolerance: float = 2.0,
-    min_pairs: int = 15,
-    fractions: Sequence[float] = STATE_FRACTIONS,
-    z: float = 0.0,
-) -> SkipTable:
-    """The table that skips the most steps while every tail and every band stays within ``tolerance``."""
-    rows: list[tuple[float, float]] = []
-    for f in sorted(fractions, reverse=True):
-        t = tail_threshold(pairs, f, tolerance, min_pairs, z)
-        if t is None:
-            continue
-        if rows and t >= rows[-1][0]:  # a larger skip already covers every pair this row would take
-            continue
-        rows.append((t, f))
-    candidates = _candidates(pairs)
-    for _ in range(len(candidates) * max(len(rows), 1)):  # bands: raise a failing band's threshold
-        table = validate_table(rows) if rows else ()
-        failing = None
-        for i, (_t, f) in enumerate(rows):
-            band = [p for p in pairs if assign(p["similarity"], table) == f]
-            if len(band) >= min_pairs and not _within(band, f, tolerance, z):
-                failing = i
-                break
-        if failing is None:
-            return table
-        t, f = rows[failing]
-        above = [c for c in candidates if c > t]
-        upper = rows[failing - 1][0] if failing > 0 else 1.0
-        if not above or above[0] >= upper:
-            rows.pop(failing)
-        else:
-            rows[failing] = (above[0], f)
-    return validate_table(rows) if rows else ()
-
-
-def score_table(pairs: Sequence[dict], table: SkipTable, steps: int) -> dict:
-    """Over all pairs: hit rate, steps saved, accuracy with the table (misses generated fresh) vs fresh."""
-    got, fresh, saved, hits = [], [], [], 0
-    bands: dict[str, list[dict]] = {}
-    for p in pairs:
-        f = assign(p["similarity"], table)
-        fresh.append(p["fresh"])
-        if f > 0:
-            hits += 1
-            got.append(p["resumed"][str(f)])
-            saved.append(fraction_to_k(f, steps) / steps)
-            bands.setdefault(str(f), []).append(p)
-        else:
-            got.append(p["fresh"])
-            saved.append(0.0)
-    hit_pairs = [p for p in pairs if assign(p["similarity"], table) > 0]
-    diffs = np.array(got) - np.array(fresh)
-    return {
-        "table": [list(r) for r in table],
-        "pairs": len(pairs),
-        "hit_pct": round(100.0 * hits / len(pairs), 2),
-        "steps_saved_pct": round(100.0 * float(np.mean(saved)), 2),
-        "accuracy": round(float(np.mean(got)), 3),
-        "fresh_accuracy": round(float(np.mean(fresh)), 3),
-        "delta": round(float(np.mean(got) - np.mean(fresh)), 3),
-        "delta_se": round(float(diffs.std(ddof=1) / np.sqrt(len(diffs))), 3) if len(diffs) > 1 else None,
-        "hits_delta": round(
-            -float(np.mean([p["fresh"] - p["resumed"][str(assign(p["similarity"], table))] for p in hit_pairs])), 3
-        )
-        if hit_pairs
-        else None,
-        "bands": {
-            f: {"n": len(b), "loss": round(_loss(b, float(f)), 3), "relations": _counts(p["relation"] for p in b)}
-            for f, b in sorted(bands.items(), reverse=True)
-        },
-    }
-
-
-def _counts(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
-def curve(
-    pairs: Sequence[dict], steps: int, min_pairs: int, fractions: Sequence[float] = STATE_FRACTIONS, z: float = 0.0
-) -> dict:
-    fitted = [
-        {"tolerance": tol, **score_table(pairs, fit_table(pairs, tol, min_pairs, fractions, z), steps)}
-        for tol in TOLERANCES
-    ]
-    lowest = min(p["similarity"] for p in pairs) - 1e-4
-    references = {"no cache": (), "shipped MiniLM table": MINILM_SKIP_TABLE, "NIRVANA CLIP table": CLIP_SKIP_TABLE}
-    references.update({f"always K={fraction_to_k(f, steps)}/{steps}": ((lowest, f),) for f in fractions})
-    return {
-        "fitted": fitted,
-        "references": {name: score_table(pairs, table, steps) for name, table in references.items()},
-    }
-
-
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return round(float(np.mean(values)), 2) if values else None
@@ -239,7 +107,7 @@ def relation_profile(pairs: Sequence[dict], fractions: Sequence[float] = STATE_F
                     q: round(float(np.quantile(sims, v)), 3) for q, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
                 },
                 "fresh": round(float(np.mean([p["fresh"] for p in rs])), 2),
-                "loss_at": {str(f): round(_loss(rs, f), 2) for f in fractions},
+                "loss_at": {str(f): round(loss(rs, f), 2) for f in fractions},
                 "inherited_at": {
                     str(f): _mean_or_none(p.get("inherited", {}).get(str(f)) for p in rs) for f in fractions
                 },
@@ -262,12 +130,14 @@ def prompt_embedder(model: str):
     from cache.embedding import CallableEmbedder, PromptEmbedder
 
     settings = CacheSettings()
-    if settings.embedder != "clip":
+    if settings.embedder == "minilm":
         return PromptEmbedder()
     from workers.models import load_components
     from workers.node import cache_settings_for
 
     settings, fn = cache_settings_for(settings, load_components(model))
+    if settings.embedder != "clip":  # auto, without a table for the model's encoder
+        return PromptEmbedder()
     return CallableEmbedder(fn, version="clip", dim=settings.clip_dim)
 
 
@@ -520,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [list(r) for r in table],
         "score": score_table(pairs, table, args.steps),
         "relations": relation_profile(pairs),
-        "embedder": CacheSettings().embedder,
+        "embedder": "clip" if embedder.version == "clip" else "minilm",
         "relation_similarities": relation_similarities(
             list(dict.fromkeys(p["relation"] for p in pairs)), model=args.model
         ),

@@ -31,7 +31,16 @@ def _cmd_bench(args) -> int:
     return importlib.import_module(BENCHES[args.which]).main(args.rest) or 0
 
 
+def _checker_scorer(**options):
+    from ops.shapes.scorer import make
+
+    return make(**options)
+
+
 def add_commands(sub) -> None:
+    from workers.scorers import register_scorer
+
+    register_scorer("checker", _checker_scorer)  # the shapes model's ground truth, for `reprise calibrate`
     s = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)} (see --help of each)")
     s.add_argument("which", choices=list(BENCHES))
     s.add_argument("rest", nargs=argparse.REMAINDER)

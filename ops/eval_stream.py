@@ -237,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tolerance", type=float, default=2.0, help="points approximate hits may lose against fresh generation"
     )
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument(
+        "--save-log",
+        default=None,
+        help="write the stream as a prompt log (.jsonl: prompt, seed, steps) and stop: what `reprise calibrate` reads",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if not 0 <= args.mix < 1 or not 0 <= args.session <= 1 or args.n < 1:
@@ -251,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     items = build_stream(
         args.stream, args.n, args.seed, zipf=args.zipf, session_p=args.session, mix=args.mix, prompts=args.prompts
     )
+    if args.save_log:
+        save_log(items, args.save_log, args.steps)
+        print(f"wrote {len(items)} requests of the {args.stream} stream to {args.save_log}")
+        return 0
     kinds = {}
     for it in items:
         kinds[it.kind.split(":")[0]] = kinds.get(it.kind.split(":")[0], 0) + 1
@@ -300,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json_out}")
     return 0 if ok else 1
+
+
+def save_log(items: Sequence[StreamItem], path: str, steps: int) -> None:
+    """The stream as a prompt log in request order (scheduler.prompt_log reads it)."""
+    with open(path, "w") as f:
+        for it in items:
+            f.write(json.dumps({"prompt": it.prompt, "seed": it.seed, "steps": steps, "kind": it.kind}) + "\n")
 
 
 def _print_summary(name: str, s: dict, tolerance: float) -> None:

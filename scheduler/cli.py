@@ -119,6 +119,12 @@ def _cmd_models(args) -> int:
     gens = reg.generations()
     for name, info in served.items():
         info["generation"] = gens.get(name, 0)
+        # per node: the skip table it serves with, and whether it was calibrated for this model version
+        info["nodes"] = {
+            node: {k: v for k, v in entry.items() if k == "model_version" or k.startswith("skip_table")}
+            for node, entry in sorted(reg.nodes().items())
+            if entry.get("model") == name
+        }
     print(json.dumps(served, indent=2))
     return 0
 

@@ -73,6 +73,16 @@ class ModelRegistry:
     def live_nodes(self) -> list[str]:
         return sorted(k.decode().split(":", 2)[2] for k in self.r.scan_iter(f"{self.prefix}:node:*"))
 
+    def nodes(self) -> dict[str, dict]:
+        """Every live node's own entry (what it serves, with which skip table), by node name."""
+        out = {}
+        for key in self.r.scan_iter(f"{self.prefix}:node:*"):
+            value = self.r.get(key)
+            if value:
+                key = key.decode() if isinstance(key, bytes) else key
+                out[key.split(":", 2)[2]] = json.loads(value)
+        return out
+
     def served(self, model: str) -> dict | None:
         value = self.r.get(f"{self.prefix}:model:{model}")
         return json.loads(value) if value else None

@@ -112,5 +112,8 @@ def test_clip_embedder_takes_the_table_calibrated_for_the_model():
     # an operator's table wins; a model without a calibrated table gets NIRVANA's; MiniLM ignores the model's
     assert cache_settings_for(CacheSettings(embedder="clip", skip_table="0.8:0.2"), model)[0].table() == ((0.8, 0.2),)
     assert cache_settings_for(CacheSettings(embedder="clip"), components({}))[0].table() == CLIP_SKIP_TABLE
-    settings, embed = cache_settings_for(CacheSettings(), model)
+    settings, embed = cache_settings_for(CacheSettings(embedder="minilm"), model)
     assert settings.table() == MINILM_SKIP_TABLE and embed is None
+    # the default (auto) takes the model's own encoder when the model ships a table for it
+    settings, embed = cache_settings_for(CacheSettings(), model)
+    assert settings.embedder == "clip" and settings.table() == ((0.99, 0.5), (0.9, 0.1)) and callable(embed)

@@ -40,6 +40,12 @@ def _cmd_worker(args) -> int:
     service.hostname = hostname  # results name the node that ran them (several nodes may share a machine)
     info = node_info(service, queue)
     info["node"] = hostname
+    from workers.tables import TableWatcher
+
+    watcher = TableWatcher(
+        service, client, cluster.queue_prefix, info, wsettings.table_refresh_s, wsettings.heartbeat_s * 3
+    )
+    watcher.start_watching()  # the stored table of this model version, before the first heartbeat
     Heartbeat(service.registry, service.model_name, info, wsettings.heartbeat_s).start()
     app = get_app()
     from kombu import Queue
@@ -76,7 +82,27 @@ def _cmd_worker(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from workers import calibrate
+
+    return calibrate.run(args)
+
+
+def _table_calibrate(argv: list[str]) -> int:
+    """`reprise cache table calibrate ...`: `reprise calibrate ... --store`."""
+    from workers import calibrate
+
+    return calibrate.main([*argv, "--store"])
+
+
 def add_commands(sub) -> None:
+    from scheduler import cache_cli
+    from workers.calibrate import add_arguments
+
+    cache_cli.TABLE_CALIBRATE = _table_calibrate
+    s = sub.add_parser("calibrate", help="fit the similarity -> K table for a model on a prompt log")
+    add_arguments(s)
+    s.set_defaults(func=_cmd_calibrate)
     s = sub.add_parser("worker", help="run a worker node: one pipeline per device, one process")
     s.add_argument(
         "--model",

@@ -283,8 +283,13 @@ def _load_directory(path: Path, name: str, prefer_fp16: bool = False) -> dict:
         vae=vae,
         scheduler_config=scheduler_config,
         spec=spec,
-        extra={"input_coords": bool(extra.get("input_coords"))},
+        # the model's own calibrated table for the `clip` embedder (thresholds belong to one encoder)
+        extra={"input_coords": bool(extra.get("input_coords")), **_clip_table(extra)},
     )
+
+
+def _clip_table(extra: dict) -> dict:
+    return {"clip_skip_table": extra["clip_skip_table"]} if extra.get("clip_skip_table") else {}
 
 
 def resolve_model(model: str) -> tuple[str, Path | None]:

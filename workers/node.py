@@ -184,8 +184,11 @@ def _text_memo(worker: WorkerSettings):
 
 def _open_cache(redis_client, components, key_prefix: str, text_memo=None):
     from cache import CacheSettings, LatentCache
+    from workers.tables import stored_clip_calibration
 
-    settings, embedder = cache_settings_for(CacheSettings(), components, text_memo)
+    settings, embedder = cache_settings_for(
+        CacheSettings(), components, text_memo, clip_calibrated=stored_clip_calibration(redis_client)
+    )
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
     clock = (
         RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
@@ -221,10 +224,20 @@ def _reopen_later(
     ).start()
 
 
-def cache_settings_for(settings, components=None, text_memo=None):
+def cache_settings_for(settings, components=None, text_memo=None, clip_calibrated=None):
     """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
     text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
-    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default."""
+    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default.
+    `auto` resolves to clip or minilm here (workers.tables.auto_embedder; ``clip_calibrated(fingerprint)``:
+    whether a clip table is stored for that model version)."""
+    if settings.embedder == "auto":
+        from workers.tables import auto_embedder
+
+        chosen = auto_embedder(components, clip_calibrated)
+        update = {"embedder": chosen}
+        if chosen == "clip":  # its vectors live apart from MiniLM's (other size, other space)
+            update["collection"] = f"{settings.collection}-clip"
+        settings = settings.model_copy(update=update)
     if settings.embedder != "clip" or components is None:
         return settings, None
     update = {"clip_dim": int(components.text_encoder.config.hidden_size)}

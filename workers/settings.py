@@ -39,6 +39,11 @@ class WorkerSettings(BaseSettings):
     sim_sample_ms: float = Field(
         18.4, ge=0, description="`sim` cost model: time each sample adds to a call (2 per image with guidance)."
     )
+    table_refresh_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often a worker reads the skip table stored for its model version (`reprise cache table`).",
+    )
     sim_latent_size: int = Field(64, ge=8, description="Latent side of the simulated device (64 = SD 1.5 at 512 px).")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch on a cpu device; 0 = cores ÷ cpu devices.")
     blockcache_dir: str = Field(
