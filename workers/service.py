@@ -312,6 +312,8 @@ class GenerationService:
             priority=request.priority,
             deadline=job.deadline,
             decode_on_device=loop.c.device.type == "cuda",
+            is_cancelled=job.is_cancelled,
+            on_progress=job.on_progress,
         )
         self.engine.submit(entry)
         try:

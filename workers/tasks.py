@@ -65,7 +65,8 @@ def _cancelled(job_id: str) -> bool:
 @app.task(name=GENERATE_TASK, bind=True)
 def generate(self, *args, **kwargs):
     payload = args[0] if args and not kwargs else kwargs
-    job_id = self.request.id
+    request = self.request
+    job_id = request.id
     headers = self.request.headers or {}
     queued_at = headers.get("reprise_queued_at") or getattr(self.request, "reprise_queued_at", None)
     last = [0.0]
@@ -74,7 +75,11 @@ def generate(self, *args, **kwargs):
         now = time.monotonic()
         if step == total or now - last[0] >= _progress_interval_s:
             last[0] = now
-            self.update_state(state="PROGRESS", meta={"step": step, "total": total, "phase": "denoise"})
+            # The job's own request context: the node engine calls this from its device thread, where
+            # Celery's thread-local request is not this job's (the stored state names the job's worker).
+            self.backend.store_result(
+                job_id, {"step": step, "total": total, "phase": "denoise"}, "PROGRESS", request=request
+            )
 
     # The thread pool enforces no Celery time limit: the loop stops at its next step past this (JobTimeout).
     # A message's own limits (send_task(..., soft_time_limit=, time_limit=)) override the setting.
