@@ -11,7 +11,8 @@ from REPRISE_FAULT_* variables before handing over to `ops.cli`:
 
 - REPRISE_FAULT_KILL_AT=load|denoise|decode|artifact|writeback, REPRISE_FAULT_KILL_ON=N: SIGKILL itself
   at that point of its N-th job (artifact: after half the PNG bytes reached the temporary file;
-  writeback: right after the cache insert).
+  writeback: right after the cache insert). A denoise death journals the engine's record of the call in
+  flight (the job ids of every request batched in it).
 - REPRISE_FAULT_CACHE_DELAY_MS (while REPRISE_FAULT_CACHE_DELAY_FILE exists): every cache lookup sleeps first.
 - REPRISE_FAULT_ARTIFACT_FULL_FILE: while it exists, artifact writes fail with ENOSPC.
 - REPRISE_FAULT_CLOCK_SKEW_S: every local clock of the process is off by this much: the wall clock
@@ -62,9 +63,24 @@ PHASES = ("load", "denoise", "decode", "artifact", "writeback")
 # =============================================================================================
 
 
-def _die(phase: str) -> None:
-    _journal({"event": "killed", "phase": phase})
+def _die(phase: str, **facts) -> None:
+    _journal({"event": "killed", "phase": phase, **facts})
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _engine_call(service, job_id: str) -> dict:
+    """The engine's own record of the denoiser call that stepped ``job_id`` last (the one in flight when
+    called from its progress report, on the device thread): the job ids of every request in it, and the
+    device's counters so far."""
+    for name, stats in service.engine.stats().items():
+        if job_id in stats.last_call:
+            return {
+                "device": name,
+                "jobs": list(stats.last_call),
+                "calls": stats.calls,
+                "requests_stepped": stats.requests_stepped,
+            }
+    return {"jobs": []}
 
 
 def _journal(row: dict) -> None:
@@ -146,9 +162,9 @@ def install_hooks(worker: bool = True) -> None:
             on_step = job.on_progress
             steps = admitted.request.steps
 
-            def dying_step(step, total):
+            def dying_step(step, total, service=self, job_id=job.job_id):
                 if step >= max(1, steps // 2):
-                    _die("denoise")
+                    _die("denoise", in_call=_engine_call(service, job_id))
                 if on_step:
                     on_step(step, total)
 
@@ -653,6 +669,79 @@ def fault_worker_kill(h: Harness, row: Row) -> None:
         f"kills: {kills}; temporary .part files left by a death mid-write and not yet cleaned: {len(parts)} (never served)"
     )
     h.kill_workers = [base, victim]
+
+
+def fault_batch_kill(h: Harness, row: Row) -> None:
+    """SIGKILL a worker in the middle of a denoiser call that several requests share: every request of that
+    batch comes back (visibility timeout), is computed again on another node and answered once, with one
+    image each."""
+    from workers.models import save_builtin
+    from workers.service import seed_for_job
+
+    since = time.time()
+    model = str(save_builtin("tiny", h.workdir / "bmodel", seed=0))  # a queue of its own: only the victim takes it
+    folder = str(h.workdir / "qdrant-batch")
+    n = 4 if h.quick else 6
+    victim = h.start_worker(
+        model, REPRISE_CACHE_PATH=folder, REPRISE_FAULT_KILL_AT="denoise", REPRISE_FAULT_KILL_ON="1"
+    )
+    payloads = [{"prompt": f"a batch killed mid-call {i}", "steps": 24, "model": "bmodel"} for i in range(n)]
+    for i, p in enumerate(payloads):
+        if i % 2:
+            p["seed"] = 1000 + i  # the others rely on the seed the worker derives from the job id
+    sent = [h.send(p, model="bmodel") for p in payloads]  # at once: they join the engine together
+    deadline = time.monotonic() + 90
+    while victim.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row.check("the worker died by SIGKILL", victim.proc.poll() == -signal.SIGKILL, victim.proc.poll())
+    h.cluster.workers.remove(victim)
+    killed_at = time.time()
+    deaths = [e for e in h.journal() if e["event"] == "killed" and e["t"] >= since and e["pid"] == victim.pid]
+    in_call = deaths[0].get("in_call", {}).get("jobs", []) if deaths else []
+    ids = [task_id for task_id, _ in sent]
+    row.check(
+        "the engine had a batch of 2 or more in flight at the kill (its own record of the call)",
+        len(in_call) >= 2 and set(in_call) <= set(ids),
+        deaths[0] if deaths else "no death journaled",
+    )
+    rescuer = h.start_worker(model, REPRISE_CACHE_PATH=folder)  # the same cache folder, as a restarted node
+    outcomes = _wait_all(h, sent, 120)
+    account(row, h, outcomes, since)
+    by_id = {o["id"]: o for o in outcomes}
+    journal = [e for e in h.journal() if e.get("t", 0) >= since]
+    art = _artifacts(h) / "public"
+    each = {}
+    for job_id in in_call:
+        o = by_id[job_id]
+        starts = [e for e in journal if e["event"] == "start" and e["job"] == job_id]
+        dones = [e for e in journal if e["event"] == "done" and e["job"] == job_id]
+        files = sorted(p.name for p in art.glob(f"{job_id}*"))
+        payload = payloads[ids.index(job_id)]
+        each[job_id] = {
+            "state": o["state"],
+            "runs started": len(starts),
+            "runs done": len(dones),
+            "files": files,
+            "answered after the kill": bool(dones) and min(e["t"] for e in dones) > killed_at,
+            "seed kept": o["state"] == "SUCCESS" and o["result"]["seed"] == payload.get("seed", seed_for_job(job_id)),
+        }
+    row.check(
+        "every request of the killed batch was redelivered and answered once, with one image",
+        bool(each)
+        and all(
+            v["state"] == "SUCCESS"
+            and v["runs started"] >= 2
+            and v["runs done"] == 1
+            and v["answered after the kill"]
+            and v["seed kept"]
+            and v["files"] == [f"{k}.png"]
+            for k, v in each.items()
+        ),
+        each,
+    )
+    row.notes.append({"engine at the kill": deaths[0] if deaths else None, "rescuer": rescuer.hostname})
+    rescuer.stop()
+    h.cluster.workers.remove(rescuer)
 
 
 def fault_redis_restart(h: Harness, row: Row) -> None:
@@ -1591,6 +1680,7 @@ def scan_repo(root: str | None = None) -> list[str]:
 
 FAULTS = [
     "worker_kill",
+    "batch_kill",
     "redis_restart",
     "qdrant",
     "artifacts",
@@ -1623,6 +1713,7 @@ def run(
             try:
                 {
                     "worker_kill": fault_worker_kill,
+                    "batch_kill": fault_batch_kill,
                     "redis_restart": fault_redis_restart,
                     "qdrant": fault_qdrant,
                     "artifacts": fault_artifacts,

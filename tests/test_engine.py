@@ -31,12 +31,15 @@ class SpyUNet:
         self.calls: list[tuple[int, list[float]]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.before_call = None  # () -> None, called inside each call (the call is in flight)
 
     def __getattr__(self, name):  # the U-Net's blocks, for feature caches
         return getattr(self.unet, name)
 
     def __call__(self, sample, t, encoder_hidden_states=None):
         self.gate.wait(60)
+        if self.before_call is not None:
+            self.before_call()
         self.calls.append((sample.shape[0], torch.as_tensor(t).reshape(-1).float().tolist()))
         return self.unet(sample, t, encoder_hidden_states=encoder_hidden_states)
 
@@ -156,6 +159,22 @@ def test_max_batch_and_sizes_make_the_groups(tiny, tmp_path):
         assert all(not isinstance(r, Exception) for r in results), results
         assert max(rows for rows, _ in spy.calls) == 2 and any(rows == 2 for rows, _ in spy.calls)
         assert results[3].width == 128 and results[3].cache.steps_computed == STEPS
+    finally:
+        service.close()
+
+
+def test_the_engine_records_which_jobs_share_the_call_in_flight(tiny, tmp_path):
+    """DeviceStats.last_call names the jobs of the call being made (the fault suite reads it at a kill)."""
+    service, spy = _service(tiny, tmp_path)
+    seen: list[tuple[str, ...]] = []
+    try:
+        spy.before_call = lambda: seen.append(service.engine.stats()["cpu0"].last_call)
+        base = {"steps": STEPS, "guidance_scale": 1.0, "cache": NOCACHE}  # one row per request
+        jobs = [({**base, "prompt": f"a dog {i}", "seed": i}, JobContext(job_id=f"j{i}")) for i in range(3)]
+        results = _together(service, spy, jobs)
+        assert all(not isinstance(r, Exception) for r in results), results
+        assert [len(jobs) for jobs in seen] == [rows for rows, _ in spy.calls]  # one job id per sample
+        assert {"j0", "j1", "j2"} in [set(jobs) for jobs in seen]
     finally:
         service.close()
 

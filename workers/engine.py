@@ -42,6 +42,7 @@ class EngineRequest:
 
     trajectory: Trajectory
     group: tuple  # requests share a U-Net call only within one group
+    job_id: str = ""  # whose request it is (logs, DeviceStats.last_call)
     runner: Any = None  # a feature-cache runner: the request runs alone, through it
     priority: int = 5
     deadline: float | None = None  # time.time() past which it stops before its next step
@@ -70,6 +71,7 @@ class DeviceStats:
     rows: int = 0  # sum of batch sizes, in U-Net samples (2 per request with guidance)
     call_s: float = 0.0  # time inside denoiser calls: the device's busy time
     started: float = field(default_factory=time.perf_counter)
+    last_call: tuple[str, ...] = ()  # job ids of the requests in the call in flight, or the latest one
 
     @property
     def mean_batch(self) -> float:
@@ -156,6 +158,7 @@ class DeviceScheduler(threading.Thread):
             inputs = [r.trajectory.model_input() for r in group]
             for request in group:
                 request.first_step_at = request.first_step_at or time.time()
+            self.stats.last_call = tuple(r.job_id for r in group)
             t0 = time.perf_counter()
             rows = [r.trajectory.rows for r in group]
             if len(group) == 1:  # alone, exactly as DenoiseLoop.denoise runs it
@@ -187,7 +190,7 @@ class DeviceScheduler(threading.Thread):
                     except Exception as exc:  # progress is advisory: never fail a step over it
                         log.warning("progress report failed: %s", exc)
         except Exception as exc:  # the whole call failed: every request in it gets the error, the device goes on
-            log.exception("denoiser call failed on %s", self.device.name)
+            log.exception("denoiser call failed on %s (jobs %s)", self.device.name, ", ".join(self.stats.last_call))
             for request in group:
                 self._leave(request)
                 request.events.put(("error", exc))

@@ -308,6 +308,7 @@ class GenerationService:
         entry = EngineRequest(
             trajectory,
             group=("solo", job.job_id) if alone else ("shared", a.width, a.height, getattr(a.runner, "method", "off")),
+            job_id=job.job_id,
             runner=a.runner,
             priority=request.priority,
             deadline=job.deadline,
