@@ -48,6 +48,7 @@ def add_commands(sub) -> None:
     passthrough(sub, "demo", "ops.demo", "start a local cluster, run a handful of prompts, print a table")
     passthrough(sub, "loadtest", "ops.loadtest", "drive load against a running cluster")
     passthrough(sub, "eval", "ops.eval_quality", "quality harness: eval quality ... | eval stream ...")
+    passthrough(sub, "gpu-check", "ops.gpu_check", "measure a GPU in five minutes: batching, DeepCache, exact resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
