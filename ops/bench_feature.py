@@ -7,6 +7,13 @@ spent inside the runner's calls: this thread's CPU time on the CPU (other proces
 count), elapsed time on a GPU (synchronised). ``wall_speedup`` is the same ratio of the elapsed time of
 the whole denoising loop (decode excluded). ``psnr``/``ssim`` compare the decoded image with the plain
 one (mean over prompts).
+
+``reprise bench feature --engine`` asks whether a feature cache keeps its speed-up when requests share
+denoiser calls: ``--concurrent`` requests (4), each submitted once the previous one has made ``--stagger``
+steps (2, so they are at different steps and DeepCache's full and partial passes fall at different
+iterations), go through a node engine (the generation service without Celery) plain and with DeepCache
+(``--interval``, 3), batched and each alone. The device's work is the CPU time of the engine's device
+thread (one torch thread: every U-Net call runs in it, whatever else loads the machine).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -192,6 +201,183 @@ def run(
     }
 
 
+# --- through the node engine: feature caches with requests batched -------------------------------------
+
+
+def _device_cpu_s(scheduler) -> float:
+    """CPU time of an engine's device thread: with one torch thread, the device's work whatever the load."""
+    return time.clock_gettime(time.pthread_getcpuclockid(scheduler.ident))
+
+
+def engine_round(components, setting: dict, requests: list[dict], stagger: int, alone: bool, workdir: str) -> dict:
+    """``requests`` through a node engine of maximum batch len(requests): request i is submitted once request
+    i-1 has made ``stagger`` steps, so they share calls at different steps (``alone``: one after another,
+    each ``deterministic``, never batched). Device CPU time, wall time, mean batch, the results."""
+    from workers.artifacts import ArtifactStore
+    from workers.service import Device, DevicePool, GenerationService, JobContext
+
+    pool = DevicePool([Device(str(components.device), DenoiseLoop(components))])
+    service = GenerationService(components.name, pool, ArtifactStore(workdir), max_batch=len(requests))
+    feature = {"exact": False, "approximate": False, "write": False, "feature": setting}
+    payloads = [{**r, "cache": feature, "deterministic": alone} for r in requests]
+    results: list = [None] * len(requests)
+    reached = [threading.Event() for _ in requests]
+
+    def run(i: int) -> None:
+        def on_progress(step: int, total: int) -> None:
+            if step >= stagger:
+                reached[i].set()
+
+        try:
+            results[i] = service.run(payloads[i], JobContext(job_id=f"r{i}", on_progress=on_progress))
+        except Exception as exc:
+            results[i] = exc
+        reached[i].set()
+
+    try:
+        scheduler = service.engine.schedulers[0]
+        cpu0, wall0 = _device_cpu_s(scheduler), time.perf_counter()
+        threads = []
+        for i in range(len(requests)):
+            if alone and threads:
+                threads[-1].join()
+            elif threads:
+                reached[i - 1].wait(600)
+            threads.append(threading.Thread(target=run, args=(i,)))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+        stats = scheduler.stats
+        row = {
+            "device_cpu_s": _device_cpu_s(scheduler) - cpu0,
+            "wall_s": time.perf_counter() - wall0,
+            "mean_batch": stats.mean_batch,
+            "calls": stats.calls,
+        }
+    finally:
+        service.close()
+    errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError(f"requests failed in the engine: {errors[:3]}")
+    row["results"] = results
+    return row
+
+
+def run_engine(
+    model: str, steps: int, size: int | None, concurrent: int, stagger: int, interval: int, repeats: int, log=print
+) -> dict:
+    """DeepCache against plain, each with ``concurrent`` requests batched in the node engine and each alone:
+    does DeepCache keep its speed-up when the requests share denoiser calls?"""
+    from PIL import Image
+
+    components = load_components(model)
+    size = size or components.spec.default_size
+    requests = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "seed": 1000 + i, "steps": steps, "guidance_scale": 7.5}
+        for i in range(concurrent)
+    ]
+    for r in requests:
+        r["width"] = r["height"] = size
+    settings = {"off": {"method": "off"}, "deepcache": {"method": "deepcache", "deepcache_interval": interval}}
+    cells = [(name, alone) for alone in (False, True) for name in settings]
+    cpu: dict = {c: [] for c in cells}
+    wall: dict = {c: [] for c in cells}
+    batch: dict = {c: [] for c in cells}
+    images: dict = {}
+    passes: dict = {}
+    log(
+        f"{model} {size}x{size}px, {steps} steps, {concurrent} requests {stagger} steps apart, "
+        f"DeepCache interval {interval}, {repeats} repeats, {torch.get_num_threads()} torch threads"
+    )
+    with tempfile.TemporaryDirectory(prefix="reprise-bench-feature-") as workdir:
+        for r in range(repeats):
+            for name, alone in cells:  # interleaved: the machine's load hits every cell alike
+                row = engine_round(components, settings[name], requests, stagger, alone, f"{workdir}/{r}")
+                cpu[name, alone].append(row["device_cpu_s"])
+                wall[name, alone].append(row["wall_s"])
+                batch[name, alone].append(row["mean_batch"])
+                if r == 0:
+                    images[name, alone] = [
+                        np.asarray(Image.open(x.image_uri.removeprefix("file://")).convert("RGB"))
+                        for x in row["results"]
+                    ]
+                    passes[name, alone] = [
+                        (x.cache.feature.full_unet_passes, x.cache.feature.partial_unet_passes)
+                        if x.cache.feature and x.cache.feature.method != "off"
+                        else (x.cache.steps_computed, 0)
+                        for x in row["results"]
+                    ]
+                log(
+                    f"  repeat {r} {name:9s} {'alone' if alone else 'batched':7s} device {row['device_cpu_s']:6.2f}s "
+                    f"wall {row['wall_s']:6.2f}s mean batch {row['mean_batch']:.2f}"
+                )
+
+    def speedup(num, den) -> float:
+        return round(statistics.median(a / b for a, b in zip(cpu[num], cpu[den])), 3)
+
+    rows = []
+    for name, alone in cells:
+        mode = "alone" if alone else "batched"
+        ref = ("off", alone)
+        rows.append(
+            {
+                "setting": "off" if name == "off" else f"deepcache interval {interval}",
+                "mode": mode,
+                "mean_batch": round(statistics.median(batch[name, alone]), 2),
+                "device_cpu_s": round(statistics.median(cpu[name, alone]), 3),
+                "wall_s": round(statistics.median(wall[name, alone]), 3),
+                "speedup_vs_plain_same_mode": speedup(ref, (name, alone)),
+                "speedup_vs_plain_alone": speedup(("off", True), (name, alone)),
+                "psnr_vs_plain_same_mode": _mean_psnr(images[ref], images[name, alone]),
+                "psnr_vs_plain_alone": _mean_psnr(images["off", True], images[name, alone]),
+                "max_abs_diff_vs_plain_alone": max(
+                    int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+                    for a, b in zip(images["off", True], images[name, alone])
+                ),
+                "full_partial_passes": passes[name, alone][0],
+            }
+        )
+    return {
+        "model": model,
+        "steps": steps,
+        "size": size,
+        "concurrent": concurrent,
+        "stagger_steps": stagger,
+        "interval": interval,
+        "repeats": repeats,
+        "timing": "device_cpu_s: CPU time of the engine's device thread (one torch thread) for all requests; "
+        "speed-ups: medians of per-repeat ratios",
+        "rows": rows,
+    }
+
+
+def _mean_psnr(ref: list, other: list) -> float | None:
+    """Mean PSNR over the requests' images; None when every pair is identical (an identical pair counts 99 dB)."""
+    values = [psnr(a, b) for a, b in zip(ref, other)]
+    return None if all(v == float("inf") for v in values) else round(float(np.mean([min(v, 99.0) for v in values])), 2)
+
+
+def print_engine_table(report: dict) -> None:
+    print(
+        f"\nthrough the node engine: {report['model']} · {report['steps']} steps · {report['size']}px · "
+        f"{report['concurrent']} requests, {report['stagger_steps']} steps apart"
+    )
+    header = (
+        f"{'setting':22s} {'mode':8s} {'batch':>6s} {'device s':>9s} {'×plain same':>12s} {'×plain alone':>13s} "
+        f"{'psnr same':>10s} {'psnr alone':>11s} {'max|Δ| alone':>13s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in report["rows"]:
+        same = "inf" if r["psnr_vs_plain_same_mode"] is None else f"{r['psnr_vs_plain_same_mode']:.1f}"
+        alone = "inf" if r["psnr_vs_plain_alone"] is None else f"{r['psnr_vs_plain_alone']:.1f}"
+        print(
+            f"{r['setting']:22s} {r['mode']:8s} {r['mean_batch']:6.2f} {r['device_cpu_s']:9.2f} "
+            f"{r['speedup_vs_plain_same_mode']:12.2f} {r['speedup_vs_plain_alone']:13.2f} {same:>10s} {alone:>11s} "
+            f"{r['max_abs_diff_vs_plain_alone']:13d}"
+        )
+
+
 def print_table(report: dict) -> None:
     print(f"\n{report['model']} · {report['steps']} steps · {report['size']}px · {report['device']}")
     header = (
@@ -227,9 +413,26 @@ def main(argv=None) -> int:
         default=1,
         help="torch intra-op threads (default 1: on a shared CPU more threads spin against other processes, 20x slower here)",
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="instead: plain and DeepCache with --concurrent requests batched in the node engine, and each alone",
+    )
+    parser.add_argument("--concurrent", type=int, default=4, help="--engine: requests in flight together")
+    parser.add_argument("--stagger", type=int, default=2, help="--engine: steps between two requests' starts")
+    parser.add_argument("--interval", type=int, default=3, help="--engine: DeepCache interval")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.engine:
+        report = run_engine(
+            args.model, args.steps, args.size, args.concurrent, args.stagger, args.interval, args.repeats
+        )
+        print_engine_table(report)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=2))
+            print(f"\nwrote {args.json_out}")
+        return 0
     report = run(
         args.model, args.steps, args.prompts, args.repeats, args.size, args.calibration_dir, args.calibration_prompts
     )
