@@ -14,7 +14,11 @@ On a real model it also measures how far a batched image is from the same reques
 (``deterministic``), per batch size: max and mean absolute pixel difference (0–255).
 
     reprise bench batching --devices sim --json out.json
-    reprise bench batching --devices cpu --model sd15-small --size 128 --steps 10 --json out.json
+    reprise bench batching --devices cpu --model sd15-small --size 128 --steps 10 --threads 1 --json out.json
+
+On a CPU shared with other work the wall-clock figures move with the load; with ``--threads 1`` it also
+reports ``images_per_device_cpu_s``: images per CPU-second of the device threads, which hold every U-Net
+call (the load-free figure to compare batch sizes with).
 """
 
 from __future__ import annotations
@@ -78,10 +82,13 @@ def closed_loop(service, request: dict, clients: int, seconds: float) -> dict:
     for t in threads:
         t.start()
     first_done.wait()
+    schedulers = service.engine.schedulers
     before = {k: (v.requests_stepped, v.calls, v.call_s) for k, v in service.engine.stats().items()}
+    cpu0 = sum(_thread_cpu_s(s) for s in schedulers)
     t0 = time.perf_counter()
     time.sleep(seconds)
     after = {k: (v.requests_stepped, v.calls, v.call_s) for k, v in service.engine.stats().items()}
+    cpu = sum(_thread_cpu_s(s) for s in schedulers) - cpu0
     window = time.perf_counter() - t0
     stop.set()
     for t in threads:
@@ -89,14 +96,23 @@ def closed_loop(service, request: dict, clients: int, seconds: float) -> dict:
     stepped = sum(after[k][0] - before[k][0] for k in after)
     calls = sum(after[k][1] - before[k][1] for k in after)
     busy = sum(after[k][2] - before[k][2] for k in after)
+    images = stepped / request["steps"]
     return {
-        "images_per_s": stepped / request["steps"] / window,
+        "images_per_s": images / window,
+        # CPU devices with one torch thread: every U-Net call runs in the device thread, so its CPU time is
+        # the device's work whatever else loads the machine; images per CPU-second is then load-free.
+        "device_cpu_s": cpu,
+        "images_per_device_cpu_s": images / cpu if cpu > 0 else None,
         "mean_batch": stepped / calls if calls else 0.0,
         "busy_fraction": busy / (window * len(after)),
         "calls": calls,
         "window_s": window,
         "errors": errors[:5],
     }
+
+
+def _thread_cpu_s(thread) -> float:
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
 def pixel_difference(service, request: dict, batch: int) -> dict:
@@ -141,15 +157,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seconds", type=float, default=20.0, help="measuring window per maximum batch")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="with --devices cpu: torch threads (0: torch's default; 1 makes images per device CPU-second load-free)",
+    )
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     request = {"prompt": "a lighthouse on a cliff", "steps": args.steps, "guidance_scale": args.guidance}
     request["cache"] = {"exact": False, "approximate": False, "write": False}
     if args.size:
         request["width"] = request["height"] = args.size
 
-    report: dict = {"devices": args.devices, "steps": args.steps, "guidance_scale": args.guidance, "batches": {}}
+    report: dict = {
+        "devices": args.devices,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "threads": args.threads or None,
+        "batches": {},
+    }
     for batch in batches:
         service, components = build_service(args.devices, args.model, batch, args.sim_devices)
         n_devices = len(service.pool.devices)
@@ -170,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             f"max batch {batch}: {row['images_per_s']:.3f} images/s, mean batch {row['mean_batch']:.2f}, "
             f"busy {row['busy_fraction']:.1%}"
             + (f", {row['ideal_fraction']:.1%} of ideal" if "ideal_fraction" in row else "")
+            + (
+                f", {row['images_per_device_cpu_s']:.3f} images per device CPU-second"
+                if args.devices == "cpu" and args.threads == 1
+                else ""
+            )
             + (f", batched vs alone {row['pixel_difference']}" if row.get("pixel_difference") else ""),
             flush=True,
         )
@@ -177,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     if one:
         for row in report["batches"].values():
             row["speedup_vs_batch_1"] = row["images_per_s"] / one
+    one_cpu = report["batches"].get("1", {}).get("images_per_device_cpu_s")
+    if one_cpu:
+        for row in report["batches"].values():
+            row["cpu_speedup_vs_batch_1"] = (row["images_per_device_cpu_s"] or 0) / one_cpu
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json_out}")
