@@ -264,3 +264,36 @@ def test_a_job_lost_in_transport_is_sent_again_from_the_ledger(faulty, redis_cli
     while redis_client.hexists("reprise:ledger", job_id):  # cleared when the job ended
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_sigkill_mid_batch_redelivers_every_request_of_the_batch_once(faulty, tmp_path):
+    """The worker dies in the middle of a denoiser call that several requests share (the engine's own record
+    of the call, journaled at the kill, names them); each comes back after the visibility timeout, on a new
+    node, and is answered once, with one image."""
+    import json
+
+    from workers.models import save_builtin
+
+    model = str(save_builtin("tiny", tmp_path / "bmodel", seed=0))  # a queue of its own: only the victim takes it
+    journal = tmp_path / "journal.jsonl"
+    env = dict(REPRISE_FAULT_JOURNAL=str(journal), REPRISE_CACHE_PATH=str(tmp_path / "qdrant"))
+    victim = _start_hooked_worker(faulty, model, REPRISE_FAULT_KILL_AT="denoise", REPRISE_FAULT_KILL_ON="1", **env)
+    jobs = [submit(prompt=f"a batch killed mid-call {i}", model="bmodel", steps=24, seed=i) for i in range(3)]
+    deadline = time.monotonic() + 60
+    while victim.alive():
+        assert time.monotonic() < deadline, "the hook did not kill the worker"
+        time.sleep(0.1)
+    assert victim.proc.returncode == -signal.SIGKILL
+    faulty.workers.remove(victim)
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    in_call = next(e for e in events if e["event"] == "killed")["in_call"]["jobs"]
+    assert len(in_call) >= 2 and set(in_call) <= {j.id for j in jobs}, in_call
+
+    _start_hooked_worker(faulty, model, **env)
+    results = {j.id: j.wait(90) for j in jobs}
+    art = Path(faulty.workdir) / "artifacts" / "public"
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    for job_id in in_call:
+        assert results[job_id].seed == [j.id for j in jobs].index(job_id)
+        assert [p.name for p in art.glob(f"{job_id}*")] == [f"{job_id}.png"]
+        assert [e["event"] for e in events if e.get("job") == job_id] == ["start", "start", "done"]
