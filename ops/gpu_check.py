@@ -278,7 +278,7 @@ def print_table(report: dict) -> None:
             result = "ERRORS: " + "; ".join(r["errors"])[:80]
         print(
             f"{r['run']:<26}{r['batch']:>6}{r['images_per_s']:>10.3f}{r['s_per_image']:>9.3f}{r['mean_batch']:>11.2f}"
-            f"{peak:>10}  {result}"
+            f"{peak:>10}  {result}".rstrip()
         )
     for r in report["resume"]:
         result = (
