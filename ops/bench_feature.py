@@ -429,14 +429,17 @@ def main(argv=None) -> int:
             args.model, args.steps, args.size, args.concurrent, args.stagger, args.interval, args.repeats
         )
         print_engine_table(report)
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(report, indent=2))
-            print(f"\nwrote {args.json_out}")
-        return 0
-    report = run(
-        args.model, args.steps, args.prompts, args.repeats, args.size, args.calibration_dir, args.calibration_prompts
-    )
-    print_table(report)
+    else:
+        report = run(
+            args.model,
+            args.steps,
+            args.prompts,
+            args.repeats,
+            args.size,
+            args.calibration_dir,
+            args.calibration_prompts,
+        )
+        print_table(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json_out}")

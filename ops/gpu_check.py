@@ -36,13 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ops import bench_feature
+
 NOCACHE = {"exact": False, "approximate": False, "write": False}
-PROMPTS = (
-    "a red fox in a snowy forest, morning light",
-    "a watercolor painting of a harbor with sailboats",
-    "a futuristic city skyline at dusk, neon lights",
-    "a close-up photo of a ceramic teapot on a wooden table",
-    "a mountain lake reflecting pine trees",
+PROMPTS = bench_feature.PROMPTS + (
     "an astronaut riding a horse on the moon",
     "a bowl of ramen, studio lighting",
     "a lighthouse on a cliff in a storm",
