@@ -59,7 +59,9 @@ class Job:
         if isinstance(info, dict):
             out.update(step=info.get("step"), total=info.get("total"))
         elif state == "SUCCESS":
-            out.update(step=self.request.steps, total=self.request.steps)
+            result = self._ar.result
+            steps = result.get("steps") if isinstance(result, dict) else self.request.steps  # the model's default
+            out.update(step=steps, total=steps)
         return out
 
     def cancel(self) -> None:

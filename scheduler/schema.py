@@ -17,7 +17,7 @@ from scheduler.errors import InvalidRequest
 
 SCHEMA_VERSION = "1.0"
 
-SCHEDULERS = ("ddim", "euler", "dpmpp_2m")
+SCHEDULERS = ("ddim", "euler", "dpmpp_2m", "flow_euler")
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 2048
 MAX_SEED = 2**32 - 1
@@ -73,15 +73,26 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; chosen and returned when absent.")
-    steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
-    guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
+    steps: int | None = Field(None, ge=1, le=500, description="Denoising steps; the model's default when absent.")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=30.0,
+        description="Guidance: classifier-free (<= 1 disables it), or the guidance embedding of a Flux-dev-like "
+        "model; the model's default when absent.",
+    )
     width: int | None = Field(
         None, ge=8, le=MAX_SIDE, description="Image width in pixels; the model's default when absent."
     )
     height: int | None = Field(
         None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent."
     )
-    scheduler: Literal["ddim", "euler", "dpmpp_2m"] = Field("ddim", description="Sampler.")
+    scheduler: Literal["ddim", "euler", "dpmpp_2m", "flow_euler"] | None = Field(
+        None,
+        description="Sampler: ddim, euler or dpmpp_2m for the U-Net families (SD 1.5, SDXL), flow_euler "
+        "(FlowMatchEuler with the model's shift) for the flow-matching ones (SD3, Flux); the model's default "
+        "when absent.",
+    )
     model: str | None = Field(
         None,
         pattern=_NAME,
@@ -115,8 +126,8 @@ class GenerationRequest(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("guidance_scale must be finite")
         return value
 

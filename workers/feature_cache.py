@@ -196,8 +196,12 @@ class DeepCacheUNet:
             k: cfg.get(k)
             for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
         }
-        # "text" adds the pooled prompt to the time embedding, which _partial reproduces
-        extras = {k: v for k, v in extras.items() if v is not None and not (k == "addition_embed_type" and v == "text")}
+        # "text" (and SDXL's "text_time") add the pooled prompt (and time ids) to the time embedding, as _partial does
+        extras = {
+            k: v
+            for k, v in extras.items()
+            if v is not None and not (k == "addition_embed_type" and v in ("text", "text_time"))
+        }
         if extras or cfg.get("num_class_embeds") is not None:
             raise ValueError(
                 f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}"
@@ -227,8 +231,8 @@ class DeepCacheUNet:
             raise ValueError("DeepCache: this U-Net's up path does not mirror its down path")
         return down, up_in_order[::-1]
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
-        return self.run_batch([self], unet, sample, t, encoder_hidden_states, [sample.shape[0]], [step_index])
+    def __call__(self, unet, sample, t, step_index, context):
+        return self.run_batch([self], unet, sample, t, context, [sample.shape[0]], [step_index])
 
     def wants_full(self, step_index: int, rows: int) -> bool:
         stale = self.deep_input is None or self.deep_input.shape[0] != rows
@@ -239,13 +243,13 @@ class DeepCacheUNet:
         return ("deepcache", self.branch, self.wants_full(step_index, rows))
 
     @staticmethod
-    def run_batch(runners, unet, sample, t, encoder_hidden_states, rows, step_indices):
+    def run_batch(runners, unet, sample, t, context, rows, step_indices):
         """One U-Net call for several requests at the same kind of step (all full, or all partial with the
         same branch): a full pass keeps each request's slice of the deep feature; a partial pass runs the
         shallow branch once around all of their kept features. ``rows``: each request's samples."""
         lead = runners[0]
         if lead.wants_full(step_indices[0], rows[0]):
-            out, deep = lead._full(unet, sample, t, encoder_hidden_states)
+            out, deep = lead._full(unet, sample, t, context)
             for runner, part in zip(runners, deep.split(rows)):
                 runner.deep_input = part
                 runner.full_passes += 1
@@ -253,9 +257,9 @@ class DeepCacheUNet:
         deep = torch.cat([r.deep_input for r in runners]) if len(runners) > 1 else lead.deep_input
         for runner in runners:
             runner.partial_passes += 1
-        return lead._partial(unet, sample, t, encoder_hidden_states, deep)
+        return lead._partial(unet, sample, t, context, deep)
 
-    def _full(self, unet, sample, t, encoder_hidden_states):
+    def _full(self, unet, sample, t, context):
         branch_resnet = self.up_layers[self.branch][0]
         kept = []
 
@@ -264,16 +268,20 @@ class DeepCacheUNet:
 
         handle = branch_resnet.register_forward_pre_hook(keep_input)
         try:
-            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample, kept[-1]
+            return context.call(unet, sample, t), kept[-1]
         finally:
             handle.remove()
 
-    def _partial(self, unet, sample, t, encoder_hidden_states, deep_input):
+    def _partial(self, unet, sample, t, context, deep_input):
         """UNet2DConditionModel.forward restricted to the shallow branch (no masks, adapters or ControlNet)."""
+        kwargs = context.family.unet_kwargs(context)
+        encoder_hidden_states = kwargs["encoder_hidden_states"]
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        aug = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=kwargs["added_cond_kwargs"]
+        )
         if aug is not None:  # as UNet2DConditionModel.forward does, before the activation
             emb = emb + aug
         if unet.time_embed_act is not None:
@@ -345,7 +353,7 @@ class BlockCacheUNet:
         self.blocks_computed = 0
         self.blocks_reused = 0
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+    def __call__(self, unet, sample, t, step_index, context):
         reuse = {
             name
             for name in self.blocks
@@ -364,7 +372,7 @@ class BlockCacheUNet:
             _outputs_replaced({self.blocks[name]: self.outputs[name] for name in reuse}),
             _outputs_recorded(compute, self.outputs),
         ):
-            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+            return context.call(unet, sample, t)
 
     @staticmethod
     def _batch(output) -> int:
@@ -390,10 +398,10 @@ class _ChangeRecorder(PlainUNet):
         self.previous: dict[str, torch.Tensor] = {}
         self.changes = {name: [0.0] * steps for name in self.blocks}
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+    def __call__(self, unet, sample, t, step_index, context):
         outputs: dict[str, Any] = {}
         with _outputs_recorded(self.blocks, outputs):
-            noise = super().__call__(unet, sample, t, step_index, encoder_hidden_states)
+            noise = super().__call__(unet, sample, t, step_index, context)
         for name, out in outputs.items():
             out = (out[0] if isinstance(out, tuple) else out.sample).float()
             before = self.previous.get(name)
@@ -527,6 +535,11 @@ def resolve_feature_options(options: Any = None, defaults: dict | None = None) -
     return settings
 
 
+def methods_for(components: Components) -> list[str]:
+    """The feature cache methods this model's family runs, besides off."""
+    return [*components.family.feature_methods, "recommended"] if components.family.feature_methods else []
+
+
 def make_unet_runner(components: Components, options: Any, defaults: dict | None, steps: int, start_step: int = 0):
     """The runner for one job: ``options`` is the request's ``cache.feature``, ``defaults`` the worker's.
 
@@ -537,6 +550,11 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
     method = settings["method"]
     if method in ("off", None):
         return PlainUNet()
+    family = components.family
+    if method in ("deepcache", "block") and method not in family.feature_methods:
+        raise ValueError(
+            f"feature cache {method!r} works on U-Nets; the {family.name} family's denoiser is a transformer"
+        )
     if method == "deepcache":
         return DeepCacheUNet(
             components.unet,
