@@ -29,9 +29,11 @@ class FeatureCacheOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["off", "deepcache", "block", "recommended"] | None = Field(
+    method: Literal["off", "deepcache", "block", "recommended", "first_block", "taylorseer"] | None = Field(
         None,
-        description="Feature cache to use: off, deepcache, block (block caching), recommended (the project's profile).",
+        description="Feature cache to use: off; for U-Nets (SD 1.5, SDXL) deepcache, block (block caching) or "
+        "recommended (the project's profile); for transformers, diffusers' hooks: first_block (FirstBlockCache, "
+        "Flux) or taylorseer (TaylorSeer, SD3 and Flux). `reprise models` lists each model's methods.",
     )
     deepcache_interval: int | None = Field(None, ge=1, le=20, description="DeepCache: full U-Net every N steps.")
     deepcache_branch: int | None = Field(None, ge=0, le=12, description="DeepCache: skip branch id (0 = shallowest).")
@@ -40,6 +42,22 @@ class FeatureCacheOptions(BaseModel):
     )
     block_delta: float | None = Field(
         None, gt=0, le=10, description="Block caching: accumulated relative change that forces a recompute."
+    )
+    first_block_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="FirstBlockCache: the first block's relative output change below which the other blocks are "
+        "reused (default 0.05).",
+    )
+    taylorseer_interval: int | None = Field(
+        None,
+        ge=1,
+        le=50,
+        description="TaylorSeer: a full transformer pass every N steps, predicted between (default 5).",
+    )
+    taylorseer_order: int | None = Field(
+        None, ge=1, le=4, description="TaylorSeer: order of the Taylor expansion that predicts features (default 1)."
     )
     text_memo: bool = Field(
         True, description="Reuse the text encoder's output for a prompt seen before; false encodes it afresh."

@@ -218,6 +218,8 @@ def test_family_refuses_a_scheduler_or_feature_cache_it_does_not_run(tmp_path):
             service.validate({"prompt": "x", "scheduler": "ddim"})
         with pytest.raises(InvalidRequest, match="U-Nets"):
             service.validate({"prompt": "x", "scheduler": "flow_euler", "cache": {"feature": {"method": "deepcache"}}})
+        request, width, height = service.validate({"prompt": "x"})  # the model's defaults fill what is absent
+        assert (request.scheduler, request.steps, request.guidance_scale, width) == ("flow_euler", 28, 3.5, 64)
         with pytest.raises(InvalidRequest, match="multiple of 16"):
             service.validate({"prompt": "x", "scheduler": "flow_euler", "width": 72, "height": 64})
     finally:
@@ -245,5 +247,40 @@ def test_deepcache_and_block_caching_run_on_the_sdxl_unet(tmp_path):
         )
         assert block.cache.feature.method == "block"
         assert np.array_equal(_pixels(block), _pixels(plain))  # δ ≈ 0 recomputes every block: the plain image
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize(
+    "model,feature",
+    [
+        ("tiny-flux", {"method": "first_block", "first_block_threshold": 0.5}),
+        ("tiny-flux", {"method": "taylorseer", "taylorseer_interval": 3}),
+        ("tiny-sd3", {"method": "taylorseer", "taylorseer_interval": 3}),
+    ],
+)
+def test_diffusers_transformer_caches_run_and_leave_the_model_plain(tmp_path, model, feature):
+    service = _service(_components(model), tmp_path)
+    request = {"prompt": "a castle", "seed": 5, "steps": 8, "cache": {"exact": False, "approximate": False}}
+    try:
+        before = service.run(request, JobContext(job_id="before"))
+        cached = service.run({**request, "cache": {**request["cache"], "feature": feature}}, JobContext(job_id="c"))
+        report = cached.cache.feature
+        assert report.method == feature["method"] and report.partial_unet_passes > 0, report
+        assert report.full_unet_passes + report.partial_unet_passes == 8
+        after = service.run(request, JobContext(job_id="after"))  # the hooks came off with the request
+        assert np.array_equal(_pixels(after), _pixels(before))
+        assert not any(
+            hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in service.components.unet.modules()
+        )
+    finally:
+        service.close()
+
+
+def test_sd3_refuses_first_block_cache(tmp_path):
+    service = _service(_components("tiny-sd3"), tmp_path)
+    try:
+        with pytest.raises(InvalidRequest, match="first_block"):
+            service.validate({"prompt": "x", "cache": {"feature": {"method": "first_block"}}})
     finally:
         service.close()

@@ -218,7 +218,7 @@ class FlowFamily(Family):
     schedulers = ("flow_euler",)
     default_scheduler = "flow_euler"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    feature_methods = ()  # the diffusers hook caches (workers/feature_cache.py) where the model has them
+    feature_methods: tuple[str, ...] = ("taylorseer",)  # diffusers' hook caches (workers/feature_cache.py)
 
     def latent_channels(self, c) -> int:
         return int(c.vae.config.latent_channels)
@@ -259,6 +259,7 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     pipeline = "StableDiffusion3Pipeline"
+    # FirstBlockCache fails on SD3's last joint block (it returns no text states: None - Tensor in diffusers 0.42)
     components = (
         "tokenizer",
         "text_encoder",
@@ -316,6 +317,7 @@ class FluxFamily(FlowFamily):
 
     name = "flux"
     pipeline = "FluxPipeline"
+    feature_methods = ("first_block", "taylorseer")
     components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
     optional = ()
     default_steps = 28

@@ -37,6 +37,9 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "deepcache_center": 0.3,  # non-uniform: full steps gather around 30% of the steps (15 of 50, as in the paper)
     "deepcache_power": 1.4,
     "block_delta": 0.3,  # sd15-small, 50 steps: 1.98x U-Net, PSNR 34.6; 0.5 adds little speed for more error
+    "first_block_threshold": 0.05,  # diffusers' default (FLUX.1-dev was reported at 0.08: 1.55x)
+    "taylorseer_interval": 5,  # diffusers' defaults: a full pass every 5 steps, Taylor order 1
+    "taylorseer_order": 1,
     "calibration_dir": None,  # None → ~/.cache/reprise/blockcache
     "calibration_prompts": 3,
     "calibration_size": None,  # None → the model's default image size
@@ -50,7 +53,16 @@ RECOMMENDED: dict[str, Any] = {
     "deepcache_schedule": "uniform",
 }
 
-REQUEST_FIELDS = ("method", "deepcache_interval", "deepcache_branch", "deepcache_schedule", "block_delta")
+REQUEST_FIELDS = (
+    "method",
+    "deepcache_interval",
+    "deepcache_branch",
+    "deepcache_schedule",
+    "block_delta",
+    "first_block_threshold",
+    "taylorseer_interval",
+    "taylorseer_order",
+)
 
 
 # --- schedules (pure functions) -------------------------------------------------------------------
@@ -492,7 +504,7 @@ class BlockCalibrationStore:
         data["steps"][str(steps)] = {
             "prompts": self.prompts,
             "size": self.size or components.spec.default_size,
-            "scheduler": "ddim",
+            "scheduler": components.spec.default_scheduler,
             "guidance_scale": 7.5,
             "seconds": round(seconds, 2),
             "blocks": blocks,
@@ -537,7 +549,8 @@ def resolve_feature_options(options: Any = None, defaults: dict | None = None) -
 
 def methods_for(components: Components) -> list[str]:
     """The feature cache methods this model's family runs, besides off."""
-    return [*components.family.feature_methods, "recommended"] if components.family.feature_methods else []
+    methods = list(components.family.feature_methods)
+    return methods + ["recommended"] if "deepcache" in methods else methods
 
 
 def make_unet_runner(components: Components, options: Any, defaults: dict | None, steps: int, start_step: int = 0):
@@ -551,6 +564,17 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
     if method in ("off", None):
         return PlainUNet()
     family = components.family
+    if method in DIFFUSERS_METHODS:
+        if method not in family.feature_methods:
+            raise ValueError(f"feature cache {method!r} does not run on the {family.name} family's denoiser")
+        if method == "first_block":
+            params = {"threshold": float(settings["first_block_threshold"])}
+        else:
+            params = {
+                "cache_interval": int(settings["taylorseer_interval"]),
+                "max_order": int(settings["taylorseer_order"]),
+            }
+        return DiffusersCacheRunner(components.unet, method, params, steps=steps, start_step=start_step)
     if method in ("deepcache", "block") and method not in family.feature_methods:
         raise ValueError(
             f"feature cache {method!r} works on U-Nets; the {family.name} family's denoiser is a transformer"
@@ -574,4 +598,128 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
         return BlockCacheUNet(
             components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"])
         )
-    raise ValueError(f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended")
+    raise ValueError(
+        f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended, {', '.join(DIFFUSERS_METHODS)}"
+    )
+
+
+# --- transformer caches: diffusers' own hooks ---------------------------------------------------------
+
+# request method -> (diffusers config class, apply function), all in diffusers.hooks
+# Not offered: PyramidAttentionBroadcast keeps its state in the hook and resets it whenever the hook is put on
+# (see DiffusersCacheRunner), MagCache needs ratios calibrated per model, FasterCache is written for video.
+DIFFUSERS_METHODS = {
+    "first_block": ("FirstBlockCacheConfig", "apply_first_block_cache"),
+    "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
+}
+
+
+class DiffusersCacheRunner:
+    """A transformer feature cache made of diffusers' own hooks (FirstBlockCache, TaylorSeer), for one request.
+
+    diffusers keeps a cache's state in its hooks and applies them to every call of the model they sit on;
+    ``enable_cache`` allows one configuration per model. A node's transformer is shared by requests with
+    other caches or none, so this runner applies its hooks (``apply_*``) at its first call, then takes the
+    same hook objects off after each of its calls and puts them back before the next: their state stays
+    with them, and other requests' calls never meet them. It does not batch (its state is one request's).
+    """
+
+    def __init__(self, model, method: str, params: dict, *, steps: int, start_step: int = 0) -> None:
+        import diffusers.hooks as hooks
+
+        if method not in DIFFUSERS_METHODS:
+            raise ValueError(f"unknown diffusers cache {method!r}; one of {', '.join(DIFFUSERS_METHODS)}")
+        config_name, apply_name = DIFFUSERS_METHODS[method]
+        self.method, self.params = method, dict(params)
+        self.config = getattr(hooks, config_name)(**params)
+        self._apply = getattr(hooks, apply_name)
+        self.hooks: list[tuple[torch.nn.Module, str, Any]] | None = None
+        self.steps, self.start_step = steps, start_step
+        self.full_passes = 0
+        self.partial_passes = 0  # calls in which the hooks reused anything (blocks, attention, features)
+        self.reused_blocks = 0
+
+    @staticmethod
+    def _registered(model) -> set[tuple[int, str]]:
+        return {
+            (id(m), name)
+            for _, m in model.named_modules()
+            if hasattr(m, "_diffusers_hook")
+            for name in m._diffusers_hook._hook_order
+        }
+
+    @contextmanager
+    def _hooks_on(self, model) -> Iterator[None]:
+        from diffusers.hooks import HookRegistry
+
+        if self.hooks is None:  # the first call: diffusers applies them; note what it put where
+            before = self._registered(model)
+            self._apply(model, self.config)
+            self.hooks = [
+                (m, name, m._diffusers_hook.hooks[name])
+                for _, m in model.named_modules()
+                if hasattr(m, "_diffusers_hook")
+                for name in list(m._diffusers_hook._hook_order)
+                if (id(m), name) not in before
+            ]
+        else:
+            for module, name, hook in self.hooks:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        try:
+            yield
+        finally:
+            for module, name, _ in reversed(self.hooks):
+                module._diffusers_hook.remove_hook(name, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+    def __call__(self, unet, sample, t, step_index, context):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        counted = _ComputedBlocks(unet)
+        with self._hooks_on(unet), counted:
+            _set_cache_context(
+                unet,
+                CacheContext("request", step_index=step_index - self.start_step, num_inference_steps=self.steps),
+            )
+            try:
+                out = context.call(unet, sample, t)
+            finally:
+                _set_cache_context(unet, None)
+        skipped = counted.total - counted.ran
+        self.reused_blocks += skipped
+        if skipped:
+            self.partial_passes += 1
+        else:
+            self.full_passes += 1
+        return out
+
+    def report(self) -> dict:
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": dict(self.params),
+        }
+
+
+class _ComputedBlocks:
+    """Counts the attention computations that ran in one call: each attention's query projection runs only
+    when the attention itself is computed, not when a cache hook returns a kept or predicted output."""
+
+    def __init__(self, model) -> None:
+        self.modules = [m for name, m in model.named_modules() if name.endswith(".to_q")]
+        self.total = len(self.modules)
+        self.ran = 0
+        self.handles: list = []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._ran) for m in self.modules]
+        return self
+
+    def _ran(self, *_args) -> None:
+        self.ran += 1
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -19,7 +19,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,10 @@ class ModelSpec:
     max_size: int
     pixel_space: bool = False
     family: str = "sd15"
-    # what a request that names none gets (the schema leaves them to the model)
-    default_steps: int = 25
-    default_guidance: float = 5.0
-    default_scheduler: str = "ddim"
+    # what a request that names none gets (the schema leaves them to the model); None: the family's
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    default_scheduler: str | None = None
 
 
 @dataclass
@@ -71,6 +71,16 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_3: Any = None
     text_encoder_3: Any = None
+
+    def __post_init__(self) -> None:
+        spec, family = self.spec, self.family
+        if spec.default_steps is None or spec.default_guidance is None or spec.default_scheduler is None:
+            self.spec = replace(
+                spec,
+                default_steps=spec.default_steps or family.default_steps,
+                default_guidance=family.default_guidance if spec.default_guidance is None else spec.default_guidance,
+                default_scheduler=spec.default_scheduler or family.default_scheduler,
+            )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -231,7 +241,7 @@ BUILTINS: dict[str, dict] = {
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
         ),
         vae_channels=(8, 16, 16, 16),
-        spec=ModelSpec("tiny-sdxl", default_size=64, max_size=512, family="sdxl", default_scheduler="euler"),
+        spec=ModelSpec("tiny-sdxl", default_size=64, max_size=512, family="sdxl"),
     ),
     # SDXL's real U-Net (2.6B parameters) and text encoders with random weights: GPU timing only, never in tests.
     "sdxl": dict(
@@ -254,9 +264,7 @@ BUILTINS: dict[str, dict] = {
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
         ),
         vae_channels=(128, 256, 512, 512),
-        spec=ModelSpec(
-            "sdxl", default_size=1024, max_size=2048, family="sdxl", default_steps=30, default_scheduler="euler"
-        ),
+        spec=ModelSpec("sdxl", default_size=1024, max_size=2048, family="sdxl"),
     ),
     "tiny-sd3": dict(
         family="sd3",
@@ -277,14 +285,7 @@ BUILTINS: dict[str, dict] = {
         latent_channels=16,
         vae_shift=(1.5305, 0.0609),  # SD3's scaling and shift factors
         vae_channels=(8, 16, 16, 16),
-        spec=ModelSpec(
-            "tiny-sd3",
-            default_size=64,
-            max_size=512,
-            family="sd3",
-            default_guidance=7.0,
-            default_scheduler="flow_euler",
-        ),
+        spec=ModelSpec("tiny-sd3", default_size=64, max_size=512, family="sd3"),
     ),
     "tiny-flux": dict(
         family="flux",
@@ -305,14 +306,7 @@ BUILTINS: dict[str, dict] = {
         latent_channels=4,
         vae_shift=(0.3611, 0.1159),  # Flux's scaling and shift factors
         vae_channels=(8, 16, 16, 16),
-        spec=ModelSpec(
-            "tiny-flux",
-            default_size=64,
-            max_size=512,
-            family="flux",
-            default_guidance=3.5,
-            default_scheduler="flow_euler",
-        ),
+        spec=ModelSpec("tiny-flux", default_size=64, max_size=512, family="flux"),
     ),
 }
 

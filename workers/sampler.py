@@ -188,7 +188,7 @@ class DenoiseLoop:
         guidance_scale: float,
         width: int,
         height: int,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         start_latents: torch.Tensor | None = None,
         start_step: int = 0,
         capture_at: tuple[int, ...] | list[int] = (),
@@ -201,6 +201,7 @@ class DenoiseLoop:
         engine steps many of them in one U-Net call."""
         if not 0 <= start_step < steps:
             raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
+        scheduler = scheduler or self.c.spec.default_scheduler
         shape = (1, *self.c.latent_shape(width, height))
         sched = self.c.family.make_scheduler(scheduler, self.c.scheduler_config, steps, shape[1:], self.c.device)
         if hasattr(sched, "set_begin_index"):
