@@ -53,9 +53,12 @@ TRANSFORMER_SETTINGS: tuple[dict, ...] = (
     {"method": "first_block", "first_block_threshold": 0.05},
     {"method": "first_block", "first_block_threshold": 0.1},
     {"method": "first_block", "first_block_threshold": 0.2},
+    {"method": "first_block", "first_block_threshold": 0.5},
     {"method": "taylorseer", "taylorseer_interval": 3},
     {"method": "taylorseer", "taylorseer_interval": 5},
     {"method": "taylorseer", "taylorseer_interval": 5, "taylorseer_order": 2},
+    {"method": "taylorseer", "taylorseer_interval": 3, "taylorseer_lite": True},
+    {"method": "taylorseer", "taylorseer_interval": 5, "taylorseer_lite": True},
 )
 
 

@@ -59,6 +59,11 @@ class FeatureCacheOptions(BaseModel):
     taylorseer_order: int | None = Field(
         None, ge=1, le=4, description="TaylorSeer: order of the Taylor expansion that predicts features (default 1)."
     )
+    taylorseer_lite: bool | None = Field(
+        None,
+        description="TaylorSeer: diffusers' lite mode, whole blocks skipped between full passes and only the output "
+        "projection predicted (faster, coarser; default false).",
+    )
     text_memo: bool = Field(
         True, description="Reuse the text encoder's output for a prompt seen before; false encodes it afresh."
     )

@@ -88,3 +88,23 @@ def test_family_directory_serves_exact_approximate_and_feature_caches(family_clu
     featured = submit(**{**request, "prompt": "a lighthouse", "cache": {"exact": False, "feature": feature}}).wait(120)
     assert featured.cache.feature.method == method and featured.cache.feature.partial_unet_passes > 0
     _stored(featured)
+
+
+def test_models_lists_family_defaults_limits_and_methods_and_the_client_checks_them(family_cluster):
+    import subprocess
+    import sys
+
+    from scheduler.errors import InvalidRequest
+
+    out = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "models"], capture_output=True, text=True, timeout=60, check=True
+    )
+    served = json.loads(out.stdout)
+    flux = served["fam-flux"]
+    assert flux["family"] == "flux" and flux["default_size"] == 64 and flux["size_multiple"] == 16
+    assert (flux["default_steps"], flux["default_guidance_scale"], flux["default_scheduler"]) == (28, 3.5, "flow_euler")
+    assert flux["feature_methods"] == ["off", "first_block", "taylorseer"] and served["fam-sdxl"]["family"] == "sdxl"
+    with pytest.raises(InvalidRequest, match="scheduler"):
+        submit(prompt="a cat", model="fam-flux", scheduler="ddim")  # refused before queueing
+    with pytest.raises(InvalidRequest, match="cache.feature.method"):
+        submit(prompt="a cat", model="fam-sd3", cache={"feature": {"method": "first_block"}})

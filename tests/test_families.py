@@ -174,7 +174,7 @@ def test_sd3_serves_without_its_third_text_encoder(tmp_path):
     components = load_components(str(directory))
     assert components.text_encoder_3 is None and components.tokenizer_3 is None
     cond, _ = components.family.encode(components, "a boat")
-    assert cond["encoder_hidden_states"].shape[1] == 77 + components.family.t5_length_without_encoder
+    assert cond["encoder_hidden_states"].shape[1] == 77 + components.family.t5_max_length
     out = DenoiseLoop(components).denoise(
         prompt="a boat", seed=1, steps=2, guidance_scale=4.0, width=64, height=64, scheduler="flow_euler"
     )
@@ -256,6 +256,7 @@ def test_deepcache_and_block_caching_run_on_the_sdxl_unet(tmp_path):
     [
         ("tiny-flux", {"method": "first_block", "first_block_threshold": 0.5}),
         ("tiny-flux", {"method": "taylorseer", "taylorseer_interval": 3}),
+        ("tiny-flux", {"method": "taylorseer", "taylorseer_interval": 3, "taylorseer_lite": True}),
         ("tiny-sd3", {"method": "taylorseer", "taylorseer_interval": 3}),
     ],
 )

@@ -82,9 +82,10 @@ class Conditioning:
         return self.family.call(model, sample, t, self)
 
 
-def _tokens(tokenizer, text: str, device) -> torch.Tensor:
+def _tokens(tokenizer, text: str, device, max_length: int | None = None) -> torch.Tensor:
+    length = min(tokenizer.model_max_length, max_length or tokenizer.model_max_length)
     return tokenizer(
-        [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        [text], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
 
 
@@ -131,6 +132,10 @@ class Family:
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0
+
+    def zero_negative(self, c, negative_prompt: str, positive: Conditioning) -> Conditioning | None:
+        """The negative rows without encoding, where the family's pipeline uses zeros (SDXL's empty negative)."""
+        return None
 
     def conditioning(
         self, c, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, width: int, height: int
@@ -197,6 +202,11 @@ class SDXLFamily(Family):
 
     def pooled_dim(self, c) -> int:
         return int(c.text_encoder_2.config.projection_dim)
+
+    def zero_negative(self, c, negative_prompt, positive):
+        if negative_prompt or not c.extra.get("force_zeros_for_empty_prompt"):
+            return None
+        return positive._map(torch.zeros_like)  # as StableDiffusionXLPipeline does with force_zeros_for_empty_prompt
 
     def conditioning(self, c, positive, negative, guidance_scale, width, height):
         cond = super().conditioning(c, positive, negative, guidance_scale, width, height)
@@ -275,7 +285,7 @@ class SD3Family(FlowFamily):
     default_steps = 28
     default_guidance = 7.0
     default_scheduler_config = dict(num_train_timesteps=1000, shift=3.0)
-    t5_length_without_encoder = 256  # the pipeline's max_sequence_length
+    t5_max_length = 256  # the pipeline's max_sequence_length (T5's tokens; zeros of it without T5)
 
     @torch.no_grad()
     def encode(self, c, text):
@@ -286,10 +296,10 @@ class SD3Family(FlowFamily):
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1)
         if c.text_encoder_3 is not None:
-            t5 = c.text_encoder_3(_tokens(c.tokenizer_3, text, c.device))[0]
+            t5 = c.text_encoder_3(_tokens(c.tokenizer_3, text, c.device, self.t5_max_length))[0]
         else:
             width = int(c.unet.config.joint_attention_dim)
-            t5 = torch.zeros(1, self.t5_length_without_encoder, width, dtype=clip.dtype, device=clip.device)
+            t5 = torch.zeros(1, self.t5_max_length, width, dtype=clip.dtype, device=clip.device)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         pooled_vector = torch.cat(pooled, dim=-1)
         cond = {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": pooled_vector}
@@ -317,6 +327,7 @@ class FluxFamily(FlowFamily):
 
     name = "flux"
     pipeline = "FluxPipeline"
+    t5_max_length = 512  # the pipeline's max_sequence_length
     feature_methods = ("first_block", "taylorseer")
     components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
     optional = ()
@@ -335,7 +346,7 @@ class FluxFamily(FlowFamily):
     @torch.no_grad()
     def encode(self, c, text):
         pooled = c.text_encoder(_tokens(c.tokenizer, text, c.device)).pooler_output
-        sequence = c.text_encoder_2(_tokens(c.tokenizer_2, text, c.device))[0]
+        sequence = c.text_encoder_2(_tokens(c.tokenizer_2, text, c.device, self.t5_max_length))[0]
         return Conditioning(self, {"encoder_hidden_states": sequence, "pooled_projections": pooled}), pooled
 
     def pooled_dim(self, c):

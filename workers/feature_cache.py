@@ -40,6 +40,7 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "first_block_threshold": 0.05,  # diffusers' default (FLUX.1-dev was reported at 0.08: 1.55x)
     "taylorseer_interval": 5,  # diffusers' defaults: a full pass every 5 steps, Taylor order 1
     "taylorseer_order": 1,
+    "taylorseer_lite": False,  # diffusers' lite mode: whole blocks skipped, only proj_out predicted
     "calibration_dir": None,  # None → ~/.cache/reprise/blockcache
     "calibration_prompts": 3,
     "calibration_size": None,  # None → the model's default image size
@@ -62,6 +63,7 @@ REQUEST_FIELDS = (
     "first_block_threshold",
     "taylorseer_interval",
     "taylorseer_order",
+    "taylorseer_lite",
 )
 
 
@@ -573,6 +575,9 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
             params = {
                 "cache_interval": int(settings["taylorseer_interval"]),
                 "max_order": int(settings["taylorseer_order"]),
+                "use_lite_mode": bool(settings["taylorseer_lite"]),
+                # diffusers keeps the factors in bfloat16 (GPU memory); on the CPU bfloat16 arithmetic is slow
+                "taylor_factors_dtype": torch.bfloat16 if components.device.type == "cuda" else torch.float32,
             }
         return DiffusersCacheRunner(components.unet, method, params, steps=steps, start_step=start_step)
     if method in ("deepcache", "block") and method not in family.feature_methods:
@@ -630,11 +635,12 @@ class DiffusersCacheRunner:
         if method not in DIFFUSERS_METHODS:
             raise ValueError(f"unknown diffusers cache {method!r}; one of {', '.join(DIFFUSERS_METHODS)}")
         config_name, apply_name = DIFFUSERS_METHODS[method]
-        self.method, self.params = method, dict(params)
+        self.method, self.params = method, {k: v for k, v in params.items() if not isinstance(v, torch.dtype)}
         self.config = getattr(hooks, config_name)(**params)
         self._apply = getattr(hooks, apply_name)
         self.hooks: list[tuple[torch.nn.Module, str, Any]] | None = None
         self.steps, self.start_step = steps, start_step
+        self.counted = _ComputedBlocks(model)
         self.full_passes = 0
         self.partial_passes = 0  # calls in which the hooks reused anything (blocks, attention, features)
         self.reused_blocks = 0
@@ -662,21 +668,22 @@ class DiffusersCacheRunner:
                 for name in list(m._diffusers_hook._hook_order)
                 if (id(m), name) not in before
             ]
+            # modules gained registries: rebuild diffusers' cached list of them (they stay, empty, between calls)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
         else:
             for module, name, hook in self.hooks:
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+                module._diffusers_hook.register_hook(hook, name)
         try:
             yield
         finally:
             for module, name, _ in reversed(self.hooks):
                 module._diffusers_hook.remove_hook(name, recurse=False)
-            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
     def __call__(self, unet, sample, t, step_index, context):
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        counted = _ComputedBlocks(unet)
+        counted = self.counted
+        counted.ran = 0
         with self._hooks_on(unet), counted:
             _set_cache_context(
                 unet,

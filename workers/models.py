@@ -243,6 +243,30 @@ BUILTINS: dict[str, dict] = {
         vae_channels=(8, 16, 16, 16),
         spec=ModelSpec("tiny-sdxl", default_size=64, max_size=512, family="sdxl"),
     ),
+    # SDXL's block structure (no attention at the top level, deeper attention below) at small widths: CPU benchmarks.
+    "sdxl-small": dict(
+        family="sdxl",
+        unet=dict(
+            block_out_channels=(64, 128, 256),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 2, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=32,
+            projection_class_embeddings_input_dim=64 + 6 * 32,
+            cross_attention_dim=128,
+            norm_num_groups=32,
+        ),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        text_2=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64
+        ),
+        vae_channels=(8, 16, 16, 16),
+        spec=ModelSpec("sdxl-small", default_size=256, max_size=512, family="sdxl"),
+    ),
     # SDXL's real U-Net (2.6B parameters) and text encoders with random weights: GPU timing only, never in tests.
     "sdxl": dict(
         family="sdxl",
@@ -286,6 +310,49 @@ BUILTINS: dict[str, dict] = {
         vae_shift=(1.5305, 0.0609),  # SD3's scaling and shift factors
         vae_channels=(8, 16, 16, 16),
         spec=ModelSpec("tiny-sd3", default_size=64, max_size=512, family="sd3"),
+    ),
+    # MMDiT and Flux transformers wide enough that a CPU benchmark times their blocks, not Python: benchmarks.
+    "sd3-small": dict(
+        family="sd3",
+        transformer=dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=6,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            caption_projection_dim=256,
+            pooled_projection_dim=128,
+            pos_embed_max_size=64,
+        ),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64),
+        t5=dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4),
+        latent_channels=16,
+        vae_shift=(1.5305, 0.0609),
+        vae_channels=(8, 16, 16, 16),
+        spec=ModelSpec("sd3-small", default_size=256, max_size=512, family="sd3"),
+    ),
+    "flux-small": dict(
+        family="flux",
+        transformer=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=6,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            pooled_projection_dim=64,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 24, 24),
+        ),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        t5=dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4),
+        latent_channels=16,
+        vae_shift=(0.3611, 0.1159),
+        vae_channels=(8, 16, 16, 16),
+        spec=ModelSpec("flux-small", default_size=256, max_size=512, family="flux"),
     ),
     "tiny-flux": dict(
         family="flux",
@@ -412,6 +479,8 @@ def _build_family_builtin(name: str, recipe: dict, family: Family, seed: int) ->
                 parts["unet"] = FluxTransformer2DModel(**recipe["transformer"])
             parts["vae"] = _vae(recipe, size, recipe["latent_channels"])
     parts["scheduler_config"] = dict(family.default_scheduler_config)
+    if family.name == "sdxl":
+        parts["extra"] = {"force_zeros_for_empty_prompt": True}  # what StableDiffusionXLPipeline saves by default
     return parts
 
 
@@ -487,6 +556,8 @@ def _load_directory(path: Path, name: str, prefer_fp16: bool = False) -> dict:
             )
     # the model's own calibrated table for the `clip` embedder (thresholds belong to one encoder)
     parts["extra"] = {"input_coords": bool(extra.get("input_coords")), **_clip_table(extra)}
+    if index.get("force_zeros_for_empty_prompt"):  # SDXL: an empty negative prompt is zeros, not encoded
+        parts["extra"]["force_zeros_for_empty_prompt"] = True
     return parts
 
 

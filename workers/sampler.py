@@ -166,7 +166,11 @@ class DenoiseLoop:
         """The request's rows of conditioning (two with classifier-free guidance; the family adds its own)."""
         family = self.c.family
         cond = self.encode_text(prompt, use_memo)
-        negative = self.encode_text(negative_prompt, use_memo) if family.uses_cfg(guidance_scale) else None
+        negative = None
+        if family.uses_cfg(guidance_scale):
+            negative = family.zero_negative(self.c, negative_prompt, cond) or self.encode_text(
+                negative_prompt, use_memo
+            )
         size = self.c.spec.default_size
         return family.conditioning(self.c, cond, negative, guidance_scale, width or size, height or size)
 
