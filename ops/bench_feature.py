@@ -66,7 +66,10 @@ def settings_for(components) -> list[dict]:
     """The settings of the caches the model's family runs."""
     methods = set(components.family.feature_methods)
     every = UNET_SETTINGS if "deepcache" in methods else TRANSFORMER_SETTINGS
-    return [s for s in every if s["method"] == "off" or s["method"] in methods]
+    lite = components.family.taylorseer_lite
+    return [
+        s for s in every if (s["method"] == "off" or s["method"] in methods) and (lite or not s.get("taylorseer_lite"))
+    ]
 
 
 class TimedRunner:

@@ -278,10 +278,12 @@ def test_diffusers_transformer_caches_run_and_leave_the_model_plain(tmp_path, mo
         service.close()
 
 
-def test_sd3_refuses_first_block_cache(tmp_path):
+def test_sd3_refuses_first_block_cache_and_taylorseer_lite(tmp_path):
     service = _service(_components("tiny-sd3"), tmp_path)
     try:
         with pytest.raises(InvalidRequest, match="first_block"):
             service.validate({"prompt": "x", "cache": {"feature": {"method": "first_block"}}})
+        with pytest.raises(InvalidRequest, match="lite mode"):
+            service.validate({"prompt": "x", "cache": {"feature": {"method": "taylorseer", "taylorseer_lite": True}}})
     finally:
         service.close()

@@ -119,6 +119,7 @@ class Family:
     )
     scheduler_class = "DDIMScheduler"  # the class save_pretrained writes for the default config
     feature_methods = ("deepcache", "block")
+    taylorseer_lite = False
 
     # --- text -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,6 +230,7 @@ class FlowFamily(Family):
     default_scheduler = "flow_euler"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     feature_methods: tuple[str, ...] = ("taylorseer",)  # diffusers' hook caches (workers/feature_cache.py)
+    taylorseer_lite = True  # TaylorSeer's lite mode (whole blocks skipped) runs on this denoiser
 
     def latent_channels(self, c) -> int:
         return int(c.vae.config.latent_channels)
@@ -269,7 +271,9 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     pipeline = "StableDiffusion3Pipeline"
-    # FirstBlockCache fails on SD3's last joint block (it returns no text states: None - Tensor in diffusers 0.42)
+    # FirstBlockCache and TaylorSeer's lite mode fail on SD3's last joint block, which returns no text states
+    # (diffusers 0.42: None - Tensor; None.dtype)
+    taylorseer_lite = False
     components = (
         "tokenizer",
         "text_encoder",

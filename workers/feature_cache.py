@@ -569,6 +569,8 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
     if method in DIFFUSERS_METHODS:
         if method not in family.feature_methods:
             raise ValueError(f"feature cache {method!r} does not run on the {family.name} family's denoiser")
+        if method == "taylorseer" and settings["taylorseer_lite"] and not family.taylorseer_lite:
+            raise ValueError(f"TaylorSeer's lite mode does not run on the {family.name} family's denoiser")
         if method == "first_block":
             params = {"threshold": float(settings["first_block_threshold"])}
         else:

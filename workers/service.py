@@ -213,6 +213,11 @@ class GenerationService:
                 + (" (DeepCache and block caching work on U-Nets)" if family.denoiser != "unet" else ""),
                 [{"field": "cache.feature.method", "problem": f"{method} is not available for {family.name}"}],
             )
+        if method == "taylorseer" and request.cache.feature.taylorseer_lite and not family.taylorseer_lite:
+            raise InvalidRequest(
+                f"TaylorSeer's lite mode does not run on {self.model_name} ({family.name})",
+                [{"field": "cache.feature.taylorseer_lite", "problem": f"not available for {family.name}"}],
+            )
         if problems:
             raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
         return request, width, height
