@@ -68,7 +68,7 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
     latencies = [lat for lat, _ in results]
     hits = [r.cache.hit for _, r in results]
     steps = [r.steps for _, r in results]
-    computed = [r.cache.steps_computed for _, r in results]
+    computed = [r.cache.steps_computed + r.cache.steps_discarded for _, r in results]  # all device steps run
     lookups = [r.cache.lookup_ms for _, r in results if r.cache.lookup_ms is not None]
     n = len(results)
     by_k: dict[str, int] = {}
@@ -89,6 +89,16 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
         "p95_latency": _pct(latencies, 0.95),
         "lookup_p50_ms": _pct(lookups, 0.5),
         "lookup_p99_ms": _pct(lookups, 0.99),
+        # Where a job's time goes (medians, s): queue wait, admission to its first step (exact lookup and
+        # the wait for a device slot), denoise, decode, and the client's latency beyond the worker's total.
+        "stages_p50_s": {
+            "queue_wait": _pct([r.timings.queue_wait_s for _, r in results], 0.5),
+            "to_first_step": _pct([r.timings.load_s for _, r in results], 0.5),
+            "denoise": _pct([r.timings.denoise_s for _, r in results], 0.5),
+            "decode": _pct([r.timings.decode_s for _, r in results], 0.5),
+            "worker_total": _pct([r.timings.total_s for _, r in results], 0.5),
+            "beyond_worker": _pct([lat - r.timings.total_s for lat, r in results], 0.5),
+        },
     }
 
 
@@ -187,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "p95_latency_off": off["p95_latency"],
         "lookup_p50_ms": on["lookup_p50_ms"],
         "lookup_p99_ms": on["lookup_p99_ms"],
+        "stages_p50_s": {"off": off["stages_p50_s"], "on": on["stages_p50_s"]},
         "errors": {"off": off["errors"], "on": on["errors"]},
         "skip_table": served.get("skip_table"),  # as the serving worker reported it
         "workload": workload.describe(),
@@ -208,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     table.add_row("steps saved", "-", f"{on['steps_saved_fraction']:.1%}")
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
+    for stage in off["stages_p50_s"]:
+        ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+        table.add_row(
+            f"p50 {stage.replace('_', ' ')} (ms)", ms(off["stages_p50_s"][stage]), ms(on["stages_p50_s"][stage])
+        )
     table.add_row("errors", str(len(off["errors"])), str(len(on["errors"])))
     console.print(table)
     console.print(f"throughput ratio (on/off): {fmt(report['throughput_ratio'])}x")

@@ -183,6 +183,11 @@ class CacheReport(BaseModel):
     generation: int | None = Field(None, description="Cache generation of the model at lookup time.")
     steps_computed: int = 0
     steps_saved: int = 0
+    steps_discarded: int = Field(
+        0,
+        description="Steps a request ran fresh while its approximate lookup was under way, then replaced by "
+        "the state resumed at K (device work the lookup's overlap cost; not in steps_computed).",
+    )
     lookup_ms: float | None = None
     note: str | None = Field(None, description="Why the cache was skipped, when it was.")
     feature: FeatureReport = Field(default_factory=FeatureReport)

@@ -125,6 +125,49 @@ def test_fresh_and_resumed_requests_share_a_call_with_their_own_timesteps(tiny, 
         service.close()
 
 
+def test_the_approximate_lookup_overlaps_the_first_steps_and_its_answer_alone_decides_the_image(tiny, tmp_path):
+    """A request goes to its device before its embedding and approximate lookup finish; the device runs it
+    up to the earliest resume step (K = 4 here) and holds it there until the lookup answers. A hit then
+    swaps in the state resumed at K (the 4 steps run meanwhile are discarded and reported), a miss runs on:
+    the same images as when the lookup answers before the first step."""
+    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
+    service, spy = _service(tiny, tmp_path, cache=LatentCache.open(settings))
+    try:
+        first = {"prompt": "a red fox in the snow", "seed": 3, "steps": STEPS, "guidance_scale": 4.0}
+        service.run(first, JobContext(job_id="first"))
+        service.drain_writebacks()
+        near = {**first, "prompt": "a red fox in deep snow", "deterministic": True, "cache": {"exact": False}}
+        # No neighbour among its tenant's entries: a miss (writing nothing, so it stays one).
+        alone = {**near, "tenant": "nobody-else", "cache": {"exact": False, "write": False}}
+        quick = [service.run(r, JobContext(job_id=f"quick-{i}")) for i, r in enumerate((near, alone))]
+        assert quick[0].cache.hit == "approximate" and quick[0].cache.steps_computed == STEPS - 4
+        assert quick[1].cache.hit == "miss"
+
+        embed = service.cache.embed
+        calls_when_answered = []
+
+        def slow_embed(text):
+            time.sleep(1.0)  # longer than 4 steps of the tiny model
+            calls_when_answered.append(len(spy.calls))
+            return embed(text)
+
+        service.cache.embed = slow_embed
+        for i, r in enumerate((near, alone)):
+            spy.calls.clear()
+            slow = service.run({**r, "seed": r["seed"]}, JobContext(job_id=f"slow-{i}"))
+            assert calls_when_answered[-1] == 4, calls_when_answered  # ran up to K during the lookup, then held
+            assert slow.cache.hit == quick[i].cache.hit and slow.cache.steps_computed == quick[i].cache.steps_computed
+            assert np.array_equal(_pixels(slow), _pixels(quick[i])), i  # the lookup's answer decides, not timing
+        assert slow.cache.steps_discarded == 0 and len(spy.calls) == STEPS  # the miss wasted nothing
+        spy.calls.clear()
+        slow_hit = service.run(near, JobContext(job_id="slow-hit-again"))
+        assert slow_hit.cache.hit == "approximate" and slow_hit.cache.k == 4
+        assert slow_hit.cache.steps_discarded == 4 and slow_hit.cache.steps_computed == STEPS - 4
+        assert len(spy.calls) == 4 + STEPS - 4
+    finally:
+        service.close()
+
+
 def test_deterministic_request_runs_alone_and_matches_the_plain_loop(tiny, tmp_path):
     service, spy = _service(tiny, tmp_path)
     try:

@@ -12,6 +12,14 @@ with those whose runner makes the same kind of pass at this step (all full, or a
 own kept features); a block-caching request (its runner patches the U-Net's blocks per request) or one
 marked ``deterministic`` runs in a group of its own. Groups take turns, the longest-waiting first.
 
+The approximate lookup overlaps the first steps: a request that missed the exact cache goes to its device
+at once, as a fresh request, while its job thread embeds the prompt and searches for a neighbour. The
+device may run it up to ``hold_at`` (the earliest step a stored state can resume at) and then leaves it
+out of the calls until the lookup is resolved; a hit swaps in the trajectory resumed at K (always
+K >= hold_at, so the swap never goes back), a miss lets it run on. Either way the image is the one the
+lookup's answer gives, never a race's; the steps run before a swap are reported as discarded. So a
+lookup costs a miss no device time and, where the first steps take longer than the lookup, no latency.
+
 Progress, cancellation and time limits stay per request: before every iteration the device thread asks
 each active request whether it was cancelled (an in-memory revoke set and one Redis EXISTS: about 0.1 ms,
 against tens of milliseconds for a denoiser call) and checks its deadline, and after each step it
@@ -54,6 +62,19 @@ class EngineRequest:
     device: Any = None
     first_step_at: float | None = None
     last_stepped: int = -1  # the iteration that last stepped it (fair turns between groups)
+    # The overlapped lookup (NodeEngine.resolve): while ``lookup_pending``, the device steps the request
+    # no further than ``hold_at``; ``resume`` is the (trajectory, runner) of a hit, swapped in by the device.
+    lookup_pending: bool = False
+    hold_at: int | None = None
+    resume: tuple | None = None
+    resumed: bool = False
+    steps_discarded: int = 0  # steps run before a swap to a resumed trajectory
+
+    @property
+    def held(self) -> bool:
+        """Waiting for its lookup at the earliest step a resume could start from."""
+        waiting = self.lookup_pending or self.resume is not None  # a resume not yet swapped in holds it too
+        return waiting and self.hold_at is not None and self.trajectory.i >= self.hold_at
 
     def turn_key(self) -> tuple:
         """Whom it may share this iteration's call with: its group, and for a feature cache that can batch
@@ -81,15 +102,26 @@ class DeviceScheduler(threading.Thread):
     """Runs one device: takes waiting requests while it has room, and each iteration makes one batched
     denoiser call for the group whose turn it is."""
 
-    def __init__(self, device, waiting: queue.PriorityQueue, max_batch: int):
+    def __init__(
+        self,
+        device,
+        waiting: queue.PriorityQueue,
+        max_batch: int,
+        kick: threading.Event | None = None,
+        threads: int | None = None,
+    ):
         super().__init__(name=f"reprise-engine-{device.name}", daemon=True)
         self.device, self.waiting, self.max_batch = device, waiting, max_batch
+        self.threads = threads  # torch intra-op threads of this device thread (None: torch's default)
+        self.kick = kick or threading.Event()  # set when a held request's lookup is resolved
         self.active: list[EngineRequest] = []
         self.stats = DeviceStats()
         self.iteration = 0
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self.stopped.is_set():
                 try:
@@ -97,6 +129,9 @@ class DeviceScheduler(threading.Thread):
                     group = self._next_group()
                     if group:
                         self._step(group)
+                    elif self.active:  # every active request waits for its lookup: wait for one to resolve
+                        self.kick.wait(0.01)
+                        self.kick.clear()
                 except Exception as exc:  # never leave a caller waiting: fail the active requests, go on
                     log.exception("engine iteration failed on %s", self.device.name)
                     for request in list(self.active):
@@ -125,11 +160,26 @@ class DeviceScheduler(threading.Thread):
                 self._leave(request)
                 t = request.trajectory
                 request.events.put(("error", StopRequested(reason, t.i + 1, t.steps)))
-        if not self.active:
+        for request in self.active:
+            if request.resume is not None:
+                self._swap_in(request)
+        ready = [r for r in self.active if not r.held]
+        if not ready:
             return []
-        first = min(self.active, key=lambda r: (r.last_stepped, r.priority))
+        first = min(ready, key=lambda r: (r.last_stepped, r.priority))
         key = first.turn_key()
-        return [r for r in self.active if r.turn_key() == key]
+        return [r for r in ready if r.turn_key() == key]
+
+    def _swap_in(self, request: EngineRequest) -> None:
+        """A cache hit resolved while the request ran fresh: continue from the resumed trajectory."""
+        trajectory, runner = request.resume
+        request.resume = None
+        if request.trajectory.i > trajectory.i:  # cannot happen under hold_at; never go back
+            log.warning("a resume at step %d came after step %d: ignored", trajectory.i, request.trajectory.i)
+            return
+        trajectory.to(self.device.loop.c.device)
+        request.steps_discarded = request.trajectory.steps_computed
+        request.trajectory, request.runner, request.resumed = trajectory, runner, True
 
     @staticmethod
     def _stop_reason(request: EngineRequest) -> str | None:
@@ -218,18 +268,26 @@ class NodeEngine:
     """The node's devices and their schedulers. ``submit`` hands a request in; ``wait`` is the caller's
     side: it reports progress, forwards a cancel, and returns (LoopOutput, image or None, decode_s)."""
 
-    def __init__(self, devices: list, max_batch: int = 8):
+    def __init__(self, devices: list, max_batch: int = 8, threads: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.waiting: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        self.schedulers = [DeviceScheduler(d, self.waiting, max_batch) for d in devices]
+        self.kick = threading.Event()
+        self.schedulers = [DeviceScheduler(d, self.waiting, max_batch, self.kick, threads) for d in devices]
         for s in self.schedulers:
             s.start()
 
     def submit(self, request: EngineRequest) -> None:
         self.waiting.put((request.priority, next(self._order), request))
+
+    def resolve(self, request: EngineRequest, resume: tuple | None = None) -> None:
+        """The request's lookup is answered: ``resume`` = (trajectory resumed at K, its runner) for a hit,
+        None for a miss. The device swaps the trajectory in before its next step of the request."""
+        request.resume = resume
+        request.lookup_pending = False
+        self.kick.set()
 
     def wait(self, request: EngineRequest, on_progress=None, is_cancelled=None) -> tuple[LoopOutput, Any, float]:
         if request.on_progress is not None:  # the device thread reports every step itself

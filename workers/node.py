@@ -102,6 +102,7 @@ def build_service(
         feature_defaults=defaults,
         writeback_queue=worker.writeback_queue,
         max_batch=worker.max_batch,
+        job_threads=1,  # the device threads keep every core; see GenerationService
     )
     service.text_memo = memo
     if redis_client is not None:

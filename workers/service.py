@@ -108,9 +108,9 @@ class AdmittedJob:
     shareable: bool = False
     key: Any = None
     vector: Any = None
-    start_latents: torch.Tensor | None = None
     start_step: int = 0
     capture: list[int] = field(default_factory=list)
+    near: Any = None  # the approximate hit the lookup found (cache.ApproxHit)
     runner: Any = None
     device: str = ""  # the device that ran it; "" when it never needed one
     load_s: float = 0.0
@@ -130,6 +130,7 @@ class GenerationService:
         writeback_queue: int = 64,
         hostname: str | None = None,
         max_batch: int = 8,
+        job_threads: int | None = None,
     ):
         self.model_name = model_name
         self.pool = pool
@@ -140,6 +141,13 @@ class GenerationService:
         self.hostname = hostname or socket.gethostname()
         self.timer = StepTimer()
         self.max_batch = max_batch
+        # Torch's intra-op threads: the device threads keep what the process has now; a job's own CPU work
+        # (conditioning, embedding, decode on the CPU) uses ``job_threads`` where set. Where the device is
+        # the CPU itself, jobs running at once with 2-thread kernels each oversubscribe the cores the device
+        # computes on, and OpenMP's spinning threads then slow every one of them (workers/node.py sets 1).
+        self.device_threads = torch.get_num_threads()
+        self.job_threads = job_threads
+        self._local = threading.local()
         self._engine: NodeEngine | None = None
         self._engine_lock = threading.Lock()
         self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
@@ -226,6 +234,9 @@ class GenerationService:
     def run(self, payload: Any, job: JobContext) -> GenerationResult:
         """Serve one job. Only the device stage holds a device: admission, lookups, the artifact write
         and the write-back run on the caller's thread, so a cache miss costs the device nothing."""
+        if self.job_threads is not None and getattr(self._local, "threads", None) != self.job_threads:
+            torch.set_num_threads(self.job_threads)  # this thread only (and threads started after it)
+            self._local.threads = self.job_threads
         admitted = self.admit(payload, job)
         self.lookup(admitted)
         if admitted.uri is None:
@@ -271,7 +282,8 @@ class GenerationService:
         return a
 
     def lookup(self, a: AdmittedJob) -> None:
-        """Exact lookup (a hit ends the job here), prompt embedding, approximate lookup and state fetch."""
+        """The exact lookup, before any device: a hit ends the job here. The rest of the lookup (prompt
+        embedding, approximate lookup, state fetch) overlaps the job's first steps (``on_device``)."""
         if a.uri is not None or not a.use_cache:
             return
         request, report = a.request, a.report
@@ -290,34 +302,34 @@ class GenerationService:
                 ks = self.cache.state_steps(request.steps)
                 self.cache.record_hit(hit.entry_id, ks[-1] if ks else request.steps)
                 report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, request.steps
-                report.lookup_ms = (time.perf_counter() - t) * 1000
                 a.uri = uri
-                return
-        if request.cache.approximate or request.cache.write:
-            a.vector = self.cache.embed(request.prompt)
-        if request.cache.approximate and a.vector is not None:
-            ahit = self.cache.lookup_approx(a.key, a.vector, allow_shared=request.cache.use_shared)
-            if ahit is not None and 0 < ahit.k < request.steps:
-                a.start_latents = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
-                a.start_step = ahit.k
-                self.cache.record_hit(ahit.entry_id, ahit.k)
-                report.hit, report.k, report.similarity, report.source_id = (
-                    "approximate",
-                    ahit.k,
-                    float(ahit.similarity),
-                    ahit.entry_id,
-                )
         report.lookup_ms = (time.perf_counter() - t) * 1000
         if request.cache.write:
-            a.capture = [k for k in self.cache.state_steps(request.steps) if k > a.start_step]
+            a.capture = list(self.cache.state_steps(request.steps))
 
-    def on_device(self, a: AdmittedJob):
-        """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
-        the node engine, which steps it in batches with the other active jobs; decode follows, on the
-        device where decoding is device work, here otherwise."""
-        loop, request, job = self.pool.devices[0].loop, a.request, a.job
-        a.runner = self._unet_runner(loop.c, request, request.steps, a.start_step)
-        trajectory = loop.trajectory(
+    def lookup_near(self, a: AdmittedJob, loop: DenoiseLoop, context: torch.Tensor):
+        """Prompt embedding, approximate lookup and state fetch, while the job's first steps run. Returns
+        (the trajectory resumed at K, its feature-cache runner) for a hit, None otherwise."""
+        request, report = a.request, a.report
+        t = time.perf_counter()
+        try:
+            a.vector = self.cache.embed(request.prompt)
+            if not request.cache.approximate or a.vector is None:
+                return None
+            ahit = self.cache.lookup_approx(a.key, a.vector, allow_shared=request.cache.use_shared)
+            if ahit is None or not 0 < ahit.k < request.steps:
+                return None
+            a.near = ahit
+            start = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
+            capture = [k for k in a.capture if k > ahit.k]
+            runner = self._unet_runner(loop.c, request, request.steps, ahit.k)
+            return self._trajectory(loop, a, start, ahit.k, capture, context), runner
+        finally:
+            report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+
+    def _trajectory(self, loop: DenoiseLoop, a: AdmittedJob, start_latents, start_step: int, capture, context=None):
+        request = a.request
+        return loop.trajectory(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             seed=a.seed,
@@ -326,12 +338,25 @@ class GenerationService:
             width=a.width,
             height=a.height,
             scheduler=request.scheduler,
-            start_latents=a.start_latents,
-            start_step=a.start_step,
-            capture_at=a.capture,
-            snap_dtype=torch.float16 if a.capture else None,  # the cache stores float16 states
+            start_latents=start_latents,
+            start_step=start_step,
+            capture_at=capture,
+            snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
+            context=context,
             use_text_memo=request.cache.feature.text_memo,
         )
+
+    def on_device(self, a: AdmittedJob):
+        """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
+        the node engine, which steps it in batches with the other active jobs, while this thread finishes
+        the lookup (``lookup_near``); a hit is swapped in by the engine before the earliest step a stored
+        state can resume at, so the image never depends on which finished first. Decode follows, on the
+        device where decoding is device work, here otherwise."""
+        loop, request, job = self.pool.devices[0].loop, a.request, a.job
+        a.runner = self._unet_runner(loop.c, request, request.steps, 0)
+        trajectory = self._trajectory(loop, a, None, 0, a.capture)
+        near = a.use_cache and (request.cache.approximate or request.cache.write)
+        ks = self.cache.state_steps(request.steps) if near and request.cache.approximate else []
         # A feature cache whose runner cannot batch (block caching) runs alone, as a deterministic request does.
         alone = request.deterministic or (a.runner is not None and not hasattr(a.runner, "run_batch"))
         entry = EngineRequest(
@@ -343,13 +368,25 @@ class GenerationService:
             decode_on_device=loop.c.device.type == "cuda",
             is_cancelled=job.is_cancelled,
             on_progress=job.on_progress,
+            lookup_pending=near,
+            hold_at=min(ks) if ks else None,
         )
         self.engine.submit(entry)
+        if near:
+            resume = None
+            try:
+                resume = self.lookup_near(a, loop, trajectory.context)
+            except BaseException:
+                entry.stop = "lookup failed"  # the job fails with the lookup's error, as before; free its slot
+                raise
+            finally:
+                self.engine.resolve(entry, resume)
         try:
             out, image, a.decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
         except StopRequested as exc:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
+        self._report_near(a, entry)
         a.device = entry.device.name
         a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
         if image is None:
@@ -358,12 +395,29 @@ class GenerationService:
             a.decode_s = time.perf_counter() - t
         return out, image
 
+    def _report_near(self, a: AdmittedJob, entry: EngineRequest) -> None:
+        ahit, report = a.near, a.report
+        if ahit is None:
+            return
+        if not entry.resumed:  # a state stored under other settings, before this request's earliest resume step
+            report.note = f"approximate hit at K={ahit.k} was found after step {ahit.k} had run: served fresh"
+            return
+        a.start_step = ahit.k
+        self.cache.record_hit(ahit.entry_id, ahit.k)
+        report.hit, report.k, report.similarity, report.source_id = (
+            "approximate",
+            ahit.k,
+            float(ahit.similarity),
+            ahit.entry_id,
+        )
+        report.steps_discarded = entry.steps_discarded
+
     @property
     def engine(self) -> NodeEngine:
         """The node engine, started with the first job that needs a device."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = NodeEngine(self.pool.devices, self.max_batch)
+                self._engine = NodeEngine(self.pool.devices, self.max_batch, threads=self.device_threads)
             return self._engine
 
     def store(self, a: AdmittedJob, out, image) -> None:
