@@ -120,6 +120,7 @@ class Family:
     scheduler_class = "DDIMScheduler"  # the class save_pretrained writes for the default config
     feature_methods = ("deepcache", "block")
     taylorseer_lite = False
+    cuda_dtype = torch.float16  # the dtype it is served in on CUDA unless the worker says otherwise
 
     # --- text -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -231,6 +232,7 @@ class FlowFamily(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     feature_methods: tuple[str, ...] = ("taylorseer",)  # diffusers' hook caches (workers/feature_cache.py)
     taylorseer_lite = True  # TaylorSeer's lite mode (whole blocks skipped) runs on this denoiser
+    cuda_dtype = torch.bfloat16  # as SD3 and Flux are served: fp16 overflows in their T5 and transformer
 
     def latent_channels(self, c) -> int:
         return int(c.vae.config.latent_channels)

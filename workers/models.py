@@ -621,8 +621,10 @@ def fingerprint(parts: dict) -> str:
 
 
 def load_components(model: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Components:
-    """Load a model onto a device once: fp16 on CUDA, fp32 on the CPU, unless ``dtype`` says otherwise."""
+    """Load a model onto a device once: on CUDA the family's dtype (fp16; bf16 for SD3 and Flux), fp32 on the
+    CPU, unless ``dtype`` says otherwise."""
     device = torch.device(device)
+    chosen = dtype
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     name, directory = resolve_model(model)
@@ -634,6 +636,8 @@ def load_components(model: str, device: str | torch.device = "cpu", dtype: torch
     else:
         parts = _load_from_hub(model, name, fp16=fp16)
     fp = fingerprint(parts)
+    if chosen is None and device.type == "cuda":
+        dtype = parts.get("family", SD15).cuda_dtype
     for key in MODULES:
         if parts.get(key) is not None:
             parts[key] = parts[key].to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -387,6 +387,7 @@ class GenerationService:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
         self._report_near(a, entry)
+        a.runner = entry.runner  # a hit swapped in its own runner: the feature report is that one's
         a.device = entry.device.name
         a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
         if image is None:
