@@ -158,13 +158,17 @@ class Family:
 
     # --- schedule ---------------------------------------------------------------------------------
     def make_scheduler(self, name: str, config: dict, steps: int, latent_shape: tuple, device=None):
+        """A fresh scheduler (one per request: schedulers are state machines) with its timesteps set."""
+        sched = self._new_scheduler(name, config)
+        sched.set_timesteps(steps, device=device)
+        return sched
+
+    def _new_scheduler(self, name: str, config: dict):
         import diffusers
 
         if name not in self.schedulers:
             raise ValueError(f"the {self.name} family runs the schedulers {', '.join(self.schedulers)}, not {name!r}")
-        sched = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
-        sched.set_timesteps(steps, device=device)
-        return sched
+        return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
 
     def scale_input(self, sched, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sched.scale_model_input(sample, t)
@@ -238,16 +242,10 @@ class FlowFamily(Family):
         return int(c.vae.config.latent_channels)
 
     def make_scheduler(self, name, config, steps, latent_shape, device=None):
-        import diffusers
-
-        if name not in self.schedulers:
-            raise ValueError(f"the {self.name} family runs the schedulers {', '.join(self.schedulers)}, not {name!r}")
-        sched = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting"):  # the shift grows with the image's sequence length
-            kwargs["mu"] = image_shift(self.image_seq_len(latent_shape), sched.config)
-            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-            sched.set_timesteps(device=device, **kwargs)
+        sched = self._new_scheduler(name, config)
+        if sched.config.get("use_dynamic_shifting"):  # Flux: the shift grows with the image's token count
+            mu = image_shift(self.image_seq_len(latent_shape), sched.config)
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
         else:
             sched.set_timesteps(steps, device=device)
         return sched
@@ -366,9 +364,6 @@ class FluxFamily(FlowFamily):
             return positive
         pooled = positive["pooled_projections"]
         return positive.with_tensors(guidance=torch.full((1,), float(guidance_scale), device=pooled.device))
-
-    def latent_channels(self, c):
-        return int(c.vae.config.latent_channels)
 
     def size_multiple(self, c):
         return c.vae_scale_factor * 2  # 2×2 patches of latent pixels
