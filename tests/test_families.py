@@ -287,3 +287,23 @@ def test_sd3_refuses_first_block_cache_and_taylorseer_lite(tmp_path):
             service.validate({"prompt": "x", "cache": {"feature": {"method": "taylorseer", "taylorseer_lite": True}}})
     finally:
         service.close()
+
+
+def test_flux_without_a_guidance_embedding_ignores_guidance():
+    import dataclasses
+
+    from diffusers import FluxTransformer2DModel
+
+    from workers.models import BUILTINS
+
+    components = _components("tiny-flux")
+    torch.manual_seed(0)
+    schnell = FluxTransformer2DModel(**{**BUILTINS["tiny-flux"]["transformer"], "guidance_embeds": False}).eval()
+    loop = DenoiseLoop(dataclasses.replace(components, unet=schnell))
+    kwargs = dict(prompt="a kite", seed=3, steps=3, width=64, height=64, scheduler="flow_euler")
+    low, high = (loop.denoise(guidance_scale=g, **kwargs).latents for g in (1.0, 7.0))
+    assert torch.equal(low, high)  # schnell-like: no embedding, and no classifier-free guidance either
+    dev = DenoiseLoop(components)
+    assert not torch.equal(
+        dev.denoise(guidance_scale=1.0, **kwargs).latents, dev.denoise(guidance_scale=7.0, **kwargs).latents
+    )

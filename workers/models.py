@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from scheduler.errors import UnsupportedModelFamily
 from workers.families import FAMILIES, SD15, Family, family_for_pipeline
 
 log = logging.getLogger("reprise.models")
@@ -688,6 +689,8 @@ def _load_from_hub(model_id: str, name: str, fp16: bool = False) -> dict:
             index = json.loads(Path(huggingface_hub.hf_hub_download(model_id, "model_index.json")).read_text())
             files = hub_files(huggingface_hub.HfApi().list_repo_files(model_id), index, fp16)
             local = huggingface_hub.snapshot_download(model_id, allow_patterns=files)
+    except UnsupportedModelFamily:
+        raise
     except Exception as exc:  # offline machines: say what to do instead
         raise FileNotFoundError(
             f"model {model_id!r} is neither a built-in ({', '.join(BUILTINS)}), a shipped model, a local directory, "
