@@ -307,3 +307,19 @@ def test_flux_without_a_guidance_embedding_ignores_guidance():
     assert not torch.equal(
         dev.denoise(guidance_scale=1.0, **kwargs).latents, dev.denoise(guidance_scale=7.0, **kwargs).latents
     )
+
+
+def test_sdxl_builtin_has_sdxl_real_unet_and_takes_its_conditioning():
+    """Built on the meta device (shapes only, no memory): the 2.57B-parameter U-Net takes 2,048-wide text states,
+    the 1,280-wide pooled projection and six time ids at 128×128 latents, as SDXL does."""
+    from workers.families import SDXL, Conditioning
+    from workers.models import _build_builtin
+
+    with torch.device("meta"):
+        parts = _build_builtin("sdxl")
+        rows = {"encoder_hidden_states": (2, 77, 2048), "text_embeds": (2, 1280), "time_ids": (2, 6)}
+        cond = Conditioning(SDXL, {k: torch.zeros(shape) for k, shape in rows.items()})
+        out = cond.call(parts["unet"], torch.zeros(2, 4, 128, 128), torch.zeros(2))
+    assert out.shape == (2, 4, 128, 128)
+    assert round(sum(p.numel() for p in parts["unet"].parameters()) / 1e9, 2) == 2.57
+    assert parts["text_encoder_2"].config.projection_dim == 1280 and parts["spec"].default_size == 1024

@@ -289,6 +289,7 @@ BUILTINS: dict[str, dict] = {
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
         ),
         vae_channels=(128, 256, 512, 512),
+        vae_layers=2,
         spec=ModelSpec("sdxl", default_size=1024, max_size=2048, family="sdxl"),
     ),
     "tiny-sd3": dict(
@@ -414,6 +415,7 @@ def _vae(recipe: dict, size: int, latent_channels: int = 4):
         down_block_types=("DownEncoderBlock2D",) * len(ch),
         up_block_types=("UpDecoderBlock2D",) * len(ch),
         block_out_channels=ch,
+        layers_per_block=recipe.get("vae_layers", 1),
         latent_channels=latent_channels,
         norm_num_groups=min(8, ch[0]) if ch[0] < 32 else 32,
         sample_size=size,
