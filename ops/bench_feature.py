@@ -1,4 +1,7 @@
-"""Feature caches inside one request: U-Net speed-up and image deviation against the plain loop.
+"""Feature caches inside one request: denoiser speed-up and image deviation against the plain loop.
+
+Each family gets its own caches: DeepCache and block caching on U-Nets (SD 1.5, SDXL), diffusers' own hooks on
+transformers (FirstBlockCache on Flux, TaylorSeer on SD3 and Flux). ``unet`` below is the denoiser either way.
 
 ``reprise bench feature`` runs, for each prompt and repeat, every setting back to back (same process,
 prompts and seeds, so a shared CPU's load hits them alike). ``unet_speedup`` is the median, over
@@ -42,7 +45,7 @@ PROMPTS = (
     "a mountain lake reflecting pine trees",
 )
 
-SETTINGS: tuple[dict, ...] = (
+UNET_SETTINGS: tuple[dict, ...] = (
     {"method": "off"},
     {"method": "deepcache", "deepcache_interval": 1},
     {"method": "deepcache", "deepcache_interval": 3},
@@ -54,6 +57,28 @@ SETTINGS: tuple[dict, ...] = (
     {"method": "block", "block_delta": 0.5},
     {"method": "block", "block_delta": 1.0},
 )
+TRANSFORMER_SETTINGS: tuple[dict, ...] = (
+    {"method": "off"},
+    {"method": "first_block", "first_block_threshold": 0.05},
+    {"method": "first_block", "first_block_threshold": 0.1},
+    {"method": "first_block", "first_block_threshold": 0.2},
+    {"method": "first_block", "first_block_threshold": 0.5},
+    {"method": "taylorseer", "taylorseer_interval": 3},
+    {"method": "taylorseer", "taylorseer_interval": 5},
+    {"method": "taylorseer", "taylorseer_interval": 5, "taylorseer_order": 2},
+    {"method": "taylorseer", "taylorseer_interval": 3, "taylorseer_lite": True},
+    {"method": "taylorseer", "taylorseer_interval": 5, "taylorseer_lite": True},
+)
+
+
+def settings_for(components) -> list[dict]:
+    """The settings of the caches the model's family runs."""
+    methods = set(components.family.feature_methods)
+    every = UNET_SETTINGS if "deepcache" in methods else TRANSFORMER_SETTINGS
+    lite = components.family.taylorseer_lite
+    return [
+        s for s in every if (s["method"] == "off" or s["method"] in methods) and (lite or not s.get("taylorseer_lite"))
+    ]
 
 
 class TimedRunner:
@@ -110,11 +135,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _label(setting: dict) -> str:
-    params = {
-        k.split("_", 1)[1] if k.startswith(("deepcache_", "block_")) else k: v
-        for k, v in setting.items()
-        if k != "method"
-    }
+    params = {k.removeprefix(setting["method"] + "_"): v for k, v in setting.items() if k != "method"}
     return setting["method"] + ("" if not params else " " + " ".join(f"{k}={v}" for k, v in params.items()))
 
 
@@ -137,21 +158,24 @@ def run(
         "calibration_size": size,
     }
 
+    grid = settings_for(components)
     started = time.perf_counter()
-    store = calibration_store(calibration_dir, calibration_prompts, size)
-    store.changes(components, steps)  # calibrate once up front (stored), so no timed run pays for it
+    if any(s["method"] == "block" for s in grid):
+        store = calibration_store(calibration_dir, calibration_prompts, size)
+        store.changes(components, steps)  # calibrate once up front (stored), so no timed run pays for it
     calibration_s = time.perf_counter() - started
     log(
-        f"{model} {size}x{size}px, {steps} steps, {prompts} prompts x {repeats} repeats; block calibration {calibration_s:.1f}s"
+        f"{model} ({components.family.name}) {size}x{size}px, {steps} steps, {prompts} prompts x {repeats} repeats; "
+        f"block calibration {calibration_s:.1f}s"
     )
 
-    unet_s = {i: [] for i in range(len(SETTINGS))}
-    wall_s = {i: [] for i in range(len(SETTINGS))}
+    unet_s = {i: [] for i in range(len(grid))}
+    wall_s = {i: [] for i in range(len(grid))}
     images: dict[tuple[int, int], np.ndarray] = {}
     reports: dict[int, dict] = {}
     for r in range(repeats):
         for p in range(prompts):
-            for i, setting in enumerate(SETTINGS):
+            for i, setting in enumerate(grid):
                 runner = TimedRunner(make_unet_runner(components, setting, defaults, steps=steps), components.device)
                 out = loop.denoise(
                     prompt=PROMPTS[p % len(PROMPTS)],
@@ -170,7 +194,7 @@ def run(
                 log(f"  repeat {r} prompt {p} {_label(setting):40s} unet {runner.seconds:6.2f}s")
 
     results = []
-    for i, setting in enumerate(SETTINGS):
+    for i, setting in enumerate(grid):
         report = reports[i]
         psnrs = [psnr(images[0, p], images[i, p]) for p in range(prompts)]
         mean_psnr = float(np.mean(psnrs))
@@ -190,6 +214,7 @@ def run(
         results.append(result)
     return {
         "model": model,
+        "family": components.family.name,
         "steps": steps,
         "size": size,
         "prompts": prompts,
@@ -379,9 +404,11 @@ def print_engine_table(report: dict) -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['model']} · {report['steps']} steps · {report['size']}px · {report['device']}")
+    print(
+        f"\n{report['model']} ({report['family']}) · {report['steps']} steps · {report['size']}px · {report['device']}"
+    )
     header = (
-        f"{'method':10s} {'params':60s} {'unet×':>6s} {'wall×':>6s} {'psnr':>6s} {'ssim':>6s} {'full':>5s} {'part':>5s}"
+        f"{'method':12s} {'params':60s} {'unet×':>6s} {'wall×':>6s} {'psnr':>6s} {'ssim':>6s} {'full':>5s} {'part':>5s}"
     )
     print(header)
     print("-" * len(header))
@@ -389,7 +416,7 @@ def print_table(report: dict) -> None:
         params = " ".join(f"{k}={v}" for k, v in r["params"].items())
         psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         print(
-            f"{r['method']:10s} {params:60s} {r['unet_speedup']:6.2f} {r['wall_speedup']:6.2f} {psnr_text:>6s} "
+            f"{r['method']:12s} {params:60s} {r['unet_speedup']:6.2f} {r['wall_speedup']:6.2f} {psnr_text:>6s} "
             f"{r['ssim']:6.4f} {r['full_unet_passes']:5d} {r['partial_unet_passes']:5d}"
         )
 

@@ -1236,11 +1236,15 @@ def fuzz_in_process(n: int, keep: int = 0, seed: int = 0) -> dict:
     from hypothesis import seed as hseed
 
     from scheduler.errors import InvalidRequest
+    from workers.families import SD15
     from workers.models import ModelSpec
     from workers.service import Device, DevicePool, GenerationService
 
-    # validation needs only the served name, the size limits and the VAE factor: the tiny model's
-    components = SimpleNamespace(spec=ModelSpec("tiny", default_size=64, max_size=512), vae_scale_factor=8)
+    # validation needs only the served name, the size limits and defaults, and the family: the tiny model's
+    spec = ModelSpec(
+        "tiny", default_size=64, max_size=512, default_steps=25, default_guidance=5.0, default_scheduler="ddim"
+    )
+    components = SimpleNamespace(spec=spec, vae_scale_factor=8, size_multiple=8, family=SD15)
     service = GenerationService("tiny", DevicePool([Device("cpu", SimpleNamespace(c=components))]), artifacts=None)
     counts = {"cases": 0, "accepted": 0, "typed_errors": 0, "crashes": 0, "crash_examples": []}
     kept: list = []

@@ -155,12 +155,14 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("submit", help="enqueue a prompt (and wait for it with --wait)")
     s.add_argument("prompt")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    s.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     s.add_argument("--seed", type=int)
     s.add_argument("--size", type=int, help="width = height in pixels (default: the model's)")
     s.add_argument("--model", default=None)
-    s.add_argument("--scheduler", default="ddim", help="ddim | euler | dpmpp_2m")
+    s.add_argument(
+        "--scheduler", help="ddim | euler | dpmpp_2m (U-Nets) | flow_euler (SD3, Flux); default: the model's"
+    )
     s.add_argument("--negative", default="")
     s.add_argument("--tenant", default="public")
     s.add_argument("--priority", type=int, default=5)

@@ -20,7 +20,15 @@ from kombu.exceptions import OperationalError
 
 from scheduler import errors  # noqa: F401  (imported so Celery can rebuild our typed errors)
 from scheduler.app import GENERATE_TASK, cancel_key, get_app
-from scheduler.errors import JobCancelled, JobFailed, JobTimeout, RepriseError, SizeOverLimit, UnknownModel
+from scheduler.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    RepriseError,
+    SizeOverLimit,
+    UnknownModel,
+)
 from scheduler.registry import ModelRegistry
 from scheduler.schema import GenerationRequest, GenerationResult, parse_request, queue_for, with_model
 from scheduler.settings import get_settings
@@ -59,7 +67,9 @@ class Job:
         if isinstance(info, dict):
             out.update(step=info.get("step"), total=info.get("total"))
         elif state == "SUCCESS":
-            out.update(step=self.request.steps, total=self.request.steps)
+            result = self._ar.result
+            steps = result.get("steps") if isinstance(result, dict) else self.request.steps  # the model's default
+            out.update(step=steps, total=steps)
         return out
 
     def cancel(self) -> None:
@@ -133,6 +143,15 @@ def check_served(request: GenerationRequest, registry: ModelRegistry) -> None:
             problems.append({"field": side, "problem": f"{value} is not a multiple of {info['size_multiple']}"})
     if problems:
         raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
+    # the model's family runs these (workers publish them; older workers do not, and their worker still checks)
+    schedulers, methods = info.get("schedulers"), info.get("feature_methods")
+    if schedulers and request.scheduler is not None and request.scheduler not in schedulers:
+        problems.append({"field": "scheduler", "problem": f"{request.model} runs {', '.join(schedulers)}"})
+    method = request.cache.feature.method
+    if methods and method is not None and method not in methods:
+        problems.append({"field": "cache.feature.method", "problem": f"{request.model} runs {', '.join(methods)}"})
+    if problems:
+        raise InvalidRequest("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
 
 
 def submit(

@@ -36,6 +36,13 @@ class SizeOverLimit(InvalidRequest):
     code = "size_over_limit"
 
 
+class UnsupportedModelFamily(RepriseError):
+    """A model directory of a pipeline class Reprise does not serve; ``details`` names it and the supported ones.
+    Raised when a worker loads the model, so the node refuses to start."""
+
+    code = "unsupported_model_family"
+
+
 class JobCancelled(RepriseError):
     """The job was cancelled (revoked) before it finished."""
 

@@ -17,7 +17,7 @@ from scheduler.errors import InvalidRequest
 
 SCHEMA_VERSION = "1.0"
 
-SCHEDULERS = ("ddim", "euler", "dpmpp_2m")
+SCHEDULERS = ("ddim", "euler", "dpmpp_2m", "flow_euler")
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 2048
 MAX_SEED = 2**32 - 1
@@ -29,9 +29,11 @@ class FeatureCacheOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["off", "deepcache", "block", "recommended"] | None = Field(
+    method: Literal["off", "deepcache", "block", "recommended", "first_block", "taylorseer"] | None = Field(
         None,
-        description="Feature cache to use: off, deepcache, block (block caching), recommended (the project's profile).",
+        description="Feature cache to use: off; for U-Nets (SD 1.5, SDXL) deepcache, block (block caching) or "
+        "recommended (the project's profile); for transformers, diffusers' hooks: first_block (FirstBlockCache, "
+        "Flux) or taylorseer (TaylorSeer, SD3 and Flux). `reprise models` lists each model's methods.",
     )
     deepcache_interval: int | None = Field(None, ge=1, le=20, description="DeepCache: full U-Net every N steps.")
     deepcache_branch: int | None = Field(None, ge=0, le=12, description="DeepCache: skip branch id (0 = shallowest).")
@@ -40,6 +42,27 @@ class FeatureCacheOptions(BaseModel):
     )
     block_delta: float | None = Field(
         None, gt=0, le=10, description="Block caching: accumulated relative change that forces a recompute."
+    )
+    first_block_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="FirstBlockCache: the first block's relative output change below which the other blocks are "
+        "reused (default 0.05).",
+    )
+    taylorseer_interval: int | None = Field(
+        None,
+        ge=1,
+        le=50,
+        description="TaylorSeer: a full transformer pass every N steps, predicted between (default 5).",
+    )
+    taylorseer_order: int | None = Field(
+        None, ge=1, le=4, description="TaylorSeer: order of the Taylor expansion that predicts features (default 1)."
+    )
+    taylorseer_lite: bool | None = Field(
+        None,
+        description="TaylorSeer: diffusers' lite mode, whole blocks skipped between full passes and only the output "
+        "projection predicted (faster, coarser; default false).",
     )
     text_memo: bool = Field(
         True, description="Reuse the text encoder's output for a prompt seen before; false encodes it afresh."
@@ -73,15 +96,26 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Noise seed; chosen and returned when absent.")
-    steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
-    guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
+    steps: int | None = Field(None, ge=1, le=500, description="Denoising steps; the model's default when absent.")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=30.0,
+        description="Guidance: classifier-free (<= 1 disables it), or the guidance embedding of a Flux-dev-like "
+        "model; the model's default when absent.",
+    )
     width: int | None = Field(
         None, ge=8, le=MAX_SIDE, description="Image width in pixels; the model's default when absent."
     )
     height: int | None = Field(
         None, ge=8, le=MAX_SIDE, description="Image height in pixels; the model's default when absent."
     )
-    scheduler: Literal["ddim", "euler", "dpmpp_2m"] = Field("ddim", description="Sampler.")
+    scheduler: Literal["ddim", "euler", "dpmpp_2m", "flow_euler"] | None = Field(
+        None,
+        description="Sampler: ddim, euler or dpmpp_2m for the U-Net families (SD 1.5, SDXL), flow_euler "
+        "(FlowMatchEuler with the model's shift) for the flow-matching ones (SD3, Flux); the model's default "
+        "when absent.",
+    )
     model: str | None = Field(
         None,
         pattern=_NAME,
@@ -115,8 +149,8 @@ class GenerationRequest(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("guidance_scale must be finite")
         return value
 

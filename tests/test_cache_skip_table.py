@@ -101,10 +101,12 @@ def test_settings_from_environment(monkeypatch):
 def test_clip_embedder_takes_the_table_calibrated_for_the_model():
     from types import SimpleNamespace
 
+    from workers.families import SD15
     from workers.node import cache_settings_for
 
-    def components(extra):
-        return SimpleNamespace(extra=extra, text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)))
+    def components(extra):  # the pooled width comes from the family: SD 1.5's is the encoder's hidden size
+        encoder = SimpleNamespace(config=SimpleNamespace(hidden_size=64))
+        return SimpleNamespace(extra=extra, family=SD15, text_encoder=encoder)
 
     model = components({"clip_skip_table": [[0.99, 0.5], [0.9, 0.1]]})
     settings, embed = cache_settings_for(CacheSettings(embedder="clip"), model)

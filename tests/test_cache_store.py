@@ -192,6 +192,15 @@ def test_sdxl_sized_latent_round_trips(cache):
     assert np.array_equal(hit.state.astype(np.float16), states[15].astype(np.float16))
 
 
+def test_flux_and_sd3_sized_latent_round_trips(cache):
+    v = unit(4)
+    states = latent_states([14], shape=(16, 128, 128))  # SD3/Flux at 1024²: 262,144 floats per state
+    cache.write_back(key(steps=28, width=1024, height=1024), v, states, None, shareable=False)
+    hit = cache.lookup_approx(key("z", steps=28, width=1024, height=1024), v)
+    assert hit.k == 14 and hit.state.shape == (16, 128, 128)
+    assert np.array_equal(hit.state.astype(np.float16), states[14].astype(np.float16))
+
+
 @pytest.mark.parametrize(
     "change",
     [

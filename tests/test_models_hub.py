@@ -218,3 +218,24 @@ def test_the_cli_does_not_force_offline(monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert main(["schema"]) == 0
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_hub_repository_of_an_unsupported_pipeline_is_refused_by_class(fake_hub, monkeypatch):
+    from scheduler.errors import UnsupportedModelFamily
+
+    repo, _, calls = fake_hub
+    index = json.loads((repo / "model_index.json").read_text())
+    (repo / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(UnsupportedModelFamily, match="KandinskyV22Pipeline"):
+        models._load_from_hub("someone/kandinsky", "someone--kandinsky")
+    assert calls == []  # refused from model_index.json, before any weights were downloaded
+
+
+def test_hub_files_of_an_sdxl_repository_take_both_text_encoders(tmp_path):
+    repo = models.save_builtin("tiny-sdxl", tmp_path / "xl")
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    wanted = hub_files(files, json.loads((repo / "model_index.json").read_text()), fp16=False)
+    for component in ("text_encoder_2", "tokenizer_2", "unet", "vae"):
+        assert any(f.startswith(f"{component}/") for f in wanted), component
+    assert any(f.startswith("text_encoder_2/") and f.endswith(".safetensors") for f in wanted)

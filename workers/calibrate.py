@@ -217,9 +217,7 @@ def make_embedder(name: str, components):
     if name == "clip":
         from workers.node import clip_embedder
 
-        return CallableEmbedder(
-            clip_embedder(components), version="clip", dim=int(components.text_encoder.config.hidden_size)
-        )
+        return CallableEmbedder(clip_embedder(components), version="clip", dim=components.family.pooled_dim(components))
     raise CalibrationError(f"unknown embedder {name!r}: minilm or clip")
 
 

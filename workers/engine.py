@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from workers.families import Conditioning
 from workers.sampler import LoopOutput, PlainUNet, StopRequested, Trajectory
 
 log = logging.getLogger("reprise.engine")
@@ -218,13 +219,13 @@ class DeviceScheduler(threading.Thread):
             else:
                 sample = torch.cat([x for x, _ in inputs])
                 timesteps = torch.cat([t.reshape(1).float().expand(n) for n, (_, t) in zip(rows, inputs)])
-                context = torch.cat([r.trajectory.context for r in group])
+                context = Conditioning.cat([r.trajectory.context for r in group])
                 if group[0].runner is not None:  # a feature cache that batches (same turn key)
                     runners = [r.runner for r in group]
                     steps = [r.trajectory.i for r in group]
                     noise = type(runners[0]).run_batch(runners, c.unet, sample, timesteps, context, rows, steps)
                 else:
-                    noise = c.unet(sample, timesteps, encoder_hidden_states=context).sample
+                    noise = context.call(c.unet, sample, timesteps)
                 outputs = noise.split(rows)
             self.stats.call_s += time.perf_counter() - t0
             self.stats.calls += 1

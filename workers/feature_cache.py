@@ -37,6 +37,10 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "deepcache_center": 0.3,  # non-uniform: full steps gather around 30% of the steps (15 of 50, as in the paper)
     "deepcache_power": 1.4,
     "block_delta": 0.3,  # sd15-small, 50 steps: 1.98x U-Net, PSNR 34.6; 0.5 adds little speed for more error
+    "first_block_threshold": 0.05,  # diffusers' default (FLUX.1-dev was reported at 0.08: 1.55x)
+    "taylorseer_interval": 5,  # diffusers' defaults: a full pass every 5 steps, Taylor order 1
+    "taylorseer_order": 1,
+    "taylorseer_lite": False,  # diffusers' lite mode: whole blocks skipped, only proj_out predicted
     "calibration_dir": None,  # None → ~/.cache/reprise/blockcache
     "calibration_prompts": 3,
     "calibration_size": None,  # None → the model's default image size
@@ -50,7 +54,17 @@ RECOMMENDED: dict[str, Any] = {
     "deepcache_schedule": "uniform",
 }
 
-REQUEST_FIELDS = ("method", "deepcache_interval", "deepcache_branch", "deepcache_schedule", "block_delta")
+REQUEST_FIELDS = (
+    "method",
+    "deepcache_interval",
+    "deepcache_branch",
+    "deepcache_schedule",
+    "block_delta",
+    "first_block_threshold",
+    "taylorseer_interval",
+    "taylorseer_order",
+    "taylorseer_lite",
+)
 
 
 # --- schedules (pure functions) -------------------------------------------------------------------
@@ -196,8 +210,12 @@ class DeepCacheUNet:
             k: cfg.get(k)
             for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
         }
-        # "text" adds the pooled prompt to the time embedding, which _partial reproduces
-        extras = {k: v for k, v in extras.items() if v is not None and not (k == "addition_embed_type" and v == "text")}
+        # "text" (and SDXL's "text_time") add the pooled prompt (and time ids) to the time embedding, as _partial does
+        extras = {
+            k: v
+            for k, v in extras.items()
+            if v is not None and not (k == "addition_embed_type" and v in ("text", "text_time"))
+        }
         if extras or cfg.get("num_class_embeds") is not None:
             raise ValueError(
                 f"DeepCache here supports SD-style U-Nets without extra conditioning; this one has {extras}"
@@ -227,8 +245,8 @@ class DeepCacheUNet:
             raise ValueError("DeepCache: this U-Net's up path does not mirror its down path")
         return down, up_in_order[::-1]
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
-        return self.run_batch([self], unet, sample, t, encoder_hidden_states, [sample.shape[0]], [step_index])
+    def __call__(self, unet, sample, t, step_index, context):
+        return self.run_batch([self], unet, sample, t, context, [sample.shape[0]], [step_index])
 
     def wants_full(self, step_index: int, rows: int) -> bool:
         stale = self.deep_input is None or self.deep_input.shape[0] != rows
@@ -239,13 +257,13 @@ class DeepCacheUNet:
         return ("deepcache", self.branch, self.wants_full(step_index, rows))
 
     @staticmethod
-    def run_batch(runners, unet, sample, t, encoder_hidden_states, rows, step_indices):
+    def run_batch(runners, unet, sample, t, context, rows, step_indices):
         """One U-Net call for several requests at the same kind of step (all full, or all partial with the
         same branch): a full pass keeps each request's slice of the deep feature; a partial pass runs the
         shallow branch once around all of their kept features. ``rows``: each request's samples."""
         lead = runners[0]
         if lead.wants_full(step_indices[0], rows[0]):
-            out, deep = lead._full(unet, sample, t, encoder_hidden_states)
+            out, deep = lead._full(unet, sample, t, context)
             for runner, part in zip(runners, deep.split(rows)):
                 runner.deep_input = part
                 runner.full_passes += 1
@@ -253,9 +271,9 @@ class DeepCacheUNet:
         deep = torch.cat([r.deep_input for r in runners]) if len(runners) > 1 else lead.deep_input
         for runner in runners:
             runner.partial_passes += 1
-        return lead._partial(unet, sample, t, encoder_hidden_states, deep)
+        return lead._partial(unet, sample, t, context, deep)
 
-    def _full(self, unet, sample, t, encoder_hidden_states):
+    def _full(self, unet, sample, t, context):
         branch_resnet = self.up_layers[self.branch][0]
         kept = []
 
@@ -264,16 +282,20 @@ class DeepCacheUNet:
 
         handle = branch_resnet.register_forward_pre_hook(keep_input)
         try:
-            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample, kept[-1]
+            return context.call(unet, sample, t), kept[-1]
         finally:
             handle.remove()
 
-    def _partial(self, unet, sample, t, encoder_hidden_states, deep_input):
+    def _partial(self, unet, sample, t, context, deep_input):
         """UNet2DConditionModel.forward restricted to the shallow branch (no masks, adapters or ControlNet)."""
+        kwargs = context.family.unet_kwargs(context)
+        encoder_hidden_states = kwargs["encoder_hidden_states"]
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        aug = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=kwargs["added_cond_kwargs"]
+        )
         if aug is not None:  # as UNet2DConditionModel.forward does, before the activation
             emb = emb + aug
         if unet.time_embed_act is not None:
@@ -345,7 +367,7 @@ class BlockCacheUNet:
         self.blocks_computed = 0
         self.blocks_reused = 0
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+    def __call__(self, unet, sample, t, step_index, context):
         reuse = {
             name
             for name in self.blocks
@@ -364,7 +386,7 @@ class BlockCacheUNet:
             _outputs_replaced({self.blocks[name]: self.outputs[name] for name in reuse}),
             _outputs_recorded(compute, self.outputs),
         ):
-            return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+            return context.call(unet, sample, t)
 
     @staticmethod
     def _batch(output) -> int:
@@ -390,10 +412,10 @@ class _ChangeRecorder(PlainUNet):
         self.previous: dict[str, torch.Tensor] = {}
         self.changes = {name: [0.0] * steps for name in self.blocks}
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+    def __call__(self, unet, sample, t, step_index, context):
         outputs: dict[str, Any] = {}
         with _outputs_recorded(self.blocks, outputs):
-            noise = super().__call__(unet, sample, t, step_index, encoder_hidden_states)
+            noise = super().__call__(unet, sample, t, step_index, context)
         for name, out in outputs.items():
             out = (out[0] if isinstance(out, tuple) else out.sample).float()
             before = self.previous.get(name)
@@ -484,7 +506,7 @@ class BlockCalibrationStore:
         data["steps"][str(steps)] = {
             "prompts": self.prompts,
             "size": self.size or components.spec.default_size,
-            "scheduler": "ddim",
+            "scheduler": components.spec.default_scheduler,
             "guidance_scale": 7.5,
             "seconds": round(seconds, 2),
             "blocks": blocks,
@@ -527,6 +549,12 @@ def resolve_feature_options(options: Any = None, defaults: dict | None = None) -
     return settings
 
 
+def methods_for(components: Components) -> list[str]:
+    """The feature cache methods this model's family runs, besides off."""
+    methods = list(components.family.feature_methods)
+    return methods + ["recommended"] if "deepcache" in methods else methods
+
+
 def make_unet_runner(components: Components, options: Any, defaults: dict | None, steps: int, start_step: int = 0):
     """The runner for one job: ``options`` is the request's ``cache.feature``, ``defaults`` the worker's.
 
@@ -537,6 +565,27 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
     method = settings["method"]
     if method in ("off", None):
         return PlainUNet()
+    family = components.family
+    if method in DIFFUSERS_METHODS:
+        if method not in family.feature_methods:
+            raise ValueError(f"feature cache {method!r} does not run on the {family.name} family's denoiser")
+        if method == "taylorseer" and settings["taylorseer_lite"] and not family.taylorseer_lite:
+            raise ValueError(f"TaylorSeer's lite mode does not run on the {family.name} family's denoiser")
+        if method == "first_block":
+            params = {"threshold": float(settings["first_block_threshold"])}
+        else:
+            params = {
+                "cache_interval": int(settings["taylorseer_interval"]),
+                "max_order": int(settings["taylorseer_order"]),
+                "use_lite_mode": bool(settings["taylorseer_lite"]),
+                # diffusers keeps the factors in bfloat16 (GPU memory); on the CPU bfloat16 arithmetic is slow
+                "taylor_factors_dtype": torch.bfloat16 if components.device.type == "cuda" else torch.float32,
+            }
+        return DiffusersCacheRunner(components.unet, method, params, steps=steps, start_step=start_step)
+    if method in ("deepcache", "block") and method not in family.feature_methods:
+        raise ValueError(
+            f"feature cache {method!r} works on U-Nets; the {family.name} family's denoiser is a transformer"
+        )
     if method == "deepcache":
         return DeepCacheUNet(
             components.unet,
@@ -556,4 +605,130 @@ def make_unet_runner(components: Components, options: Any, defaults: dict | None
         return BlockCacheUNet(
             components.unet, changes, steps=steps, start_step=start_step, delta=float(settings["block_delta"])
         )
-    raise ValueError(f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended")
+    raise ValueError(
+        f"unknown feature cache method {method!r}; one of off, deepcache, block, recommended, {', '.join(DIFFUSERS_METHODS)}"
+    )
+
+
+# --- transformer caches: diffusers' own hooks ---------------------------------------------------------
+
+# request method -> (diffusers config class, apply function), all in diffusers.hooks
+# Not offered: PyramidAttentionBroadcast keeps its state in the hook and resets it whenever the hook is put on
+# (see DiffusersCacheRunner), MagCache needs ratios calibrated per model, FasterCache is written for video.
+DIFFUSERS_METHODS = {
+    "first_block": ("FirstBlockCacheConfig", "apply_first_block_cache"),
+    "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
+}
+
+
+class DiffusersCacheRunner:
+    """A transformer feature cache made of diffusers' own hooks (FirstBlockCache, TaylorSeer), for one request.
+
+    diffusers keeps a cache's state in its hooks and applies them to every call of the model they sit on;
+    ``enable_cache`` allows one configuration per model. A node's transformer is shared by requests with
+    other caches or none, so this runner applies its hooks (``apply_*``) at its first call, then takes the
+    same hook objects off after each of its calls and puts them back before the next: their state stays
+    with them, and other requests' calls never meet them. It does not batch (its state is one request's).
+    """
+
+    def __init__(self, model, method: str, params: dict, *, steps: int, start_step: int = 0) -> None:
+        import diffusers.hooks as hooks
+
+        if method not in DIFFUSERS_METHODS:
+            raise ValueError(f"unknown diffusers cache {method!r}; one of {', '.join(DIFFUSERS_METHODS)}")
+        config_name, apply_name = DIFFUSERS_METHODS[method]
+        self.method, self.params = method, {k: v for k, v in params.items() if not isinstance(v, torch.dtype)}
+        self.config = getattr(hooks, config_name)(**params)
+        self._apply = getattr(hooks, apply_name)
+        self.hooks: list[tuple[torch.nn.Module, str, Any]] | None = None
+        self.steps, self.start_step = steps, start_step
+        self.counted = _ComputedBlocks(model)
+        self.full_passes = 0
+        self.partial_passes = 0  # calls in which the hooks reused anything (blocks, attention, features)
+        self.reused_blocks = 0
+
+    @staticmethod
+    def _registered(model) -> set[tuple[int, str]]:
+        return {
+            (id(m), name)
+            for _, m in model.named_modules()
+            if hasattr(m, "_diffusers_hook")
+            for name in m._diffusers_hook._hook_order
+        }
+
+    @contextmanager
+    def _hooks_on(self, model) -> Iterator[None]:
+        from diffusers.hooks import HookRegistry
+
+        if self.hooks is None:  # the first call: diffusers applies them; note what it put where
+            before = self._registered(model)
+            self._apply(model, self.config)
+            self.hooks = [
+                (m, name, m._diffusers_hook.hooks[name])
+                for _, m in model.named_modules()
+                if hasattr(m, "_diffusers_hook")
+                for name in list(m._diffusers_hook._hook_order)
+                if (id(m), name) not in before
+            ]
+            # modules gained registries: rebuild diffusers' cached list of them (they stay, empty, between calls)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        else:
+            for module, name, hook in self.hooks:
+                module._diffusers_hook.register_hook(hook, name)
+        try:
+            yield
+        finally:
+            for module, name, _ in reversed(self.hooks):
+                module._diffusers_hook.remove_hook(name, recurse=False)
+
+    def __call__(self, unet, sample, t, step_index, context):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        counted = self.counted
+        counted.ran = 0
+        with self._hooks_on(unet), counted:
+            _set_cache_context(
+                unet,
+                CacheContext("request", step_index=step_index - self.start_step, num_inference_steps=self.steps),
+            )
+            try:
+                out = context.call(unet, sample, t)
+            finally:
+                _set_cache_context(unet, None)
+        skipped = counted.total - counted.ran
+        self.reused_blocks += skipped
+        if skipped:
+            self.partial_passes += 1
+        else:
+            self.full_passes += 1
+        return out
+
+    def report(self) -> dict:
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": dict(self.params),
+        }
+
+
+class _ComputedBlocks:
+    """Counts the attention computations that ran in one call: each attention's query projection runs only
+    when the attention itself is computed, not when a cache hook returns a kept or predicted output."""
+
+    def __init__(self, model) -> None:
+        self.modules = [m for name, m in model.named_modules() if name.endswith(".to_q")]
+        self.total = len(self.modules)
+        self.ran = 0
+        self.handles: list = []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._ran) for m in self.modules]
+        return self
+
+    def _ran(self, *_args) -> None:
+        self.ran += 1
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

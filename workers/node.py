@@ -241,30 +241,25 @@ def cache_settings_for(settings, components=None, text_memo=None, clip_calibrate
         settings = settings.model_copy(update=update)
     if settings.embedder != "clip" or components is None:
         return settings, None
-    update = {"clip_dim": int(components.text_encoder.config.hidden_size)}
+    update = {"clip_dim": components.family.pooled_dim(components)}
     if settings.skip_table is None and components.extra.get("clip_skip_table"):
         update["skip_table"] = [tuple(row) for row in components.extra["clip_skip_table"]]
     return settings.model_copy(update=update), clip_embedder(components, text_memo)
 
 
 def clip_embedder(components, text_memo=None):
-    """The pipeline's own text encoder, pooled: the `clip` prompt embedder of the cache. The same pass gives
-    the prompt's conditioning: it goes into the node's text memo, so the device stage does not encode again."""
+    """The pipeline's own text encoders, pooled as its family pools them (SDXL: the second encoder's projection;
+    SD3: both CLIPs' projections; Flux: CLIP's pooled output): the `clip` prompt embedder of the cache. The same
+    pass gives the prompt's conditioning: it goes into the node's text memo, so the device stage does not
+    encode again."""
 
     @torch.no_grad()
     def embed(prompt: str):
-        tok = components.tokenizer(
-            [prompt],
-            padding="max_length",
-            max_length=components.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
         # No lock: inference only, and torch releases the GIL, so the lookups of several jobs run together.
-        out = components.text_encoder(tok.input_ids.to(components.device))
+        conditioning, pooled = components.family.encode(components, prompt)
         if text_memo is not None:
-            text_memo.put(components.fingerprint, prompt, out.last_hidden_state)
-        return out.pooler_output[0].float().cpu().numpy()
+            text_memo.put(components.fingerprint, prompt, conditioning)
+        return pooled[0].float().cpu().numpy()
 
     return embed
 
@@ -368,6 +363,13 @@ def serve_metrics(service: GenerationService, worker: WorkerSettings, redis_clie
     return service.metrics_port
 
 
+def feature_methods(components) -> list[str]:
+    """The feature caches a request may name for this model (cache.feature.method)."""
+    from workers.feature_cache import methods_for
+
+    return methods_for(components)
+
+
 def node_info(service: GenerationService, queue: str) -> dict:
     c = service.components
     return {
@@ -375,9 +377,15 @@ def node_info(service: GenerationService, queue: str) -> dict:
         "model_version": c.fingerprint,
         "queue": queue,
         "devices": [d.name for d in service.pool.devices],
+        "family": c.family.name,
         "default_size": c.spec.default_size,
         "max_size": c.spec.max_size,
-        "size_multiple": max(8, c.vae_scale_factor),
+        "size_multiple": c.size_multiple,
+        "default_steps": c.spec.default_steps,
+        "default_guidance_scale": c.spec.default_guidance,
+        "default_scheduler": c.spec.default_scheduler,
+        "schedulers": list(c.family.schedulers),
+        "feature_methods": ["off", *feature_methods(c)],
         "skip_table": [list(row) for row in service.cache.settings.table()]
         if service.cache is not None and hasattr(service.cache, "settings")
         else None,

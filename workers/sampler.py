@@ -2,7 +2,11 @@
 
 The caches are visible steps of this loop, not patches: a request may start from a stored latent at
 step K (the approximate cache), hands out the latents after chosen steps (write-back), and runs the
-U-Net through a ``UNetRunner`` (plain, or a feature cache such as DeepCache).
+denoiser through a ``UNetRunner`` (plain, or a feature cache such as DeepCache).
+
+The loop is the same for every model family (workers/families.py): the family says how a prompt becomes
+the denoiser's conditioning, what a latent looks like, which schedulers it runs and how its denoiser is
+called; the loop itself never asks which family it runs.
 """
 
 from __future__ import annotations
@@ -15,14 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.families import Conditioning
 from workers.models import Components
-
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
-
 
 # Multistep solvers keep the previous model output; a resumable state must carry it too, so their
 # stored state is [latent, previous output] stacked on the channel axis (twice the bytes, bit-exact).
@@ -33,24 +31,17 @@ def state_channels(scheduler: str, latent_channels: int) -> int:
     return latent_channels * (2 if scheduler in MULTISTEP else 1)
 
 
-def make_scheduler(name: str, config: dict):
-    import diffusers
-
-    if name not in SCHEDULER_CLASSES:
-        raise ValueError(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULER_CLASSES)}")
-    return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
-
-
 class UNetRunner(Protocol):
-    """How one denoising step calls the U-Net; feature caches implement the same call."""
+    """How one denoising step calls the denoiser (a U-Net or a transformer); feature caches implement the same
+    call. ``context`` is the family's conditioning of the rows in ``sample``."""
 
     def __call__(
-        self, unet, sample: torch.Tensor, t: torch.Tensor, step_index: int, encoder_hidden_states: torch.Tensor
+        self, unet, sample: torch.Tensor, t: torch.Tensor, step_index: int, context: Conditioning
     ) -> torch.Tensor: ...
 
 
 class PlainUNet:
-    """Every step runs the whole U-Net."""
+    """Every step runs the whole denoiser."""
 
     method = "off"
 
@@ -58,9 +49,9 @@ class PlainUNet:
         self.full_passes = 0
         self.partial_passes = 0
 
-    def __call__(self, unet, sample, t, step_index, encoder_hidden_states):
+    def __call__(self, unet, sample, t, step_index, context):
         self.full_passes += 1
-        return unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+        return context.call(unet, sample, t)
 
     def report(self) -> dict:
         return {
@@ -95,7 +86,7 @@ class Trajectory:
     def __init__(self, loop, sched, scheduler, latents, context, guidance_scale, steps, start_step, capture, snap):
         self.loop, self.sched, self.scheduler = loop, sched, scheduler
         self.latents, self.context = latents, context
-        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1.0
+        self.guidance_scale, self.cfg = guidance_scale, loop.c.family.uses_cfg(guidance_scale)
         self.steps, self.i = steps, start_step
         self.capture, self.snap_dtype = capture, snap
         self.captured: dict[int, torch.Tensor] = {}
@@ -119,7 +110,8 @@ class Trajectory:
         """(U-Net input rows, this step's timestep)."""
         t = self.sched.timesteps[self.i]
         model_in = torch.cat([self.latents] * 2) if self.cfg else self.latents
-        return self.loop.c.unet_input(self.sched.scale_model_input(model_in, t)), t
+        c = self.loop.c
+        return c.unet_input(c.family.scale_input(self.sched, model_in, t)), t
 
     @torch.no_grad()
     def advance(self, noise: torch.Tensor) -> None:
@@ -150,32 +142,37 @@ class DenoiseLoop:
 
     # 1. encode ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, text: str, use_memo: bool = True) -> torch.Tensor:
-        """The text encoder's output; ``use_memo=False`` neither reads nor fills the node's memo."""
+    def encode_text(self, text: str, use_memo: bool = True) -> Conditioning:
+        """The text encoders' output for one prompt; ``use_memo=False`` neither reads nor fills the node's memo."""
         memo = self.text_memo if use_memo else None
         if memo is not None:
             cached = memo.get(self.c.fingerprint, text)
             if cached is not None:
                 return cached.to(self.c.device)
-        tok = self.c.tokenizer(
-            [text],
-            padding="max_length",
-            max_length=self.c.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        embeds = self.c.text_encoder(tok.input_ids.to(self.c.device))[0]
+        embeds, _ = self.c.family.encode(self.c, text)
         if memo is not None:
             memo.put(self.c.fingerprint, text, embeds)
         return embeds
 
     def conditioning(
-        self, prompt: str, negative_prompt: str, guidance_scale: float, use_memo: bool = True
-    ) -> torch.Tensor:
+        self,
+        prompt: str,
+        negative_prompt: str,
+        guidance_scale: float,
+        use_memo: bool = True,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> Conditioning:
+        """The request's rows of conditioning (two with classifier-free guidance; the family adds its own)."""
+        family = self.c.family
         cond = self.encode_text(prompt, use_memo)
-        if guidance_scale <= 1.0:
-            return cond
-        return torch.cat([self.encode_text(negative_prompt, use_memo), cond])
+        negative = None
+        if family.uses_cfg(guidance_scale):
+            negative = family.zero_negative(self.c, negative_prompt, cond) or self.encode_text(
+                negative_prompt, use_memo
+            )
+        size = self.c.spec.default_size
+        return family.conditioning(self.c, cond, negative, guidance_scale, width or size, height or size)
 
     # 2. choose the start --------------------------------------------------------------------------
     def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
@@ -195,7 +192,7 @@ class DenoiseLoop:
         guidance_scale: float,
         width: int,
         height: int,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         start_latents: torch.Tensor | None = None,
         start_step: int = 0,
         capture_at: tuple[int, ...] | list[int] = (),
@@ -208,15 +205,15 @@ class DenoiseLoop:
         engine steps many of them in one U-Net call."""
         if not 0 <= start_step < steps:
             raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
-        sched = make_scheduler(scheduler, self.c.scheduler_config)
-        sched.set_timesteps(steps, device=self.c.device)
+        scheduler = scheduler or self.c.spec.default_scheduler
+        shape = (1, *self.c.latent_shape(width, height))
+        sched = self.c.family.make_scheduler(scheduler, self.c.scheduler_config, steps, shape[1:], self.c.device)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start_step)
         if context is None:
-            context = self.conditioning(prompt, negative_prompt, guidance_scale, use_text_memo)
-        shape = (1, *self.c.latent_shape(width, height))
+            context = self.conditioning(prompt, negative_prompt, guidance_scale, use_text_memo, width, height)
         if start_latents is None:
-            latents = self.initial_noise(seed, width, height) * sched.init_noise_sigma
+            latents = self.initial_noise(seed, width, height) * getattr(sched, "init_noise_sigma", 1.0)
         else:
             latents = self._restore_state(sched, scheduler, start_latents, start_step, shape)
         return Trajectory(
@@ -277,9 +274,11 @@ class DenoiseLoop:
     # 4. decode --------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        if self.c.vae is None:  # pixel-space model: the latents are the image in [-1, 1]
+        vae = self.c.vae
+        if vae is None:  # pixel-space model: the latents are the image in [-1, 1]
             image = latents
-        else:
-            image = self.c.vae.decode(latents / self.c.vae.config.scaling_factor).sample
+        else:  # SD3's and Flux's VAEs also shift their latents
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            image = vae.decode(latents / vae.config.scaling_factor + shift).sample
         array = (image[0].float().clamp(-1, 1) / 2 + 0.5).permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.round(array * 255).astype(np.uint8))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from scheduler.errors import JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
+from scheduler.errors import InvalidRequest, JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
 from scheduler.registry import count_outcome
 from scheduler.schema import (
     CacheReport,
@@ -29,6 +29,7 @@ from scheduler.schema import (
 )
 from workers.artifacts import ArtifactStore
 from workers.engine import EngineRequest, NodeEngine
+from workers.feature_cache import methods_for
 from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
 
@@ -184,9 +185,17 @@ class GenerationService:
                 [{"field": "model", "problem": f"not served here (serves {self.model_name})"}],
             )
         spec = self.components.spec
+        defaults = {
+            "steps": spec.default_steps,
+            "guidance_scale": spec.default_guidance,
+            "scheduler": spec.default_scheduler,
+        }
+        absent = {k: v for k, v in defaults.items() if getattr(request, k) is None}
+        if absent:  # the model's own defaults, fixed here so the cache key and the stored request name them
+            request = request.model_copy(update=absent)
         width = request.width or spec.default_size
         height = request.height or spec.default_size
-        factor = self.components.vae_scale_factor
+        factor = self.components.size_multiple
         problems = []
         for side, value in (("width", width), ("height", height)):
             if value > spec.max_size:
@@ -197,6 +206,26 @@ class GenerationService:
                 problems.append(
                     {"field": side, "problem": f"{value} is not a multiple of {factor} for {self.model_name}"}
                 )
+        family = self.components.family
+        if request.scheduler not in family.schedulers:
+            raise InvalidRequest(
+                f"scheduler {request.scheduler!r} does not run {self.model_name} ({family.name}); "
+                f"use {', '.join(family.schedulers)}",
+                [{"field": "scheduler", "problem": f"not one of {', '.join(family.schedulers)} for {family.name}"}],
+            )
+        method = request.cache.feature.method
+        methods = ["off", *methods_for(self.components)]
+        if method is not None and method not in methods:
+            raise InvalidRequest(
+                f"feature cache {method!r} does not run on {self.model_name} ({family.name}); use {', '.join(methods)}"
+                + (" (DeepCache and block caching work on U-Nets)" if family.denoiser != "unet" else ""),
+                [{"field": "cache.feature.method", "problem": f"{method} is not available for {family.name}"}],
+            )
+        if method == "taylorseer" and request.cache.feature.taylorseer_lite and not family.taylorseer_lite:
+            raise InvalidRequest(
+                f"TaylorSeer's lite mode does not run on {self.model_name} ({family.name})",
+                [{"field": "cache.feature.taylorseer_lite", "problem": f"not available for {family.name}"}],
+            )
         if problems:
             raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
         return request, width, height
@@ -359,6 +388,7 @@ class GenerationService:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
         self._report_near(a, entry)
+        a.runner = entry.runner  # a hit swapped in its own runner: the feature report is that one's
         a.device = entry.device.name
         a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
         if image is None:
