@@ -82,22 +82,53 @@ def replay_log(rows: Sequence, embed_many: Callable[[list[str]], np.ndarray]) ->
     return out, repeats
 
 
+SAME_TEXT = 0.99999  # a neighbour this similar is the same text (a re-roll: another seed)
+
+
+def same_text(pair: dict) -> bool:
+    """The neighbour is the same prompt text (a re-roll with another seed): by text where the pair has it."""
+    if "source_prompt" in pair and "target_prompt" in pair:
+        return pair["source_prompt"] == pair["target_prompt"]
+    return pair["similarity"] >= SAME_TEXT
+
+
+def _even(indices: Sequence[int], k: int) -> list[int]:
+    """``k`` of ``indices`` at evenly spaced positions."""
+    if k <= 0 or not indices:
+        return []
+    return [indices[i] for i in np.unique(np.linspace(0, len(indices) - 1, k).round().astype(int))]
+
+
 def sample_pairs(neighbours: Sequence[dict], n: int) -> list[dict]:
-    """``n`` pairs: half at evenly spaced ranks (the log's own distribution, so a mass of identical
-    neighbours, such as re-rolls at s = 1, is measured as often as it occurs) and half at evenly spaced
-    similarities (so the rare close neighbours, where the large K live, are measured too)."""
+    """``n`` pairs, most of them where the thresholds are decided.
+
+    Re-rolls (the same text, another seed) resume from their own prompt's state and lose nothing by
+    construction, so they get a sixth of the pairs (enough to judge the table's top band, no more). Of
+    the rest, half are at evenly spaced ranks of the other neighbours (the log's own distribution below
+    identical text) and half at evenly spaced similarities over the closer half of them (above their
+    median), where close edits live and where a table's thresholds fall: a tail mean carried by re-rolls
+    at s = 1 cannot stand in for them."""
     if n >= len(neighbours):
         return sorted(neighbours, key=lambda p: p["similarity"])
     sims = np.array([p["similarity"] for p in neighbours])
-    order = np.argsort(sims, kind="stable")
-    used = {int(order[i]) for i in np.linspace(0, len(order) - 1, (n + 1) // 2).round().astype(int)}
-    for target in np.linspace(sims.min(), sims.max(), n):
-        if len(used) == n:
-            break
-        for i in np.argsort(np.abs(sims - target), kind="stable"):
-            if int(i) not in used:
-                used.add(int(i))
+    by_sim = [int(i) for i in np.argsort(sims, kind="stable")]
+    same = [i for i in by_sim if same_text(neighbours[i])]
+    other = [i for i in by_sim if not same_text(neighbours[i])]
+    used = set(_even(same, min(len(same), max(n // 6, n - len(other)))))
+    rest = n - len(used)
+    used |= set(_even(other, (rest + 1) // 2))
+    if other:
+        lo = float(np.median(sims[other]))
+        upper = [i for i in other if sims[i] >= lo]
+        for target in np.linspace(sims[upper].max(), lo, n - len(used)):
+            free = [i for i in upper if i not in used]
+            if not free:
                 break
+            used.add(min(free, key=lambda i: abs(sims[i] - target)))
+    for i in [*reversed(other), *same]:  # short of pairs somewhere: the closest left over
+        if len(used) >= n:
+            break
+        used.add(i)
     return sorted((neighbours[i] for i in used), key=lambda p: p["similarity"])
 
 
@@ -424,7 +455,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["minilm", "clip"],
         help="default: the cache's (REPRISE_CACHE_EMBEDDER; auto: the model's own encoder where it ships a table for it)",
     )
-    p.add_argument("--pairs", type=int, default=40, help="neighbour pairs generated (default 40)")
+    p.add_argument("--pairs", type=int, default=100, help="neighbour pairs generated (default 100)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 25)")
     p.add_argument("--guidance", type=float, help="default: the model's, else 4")
     p.add_argument("--limit", type=int, default=3000, help="first prompts of the log replayed (default 3000)")
