@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cache.calibration import TOLERANCES, curve, fit_table, score_table
+from cache.calibration import TOLERANCES, curve, fit_table, same_text, score_table
 from cache.skip_table import DEFAULT_TABLES, SkipTable, choose_skip_fraction, fraction_to_k, state_steps
 from scheduler.errors import InvalidRequest
 
@@ -80,16 +80,6 @@ def replay_log(rows: Sequence, embed_many: Callable[[list[str]], np.ndarray]) ->
         seen.add((prompt, seed))
         order.append(i)
     return out, repeats
-
-
-SAME_TEXT = 0.99999  # a neighbour this similar is the same text (a re-roll: another seed)
-
-
-def same_text(pair: dict) -> bool:
-    """The neighbour is the same prompt text (a re-roll with another seed): by text where the pair has it."""
-    if "source_prompt" in pair and "target_prompt" in pair:
-        return pair["source_prompt"] == pair["target_prompt"]
-    return pair["similarity"] >= SAME_TEXT
 
 
 def _even(indices: Sequence[int], k: int) -> list[int]:
