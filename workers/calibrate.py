@@ -7,13 +7,15 @@
    prompt under the embedder (``--embedder``, default the cache's) is its neighbour. An exact repeat
    (same prompt and seed) is an exact-cache hit and is left out. This is the real distribution of
    neighbours, not synthetic relations (``python -m ops.calibrate`` keeps those for ``shapes``).
-2. Takes ``--pairs`` (neighbour, target) pairs spread evenly over the similarity range, and for each
-   generates the neighbour (capturing its noise states at the cache's stored K), the target fresh from
-   the neighbour's seed, and the target resumed from the neighbour's state at each K.
+2. Takes ``--pairs`` (neighbour, target) pairs (default 100), most of them where thresholds fall (see
+   ``sample_pairs``), and for each generates the neighbour (capturing its noise states at the cache's
+   stored K), the target fresh from the neighbour's seed, and the target resumed from the neighbour's
+   state at each K.
 3. Scores every resumed image against the fresh one and the prompt (``--scorer``: ``pixel`` SSIM,
    ``clip`` CLIP score from ``--clip-model``, ``checker`` for shapes), and fits the table with the
    evidence rule of ``cache.calibration``: every tail and band of similarities loses at most
-   ``--tolerance`` points (plus ``--z`` standard errors).
+   ``--tolerance`` points (plus ``--z`` standard errors), re-rolls vouch only for themselves, and no
+   band gets a K without ``--min-pairs`` pairs of its own.
 4. Prints the curve (tables fitted at other tolerances: steps saved on the log against points lost)
    and writes the JSON and a plot. ``--store`` (or ``reprise cache table calibrate``) stores the table
    in Redis for this model version and embedder, where every worker serving the version picks it up.
@@ -449,7 +451,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 25)")
     p.add_argument("--guidance", type=float, help="default: the model's, else 4")
     p.add_argument("--limit", type=int, default=3000, help="first prompts of the log replayed (default 3000)")
-    p.add_argument("--min-pairs", type=int, help="smallest tail or band judged (default: pairs/8, at most 15)")
+    p.add_argument(
+        "--min-pairs",
+        type=int,
+        help="pairs a tail, threshold or band needs as its own evidence (default: pairs/8, at most 15)",
+    )
     p.add_argument(
         "--z",
         type=float,
