@@ -36,14 +36,15 @@ TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
 STATE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-SAME_TEXT = 0.99999  # without the texts, a neighbour this similar is taken for the same text
+SAME_TEXT = 0.99999  # a neighbour this similar is one no threshold can tell from the same text
 
 
 def same_text(pair: dict) -> bool:
-    """The neighbour is the same prompt text (a re-roll: another seed), by text where the pair has it."""
-    if "source_prompt" in pair and "target_prompt" in pair:
-        return pair["source_prompt"] == pair["target_prompt"]
-    return pair["similarity"] >= SAME_TEXT
+    """The neighbour is the same prompt text (a re-roll: another seed), or a text the embedder cannot tell
+    from it (an uncased embedder gives "A red cat" and "a red cat" s = 1): no table separates the two."""
+    if pair["similarity"] >= SAME_TEXT:
+        return True
+    return "source_prompt" in pair and pair.get("source_prompt") == pair.get("target_prompt")
 
 
 def loss(pairs: Sequence[dict], fraction: float) -> float:

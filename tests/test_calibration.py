@@ -119,6 +119,13 @@ def test_re_rolls_do_not_vouch_for_a_band_below_them():
     assert choose_skip_fraction(0.85, table) == 0.0
 
 
+def test_a_text_the_embedder_cannot_tell_from_a_re_roll_is_judged_with_the_re_rolls():
+    # two case variants at s = 1 ("A red cat" / "a red cat") share the re-rolls' threshold: judged apart,
+    # they would be a band of two and take the re-rolls' K away with them
+    pairs = _scored([(1.0, 0.0, True)] * 20 + [(1.0, 0.0, False)] * 2 + [(0.5, 50.0, False)] * 10)
+    assert fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5), z=0.0) == ((0.9999, 0.5),)
+
+
 def test_a_band_without_min_pairs_of_its_own_is_not_granted():
     # ten edits at 0.99 are safe at any K; two at 0.9 are safe at K = 10 % only. The tail above 0.9 at
     # 10 % (12 pairs) is within, but the band it would add holds two pairs: no evidence of its own.
