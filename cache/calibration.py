@@ -6,10 +6,15 @@ the neighbour's state at that fraction of the steps}); scores in points, higher 
 of a hit is ``fresh - resumed``. What a score is (checker accuracy, SSIM to the fresh image, CLIP
 score) is the scorer's business: the rule below only needs points.
 
-For each K fraction f, the threshold t_f is the lowest similarity such that every upper tail {pairs
-with s > t}, t >= t_f (with at least ``min_pairs`` pairs), loses at most ``tolerance`` points
-(optionally: loss + z standard errors). Rows a larger f dominates are dropped; then each band of the
-table (the pairs it sends to one K) must itself stay within the tolerance, or its threshold moves up.
+For each K fraction f, the threshold t_f is the lowest similarity such that, for every t >= t_f, the
+pairs above t lose at most ``tolerance`` points (optionally: loss + z standard errors), and so do the
+``min_pairs`` pairs just above t: a threshold is placed only where the evidence nearest to it holds,
+not where a mean over the whole tail does. Re-rolls (the same text, another seed) lose nothing by
+construction and are often a log's largest mass at s = 1, so they vouch only for themselves: pairs of
+other text are judged without them. Rows a larger f dominates are dropped; then each band of the table
+(the pairs it sends to one K) must have ``min_pairs`` pairs of its own (of other text where it has any)
+within the tolerance, or its threshold moves up until it does or the row goes: no K is granted to a
+band without its own evidence.
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ from cache.skip_table import (
 
 TOLERANCES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 100.0)
 STATE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+SAME_TEXT = 0.99999  # a neighbour this similar is one no threshold can tell from the same text
+
+
+def same_text(pair: dict) -> bool:
+    """The neighbour is the same prompt text (a re-roll: another seed), or a text the embedder cannot tell
+    from it (an uncased embedder gives "A red cat" and "a red cat" s = 1): no table separates the two."""
+    if pair["similarity"] >= SAME_TEXT:
+        return True
+    return "source_prompt" in pair and pair.get("source_prompt") == pair.get("target_prompt")
 
 
 def loss(pairs: Sequence[dict], fraction: float) -> float:
@@ -55,16 +71,31 @@ def candidates(pairs: Sequence[dict]) -> list[float]:
 def tail_threshold(
     pairs: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0
 ) -> float | None:
-    """Lowest t such that every tail s > t' (t' >= t, at least min_pairs pairs) loses <= tolerance points."""
+    """Lowest t such that, for every t' >= t with at least min_pairs pairs judged above it, those pairs and
+    the min_pairs of them just above t' lose <= tolerance points. Pairs of other text are judged without
+    the re-rolls; a tail of re-rolls alone is judged on its own."""
     best = None
     for t in reversed(candidates(pairs)):  # from the top down: stop at the first failing tail
-        tail = [p for p in pairs if p["similarity"] > t]
-        if len(tail) < min_pairs:
+        tail = sorted((p for p in pairs if p["similarity"] > t), key=lambda p: p["similarity"])
+        judged = [p for p in tail if not same_text(p)] or tail
+        if len(judged) < min_pairs:
             continue
-        if not within(tail, fraction, tolerance, z):
+        if not (within(judged, fraction, tolerance, z) and within(judged[:min_pairs], fraction, tolerance, z)):
             break
         best = t
     return best
+
+
+def evidence(band: Sequence[dict], fraction: float, tolerance: float, min_pairs: int, z: float = 0.0) -> bool:
+    """A band earns its K with min_pairs pairs of its own within the tolerance: of other text where it has
+    any (re-rolls vouch only for themselves), and the re-rolls in it within the tolerance too."""
+    others = [p for p in band if not same_text(p)]
+    judged = others or list(band)
+    return (
+        len(judged) >= min_pairs
+        and within(judged, fraction, tolerance, z)
+        and (len(judged) == len(band) or within([p for p in band if same_text(p)], fraction, tolerance, z))
+    )
 
 
 def assign(similarity: float, table: SkipTable) -> float:
@@ -93,7 +124,7 @@ def fit_table(
         failing = None
         for i, (_t, f) in enumerate(rows):
             band = [p for p in pairs if assign(p["similarity"], table) == f]
-            if len(band) >= min_pairs and not within(band, f, tolerance, z):
+            if not evidence(band, f, tolerance, min_pairs, z):
                 failing = i
                 break
         if failing is None:

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cache.calibration import fit_table
+from cache.skip_table import choose_skip_fraction
 from cache.table_store import TableStore, TableStoreError
 from scheduler.prompt_log import PromptRow
 from workers.calibrate import CalibrationError, replay_log, sample_pairs
@@ -75,6 +77,77 @@ def test_sample_follows_the_log_and_spreads_over_the_similarity_range():
     assert {0.5, 0.9} <= set(picked)  # the rare close ones are measured
     assert picked.count(1.0) >= 2 and picked.count(0.1) >= 3  # and the log's masses as they occur
     assert len(sample_pairs(neighbours, 100)) == len(neighbours)
+
+
+def test_sample_puts_the_pairs_where_thresholds_fall_not_on_re_rolls():
+    # a log like a generated shapes log: a quarter re-rolls at s = 1, close edits 0.8-0.99, the rest far
+    rng = np.random.default_rng(0)
+    neighbours = (
+        [{"similarity": 1.0}] * 50
+        + [{"similarity": float(s)} for s in rng.uniform(0.8, 0.99, 60)]
+        + [{"similarity": float(s)} for s in rng.uniform(0.3, 0.8, 90)]
+    )
+    picked = [p["similarity"] for p in sample_pairs(neighbours, 100)]
+    assert len(picked) == 100 and picked == sorted(picked)
+    assert picked.count(1.0) == 100 // 6  # enough re-rolls to judge a top band of them, no more
+    assert sum(0.8 <= s < 0.99 for s in picked) >= 45  # most of the close edits are measured
+    assert sum(s < 0.8 for s in picked) >= 25  # and the far neighbours as the log has them
+    few = [p["similarity"] for p in sample_pairs(neighbours[:50] + neighbours[50:55], 20)]
+    assert len(few) == 20 and few.count(1.0) == 15  # short of other pairs: the re-rolls fill up
+
+
+def _scored(rows, fractions=(0.1, 0.5)):
+    """(similarity, loss at every fraction, same text?) -> pairs scored fresh 100."""
+    return [
+        {
+            "similarity": s,
+            "source_prompt": "a",
+            "target_prompt": "a" if same else f"b{i}",
+            "fresh": 100.0,
+            "resumed": {str(f): 100.0 - lost for f in fractions},
+        }
+        for i, (s, lost, same) in enumerate(rows)
+    ]
+
+
+def test_re_rolls_do_not_vouch_for_a_band_below_them():
+    # 40 re-rolls at s = 1 lose nothing; two edits at 0.85 lose 30 points: the tail mean above 0.85 is 1.4
+    # points, within 2, but nothing of the edits' own says they are safe (fewer than min_pairs of them).
+    pairs = _scored([(1.0, 0.0, True)] * 40 + [(0.85, 30.0, False)] * 2 + [(0.5, 50.0, False)] * 10)
+    table = fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5), z=0.0)
+    assert table == ((0.9999, 0.5),)  # the re-rolls skip the most; the edits and everything below: none
+    assert choose_skip_fraction(0.85, table) == 0.0
+
+
+def test_a_text_the_embedder_cannot_tell_from_a_re_roll_is_judged_with_the_re_rolls():
+    # two case variants at s = 1 ("A red cat" / "a red cat") share the re-rolls' threshold: judged apart,
+    # they would be a band of two and take the re-rolls' K away with them
+    pairs = _scored([(1.0, 0.0, True)] * 20 + [(1.0, 0.0, False)] * 2 + [(0.5, 50.0, False)] * 10)
+    assert fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5), z=0.0) == ((0.9999, 0.5),)
+
+
+def test_a_band_without_min_pairs_of_its_own_is_not_granted():
+    # ten edits at 0.99 are safe at any K; two at 0.9 are safe at K = 10 % only. The tail above 0.9 at
+    # 10 % (12 pairs) is within, but the band it would add holds two pairs: no evidence of its own.
+    pairs = _scored([(1.0, 0.0, True)] * 10 + [(0.99, 0.0, False)] * 10)
+    pairs += [
+        {**p, "resumed": {"0.1": 100.0, "0.5": 50.0}} for p in _scored([(0.9, 0.0, False)] * 2)
+    ]  # fmt: skip
+    table = fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5), z=0.0)
+    assert [f for _, f in table] == [0.5] and table[0][0] > 0.9
+    assert choose_skip_fraction(0.9, table) == 0.0
+
+
+def test_the_pairs_just_above_a_threshold_must_hold_on_their_own():
+    # 30 edits at 0.95 are safe at K = 10 %, five at 0.85 lose 10 points there: over the band (35 pairs)
+    # the mean loss is 1.4, within 2, but the five nearest the threshold are not.
+    pairs = _scored([(1.0, 0.0, True)] * 20 + [(0.95, 0.0, False)] * 30 + [(0.85, 10.0, False)] * 5)
+    for p in pairs:
+        if p["similarity"] == 0.95:
+            p["resumed"]["0.5"] = 50.0  # the 0.95 edits are safe at 10 % only
+    table = fit_table(pairs, tolerance=2.0, min_pairs=5, fractions=(0.1, 0.5), z=0.0)
+    assert table == ((0.9999, 0.5), (0.9499, 0.1))
+    assert choose_skip_fraction(0.85, table) == 0.0 and choose_skip_fraction(0.95, table) == 0.1
 
 
 def test_pixel_scorer_is_100_for_the_fresh_image_and_drops_with_the_difference():

@@ -7,13 +7,15 @@
    prompt under the embedder (``--embedder``, default the cache's) is its neighbour. An exact repeat
    (same prompt and seed) is an exact-cache hit and is left out. This is the real distribution of
    neighbours, not synthetic relations (``python -m ops.calibrate`` keeps those for ``shapes``).
-2. Takes ``--pairs`` (neighbour, target) pairs spread evenly over the similarity range, and for each
-   generates the neighbour (capturing its noise states at the cache's stored K), the target fresh from
-   the neighbour's seed, and the target resumed from the neighbour's state at each K.
+2. Takes ``--pairs`` (neighbour, target) pairs (default 100), most of them where thresholds fall (see
+   ``sample_pairs``), and for each generates the neighbour (capturing its noise states at the cache's
+   stored K), the target fresh from the neighbour's seed, and the target resumed from the neighbour's
+   state at each K.
 3. Scores every resumed image against the fresh one and the prompt (``--scorer``: ``pixel`` SSIM,
    ``clip`` CLIP score from ``--clip-model``, ``checker`` for shapes), and fits the table with the
    evidence rule of ``cache.calibration``: every tail and band of similarities loses at most
-   ``--tolerance`` points (plus ``--z`` standard errors).
+   ``--tolerance`` points (plus ``--z`` standard errors), re-rolls vouch only for themselves, and no
+   band gets a K without ``--min-pairs`` pairs of its own.
 4. Prints the curve (tables fitted at other tolerances: steps saved on the log against points lost)
    and writes the JSON and a plot. ``--store`` (or ``reprise cache table calibrate``) stores the table
    in Redis for this model version and embedder, where every worker serving the version picks it up.
@@ -30,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cache.calibration import TOLERANCES, curve, fit_table, score_table
+from cache.calibration import TOLERANCES, curve, fit_table, same_text, score_table
 from cache.skip_table import DEFAULT_TABLES, SkipTable, choose_skip_fraction, fraction_to_k, state_steps
 from scheduler.errors import InvalidRequest
 
@@ -82,22 +84,43 @@ def replay_log(rows: Sequence, embed_many: Callable[[list[str]], np.ndarray]) ->
     return out, repeats
 
 
+def _even(indices: Sequence[int], k: int) -> list[int]:
+    """``k`` of ``indices`` at evenly spaced positions."""
+    if k <= 0 or not indices:
+        return []
+    return [indices[i] for i in np.unique(np.linspace(0, len(indices) - 1, k).round().astype(int))]
+
+
 def sample_pairs(neighbours: Sequence[dict], n: int) -> list[dict]:
-    """``n`` pairs: half at evenly spaced ranks (the log's own distribution, so a mass of identical
-    neighbours, such as re-rolls at s = 1, is measured as often as it occurs) and half at evenly spaced
-    similarities (so the rare close neighbours, where the large K live, are measured too)."""
+    """``n`` pairs, most of them where the thresholds are decided.
+
+    Re-rolls (the same text, another seed) resume from their own prompt's state and lose nothing by
+    construction, so they get a sixth of the pairs (enough to judge the table's top band, no more). Of
+    the rest, half are at evenly spaced ranks of the other neighbours (the log's own distribution below
+    identical text) and half at evenly spaced similarities over the closer half of them (above their
+    median), where close edits live and where a table's thresholds fall: a tail mean carried by re-rolls
+    at s = 1 cannot stand in for them."""
     if n >= len(neighbours):
         return sorted(neighbours, key=lambda p: p["similarity"])
     sims = np.array([p["similarity"] for p in neighbours])
-    order = np.argsort(sims, kind="stable")
-    used = {int(order[i]) for i in np.linspace(0, len(order) - 1, (n + 1) // 2).round().astype(int)}
-    for target in np.linspace(sims.min(), sims.max(), n):
-        if len(used) == n:
-            break
-        for i in np.argsort(np.abs(sims - target), kind="stable"):
-            if int(i) not in used:
-                used.add(int(i))
+    by_sim = [int(i) for i in np.argsort(sims, kind="stable")]
+    same = [i for i in by_sim if same_text(neighbours[i])]
+    other = [i for i in by_sim if not same_text(neighbours[i])]
+    used = set(_even(same, min(len(same), max(n // 6, n - len(other)))))
+    rest = n - len(used)
+    used |= set(_even(other, (rest + 1) // 2))
+    if other:
+        lo = float(np.median(sims[other]))
+        upper = [i for i in other if sims[i] >= lo]
+        for target in np.linspace(sims[upper].max(), lo, n - len(used)):
+            free = [i for i in upper if i not in used]
+            if not free:
                 break
+            used.add(min(free, key=lambda i: abs(sims[i] - target)))
+    for i in [*reversed(other), *same]:  # short of pairs somewhere: the closest left over
+        if len(used) >= n:
+            break
+        used.add(i)
     return sorted((neighbours[i] for i in used), key=lambda p: p["similarity"])
 
 
@@ -422,11 +445,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["minilm", "clip"],
         help="default: the cache's (REPRISE_CACHE_EMBEDDER; auto: the model's own encoder where it ships a table for it)",
     )
-    p.add_argument("--pairs", type=int, default=40, help="neighbour pairs generated (default 40)")
+    p.add_argument("--pairs", type=int, default=100, help="neighbour pairs generated (default 100)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 25)")
     p.add_argument("--guidance", type=float, help="default: the model's, else 4")
     p.add_argument("--limit", type=int, default=3000, help="first prompts of the log replayed (default 3000)")
-    p.add_argument("--min-pairs", type=int, help="smallest tail or band judged (default: pairs/8, at most 15)")
+    p.add_argument(
+        "--min-pairs",
+        type=int,
+        help="pairs a tail, threshold or band needs as its own evidence (default: pairs/8, at most 15)",
+    )
     p.add_argument(
         "--z",
         type=float,
