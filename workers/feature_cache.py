@@ -159,8 +159,25 @@ def _outputs_recorded(modules: dict[str, torch.nn.Module], into: dict[str, Any])
 # --- DeepCache -----------------------------------------------------------------------------------
 
 
+class PassCounts:
+    """What a feature-cache runner reports in the result: its method, full and partial passes, parameters."""
+
+    method: str
+    full_passes: int
+    partial_passes: int
+    params: dict
+
+    def report(self) -> dict:
+        return {
+            "method": self.method,
+            "full_unet_passes": self.full_passes,
+            "partial_unet_passes": self.partial_passes,
+            "params": dict(self.params),
+        }
+
+
 # Not DeepCacheSDHelper: it patches the shared U-Net until disable(), finds the step via pipe.scheduler (we have none), no non-uniform.
-class DeepCacheUNet:
+class DeepCacheUNet(PassCounts):
     """Full U-Net on the schedule's steps; otherwise the shallow branch around a cached deep feature.
 
     Branch b pairs the U-Net's b-th skip connection (0 = the conv_in output) with the up layer that
@@ -333,14 +350,6 @@ class DeepCacheUNet:
             h = attn(h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return h
 
-    def report(self) -> dict:
-        return {
-            "method": self.method,
-            "full_unet_passes": self.full_passes,
-            "partial_unet_passes": self.partial_passes,
-            "params": dict(self.params),
-        }
-
 
 # --- block caching ---------------------------------------------------------------------------------
 
@@ -395,10 +404,7 @@ class BlockCacheUNet:
     def report(self) -> dict:
         total = self.blocks_computed + self.blocks_reused
         return {
-            "method": self.method,
-            "full_unet_passes": self.full_passes,
-            "partial_unet_passes": self.partial_passes,
-            "params": dict(self.params),
+            **PassCounts.report(self),
             "attention_reused": round(self.blocks_reused / total, 4) if total else 0.0,
         }
 
@@ -621,7 +627,7 @@ DIFFUSERS_METHODS = {
 }
 
 
-class DiffusersCacheRunner:
+class DiffusersCacheRunner(PassCounts):
     """A transformer feature cache made of diffusers' own hooks (FirstBlockCache, TaylorSeer), for one request.
 
     diffusers keeps a cache's state in its hooks and applies them to every call of the model they sit on;
@@ -702,14 +708,6 @@ class DiffusersCacheRunner:
         else:
             self.full_passes += 1
         return out
-
-    def report(self) -> dict:
-        return {
-            "method": self.method,
-            "full_unet_passes": self.full_passes,
-            "partial_unet_passes": self.partial_passes,
-            "params": dict(self.params),
-        }
 
 
 class _ComputedBlocks:

@@ -379,16 +379,7 @@ BUILTINS: dict[str, dict] = {
     ),
 }
 
-SD_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+SD_SCHEDULER_CONFIG = SD15.default_scheduler_config  # the SD 1.5-class default (workers/families.py)
 
 
 def _clip_config(tokenizer, recipe: dict):
