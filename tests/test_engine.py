@@ -31,6 +31,7 @@ class SpyUNet:
         self.calls: list[tuple[int, list[float]]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.delay = 0.0  # seconds each call takes at least (a floor under the tiny model's speed)
         self.before_call = None  # () -> None, called inside each call (the call is in flight)
 
     def __getattr__(self, name):  # the U-Net's blocks, for feature caches
@@ -224,6 +225,7 @@ def test_the_engine_records_which_jobs_share_the_call_in_flight(tiny, tmp_path):
 
 def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
     service, spy = _service(tiny, tmp_path)
+    spy.delay = 0.01  # 200 calls take at least 2 s, so the 1 s time limit falls inside the long request
     try:
         cancel = threading.Event()
         seen = []
