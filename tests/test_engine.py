@@ -39,6 +39,8 @@ class SpyUNet:
 
     def __call__(self, sample, t, encoder_hidden_states=None):
         self.gate.wait(60)
+        if self.delay:
+            time.sleep(self.delay)
         if self.before_call is not None:
             self.before_call()
         self.calls.append((sample.shape[0], torch.as_tensor(t).reshape(-1).float().tolist()))
