@@ -108,7 +108,6 @@ class AdmittedJob:
     shareable: bool = False
     key: Any = None
     vector: Any = None
-    start_step: int = 0
     capture: list[int] = field(default_factory=list)
     near: Any = None  # the approximate hit the lookup found (cache.ApproxHit)
     runner: Any = None
@@ -404,7 +403,6 @@ class GenerationService:
         if not entry.resumed:  # a state stored under other settings, before this request's earliest resume step
             report.note = f"approximate hit at K={ahit.k} was found after step {ahit.k} had run: served fresh"
             return
-        a.start_step = ahit.k
         self.cache.record_hit(ahit.entry_id, ahit.k)
         report.hit, report.k, report.similarity, report.source_id = (
             "approximate",
