@@ -145,8 +145,13 @@ def resume_exact(components, request: dict, scheduler: str, fraction: float, wor
         state_fractions=[fraction],
         skip_table=[(0.0, fraction)],
         lookup_timeout_ms=10_000,
+        embedder="clip",
+        clip_dim=components.family.pooled_dim(components),
     )
-    service = _service(components, 1, str(folder / "artifacts"), cache=LatentCache.open(settings))
+    # The model's own pooled text encoding as the lookup vector: this checks the resume, not the embedder, and
+    # a GPU host need not carry MiniLM's weights.
+    embed = lambda prompt: components.family.encode(components, prompt)[1][0].float().cpu().numpy()  # noqa: E731
+    service = _service(components, 1, str(folder / "artifacts"), cache=LatentCache.open(settings, embedder=embed))
     payload = {**request, "cache": {}, "scheduler": scheduler, "prompt": PROMPTS[0], "seed": 7, "deterministic": True}
     try:
         full = service.run(payload, JobContext(job_id=f"resume-{scheduler}-full"))
