@@ -22,6 +22,7 @@ import numpy as np
 
 from cache.embedding import CallableEmbedder, Embedder, PromptEmbedder
 from cache.keys import CacheKey
+from cache.open_store import open_store
 from cache.policies import EntryStats, make_policy, plan_eviction
 from cache.settings import CacheSettings
 from cache.skip_table import choose_k, state_steps, validate_table
@@ -31,7 +32,6 @@ from cache.store import (
     Cond,
     LatentStore,
     Where,
-    open_store,
     rows_to_state,
     state_to_rows,
 )

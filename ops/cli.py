@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from scheduler import cli as scheduler_cli
-from scheduler.cli import new_parser, passthrough, run
+from scheduler.cli import PASSTHROUGH, new_parser, passthrough, run
 from workers import cli as workers_cli
 
 BENCHES = {
@@ -23,6 +23,18 @@ BENCHES = {
     "scale": "ops.bench_scale",
     "batching": "ops.bench_batching",
 }
+
+
+EVALS = {"quality": "ops.eval_quality", "stream": "ops.eval_stream"}
+
+
+def _cmd_eval(args) -> int:
+    """`reprise eval [quality|stream] ...`: quality when no harness is named."""
+    import importlib
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    which = rest[0] if rest[:1] and rest[0] in EVALS else "quality"
+    return importlib.import_module(EVALS[which]).main(rest[1:] if rest[:1] == [which] else rest) or 0
 
 
 def _cmd_bench(args) -> int:
@@ -47,7 +59,10 @@ def add_commands(sub) -> None:
     s.set_defaults(func=_cmd_bench)
     passthrough(sub, "demo", "ops.demo", "start a local cluster, run a handful of prompts, print a table")
     passthrough(sub, "loadtest", "ops.loadtest", "drive load against a running cluster")
-    passthrough(sub, "eval", "ops.eval_quality", "quality harness: eval quality ... | eval stream ...")
+    s = sub.add_parser("eval", help="quality harness: eval quality ... | eval stream ...", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_eval)
+    PASSTHROUGH.add("eval")
     passthrough(sub, "gpu-check", "ops.gpu_check", "measure a GPU in five minutes: batching, DeepCache, exact resume")
 
 

@@ -736,10 +736,6 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["stream"]:
-        from ops.eval_stream import main as stream_main
-
-        return stream_main(argv[1:])
     if argv[:1] == ["quality"]:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="reprise eval quality", description=__doc__.splitlines()[0])
