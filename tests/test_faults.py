@@ -1,6 +1,6 @@
 """Faults, for real (issue 8), the fast part: a worker SIGKILLed mid-write, a cache that cannot open
 and comes back, share grants, TTLs under clock skew, the artifact store refusing writes.
-`make faults` (ops/faults.py) runs the long version with every fault and prints the table."""
+`make faults` (ops/faults/) runs the long version with every fault and prints the table."""
 
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def test_leases_hold_under_skewed_clocks_and_a_local_clock_lease_fails(cluster, 
     (`cluster`: live nodes answer the leader's broadcasts; with none, its first stats broadcast waits 10 s
     without renewing the lease, and the standby takes over while the old leader still says it leads: a gap
     the README lists, unrelated to clocks.)"""
-    from ops.faults import leases_under_skew
+    from ops.faults.clock_skew import leases_under_skew
 
     start = _start_hooked_coordinator(tmp_path)
     real = leases_under_skew(start, 5)
@@ -226,7 +226,7 @@ def test_leases_hold_under_skewed_clocks_and_a_local_clock_lease_fails(cluster, 
 def test_cache_ttl_survives_a_node_clock_step_and_a_wall_clock_cache_fails(faulty, tmp_path):
     """A real node caches an entry (TTL 1 h), then its wall clock steps 2 h ahead: the entry is still served,
     because expiry reads the Redis clock. A node whose cache reads its wall clock (naive) misses it."""
-    from ops.faults import cache_ttl_across_clock_step
+    from ops.faults.clock_skew import cache_ttl_across_clock_step
     from workers.models import save_builtin
 
     model = str(save_builtin("tiny", tmp_path / "skewmodel", seed=0))  # a queue only the node under test serves

@@ -1,12 +1,12 @@
 """Bad and hostile input: a hypothesis fuzzer over requests and raw task messages (issue 8).
 
-`make test` runs a few hundred cases; `make faults` runs 10,000 (ops/faults.py, row "fuzz")."""
+`make test` runs a few hundred cases; `make faults` runs 10,000 (ops/faults/fuzz.py, row "fuzz")."""
 
 from __future__ import annotations
 
 import pytest
 
-from ops.faults import fuzz_in_process
+from ops.faults.fuzz import fuzz_in_process
 
 
 def test_worker_validation_answers_every_fuzz_case_with_a_result_or_a_typed_error():
@@ -18,7 +18,7 @@ def test_worker_validation_answers_every_fuzz_case_with_a_result_or_a_typed_erro
 
 @pytest.mark.integration
 def test_raw_fuzz_messages_through_the_broker_never_crash_a_worker(cluster):
-    from ops.faults import _push_garbage
+    from ops.faults.fuzz import _push_garbage
     from scheduler.app import GENERATE_TASK, get_app
     from scheduler.client import submit
     from scheduler.errors import InvalidRequest

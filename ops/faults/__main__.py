@@ -1,0 +1,5 @@
+import sys
+
+from ops.faults.suite import main
+
+sys.exit(main())
