@@ -1,5 +1,5 @@
-"""`reprise settings`: every setting with its environment variable, default and meaning (the
-README's settings table is this output)."""
+"""`reprise settings`: every setting with its environment variable, default and meaning;
+`reprise settings --markdown` prints the whole settings page, `docs/settings.md`."""
 
 from __future__ import annotations
 
@@ -50,8 +50,25 @@ def markdown() -> str:
     return "\n".join(out).strip() + "\n"
 
 
+PAGE_INTRO = """# Settings
+
+Every knob has one home (a pydantic settings class read from the environment) and one line here. This page
+is generated from the code: `reprise settings --markdown` prints it, `python -m ops.docs_sync` rewrites it,
+and `tests/test_readme.py` fails when it is stale. `reprise settings` prints the tables alone.
+
+"""
+
+
+def page() -> str:
+    return PAGE_INTRO + markdown()
+
+
 def main(argv: list[str] | None = None) -> int:
-    sys.stdout.write(markdown())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv not in ([], ["--markdown"]):
+        print("usage: reprise settings [--markdown]", file=sys.stderr)
+        return 2
+    sys.stdout.write(page() if argv else markdown())
     return 0
 
 
