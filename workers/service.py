@@ -29,7 +29,7 @@ from scheduler.schema import (
 )
 from workers.artifacts import ArtifactStore
 from workers.engine import EngineRequest, NodeEngine
-from workers.feature_cache import methods_for
+from workers.feature_cache import feature_identity, methods_for, resolve_feature_options
 from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
 
@@ -483,6 +483,7 @@ class GenerationService:
             height=height,
             scheduler=request.scheduler,
             tenant=request.tenant,
+            feature=feature_identity(resolve_feature_options(request.cache.feature, self.feature_defaults)),
         )
         return key, generation
 
