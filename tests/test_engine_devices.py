@@ -83,7 +83,6 @@ def _request(method: str, i: int, **extra) -> dict:
     }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: fixed in the next commits")
 @pytest.mark.parametrize("devices", [1, 2])
 def test_mixed_feature_caches_in_flight_at_once_give_each_request_its_alone_image(pipelines, tmp_path, devices):
     jobs = [_request(method, i) for i in range(4) for method in FEATURES]
@@ -104,10 +103,7 @@ def test_mixed_feature_caches_in_flight_at_once_give_each_request_its_alone_imag
         alone_service.close()
 
 
-TWO_XFAIL = pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="issue 21: runners made for device 0"))
-
-
-@pytest.mark.parametrize("devices", [1, TWO_XFAIL])
+@pytest.mark.parametrize("devices", [1, 2])
 def test_a_plain_request_is_never_served_nor_resumed_from_a_deepcache_result(pipelines, tmp_path, devices):
     settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.5], skip_table=[(0.0, 0.5)])
     service = _service(pipelines, tmp_path, devices, cache=LatentCache.open(settings))

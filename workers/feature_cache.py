@@ -555,6 +555,13 @@ def resolve_feature_options(options: Any = None, defaults: dict | None = None) -
     return settings
 
 
+def batches(method: str) -> bool:
+    """Whether requests with this feature cache may share a denoiser call (the engine's groups): the plain
+    denoiser and DeepCache (``DeepCacheUNet.run_batch``); block caching and diffusers' hooks keep one
+    request's state in the call itself and run alone."""
+    return method in ("off", "deepcache")
+
+
 # The resolved settings that change a method's pixels (the cache key names them; workers/service.py).
 PIXEL_SETTINGS: dict[str, tuple[str, ...]] = {
     "deepcache": ("deepcache_interval", "deepcache_branch", "deepcache_schedule"),
