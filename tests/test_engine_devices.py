@@ -98,11 +98,15 @@ def _request(method: str, i: int, **extra) -> dict:
     }
 
 
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("devices", [1, 2, "2 sharing one pipeline"])
 def test_mixed_feature_caches_in_flight_at_once_give_each_request_its_alone_image(
     pipelines, tmp_path, devices, blockcache
 ):
+    """Two device threads sharing one pipeline's modules (as ``sim:N`` devices do) also keep each request's
+    feature cache to its own calls."""
     jobs = [_request(method, i) for i in range(4) for method in FEATURES]
+    if devices != 1 and devices != 2:
+        pipelines, devices = [pipelines[0], pipelines[0]], 2
     service = _service(pipelines, tmp_path, devices, blockcache=blockcache)
     alone_service = _service(pipelines, tmp_path / "alone", 1, blockcache=blockcache)
     try:
