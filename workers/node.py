@@ -180,7 +180,7 @@ def _text_memo(worker: WorkerSettings):
         return None
     from workers.text_memo import TextEmbeddingMemo
 
-    return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
+    return TextEmbeddingMemo(max_entries=worker.text_memo_entries, max_bytes=worker.text_memo_bytes)
 
 
 def _open_cache(redis_client, components, key_prefix: str, text_memo=None):

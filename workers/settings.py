@@ -21,6 +21,11 @@ class WorkerSettings(BaseSettings):
         "off", description="Default feature cache when a request names none: off | recommended | deepcache | block."
     )
     text_memo_entries: int = Field(1024, ge=0, description="Bound of the text-encoder memo (0 disables it).")
+    text_memo_bytes: int = Field(
+        256 * 2**20,
+        ge=1,
+        description="Bound of the text-encoder memo in bytes of its tensors (on the device; a Flux T5 state is ~4 MB).",
+    )
     writeback_queue: int = Field(
         64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
     )
