@@ -30,7 +30,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_500_requests_leave_the_count_of_live_tensors_where_it_started(tmp_path, devices):
+def test_500_requests_leave_no_tensor_of_theirs_behind(tmp_path, devices):
     pipelines = [load_components("tiny") for _ in range(devices)]
     memo = TextEmbeddingMemo(max_entries=64)
     pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(p, text_memo=memo)) for i, p in enumerate(pipelines)])
