@@ -16,6 +16,11 @@ rates by type and by K; steps saved; the workload parameters; how many jobs were
 and what Flower counted for the same job ids when a Flower is known), ``--plots DIR`` (latency CDF,
 throughput and queue depth over time, hit rate over time). ``--compare`` runs the workload twice, caches
 off (request cache options all false) then on, and prints the ratios.
+
+``--http URL`` drives a running `reprise api` instead of the broker (Locust's ``HttpUser``; closed loop,
+``--concurrency N`` users, the key from ``--key`` or REPRISE_API_KEY): each job is one
+``POST /v1/images/generations``, measured from the response (the same report and plots; the queue depth
+is left out, the API does not expose it).
 """
 
 from __future__ import annotations
@@ -436,6 +441,118 @@ class LoadRun:
         }
 
 
+class _InFlight:
+    """Requests sent over HTTP and not answered yet (what the collector counts for broker runs)."""
+
+    def __init__(self):
+        self.n, self.lock = 0, threading.Lock()
+
+    def add(self, delta: int) -> None:
+        with self.lock:
+            self.n += delta
+
+    def in_flight(self) -> int:
+        return self.n
+
+
+class HttpLoadRun(LoadRun):
+    """The same run over `reprise api`: Locust HttpUsers post the workload's requests and are timed on the answer."""
+
+    def __init__(self, url: str, key: str, workload, **kw):
+        super().__init__(None, workload, **kw)
+        if self.concurrency is None:
+            raise ValueError("--http runs a closed loop: give --concurrency N")
+        self.url, self.key = url.rstrip("/"), key
+
+    def _post(self, client, req: dict, kind: str) -> None:
+        body = {k: v for k, v in req.items() if k != "tenant"}  # the tenant is the key's
+        sent_at = time.time()
+        rec = JobRecord("", kind, req.get("tenant", "public"), req.get("priority", 5), req["steps"], sent_at)
+        self.collector.add(1)
+        try:
+            with client.post(
+                "/v1/images/generations",
+                json=body,
+                headers={"Authorization": f"Bearer {self.key}"},
+                name=f"{req['model']} generate",
+                catch_response=True,
+                timeout=self.timeout_s,
+            ) as resp:
+                rec.done_at = time.time()
+                rec.end_to_end_s = rec.done_at - sent_at
+                try:
+                    answer = resp.json()
+                except ValueError:
+                    answer = {}
+                if resp.status_code == 200 and answer.get("results"):
+                    rec.id = answer["id"]
+                    result = answer["results"][0]
+                    t, cache = result.get("timings", {}), result.get("cache", {})
+                    rec.status = "success"
+                    rec.queue_wait_s = t.get("queue_wait_s")
+                    rec.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
+                    rec.hit, rec.k = cache.get("hit"), cache.get("k")
+                    rec.steps_saved = cache.get("steps_saved") or 0
+                    rec.lookup_ms = cache.get("lookup_ms")
+                    rec.worker = result.get("worker")
+                    resp.success()
+                else:
+                    error = (answer.get("error") or {}) if isinstance(answer, dict) else {}
+                    rec.status = f"http:{resp.status_code}:{error.get('code') or 'error'}"
+                    resp.failure(error.get("message") or f"HTTP {resp.status_code}")
+        finally:
+            self.collector.add(-1)
+        with self.lock:
+            self.records.append(rec)
+
+    def run(self) -> dict:
+        from locust import HttpUser, constant, task
+        from locust.env import Environment
+        from locust.exception import StopUser
+
+        outer = self
+
+        class ReprisePoster(HttpUser):
+            host = self.url
+            wait_time = constant(0)
+
+            @task
+            def generate(self) -> None:
+                item = outer._next_request()
+                if item is None:
+                    raise StopUser()
+                outer._post(self.client, *item)
+
+        self.collector = _InFlight()
+        # the API does not expose the queue: no samples (the report's queue series stays empty)
+        self.sampler = type("NoQueue", (), {"samples": [], "redis_ops": []})()
+        env = Environment(user_classes=[ReprisePoster])
+        runner = env.create_local_runner()
+        self.started = time.time()
+        cpu0 = time.process_time()
+        runner.start(self.concurrency, spawn_rate=self.concurrency)
+        live = _Progress(self) if self.progress else None
+        try:
+            time.sleep(0.5)  # users spawning
+            while runner.user_count > 0:
+                if live:
+                    live.update()
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            self.stop_sending.set()
+        finally:
+            runner.quit()
+            self.sending_ended = max([r.sent_at for r in self.records], default=self.started)
+            self.ended = time.time()
+            self.producer_cpu_s = time.process_time() - cpu0
+            if live:
+                live.close()
+        report = self.report()
+        report["producer"]["send_ms_mean"] = None  # one HTTP call sends and waits: end_to_end is its time
+        report["http"] = {"url": self.url, "locust": env.stats.total.serialize()}
+        return report
+
+
 class _Progress:
     """One live line: sent, done, errors, in flight, queue depth, throughput, p50, hit rate."""
 
@@ -651,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--flower", help="Flower URL to compare task counts with (embedded: the one started)")
     p.add_argument("--flower-auth", help="user:password of that Flower")
+    h = p.add_argument_group("over HTTP (--http)")
+    h.add_argument(
+        "--http", metavar="URL", help="drive a running `reprise api` at URL (Locust HttpUser; --concurrency)"
+    )
+    h.add_argument("--key", default=os.environ.get("REPRISE_API_KEY"), help="API key (default: REPRISE_API_KEY)")
     e = p.add_argument_group("embedded cluster (--embedded)")
     e.add_argument(
         "--embedded",
@@ -743,18 +865,69 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
     return report
 
 
+def run_http_load(args, label: str, cache: dict | None) -> dict:
+    import requests
+
+    from ops.workload import Workload, WorkloadParams, parse_priorities, read_prompts
+
+    models = requests.get(
+        args.http.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {args.key}"}, timeout=10
+    )
+    if models.status_code != 200:
+        raise SystemExit(f"{args.http}/v1/models answered {models.status_code}: {models.text[:300]}")
+    info = next((m for m in models.json()["data"] if m["id"] == args.model), None)
+    if info is None:
+        raise SystemExit(f"no live worker serves {args.model!r} behind {args.http}")
+    params = WorkloadParams(
+        zipf=args.zipf,
+        session_p=args.session_p,
+        edit_p=args.edit_p,
+        tenants=args.tenants,
+        priorities=parse_priorities(args.priorities),
+        steps=args.steps,
+        default_steps=args.default_steps,
+        file_params=not args.no_file_params,
+        pool=args.pool,
+        seed=args.seed,
+        as_is=args.as_is,
+        model=args.model,
+        max_size=info.get("max_size"),
+        cache=cache,
+    )
+    run = HttpLoadRun(
+        args.http,
+        args.key,
+        Workload(read_prompts(args.prompts), params),
+        concurrency=args.concurrency,
+        n=args.n,
+        duration=args.duration,
+        timeout_s=args.timeout,
+        progress=not args.quiet,
+        label=label,
+    )
+    report = run.run()
+    report["cluster"] = {"api_url": args.http, "model": info}
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.http and (args.embedded or not args.key or args.concurrency is None):
+        raise SystemExit("--http needs --key (or REPRISE_API_KEY) and --concurrency, and no --embedded")
+    if args.http:
+        import locust  # noqa: F401  (gevent patches the standard library: before anything opens a socket)
     args.model = args.model or ("sim" if args.embedded else "tiny")
     cluster = start_embedded(args, args.model) if args.embedded else None
     try:
-        from scheduler.app import get_app
-
-        app = get_app()
         runs = [("cache-off", CACHE_OFF), ("cache-on", None)] if args.compare else [("run", None)]
         reports = []
         for label, cache in runs:
-            report = run_load(args, label, cache, app)
+            if args.http:
+                report = run_http_load(args, label, cache)
+            else:
+                from scheduler.app import get_app
+
+                report = run_load(args, label, cache, get_app())
             flower = args.flower or (cluster.flower_url if cluster is not None and cluster.flower else None)
             if flower:
                 auth = (
