@@ -20,6 +20,7 @@ import openai
 import pytest
 import requests
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from ops.localcluster import LocalCluster
 
@@ -171,7 +172,7 @@ def test_async_job_webhook_and_events(api):
         event = Webhook(creds["webhook_secret"]).verify(payload, headers)
         assert event["type"] == "job.succeeded" and event["data"]["id"] == job_id
         assert headers["webhook-id"] == f"msg_{job_id}" and len(event["data"]["data"]) == 2
-        with pytest.raises(Exception):
+        with pytest.raises(WebhookVerificationError):
             Webhook(keys_create(api, "other")["webhook_secret"]).verify(payload, headers)  # another tenant's secret
 
         job = requests.get(f"{api.api_url}/v1/jobs/{job_id}", headers=auth, timeout=10).json()
@@ -289,7 +290,9 @@ def test_task_sent_without_a_queue_is_served(api):
     from celery import Celery
 
     bare = Celery("someone-else", broker=api.redis_url, backend=api.redis_url)
-    result = bare.send_task("reprise.generate", kwargs={"prompt": "a plain send_task", "steps": 2, "width": 64, "height": 64})
+    result = bare.send_task(
+        "reprise.generate", kwargs={"prompt": "a plain send_task", "steps": 2, "width": 64, "height": 64}
+    )
     value = result.get(timeout=60)
     assert value["model"] == "tiny" and value["image_uri"]
 

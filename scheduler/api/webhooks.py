@@ -95,11 +95,13 @@ def safe_connection(host: str, port: int, timeout: float, allow_hosts: frozenset
     """A TCP connection to ``host``, checked on the peer address it really reached (connect time)."""
     last: Exception | None = None
     for family, type_, proto, _, sockaddr in resolve(host, port):
+        if host not in allow_hosts and not address_allowed(sockaddr[0]):
+            raise _refused(host, sockaddr[0])
         sock = socket.socket(family, type_, proto)
         sock.settimeout(timeout)
         try:
             sock.connect(sockaddr)
-            peer = sock.getpeername()[0]
+            peer = sock.getpeername()[0]  # what the socket really reached, whatever resolved
             if host not in allow_hosts and not address_allowed(peer):
                 raise _refused(host, peer)
             return sock
