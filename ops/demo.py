@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         console.print(
             f"  try: curl -s {api_url}/v1/images/generations -H 'Authorization: Bearer {key}' "
-            f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "prompt": "a cat", '
-            f'"size": "64x64", "steps": 10}}\''
+            f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "prompt": "a cat", "steps": 10}}\''
         )
         console.print(
             f"Flower was at {flower_url}; stopping the worker, the API, Flower{' and Redis' if cluster.own_redis else ''} now."
