@@ -245,11 +245,13 @@ class LocalCluster:
 
     # --- the HTTP API -----------------------------------------------------------------------------
     def start_api(self, timeout: float = 30, **env) -> str:
-        """`reprise api` on a free port of 127.0.0.1; returns its base URL."""
+        """`reprise api` on a free port of 127.0.0.1; returns its base URL (also `api_url`: the latest one). Each
+        call starts one more replica."""
         import requests
 
         port = free_port()
-        log = Path(self.workdir) / "api.log"
+        self.apis = getattr(self, "apis", [])
+        log = Path(self.workdir) / f"api{len(self.apis)}.log"
         self.api = subprocess.Popen(
             [sys.executable, "-m", "scheduler.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
             env=self.process_env(**env),
@@ -265,6 +267,7 @@ class LocalCluster:
             except requests.RequestException:
                 return False
 
+        self.apis.append(self.api)
         _wait(up, timeout, "reprise api", self.api, log)
         return self.api_url
 
@@ -272,13 +275,13 @@ class LocalCluster:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
-        api = getattr(self, "api", None)
-        if api is not None and api.poll() is None:
-            api.terminate()
-            try:
-                api.wait(10)
-            except subprocess.TimeoutExpired:
-                api.kill()
+        for api in getattr(self, "apis", []):
+            if api.poll() is None:
+                api.terminate()
+                try:
+                    api.wait(10)
+                except subprocess.TimeoutExpired:
+                    api.kill()
         if self.flower and self.flower.poll() is None:
             self.flower.terminate()
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,30 @@ def test_tenant_isolation(api):
         b.get(f"/files/{file_id}", cast_to=object)
     with pytest.raises(openai.PermissionDeniedError):
         b.images.generate(model="tiny", prompt="x", extra_body={"tenant": "tenant-a", **FAST})
+
+
+def test_sync_timeout_names_the_job_and_any_replica_answers_for_it(api):
+    """A second replica with a short wait: the 504 names the job, and the first replica (stateless: all state in
+    Redis) follows it to the end."""
+    first = api.api_url
+    creds = keys_create(api, "patient")
+    second = api.start_api(REPRISE_API_SYNC_TIMEOUT_S="0.3")
+    api.api_url = first
+    short = openai.OpenAI(api_key=creds["key"], base_url=second + "/v1", max_retries=2, timeout=60)
+    with pytest.raises(openai.InternalServerError) as late:
+        short.images.generate(model="tiny", prompt="a slow one", size="64x64", extra_body={"steps": 60})
+    assert late.value.status_code == 504 and late.value.body["code"] == "timeout"
+    assert late.value.body["param"] == "job_id"
+    job_id = re.search(r"\bjob_[0-9a-f]{32}\b", late.value.body["message"]).group()
+    assert late.value.response.headers["x-should-retry"] == "false"  # the client did not generate it again
+    auth = {"Authorization": f"Bearer {creds['key']}"}
+    deadline = time.monotonic() + 60
+    while (state := requests.get(f"{first}/v1/jobs/{job_id}", headers=auth, timeout=10).json())["status"] != (
+        "succeeded"
+    ):
+        assert time.monotonic() < deadline and state["status"] in ("queued", "running"), state
+        time.sleep(0.2)
+    assert state["results"][0]["steps"] == 60
 
 
 def test_openapi_and_docs_in_headless_chromium(api, tmp_path):
