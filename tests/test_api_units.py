@@ -213,6 +213,9 @@ def test_limits(redis_client):
     assert redis_client.zcard(f"{prefix}:api:inflight:a") == 2  # the refused one was taken back
     done.add("t1")
     assert limits.admit("a", ["t3"], 2, lambda t: t in done)  # t1 ended: pruned
+    redis_client.zadd(f"{prefix}:api:inflight:a", {"t2": time.time() - 100})  # its result expired long ago
+    assert limits.admit("a", ["t4"], 2, lambda t: False, max_age_s=50)
+    assert {m.decode() for m in redis_client.zrange(f"{prefix}:api:inflight:a", 0, -1)} == {"t3", "t4"}
 
 
 def test_images_request_maps_onto_the_generation_request():

@@ -511,7 +511,7 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
             check_url(webhook, allow_list(s.webhook_allow_hosts))
         task_ids = [str(uuid.uuid4()) for _ in range(body.n)]
         cap = (record and record.max_concurrent) or s.api_max_concurrent
-        if not limits.admit(tenant, task_ids, cap, lambda t: job_handle(t).ready()):
+        if not limits.admit(tenant, task_ids, cap, lambda t: job_handle(t).ready(), s.result_expires_s):
             raise ApiError(
                 429,
                 f"tenant {tenant} has {cap} images queued or running already (its concurrency cap)",
@@ -676,7 +676,3 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         return Response(read_image(result.image_uri), media_type="image/png")
 
     return app
-
-
-def openapi_schema() -> dict:
-    return create_app().openapi()

@@ -120,10 +120,12 @@ class Limits:
     def _inflight(self, tenant: str) -> str:
         return f"{self.prefix}:api:inflight:{tenant}"
 
-    def admit(self, tenant: str, task_ids: list[str], cap: int, is_done) -> bool:
+    def admit(self, tenant: str, task_ids: list[str], cap: int, is_done, max_age_s: float = 86400) -> bool:
         """Record ``task_ids`` as in flight if the tenant stays within ``cap``; tasks that ended are pruned first
-        (``is_done(task_id)``). Added, then counted, then taken back if over: two replicas cannot both pass."""
+        (``is_done(task_id)``), and tasks older than ``max_age_s`` (their results have expired: ended long ago or
+        lost). Added, then counted, then taken back if over: two replicas cannot both pass."""
         key = self._inflight(tenant)
+        self.r.zremrangebyscore(key, "-inf", time.time() - max_age_s)
         for member in self.r.zrange(key, 0, -1):
             member = member.decode()
             if is_done(member):
@@ -133,7 +135,7 @@ class Limits:
         if self.r.zcard(key) > cap:
             self.r.zrem(key, *task_ids)
             return False
-        self.r.expire(key, 86400)
+        self.r.expire(key, int(max_age_s) + 60)
         return True
 
     def release(self, tenant: str, task_ids: list[str]) -> None:
