@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 
 import fsspec
 import redis
+from celery.states import READY_STATES
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -330,6 +331,42 @@ def job_view(store: Store, rec: dict, base_url: str, response_format: str | None
     )
 
 
+class ResultWaiter:
+    """Awaits Celery results without a thread per request: subscribes to the channels Celery's Redis backend
+    publishes each stored result on, then reads the results once (so none is missed between the two), and
+    reads them again every second (a message lost to a reconnect costs at most that)."""
+
+    def __init__(self, url: str):
+        import redis.asyncio
+
+        from scheduler.app import get_app
+
+        self.r = redis.asyncio.Redis.from_url(url)
+        self.backend = get_app().backend
+
+    def _ended(self, raw) -> bool:
+        return raw is not None and self.backend.decode_result(raw).get("status") in READY_STATES
+
+    async def wait(self, task_ids: list[str], deadline: float) -> bool:
+        """True once every task has a final result; False at ``deadline`` (time.monotonic)."""
+        keys = [self.backend.get_key_for_task(t) for t in task_ids]
+        pending = set(keys)
+        async with self.r.pubsub() as pubsub:
+            await pubsub.subscribe(*keys)
+            while pending:
+                asked = list(pending)
+                pending -= {k for k, v in zip(asked, await self.r.mget(asked)) if self._ended(v)}
+                recheck = time.monotonic() + 1.0
+                while pending and time.monotonic() < min(recheck, deadline):
+                    wait_s = max(0.01, min(recheck, deadline) - time.monotonic())
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+                    if message is not None and self._ended(message["data"]):
+                        pending.discard(message["channel"])
+                if pending and time.monotonic() >= deadline:
+                    return False
+        return True
+
+
 # --- the webhook dispatcher ---------------------------------------------------------------------------------
 
 
@@ -406,6 +443,7 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         Outbox(r, s.queue_prefix),
     )
     registry = ModelRegistry(r, s.queue_prefix)
+    results = ResultWaiter(s.backend_url)
     base_default = s.api_public_url.rstrip("/") or f"http://{s.api_host}:{s.api_port}"
 
     @asynccontextmanager
@@ -570,13 +608,11 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         rec = await asyncio.to_thread(start, body, tenant)
         deadline = time.monotonic() + s.api_sync_timeout_s
         handles = [job_handle(t) for t in rec["tasks"]]
-        while not await asyncio.to_thread(lambda: all(h.ready() for h in handles)):
-            if time.monotonic() > deadline:
-                raise JobTimeout(
-                    f"job {rec['id']} did not finish within {s.api_sync_timeout_s}s; poll GET /v1/jobs/{rec['id']}",
-                    [{"field": "job_id", "problem": rec["id"]}],
-                )
-            await asyncio.sleep(0.05)
+        if not await results.wait(rec["tasks"], deadline):
+            raise JobTimeout(
+                f"job {rec['id']} did not finish within {s.api_sync_timeout_s}s; poll GET /v1/jobs/{rec['id']}",
+                [{"field": "job_id", "problem": rec["id"]}],
+            )
         for h in handles:
             h.result()  # the first failure, typed (InvalidRequest, JobCancelled, JobFailed, ...)
         view = await asyncio.to_thread(job_view, store, rec, base_url(request))
