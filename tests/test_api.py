@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 import httpx
 import openai
@@ -30,12 +31,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 FAST = {"steps": 2}
 
 
-@pytest.fixture(scope="module")
-def api(redis_server):
+@pytest.fixture(scope="module", params=["cpu", "cpu,cpu"])
+def api(redis_server, request):
+    """One worker (one device, then two) and one `reprise api` on the test Redis."""
     workdir = tempfile.mkdtemp(prefix="reprise-api-test-")
     c = LocalCluster(workdir=workdir, redis_url=redis_server.url)  # the environment holds conftest.TEST_ENV
     c.ensure_redis()
-    c.start_worker("tiny", "cpu", REPRISE_CACHE_PATH=f"{workdir}/qdrant")
+    c.start_worker("tiny", request.param, REPRISE_CACHE_PATH=f"{workdir}/qdrant")
     c.start_api(
         REPRISE_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
         REPRISE_WEBHOOK_BACKOFF_S="0.2",
@@ -46,7 +48,10 @@ def api(redis_server):
     c.stop()
 
 
-def keys_create(cluster, tenant: str, *extra: str) -> dict:
+def keys_create(cluster, name: str, *extra: str) -> dict:
+    """`reprise keys create --tenant <name>-<suffix> --json`: a tenant of this test alone (the Redis, with its rate
+    counters, is shared by both device configurations)."""
+    tenant = f"{name}-{uuid.uuid4().hex[:6]}"
     out = subprocess.run(
         [sys.executable, "-m", "ops.cli", "keys", "create", "--tenant", tenant, "--json", *extra],
         env=cluster.process_env(),
@@ -55,7 +60,7 @@ def keys_create(cluster, tenant: str, *extra: str) -> dict:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "tenant": tenant}
 
 
 def reprise(cluster, *args: str) -> str:
@@ -133,7 +138,7 @@ def test_openai_client_images_keys_and_errors(api):
         oa.images.generate(model="not-served", prompt="x", extra_body=FAST)
     assert unserved.value.status_code == 503 and unserved.value.body["code"] == "unknown_model"
 
-    listed = json.loads(reprise(api, "keys", "list", "--tenant", "acme", "--json"))
+    listed = json.loads(reprise(api, "keys", "list", "--tenant", creds["tenant"], "--json"))
     assert [k["id"] for k in listed] == [creds["id"]] and creds["key"] not in json.dumps(listed)
     assert creds["key"] not in api.redis.keys("*").__repr__()  # stored hashed
     reprise(api, "keys", "revoke", creds["id"])
@@ -258,7 +263,7 @@ def test_tenant_isolation(api):
     with pytest.raises(openai.NotFoundError):
         b.get(f"/files/{file_id}", cast_to=object)
     with pytest.raises(openai.PermissionDeniedError):
-        b.images.generate(model="tiny", prompt="x", extra_body={"tenant": "tenant-a", **FAST})
+        b.images.generate(model="tiny", prompt="x", extra_body={"tenant": a["tenant"], **FAST})
 
 
 def test_sync_timeout_names_the_job_and_any_replica_answers_for_it(api):
