@@ -64,6 +64,17 @@ class JobRecord:
     worker: str | None = None
     event: threading.Event | None = None
 
+    def succeeded(self, result: dict) -> None:
+        """Fill in what a GenerationResult (as JSON) says about this job."""
+        t, cache = result.get("timings", {}), result.get("cache", {})
+        self.status = "success"
+        self.queue_wait_s = t.get("queue_wait_s")
+        self.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
+        self.hit, self.k = cache.get("hit"), cache.get("k")
+        self.steps_saved = cache.get("steps_saved") or 0
+        self.lookup_ms = cache.get("lookup_ms")
+        self.worker = result.get("worker")
+
 
 def percentiles(values: list[float]) -> dict:
     if not values:
@@ -144,14 +155,7 @@ class ResultCollector(threading.Thread):
         rec.end_to_end_s = max(0.0, done - rec.sent_at)
         status, result = meta.get("status"), meta.get("result")
         if status == "SUCCESS" and isinstance(result, dict):
-            t, cache = result.get("timings", {}), result.get("cache", {})
-            rec.status = "success"
-            rec.queue_wait_s = t.get("queue_wait_s")
-            rec.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
-            rec.hit, rec.k = cache.get("hit"), cache.get("k")
-            rec.steps_saved = cache.get("steps_saved") or 0
-            rec.lookup_ms = cache.get("lookup_ms")
-            rec.worker = result.get("worker")
+            rec.succeeded(result)
         elif status == "REVOKED":
             rec.status = "JobCancelled"
         else:
@@ -486,15 +490,7 @@ class HttpLoadRun(LoadRun):
                     answer = {}
                 if resp.status_code == 200 and answer.get("results"):
                     rec.id = answer["id"]
-                    result = answer["results"][0]
-                    t, cache = result.get("timings", {}), result.get("cache", {})
-                    rec.status = "success"
-                    rec.queue_wait_s = t.get("queue_wait_s")
-                    rec.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
-                    rec.hit, rec.k = cache.get("hit"), cache.get("k")
-                    rec.steps_saved = cache.get("steps_saved") or 0
-                    rec.lookup_ms = cache.get("lookup_ms")
-                    rec.worker = result.get("worker")
+                    rec.succeeded(answer["results"][0])
                     resp.success()
                 else:
                     error = (answer.get("error") or {}) if isinstance(answer, dict) else {}
@@ -819,18 +815,11 @@ def start_embedded(args, model: str):
     return cluster
 
 
-def run_load(args, label: str, cache: dict | None, app) -> dict:
-    import redis
+def workload_params(args, info: dict, cache: dict | None):
+    """The workload of the command line, for the model ``info`` describes (its maximum size)."""
+    from ops.workload import WorkloadParams, parse_priorities
 
-    from ops.workload import Workload, WorkloadParams, parse_priorities, read_prompts
-    from scheduler.registry import ModelRegistry
-    from scheduler.settings import get_settings
-
-    settings = get_settings()
-    info = ModelRegistry(redis.Redis.from_url(settings.redis_url), settings.queue_prefix).served(args.model)
-    if info is None:
-        raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
-    params = WorkloadParams(
+    return WorkloadParams(
         zipf=args.zipf,
         session_p=args.session_p,
         edit_p=args.edit_p,
@@ -846,13 +835,13 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
         max_size=info.get("max_size"),
         cache=cache,
     )
-    workload = Workload(read_prompts(args.prompts), params)
-    ramp = tuple(float(x) for x in args.ramp.split(":")) if args.ramp else None
-    run = LoadRun(
-        app,
-        workload,
+
+
+def run_options(args, label: str) -> dict:
+    """How the command line asks a run to send and stop."""
+    return dict(
         rate=args.rate,
-        ramp=ramp,
+        ramp=tuple(float(x) for x in args.ramp.split(":")) if args.ramp else None,
         concurrency=args.concurrency,
         n=args.n,
         duration=args.duration,
@@ -860,6 +849,21 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
         progress=not args.quiet,
         label=label,
     )
+
+
+def run_load(args, label: str, cache: dict | None, app) -> dict:
+    import redis
+
+    from ops.workload import Workload, read_prompts
+    from scheduler.registry import ModelRegistry
+    from scheduler.settings import get_settings
+
+    settings = get_settings()
+    info = ModelRegistry(redis.Redis.from_url(settings.redis_url), settings.queue_prefix).served(args.model)
+    if info is None:
+        raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
+    params = workload_params(args, info, cache)
+    run = LoadRun(app, Workload(read_prompts(args.prompts), params), **run_options(args, label))
     report = run.run()
     report["cluster"] = {"redis_url": settings.redis_url, "model": info}
     return report
@@ -868,7 +872,7 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
 def run_http_load(args, label: str, cache: dict | None) -> dict:
     import requests
 
-    from ops.workload import Workload, WorkloadParams, parse_priorities, read_prompts
+    from ops.workload import Workload, read_prompts
 
     models = requests.get(
         args.http.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {args.key}"}, timeout=10
@@ -878,33 +882,8 @@ def run_http_load(args, label: str, cache: dict | None) -> dict:
     info = next((m for m in models.json()["data"] if m["id"] == args.model), None)
     if info is None:
         raise SystemExit(f"no live worker serves {args.model!r} behind {args.http}")
-    params = WorkloadParams(
-        zipf=args.zipf,
-        session_p=args.session_p,
-        edit_p=args.edit_p,
-        tenants=args.tenants,
-        priorities=parse_priorities(args.priorities),
-        steps=args.steps,
-        default_steps=args.default_steps,
-        file_params=not args.no_file_params,
-        pool=args.pool,
-        seed=args.seed,
-        as_is=args.as_is,
-        model=args.model,
-        max_size=info.get("max_size"),
-        cache=cache,
-    )
-    run = HttpLoadRun(
-        args.http,
-        args.key,
-        Workload(read_prompts(args.prompts), params),
-        concurrency=args.concurrency,
-        n=args.n,
-        duration=args.duration,
-        timeout_s=args.timeout,
-        progress=not args.quiet,
-        label=label,
-    )
+    params = workload_params(args, info, cache)
+    run = HttpLoadRun(args.http, args.key, Workload(read_prompts(args.prompts), params), **run_options(args, label))
     report = run.run()
     report["cluster"] = {"api_url": args.http, "model": info}
     return report
