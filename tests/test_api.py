@@ -243,6 +243,19 @@ def test_rate_limit_concurrency_cancel_and_body_limit(api):
     assert too_big.value.status_code == 413 and too_big.value.body["type"] == "request_too_large"
 
 
+def test_a_caller_that_disconnects_cancels_its_images(api):
+    creds = keys_create(api, "impatient")
+    impatient = openai.OpenAI(api_key=creds["key"], base_url=api.api_url + "/v1", max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.images.generate(model="tiny", prompt="too slow to wait for", size="64x64", extra_body={"steps": 500})
+    oa = client(api, creds["key"])
+    deadline = time.monotonic() + 20
+    while (jobs := oa.get("/jobs", cast_to=object)["data"])[0]["status"] != "cancelled":
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.2)
+    assert len(jobs) == 1 and jobs[0]["progress"]["images_done"] == 0
+
+
 def test_tenant_isolation(api):
     a = keys_create(api, "tenant-a")
     b = client(api, keys_create(api, "tenant-b")["key"])
@@ -262,6 +275,7 @@ def test_tenant_isolation(api):
     assert requests.get(f"{api.api_url}/v1/files/{file_id}", headers=auth_a, timeout=10).status_code == 200
     with pytest.raises(openai.NotFoundError):
         b.get(f"/files/{file_id}", cast_to=object)
+    assert b.get("/jobs", cast_to=object)["data"] == []  # B's list shows none of A's jobs
     with pytest.raises(openai.PermissionDeniedError):
         b.images.generate(model="tiny", prompt="x", extra_body={"tenant": a["tenant"], **FAST})
 

@@ -158,6 +158,11 @@ class JobView(BaseModel):
     webhook: Webhook | None = None
 
 
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobView]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -241,13 +246,23 @@ class Store:
     def file_key(self, file_id: str) -> str:
         return f"{self.prefix}:api:file:{file_id}"
 
+    def tenant_jobs_key(self, tenant: str) -> str:
+        return f"{self.prefix}:api:jobs:{tenant}"
+
     def save_job(self, rec: dict) -> None:
         ttl = self.s.result_expires_s
         with self.r.pipeline() as pipe:
             pipe.set(self.job_key(rec["id"]), json.dumps(rec), ex=ttl)
+            pipe.zadd(self.tenant_jobs_key(rec["tenant"]), {rec["id"]: rec["created"]})
+            pipe.zremrangebyscore(self.tenant_jobs_key(rec["tenant"]), "-inf", time.time() - ttl)
+            pipe.expire(self.tenant_jobs_key(rec["tenant"]), ttl)
             for task_id in rec["tasks"]:
                 pipe.set(self.file_key(task_id), json.dumps({"tenant": rec["tenant"], "job": rec["id"]}), ex=ttl)
             pipe.execute()
+
+    def recent_jobs(self, tenant: str, limit: int) -> list[dict]:
+        ids = [i.decode() for i in self.r.zrevrange(self.tenant_jobs_key(tenant), 0, limit - 1)]
+        return [rec for rec in (self.load_job(i) for i in ids) if rec is not None]
 
     def load_job(self, job_id: str) -> dict | None:
         raw = self.r.get(self.job_key(job_id))
@@ -581,6 +596,13 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
             outbox.watch(rec["id"])
         return rec
 
+    def cancel(rec: dict) -> None:
+        for task_id in rec["tasks"]:
+            job_handle(task_id).cancel()  # the producer's cancel: before it starts, or within one step
+        rec["cancelled"] = True
+        store.save_job(rec)
+        limits.release(rec["tenant"], rec["tasks"])
+
     # --- routes ---
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
@@ -606,15 +628,21 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
     )
     async def generations(body: ImagesRequest, tenant: Tenant, request: Request) -> ImagesResponse:
         rec = await asyncio.to_thread(start, body, tenant)
-        deadline = time.monotonic() + s.api_sync_timeout_s
-        handles = [job_handle(t) for t in rec["tasks"]]
-        if not await results.wait(rec["tasks"], deadline):
+        waiting = asyncio.ensure_future(results.wait(rec["tasks"], time.monotonic() + s.api_sync_timeout_s))
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.5)
+            if not waiting.done() and await request.is_disconnected():
+                waiting.cancel()  # the caller has gone: nobody will take these images
+                await asyncio.to_thread(cancel, rec)
+                log.info("job %s cancelled: its caller disconnected", rec["id"])
+                return Response(status_code=499)
+        if not waiting.result():
             raise JobTimeout(
                 f"job {rec['id']} did not finish within {s.api_sync_timeout_s}s; poll GET /v1/jobs/{rec['id']}",
                 [{"field": "job_id", "problem": rec["id"]}],
             )
-        for h in handles:
-            h.result()  # the first failure, typed (InvalidRequest, JobCancelled, JobFailed, ...)
+        # the first failure, typed (InvalidRequest, JobCancelled, JobFailed, ...)
+        await asyncio.to_thread(lambda: [job_handle(t).result() for t in rec["tasks"]])
         view = await asyncio.to_thread(job_view, store, rec, base_url(request))
         return ImagesResponse(created=int(rec["created"]), data=view.data, id=rec["id"], results=view.results)
 
@@ -632,6 +660,13 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         rec = await asyncio.to_thread(start, images, tenant, webhook)
         return await asyncio.to_thread(job_view, store, rec, base_url(request))
 
+    @app.get("/v1/jobs", tags=["jobs"], summary="The tenant's latest jobs, newest first", responses=ERRORS)
+    async def list_jobs(tenant: Tenant, request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+        def views() -> list[JobView]:
+            return [job_view(store, rec, base_url(request), "url") for rec in store.recent_jobs(tenant, limit)]
+
+        return JobList(data=await asyncio.to_thread(views))
+
     @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="A job's state", responses=ERRORS)
     async def get_job(rec: Annotated[dict, Depends(owned_job)], request: Request) -> JobView:
         return await asyncio.to_thread(job_view, store, rec, base_url(request))
@@ -647,15 +682,7 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         view = await asyncio.to_thread(job_view, store, rec, base_url(request))
         if view.status in ENDED:
             raise ApiError(409, f"job {rec['id']} has already {view.status}", "job_ended", "job_id")
-
-        def cancel() -> None:
-            for task_id in rec["tasks"]:
-                job_handle(task_id).cancel()
-            rec["cancelled"] = True
-            store.save_job(rec)
-            limits.release(rec["tenant"], rec["tasks"])
-
-        await asyncio.to_thread(cancel)
+        await asyncio.to_thread(cancel, rec)
         return await asyncio.to_thread(job_view, store, rec, base_url(request))
 
     @app.get(
