@@ -75,6 +75,20 @@ def client(cluster, key: str) -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=cluster.api_url + "/v1", max_retries=0, timeout=60)
 
 
+def sse(cluster, key: str, job_id: str) -> list[tuple[str, dict]]:
+    """Every (event, data) of GET /v1/jobs/{id}/events, until the server ends the stream."""
+    events, name = [], None
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("GET", f"{cluster.api_url}/v1/jobs/{job_id}/events", headers=auth, timeout=60) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
 class Receiver:
     """A webhook receiver on 127.0.0.1: records every request; answers ``status``."""
 
@@ -159,14 +173,7 @@ def test_async_job_webhook_and_events(api):
         job_id = posted.json()["id"]
         assert posted.json()["status"] in ("queued", "running")
 
-        events = []
-        with httpx.stream("GET", f"{api.api_url}/v1/jobs/{job_id}/events", headers=auth, timeout=60) as stream:
-            name = None
-            for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line[6:])))
+        events = sse(api, creds["key"], job_id)
         assert events[-1][0] == "succeeded" and events[-1][1]["id"] == job_id
         progress = [data for name, data in events if name == "progress"]
         assert progress and progress[-1]["images_done"] == 2
@@ -235,6 +242,8 @@ def test_rate_limit_concurrency_cancel_and_body_limit(api):
     assert capped.value.response.headers["retry-after"] == "1"
     cancelled = oa.delete(f"/jobs/{long['id']}", cast_to=object)
     assert cancelled["status"] == "cancelled"
+    events = sse(api, creds["key"], long["id"])
+    assert events[-1][0] == "cancelled" and events[-1][1]["status"] == "cancelled"
     again = oa.post("/jobs", body={"prompt": "now it fits", "size": "64x64", **FAST}, cast_to=object)
     assert again["status"] in ("queued", "running", "succeeded")
 
