@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from scheduler.api import webhooks
-from scheduler.api.server import ImagesRequest
+from scheduler.api.server import ImagesRequest, JobRequest
 from scheduler.api.tenants import KeyStore, Limits, key_hash
 from scheduler.api.webhooks import Outbox, WebhookRefused, address_allowed, allow_list, check_url, deliver, sign
 from scheduler.errors import InvalidRequest
@@ -229,3 +229,10 @@ def test_images_request_maps_onto_the_generation_request():
     for wrong in ({"size": "big"}, {"n": 0}, {"n": 11}, {"size": "64x64", "width": 64, "height": 64}, {"x": 1}):
         with pytest.raises(ValueError):
             ImagesRequest(prompt="a cat", **wrong)
+
+
+def test_job_request_takes_the_webhook_as_an_object_or_a_url():
+    assert JobRequest(prompt="x", webhook={"url": "https://h.example/a"}).webhook.url == "https://h.example/a"
+    assert JobRequest(prompt="x", webhook="https://h.example/b").webhook.url == "https://h.example/b"
+    with pytest.raises(ValueError):
+        JobRequest(prompt="x", webhook={"url": "https://h.example/a", "secret": "s"})

@@ -30,7 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from scheduler.api.tenants import KeyStore, Limits
@@ -119,7 +119,14 @@ class Webhook(BaseModel):
 
 class JobRequest(ImagesRequest):
     model_config = ConfigDict(extra="forbid", title="JobRequest")
-    webhook: Webhook | None = Field(None, description="Called once when the job ends (succeeded, failed, cancelled).")
+    webhook: Webhook | None = Field(
+        None, description='Called once when the job ends (succeeded, failed, cancelled): {"url": ...}.'
+    )
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _url_alone(cls, value):
+        return {"url": value} if isinstance(value, str) else value  # "webhook": "https://..." means the same
 
 
 class ImageData(BaseModel):
@@ -522,6 +529,11 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
     @app.exception_handler(OperationalError)
     async def _broker_error(request: Request, exc: Exception):
         return error_response(503, f"Redis is unreachable: {exc}", "broker_unavailable", None, {"retry-after": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
     # --- auth ---
     bearer = HTTPBearer(auto_error=False, description="An API key from `reprise keys create --tenant T`.")
