@@ -236,3 +236,48 @@ def test_job_request_takes_the_webhook_as_an_object_or_a_url():
     assert JobRequest(prompt="x", webhook="https://h.example/b").webhook.url == "https://h.example/b"
     with pytest.raises(ValueError):
         JobRequest(prompt="x", webhook={"url": "https://h.example/a", "secret": "s"})
+
+
+def test_error_shapes_of_the_app(redis_server, redis_client):
+    """Every refusal in OpenAI's shape, whatever raised it: validation, auth, body size (declared or streamed),
+    an unexpected exception."""
+    from fastapi.testclient import TestClient
+
+    from scheduler.api.server import create_app
+    from scheduler.settings import ClusterSettings
+
+    prefix = _prefix()
+    app = create_app(ClusterSettings(redis_url=redis_server.url, queue_prefix=prefix, api_max_body_bytes=2048))
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("kaput")
+
+    web = TestClient(app, raise_server_exceptions=False)  # no lifespan: no webhook loop needed here
+    auth = {"Authorization": "Bearer " + KeyStore(redis_client, prefix).create("shapes")["key"]}
+
+    def shape(response, status, code=None):
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        if code:
+            assert error["code"] == code
+        return error
+
+    shape(web.post("/v1/images/generations", json={"prompt": "x"}), 401, "missing_api_key")
+    shape(web.post("/v1/images/generations", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}), 401)
+    bad = shape(web.post("/v1/images/generations", json={"prompt": "x", "n": 0}, headers=auth), 400)
+    assert bad["param"] == "n" and bad["type"] == "invalid_request_error"
+    assert (
+        shape(web.post("/v1/images/generations", json={"prompt": "x", "quality": "hd"}, headers=auth), 400)["param"]
+        == "quality"
+    )  # an OpenAI field Reprise does not honour is refused, not ignored
+    assert shape(web.get("/v1/jobs/job_nope", headers=auth), 404)["param"] == "job_id"
+    shape(web.post("/v1/jobs", content=b"x" * 4096, headers={"content-type": "application/json", **auth}), 413)
+
+    def chunks():
+        for _ in range(8):
+            yield b" " * 512
+
+    shape(web.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json", **auth}), 413)
+    assert shape(web.get("/boom"), 500, "internal_error")["message"].endswith("kaput")
