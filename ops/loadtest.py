@@ -17,10 +17,11 @@ and what Flower counted for the same job ids when a Flower is known), ``--plots 
 throughput and queue depth over time, hit rate over time). ``--compare`` runs the workload twice, caches
 off (request cache options all false) then on, and prints the ratios.
 
-``--http URL`` drives a running `reprise api` instead of the broker (Locust's ``HttpUser``; closed loop,
-``--concurrency N`` users, the key from ``--key`` or REPRISE_API_KEY): each job is one
-``POST /v1/images/generations``, measured from the response (the same report and plots; the queue depth
-is left out, the API does not expose it).
+``--http URL`` drives a running `reprise api` instead of the broker (the key from ``--key`` or
+REPRISE_API_KEY): each job is one ``POST /v1/images/generations``, measured from the response; closed
+loop with Locust's ``HttpUser`` (``--concurrency N`` users), open loop (``--rate``, ``--ramp``) with the same
+arrivals as a broker run, each posted through a Locust ``HttpSession``. The same report and plots; the
+queue depth is left out, the API does not expose it.
 """
 
 from __future__ import annotations
@@ -460,12 +461,11 @@ class _InFlight:
 
 
 class HttpLoadRun(LoadRun):
-    """The same run over `reprise api`: Locust HttpUsers post the workload's requests and are timed on the answer."""
+    """The same run over `reprise api`, each job one POST timed on its answer: closed loop, Locust HttpUsers;
+    open loop, the broker run's arrivals, each posted by a greenlet through a Locust HttpSession."""
 
     def __init__(self, url: str, key: str, workload, **kw):
         super().__init__(None, workload, **kw)
-        if self.concurrency is None:
-            raise ValueError("--http runs a closed loop: give --concurrency N")
         self.url, self.key = url.rstrip("/"), key
 
     def _post(self, client, req: dict, kind: str) -> None:
@@ -501,8 +501,14 @@ class HttpLoadRun(LoadRun):
         with self.lock:
             self.records.append(rec)
 
+    def _send(self, req: dict, kind: str, closed: bool) -> None:
+        """Open loop: each arrival is posted by a greenlet of its own, so a slow answer delays no other arrival."""
+        self.posting.spawn(self._post, self.session, req, kind)
+
     def run(self) -> dict:
+        from gevent.pool import Group
         from locust import HttpUser, constant, task
+        from locust.clients import HttpSession
         from locust.env import Environment
         from locust.exception import StopUser
 
@@ -523,17 +529,25 @@ class HttpLoadRun(LoadRun):
         # the API does not expose the queue: no samples (the report's queue series stays empty)
         self.sampler = type("NoQueue", (), {"samples": [], "redis_ops": []})()
         env = Environment(user_classes=[ReprisePoster])
-        runner = env.create_local_runner()
         self.started = time.time()
         cpu0 = time.process_time()
-        runner.start(self.concurrency, spawn_rate=self.concurrency)
         live = _Progress(self) if self.progress else None
+        runner = env.create_local_runner()  # also what records each request in Locust's statistics
         try:
-            time.sleep(0.5)  # users spawning
-            while runner.user_count > 0:
-                if live:
-                    live.update()
-                time.sleep(0.25)
+            if self.concurrency is not None:  # closed loop: N Locust users
+                runner.start(self.concurrency, spawn_rate=self.concurrency)
+                while not self.stop_sending.is_set() or runner.user_count > 0:
+                    if live:
+                        live.update()
+                    time.sleep(0.25)
+            else:  # open loop: the broker run's arrival process, each arrival posted at its time
+                self.session = HttpSession(base_url=self.url, request_event=env.events.request, user=None)
+                self.posting = Group()
+                sender = self.posting.spawn(self._open_loop)
+                while not sender.dead or len(self.posting) > 0:
+                    if live:
+                        live.update()
+                    time.sleep(0.25)
         except KeyboardInterrupt:
             self.stop_sending.set()
         finally:
@@ -891,8 +905,8 @@ def run_http_load(args, label: str, cache: dict | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.http and (args.embedded or not args.key or args.concurrency is None):
-        raise SystemExit("--http needs --key (or REPRISE_API_KEY) and --concurrency, and no --embedded")
+    if args.http and (args.embedded or not args.key):
+        raise SystemExit("--http needs --key (or REPRISE_API_KEY), and no --embedded")
     if args.http:
         import locust  # noqa: F401  (gevent patches the standard library: before anything opens a socket)
     args.model = args.model or ("sim" if args.embedded else "tiny")

@@ -368,3 +368,16 @@ def test_loadtest_over_http(api, tmp_path):
     assert report["sent"] == 4 and report["succeeded"] == 4
     assert report["latency_s"]["end_to_end"]["n"] == 4 and report["http"]["locust"]["num_requests"] == 4
     assert report["latency_s"]["service"]["p50"] > 0
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "loadtest", "--http", api.api_url, "--key", key, "--prompts", str(prompts)]
+        + ["--rate", "4", "--n", "4", "--steps", "2", "--no-file-params", "--quiet", "--json", str(out)],
+        env=api.process_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.read_text())  # open loop: the same report
+    assert report["load"]["mode"] == "open" and report["sent"] == 4 and report["succeeded"] == 4
+    assert report["http"]["locust"]["num_requests"] == 4
