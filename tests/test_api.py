@@ -146,6 +146,9 @@ def test_openai_client_images_keys_and_errors(api):
     with pytest.raises(openai.BadRequestError) as bad:
         oa.images.generate(model="tiny", prompt="x", size="60x60", extra_body=FAST)  # no multiple of 8
     assert bad.value.body["param"] == "size"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.images.generate(model="tiny", prompt="x", size="1024x1024", extra_body=FAST)  # over tiny's 512
+    assert bad.value.body["param"] == "size" and bad.value.body["code"] == "size_over_limit"
     with pytest.raises(openai.BadRequestError):
         oa.images.generate(model="tiny", prompt="x", n=11, extra_body=FAST)
     with pytest.raises(openai.InternalServerError) as unserved:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Literal
 
 import fsspec
@@ -103,9 +103,16 @@ class ImagesRequest(GenerationRequest):
             width, height = (int(x) for x in self.size.split("x"))
             fields.update(width=width, height=height)
         fields["tenant"] = tenant
-        try:
+        with self.naming_size():
             return parse_request(fields)
-        except InvalidRequest as exc:  # e.g. a size that is no multiple of 8: name the field the caller sent
+
+    @contextmanager
+    def naming_size(self):
+        """A refused width or height (no multiple of 8, over the model's limit) is named as the field the caller
+        sent: size."""
+        try:
+            yield
+        except InvalidRequest as exc:
             for d in exc.details or []:
                 if d.get("field") in ("width", "height") and self.size is not None:
                     d["field"] = "size"
@@ -571,7 +578,8 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
                 {"retry-after": str(int(wait))},
             )
         request = with_model(body.generation(tenant), s.default_model)
-        check_served(request, registry)
+        with body.naming_size():
+            check_served(request, registry)
         if webhook is not None:
             check_url(webhook, allow_list(s.webhook_allow_hosts))
         task_ids = [str(uuid.uuid4()) for _ in range(body.n)]
