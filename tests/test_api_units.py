@@ -281,3 +281,52 @@ def test_error_shapes_of_the_app(redis_server, redis_client):
 
     shape(web.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json", **auth}), 413)
     assert shape(web.get("/boom"), 500, "internal_error")["message"].endswith("kaput")
+
+
+def test_a_slow_receiver_does_not_hold_up_the_others(redis_client):
+    from scheduler.api.server import Dispatcher, Store
+    from scheduler.settings import ClusterSettings
+
+    prefix = _prefix()
+    settings = ClusterSettings(queue_prefix=prefix, webhook_allow_hosts="127.0.0.1", webhook_timeout_s=5)
+    keys, outbox = KeyStore(redis_client, prefix), Outbox(redis_client, prefix)
+    keys.create("t1")
+    release = threading.Event()
+    arrived = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/slow":
+                release.wait(10)
+            arrived.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    dispatcher = Dispatcher(Store(redis_client, settings), keys, outbox, base)
+    try:
+        outbox.enqueue("t1", base + "/slow", {"type": "job.succeeded"})
+        dispatcher.step()  # the slow one is claimed and in flight
+        outbox.enqueue("t1", base + "/fast", {"type": "job.succeeded"})
+        dispatcher.step()
+        deadline = time.monotonic() + 5
+        while "/fast" not in arrived and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert arrived == ["/fast"]  # delivered while /slow still waits
+        release.set()
+        while len(arrived) < 2 and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+        assert arrived == ["/fast", "/slow"]
+        while redis_client.zcard(outbox.due_key) and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+        assert redis_client.zcard(outbox.due_key) == 0 and outbox.failed() == []
+    finally:
+        release.set()
+        server.shutdown()
+        dispatcher.pool.shutdown(wait=True)

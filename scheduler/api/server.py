@@ -403,10 +403,16 @@ class Dispatcher(threading.Thread):
     """Watches jobs that asked for a webhook and delivers their end. Every replica runs one; a job or a delivery
     is claimed in Redis by one replica at a time (Outbox.claim), so each event goes out once per attempt."""
 
+    AT_ONCE = 8  # deliveries in flight per replica: one slow receiver does not hold up the others
+
     def __init__(self, store: Store, keys: KeyStore, outbox: Outbox, base_url: str):
+        from concurrent.futures import ThreadPoolExecutor
+
         super().__init__(name="reprise-webhooks", daemon=True)
         self.store, self.keys, self.outbox, self.base_url = store, keys, outbox, base_url
         self.stopped = threading.Event()
+        self.pool = ThreadPoolExecutor(self.AT_ONCE, thread_name_prefix="reprise-webhook")
+        self.free = threading.Semaphore(self.AT_ONCE)
 
     def secret_of(self, tenant: str) -> str:
         record = self.keys.tenant(tenant)
@@ -434,9 +440,18 @@ class Dispatcher(threading.Thread):
                 self.outbox.r.zrem(self.outbox.watch_key, job_id)
             else:
                 self.outbox.r.zadd(self.outbox.watch_key, {job_id: time.time() + 0.25})
-        msg_id = self.outbox.claim(self.outbox.due_key, lease_s=2 * s.webhook_timeout_s + 10)
-        if msg_id is not None:
-            busy = True
+        if self.free.acquire(blocking=False):
+            msg_id = self.outbox.claim(self.outbox.due_key, lease_s=2 * s.webhook_timeout_s + 10)
+            if msg_id is None:
+                self.free.release()
+            else:
+                busy = True
+                self.pool.submit(self.deliver, msg_id)
+        return busy
+
+    def deliver(self, msg_id: str) -> None:
+        s = self.store.s
+        try:
             outcome = self.outbox.attempt(
                 msg_id,
                 self.secret_of,
@@ -446,7 +461,10 @@ class Dispatcher(threading.Thread):
                 s.webhook_backoff_s,
             )
             log.info("webhook %s: %s", msg_id, outcome)
-        return busy
+        except Exception as exc:  # Redis away: the claim's lease runs out and the delivery is tried again
+            log.warning("webhook %s: %s: %s", msg_id, type(exc).__name__, exc)
+        finally:
+            self.free.release()
 
     def run(self) -> None:
         while not self.stopped.is_set():
@@ -481,6 +499,7 @@ def create_app(settings: ClusterSettings | None = None) -> FastAPI:
         dispatcher.start()
         yield
         dispatcher.stopped.set()
+        dispatcher.pool.shutdown(wait=False)
 
     app = FastAPI(
         title="Reprise API",
