@@ -47,6 +47,46 @@ def default_model() -> str:
     )
 
 
+def demo_api(
+    cluster: LocalCluster, model: str, prompt: str, seed: int, steps: int, guidance: float
+) -> tuple[str, str, dict]:
+    """Start `reprise api`, make a key, and ask it for one image the way any HTTP client would."""
+    import json
+    import urllib.request
+
+    from scheduler.api.tenants import KeyStore
+    from scheduler.settings import get_settings
+
+    api_url = cluster.start_api()
+    # the tenant of the prompts above (the cache is scoped by tenant): the same request again is an exact hit
+    key = KeyStore(cluster.redis, get_settings().queue_prefix).create("public")["key"]
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "response_format": "url",
+    }
+    request = urllib.request.Request(
+        api_url + "/v1/images/generations",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.load(response)
+    return (
+        api_url,
+        key,
+        {
+            "seconds": time.perf_counter() - started,
+            "hit": answer["results"][0]["cache"]["hit"],
+            "url": answer["data"][0]["url"],
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reprise demo", description=__doc__)
     p.add_argument("--model", default=None, help="model to serve (default: the shipped `shapes` model, else `tiny`)")
@@ -135,8 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                 result.image_uri.removeprefix("file://"),
             )
         console.print(table)
+        api_url, key, answer = demo_api(cluster, model, *prompts[0], args.steps, guidance)
+        console.print(f"[bold]HTTP API:[/] {api_url} (docs at {api_url}/docs), key {key} (tenant public)")
         console.print(
-            f"Flower was at {flower_url}; stopping the worker, Flower{' and Redis' if cluster.own_redis else ''} now."
+            f"  POST /v1/images/generations {prompts[0][0]!r} (seed {prompts[0][1]}) -> {answer['seconds']:.2f}s, "
+            f"cache {answer['hit']}, image {answer['url']}"
+        )
+        console.print(
+            f"  try: curl -s {api_url}/v1/images/generations -H 'Authorization: Bearer {key}' "
+            f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "prompt": "a cat", "steps": 10}}\''
+        )
+        console.print(
+            f"Flower was at {flower_url}; stopping the worker, the API, Flower{' and Redis' if cluster.own_redis else ''} now."
         )
     return 0
 

@@ -16,6 +16,12 @@ rates by type and by K; steps saved; the workload parameters; how many jobs were
 and what Flower counted for the same job ids when a Flower is known), ``--plots DIR`` (latency CDF,
 throughput and queue depth over time, hit rate over time). ``--compare`` runs the workload twice, caches
 off (request cache options all false) then on, and prints the ratios.
+
+``--http URL`` drives a running `reprise api` instead of the broker (the key from ``--key`` or
+REPRISE_API_KEY): each job is one ``POST /v1/images/generations``, measured from the response; closed
+loop with Locust's ``HttpUser`` (``--concurrency N`` users), open loop (``--rate``, ``--ramp``) with the same
+arrivals as a broker run, each posted through a Locust ``HttpSession``. The same report and plots; the
+queue depth is left out, the API does not expose it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,17 @@ class JobRecord:
     lookup_ms: float | None = None
     worker: str | None = None
     event: threading.Event | None = None
+
+    def succeeded(self, result: dict) -> None:
+        """Fill in what a GenerationResult (as JSON) says about this job."""
+        t, cache = result.get("timings", {}), result.get("cache", {})
+        self.status = "success"
+        self.queue_wait_s = t.get("queue_wait_s")
+        self.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
+        self.hit, self.k = cache.get("hit"), cache.get("k")
+        self.steps_saved = cache.get("steps_saved") or 0
+        self.lookup_ms = cache.get("lookup_ms")
+        self.worker = result.get("worker")
 
 
 def percentiles(values: list[float]) -> dict:
@@ -139,14 +156,7 @@ class ResultCollector(threading.Thread):
         rec.end_to_end_s = max(0.0, done - rec.sent_at)
         status, result = meta.get("status"), meta.get("result")
         if status == "SUCCESS" and isinstance(result, dict):
-            t, cache = result.get("timings", {}), result.get("cache", {})
-            rec.status = "success"
-            rec.queue_wait_s = t.get("queue_wait_s")
-            rec.service_s = max(0.0, (t.get("total_s") or 0.0) - (t.get("queue_wait_s") or 0.0))
-            rec.hit, rec.k = cache.get("hit"), cache.get("k")
-            rec.steps_saved = cache.get("steps_saved") or 0
-            rec.lookup_ms = cache.get("lookup_ms")
-            rec.worker = result.get("worker")
+            rec.succeeded(result)
         elif status == "REVOKED":
             rec.status = "JobCancelled"
         else:
@@ -436,6 +446,123 @@ class LoadRun:
         }
 
 
+class _InFlight:
+    """Requests sent over HTTP and not answered yet (what the collector counts for broker runs)."""
+
+    def __init__(self):
+        self.n, self.lock = 0, threading.Lock()
+
+    def add(self, delta: int) -> None:
+        with self.lock:
+            self.n += delta
+
+    def in_flight(self) -> int:
+        return self.n
+
+
+class HttpLoadRun(LoadRun):
+    """The same run over `reprise api`, each job one POST timed on its answer: closed loop, Locust HttpUsers;
+    open loop, the broker run's arrivals, each posted by a greenlet through a Locust HttpSession."""
+
+    def __init__(self, url: str, key: str, workload, **kw):
+        super().__init__(None, workload, **kw)
+        self.url, self.key = url.rstrip("/"), key
+
+    def _post(self, client, req: dict, kind: str) -> None:
+        body = {k: v for k, v in req.items() if k != "tenant"}  # the tenant is the key's
+        sent_at = time.time()
+        rec = JobRecord("", kind, req.get("tenant", "public"), req.get("priority", 5), req["steps"], sent_at)
+        self.collector.add(1)
+        try:
+            with client.post(
+                "/v1/images/generations",
+                json=body,
+                headers={"Authorization": f"Bearer {self.key}"},
+                name=f"{req['model']} generate",
+                catch_response=True,
+                timeout=self.timeout_s,
+            ) as resp:
+                rec.done_at = time.time()
+                rec.end_to_end_s = rec.done_at - sent_at
+                try:
+                    answer = resp.json()
+                except ValueError:
+                    answer = {}
+                if resp.status_code == 200 and answer.get("results"):
+                    rec.id = answer["id"]
+                    rec.succeeded(answer["results"][0])
+                    resp.success()
+                else:
+                    error = (answer.get("error") or {}) if isinstance(answer, dict) else {}
+                    rec.status = f"http:{resp.status_code}:{error.get('code') or 'error'}"
+                    resp.failure(error.get("message") or f"HTTP {resp.status_code}")
+        finally:
+            self.collector.add(-1)
+        with self.lock:
+            self.records.append(rec)
+
+    def _send(self, req: dict, kind: str, closed: bool) -> None:
+        """Open loop: each arrival is posted by a greenlet of its own, so a slow answer delays no other arrival."""
+        self.posting.spawn(self._post, self.session, req, kind)
+
+    def run(self) -> dict:
+        from gevent.pool import Group
+        from locust import HttpUser, constant, task
+        from locust.clients import HttpSession
+        from locust.env import Environment
+        from locust.exception import StopUser
+
+        outer = self
+
+        class ReprisePoster(HttpUser):
+            host = self.url
+            wait_time = constant(0)
+
+            @task
+            def generate(self) -> None:
+                item = outer._next_request()
+                if item is None:
+                    raise StopUser()
+                outer._post(self.client, *item)
+
+        self.collector = _InFlight()
+        # the API does not expose the queue: no samples (the report's queue series stays empty)
+        self.sampler = type("NoQueue", (), {"samples": [], "redis_ops": []})()
+        env = Environment(user_classes=[ReprisePoster])
+        self.started = time.time()
+        cpu0 = time.process_time()
+        live = _Progress(self) if self.progress else None
+        runner = env.create_local_runner()  # also what records each request in Locust's statistics
+        try:
+            if self.concurrency is not None:  # closed loop: N Locust users
+                runner.start(self.concurrency, spawn_rate=self.concurrency)
+                while not self.stop_sending.is_set() or runner.user_count > 0:
+                    if live:
+                        live.update()
+                    time.sleep(0.25)
+            else:  # open loop: the broker run's arrival process, each arrival posted at its time
+                self.session = HttpSession(base_url=self.url, request_event=env.events.request, user=None)
+                self.posting = Group()
+                sender = self.posting.spawn(self._open_loop)
+                while not sender.dead or len(self.posting) > 0:
+                    if live:
+                        live.update()
+                    time.sleep(0.25)
+        except KeyboardInterrupt:
+            self.stop_sending.set()
+        finally:
+            runner.quit()
+            self.sending_ended = max([r.sent_at for r in self.records], default=self.started)
+            self.ended = time.time()
+            self.producer_cpu_s = time.process_time() - cpu0
+            if live:
+                live.close()
+        report = self.report()
+        report["producer"]["send_ms_mean"] = None  # one HTTP call sends and waits: end_to_end is its time
+        report["http"] = {"url": self.url, "locust": env.stats.total.serialize()}
+        return report
+
+
 class _Progress:
     """One live line: sent, done, errors, in flight, queue depth, throughput, p50, hit rate."""
 
@@ -651,6 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--flower", help="Flower URL to compare task counts with (embedded: the one started)")
     p.add_argument("--flower-auth", help="user:password of that Flower")
+    h = p.add_argument_group("over HTTP (--http)")
+    h.add_argument(
+        "--http", metavar="URL", help="drive a running `reprise api` at URL (Locust HttpUser; --concurrency)"
+    )
+    h.add_argument("--key", default=os.environ.get("REPRISE_API_KEY"), help="API key (default: REPRISE_API_KEY)")
     e = p.add_argument_group("embedded cluster (--embedded)")
     e.add_argument(
         "--embedded",
@@ -697,18 +829,11 @@ def start_embedded(args, model: str):
     return cluster
 
 
-def run_load(args, label: str, cache: dict | None, app) -> dict:
-    import redis
+def workload_params(args, info: dict, cache: dict | None):
+    """The workload of the command line, for the model ``info`` describes (its maximum size)."""
+    from ops.workload import WorkloadParams, parse_priorities
 
-    from ops.workload import Workload, WorkloadParams, parse_priorities, read_prompts
-    from scheduler.registry import ModelRegistry
-    from scheduler.settings import get_settings
-
-    settings = get_settings()
-    info = ModelRegistry(redis.Redis.from_url(settings.redis_url), settings.queue_prefix).served(args.model)
-    if info is None:
-        raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
-    params = WorkloadParams(
+    return WorkloadParams(
         zipf=args.zipf,
         session_p=args.session_p,
         edit_p=args.edit_p,
@@ -724,13 +849,13 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
         max_size=info.get("max_size"),
         cache=cache,
     )
-    workload = Workload(read_prompts(args.prompts), params)
-    ramp = tuple(float(x) for x in args.ramp.split(":")) if args.ramp else None
-    run = LoadRun(
-        app,
-        workload,
+
+
+def run_options(args, label: str) -> dict:
+    """How the command line asks a run to send and stop."""
+    return dict(
         rate=args.rate,
-        ramp=ramp,
+        ramp=tuple(float(x) for x in args.ramp.split(":")) if args.ramp else None,
         concurrency=args.concurrency,
         n=args.n,
         duration=args.duration,
@@ -738,23 +863,64 @@ def run_load(args, label: str, cache: dict | None, app) -> dict:
         progress=not args.quiet,
         label=label,
     )
+
+
+def run_load(args, label: str, cache: dict | None, app) -> dict:
+    import redis
+
+    from ops.workload import Workload, read_prompts
+    from scheduler.registry import ModelRegistry
+    from scheduler.settings import get_settings
+
+    settings = get_settings()
+    info = ModelRegistry(redis.Redis.from_url(settings.redis_url), settings.queue_prefix).served(args.model)
+    if info is None:
+        raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
+    params = workload_params(args, info, cache)
+    run = LoadRun(app, Workload(read_prompts(args.prompts), params), **run_options(args, label))
     report = run.run()
     report["cluster"] = {"redis_url": settings.redis_url, "model": info}
     return report
 
 
+def run_http_load(args, label: str, cache: dict | None) -> dict:
+    import requests
+
+    from ops.workload import Workload, read_prompts
+
+    models = requests.get(
+        args.http.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {args.key}"}, timeout=10
+    )
+    if models.status_code != 200:
+        raise SystemExit(f"{args.http}/v1/models answered {models.status_code}: {models.text[:300]}")
+    info = next((m for m in models.json()["data"] if m["id"] == args.model), None)
+    if info is None:
+        raise SystemExit(f"no live worker serves {args.model!r} behind {args.http}")
+    params = workload_params(args, info, cache)
+    run = HttpLoadRun(args.http, args.key, Workload(read_prompts(args.prompts), params), **run_options(args, label))
+    report = run.run()
+    report["cluster"] = {"api_url": args.http, "model": info}
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.http and (args.embedded or not args.key):
+        raise SystemExit("--http needs --key (or REPRISE_API_KEY), and no --embedded")
+    if args.http:
+        import locust  # noqa: F401  (gevent patches the standard library: before anything opens a socket)
     args.model = args.model or ("sim" if args.embedded else "tiny")
     cluster = start_embedded(args, args.model) if args.embedded else None
     try:
-        from scheduler.app import get_app
-
-        app = get_app()
         runs = [("cache-off", CACHE_OFF), ("cache-on", None)] if args.compare else [("run", None)]
         reports = []
         for label, cache in runs:
-            report = run_load(args, label, cache, app)
+            if args.http:
+                report = run_http_load(args, label, cache)
+            else:
+                from scheduler.app import get_app
+
+                report = run_load(args, label, cache, get_app())
             flower = args.flower or (cluster.flower_url if cluster is not None and cluster.flower else None)
             if flower:
                 auth = (

@@ -243,10 +243,45 @@ class LocalCluster:
     def flower_url(self) -> str:
         return f"http://127.0.0.1:{self.flower_port}"
 
+    # --- the HTTP API -----------------------------------------------------------------------------
+    def start_api(self, timeout: float = 30, **env) -> str:
+        """`reprise api` on a free port of 127.0.0.1; returns its base URL (also `api_url`: the latest one). Each
+        call starts one more replica."""
+        import requests
+
+        port = free_port()
+        self.apis = getattr(self, "apis", [])
+        log = Path(self.workdir) / f"api{len(self.apis)}.log"
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+            env=self.process_env(**env),
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.api_url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return requests.get(self.api_url + "/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        self.apis.append(self.api)
+        _wait(up, timeout, "reprise api", self.api, log)
+        return self.api_url
+
     # --- lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
+        for api in getattr(self, "apis", []):
+            if api.poll() is None:
+                api.terminate()
+                try:
+                    api.wait(10)
+                except subprocess.TimeoutExpired:
+                    api.kill()
         if self.flower and self.flower.poll() is None:
             self.flower.terminate()
             try:

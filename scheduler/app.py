@@ -17,6 +17,9 @@ from kombu import Queue
 from scheduler.settings import ClusterSettings, get_settings
 
 GENERATE_TASK = "reprise.generate"
+# Where a producer with a Celery app of its own sends a task it names no queue for. The default model's
+# workers consume it too (workers/cli.py), so `send_task("reprise.generate", kwargs=...)` is served.
+CELERY_DEFAULT_QUEUE = "celery"
 
 log = logging.getLogger("reprise.ledger")
 _ledger_clients: dict = {}

@@ -181,6 +181,9 @@ def add_commands(sub) -> None:
     s = sub.add_parser("models", help="models served now, with their limits and cache generation")
     s.set_defaults(func=_cmd_models)
 
+    from scheduler.api import cli as api_cli
+
+    api_cli.add_commands(sub)
     passthrough(sub, "cache", "scheduler.cache_cli", "cache operations: invalidate | purge | evict | stats")
     passthrough(sub, "coordinator", "scheduler.coordinator", "run the coordinator (or: coordinator status)")
 

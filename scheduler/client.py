@@ -159,9 +159,11 @@ def submit(
     *,
     app: Celery | None = None,
     check_model: bool = True,
+    task_id: str | None = None,
     **fields,
 ) -> Job:
-    """Validate and enqueue one request (a model, a dict, JSON text, or keyword fields)."""
+    """Validate and enqueue one request (a model, a dict, JSON text, or keyword fields); ``task_id`` names the
+    job (default: a fresh uuid), so a caller can record it before the job can end."""
     if request is None:
         request = fields
     elif fields:
@@ -178,6 +180,7 @@ def submit(
         queue=queue_for(req.model, settings.queue_prefix),
         priority=req.priority,
         headers={"reprise_queued_at": time.time()},
+        task_id=task_id,
     )
     return Job(ar, req, client, settings.queue_prefix)
 

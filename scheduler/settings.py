@@ -45,6 +45,56 @@ class ClusterSettings(BaseSettings):
     )
     progress_interval_s: float = Field(0.2, description="Least time between two PROGRESS updates of one job.")
 
+    # --- `reprise api`: the HTTP front door (scheduler/api) ---
+    api_host: str = Field("127.0.0.1", description="Address `reprise api` listens on (0.0.0.0 in a container).")
+    api_port: int = Field(8000, description="Port of `reprise api`.")
+    api_public_url: str = Field(
+        "",
+        description="Base URL clients reach the API at (behind a load balancer), used in image URLs; empty: the "
+        "URL the request came in on.",
+    )
+    api_max_body_bytes: int = Field(
+        262144, ge=1024, description="Largest request body the API accepts; a larger one is refused with 413."
+    )
+    api_rate_per_min: int = Field(
+        120,
+        ge=1,
+        description="Generation requests (POST) a tenant may make per minute, over all API replicas; more get 429 "
+        "with Retry-After. `reprise keys create --rate-per-min` sets one tenant's own.",
+    )
+    api_max_concurrent: int = Field(
+        16,
+        ge=1,
+        description="Images a tenant may have queued or running at once; a request that would pass it gets 429. "
+        "`reprise keys create --max-concurrent` sets one tenant's own.",
+    )
+    api_sync_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="How long POST /v1/images/generations waits for its images before a 504 naming the job "
+        "(poll GET /v1/jobs/{id}).",
+    )
+    api_file_url_ttl_s: int = Field(
+        3600, ge=1, description="Life of the signed image URLs the API hands out (`response_format: url`)."
+    )
+    api_signing_key: str = Field(
+        "",
+        description="HMAC key of signed image URLs; empty: one is generated and kept in Redis, shared by every "
+        "API replica.",
+    )
+    webhook_allow_hosts: str = Field(
+        "",
+        description="Comma-separated webhook hosts exempt from the SSRF rule (loopback, private, link-local and "
+        "metadata addresses are refused otherwise), e.g. `127.0.0.1,hooks.internal`.",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of one webhook delivery.")
+    webhook_max_attempts: int = Field(
+        6, ge=1, description="Deliveries tried per event before it goes to the dead-letter list."
+    )
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="Wait before the first retry of a webhook; doubled at each further retry."
+    )
+
     @property
     def backend_url(self) -> str:
         return self.result_url or self.redis_url

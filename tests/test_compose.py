@@ -41,6 +41,7 @@ SERVICES = {
     "worker-gpu0",
     "worker-gpu1",
     "flower",
+    "api",
     "coordinator",
     "prometheus",
     "grafana",
@@ -337,6 +338,36 @@ def flower_problems(compose: dict) -> list[str]:
     return []
 
 
+def api_problems(compose: dict) -> list[str]:
+    """`reprise api` listens on every interface of its container, reaches Redis with the password, reads the
+    artifacts the workers write, and is published on REPRISE_BIND_ADDRESS only."""
+    from ops.cli import build_parser
+
+    service, env = compose["services"]["api"], load_env_example()
+    problems = []
+    args = build_parser().parse_args(shlex.split(command_text(interpolate(service, env))))
+    if args.command != "api" or args.host != "0.0.0.0":
+        problems.append("api: must be `reprise api --host 0.0.0.0`")
+    port = str(args.port or 8000)
+    if not re.fullmatch(
+        r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", environment(service).get("REDIS_URL", "")
+    ):
+        problems.append("api: REDIS_URL must reach redis with ${REDIS_PASSWORD:?...}")
+    artifacts = {environment(compose["services"][w]).get("REPRISE_ARTIFACT_URL") for w in worker_names(compose)}
+    mounted = named_volume_mounts(service)
+    for target in artifacts:
+        worker_volume = named_volume_mounts(compose["services"][worker_names(compose)[0]]).get(target)
+        if mounted.get(target) != worker_volume:
+            problems.append(f"api: does not mount the workers' artifacts volume at {target} (images are read there)")
+    published = [p for p in service.get("ports", []) if str(p).endswith(f":{port}")]
+    if not published or not all(str(p).startswith("${REPRISE_BIND_ADDRESS:-127.0.0.1}:") for p in published):
+        problems.append(f"api: port {port} must be published on ${{REPRISE_BIND_ADDRESS:-127.0.0.1}}")
+    test = " ".join((service.get("healthcheck") or {}).get("test") or [])
+    if f"127.0.0.1:{port}/healthz" not in test:
+        problems.append("api: the healthcheck must ask /healthz")
+    return problems
+
+
 def default_model_problems(compose: dict) -> list[str]:
     """Every process that routes jobs (Flower's HTTP API, workers' redeliveries, the coordinator) sends a request
     that names no model to REPRISE_DEFAULT_MODEL: that must be a model some worker serves."""
@@ -554,6 +585,7 @@ COMPOSE_CHECKS = [
     worker_env_problems,
     command_problems,
     flower_problems,
+    api_problems,
     default_model_problems,
     secret_problems,
     volume_problems,
@@ -681,6 +713,12 @@ COMPOSE_MUTATIONS = [
     (command_problems, "entrypoint given twice", _set("services/worker-gpu0/command", ["reprise", "worker"])),
     (command_problems, "flower on loopback", _set("services/flower/command", ["flower"])),
     (command_problems, "no standby", _set("services/coordinator/deploy", {"replicas": 1})),
+    (api_problems, "api on loopback", _set("services/api/command", ["api", "--port", "8000"])),
+    (api_problems, "api without the artifacts", _set("services/api/volumes", [])),
+    (api_problems, "api published on every interface", _set("services/api/ports", ["8000:8000"])),
+    (api_problems, "api without a password", _set("services/api/environment/REDIS_URL", "redis://redis:6379/0")),
+    (api_problems, "api healthcheck elsewhere", _set("services/api/healthcheck/test", ["CMD", "true"])),
+    (default_model_problems, "api routes to tiny", _set("services/api/environment/REPRISE_DEFAULT_MODEL", None)),
     (flower_problems, "no basic auth", _set("services/flower/environment/REPRISE_FLOWER_PASSWORD", None)),
     (default_model_problems, "flower routes to tiny", _set("services/flower/environment/REPRISE_DEFAULT_MODEL", None)),
     (

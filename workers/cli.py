@@ -13,7 +13,7 @@ from scheduler.cli import new_parser, passthrough, run
 def _cmd_worker(args) -> int:
     import redis
 
-    from scheduler.app import get_app
+    from scheduler.app import CELERY_DEFAULT_QUEUE, get_app
     from scheduler.schema import queue_for
     from scheduler.settings import get_settings
     from workers.node import Heartbeat, build_service, node_info, serve_metrics
@@ -51,7 +51,9 @@ def _cmd_worker(args) -> int:
     from kombu import Queue
 
     control_queue = f"{cluster.queue_prefix}.control"
-    app.conf.task_queues = [Queue(queue), Queue(control_queue)]
+    # the default model's workers also serve tasks sent without a queue (Celery's default queue)
+    queues = [queue, control_queue] + ([CELERY_DEFAULT_QUEUE] if service.model_name == cluster.default_model else [])
+    app.conf.task_queues = [Queue(q) for q in queues]
     from workers import control  # registers the cache control command and tasks
 
     if service.cache is not None:
@@ -68,7 +70,7 @@ def _cmd_worker(args) -> int:
         "-c",
         str(service.slots),
         "-Q",
-        f"{queue},{control_queue}",
+        ",".join(queues),
         "-E",
         "-n",
         hostname,
