@@ -59,6 +59,7 @@ def build_service(
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
     guard_broker_consumer()
+    keep_broker_channels_closable()
     names = parse_devices(worker.devices)
     n_cpu = sum(1 for n in names if n == "cpu")
     if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them
@@ -121,6 +122,46 @@ def build_service(
                 prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size
             )
     return service
+
+
+def keep_broker_channels_closable() -> None:
+    """A Redis restart must not stop the node (kombu #970, #582, still in kombu 5.7.0).
+
+    When the broker connection drops, Celery's consumer first calls ``Connection.collect()``, which
+    closes the channel and then detaches the transport from its ``Connection`` (``transport.client =
+    None``). If Redis died while the channel was inside BRPOP, that first close raised a connection
+    error before the channel was marked closed, so Celery's second ``connection.close()`` closes it
+    again; the close restores the unacknowledged messages (``QoS.restore_unacked``), which needs a new
+    pool, and ``Channel._connparams`` reads ``self.connection.client.hostname`` on ``None``: an
+    ``AttributeError``, which Celery treats as unrecoverable, and the worker process exits. Task threads
+    still running acknowledge through the same channel and hit the same error.
+
+    The channel keeps the ``Connection`` it was opened from and puts it back on its own, already
+    detached, transport when it needs a pool again. The restore then either reaches Redis (it is back)
+    or raises a connection error that kombu's cleanup ignores: the messages stay in kombu's
+    ``unacked`` hash in Redis and come back after the visibility timeout; the ledger covers the rest."""
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    if getattr(channel, "_reprise_closable", False):
+        return
+    init = channel.__init__
+
+    def remembering_init(self, connection, *args, **kwargs):
+        self._reprise_client = connection.client
+        init(self, connection, *args, **kwargs)
+
+    channel.__init__ = remembering_init
+    for cls in (kombu_redis.Channel, kombu_redis.SentinelChannel):
+        get_pool = cls.__dict__["_get_pool"]
+
+        def reattached_get_pool(self, asynchronous=False, _get_pool=get_pool):
+            if self.connection.client is None and getattr(self, "_reprise_client", None) is not None:
+                self.connection.client = self._reprise_client  # a transport no live Connection uses any more
+            return _get_pool(self, asynchronous)
+
+        cls._get_pool = reattached_get_pool
+    channel._reprise_closable = True
 
 
 def guard_broker_consumer() -> None:
