@@ -168,7 +168,9 @@ class LocalCluster:
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
+        from scheduler.redis_conn import redis_client
+
+        return redis_client(self.redis_url)
 
     # --- workers ------------------------------------------------------------------------------
     def start_worker(
