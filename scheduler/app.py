@@ -118,9 +118,10 @@ def route_generation(name, args, kwargs, options, task=None, **kw):
 
 def make_app(settings: ClusterSettings | None = None) -> Celery:
     s = settings or get_settings()
-    broker = parse_redis_url(s.redis_url, s.redis_sentinel_master, s.redis_sentinel_password)  # RedisURLError
-    backend = parse_redis_url(s.backend_url, s.redis_sentinel_master, s.redis_sentinel_password)
-    app = RepriseCelery("reprise", broker=s.redis_url, backend=s.backend_url)
+    sentinel = (s.redis_sentinel_master, s.redis_sentinel_password, s.redis_password)
+    broker = parse_redis_url(s.redis_url, *sentinel)  # a malformed URL: RedisURLError, before any connection
+    backend = parse_redis_url(s.backend_url, *sentinel)
+    app = RepriseCelery("reprise", broker=broker.full_url, backend=backend.full_url)
     transport = {
         **celery_transport_options(broker),  # master_name, sentinel_kwargs (kombu's sentinel transport, Flower)
         "visibility_timeout": s.visibility_timeout_s,  # must exceed the longest job, or it runs twice

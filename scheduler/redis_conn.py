@@ -6,7 +6,8 @@
 
 With sentinels, each client asks them for the current master (``redis.sentinel.Sentinel.master_for``)
 and asks again after a failover; the URL's password and database (the first that names one) are the
-master's, ``REPRISE_REDIS_SENTINEL_PASSWORD`` the sentinels' own if they require one. Celery's broker
+master's, ``REPRISE_REDIS_SENTINEL_PASSWORD`` the sentinels' own if they require one. A URL without a
+password takes ``REPRISE_REDIS_PASSWORD`` (docker-compose passes the password apart from the addresses). Celery's broker
 (kombu's ``sentinel://`` transport) and result backend (Celery's ``SentinelBackend``) and Flower read
 the same addresses with the transport options from :func:`celery_transport_options`.
 
@@ -18,7 +19,7 @@ answered can vanish with it; ``WAIT`` blocks until a replica has it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -47,6 +48,18 @@ class RedisTarget:
     def is_sentinel(self) -> bool:
         return bool(self.sentinels)
 
+    @property
+    def full_url(self) -> str:
+        """``url`` with the password (given apart, REPRISE_REDIS_PASSWORD) in its first address if it names
+        none: what Celery's broker and result backend are given."""
+        first, *rest = self.url.split(";")
+        parts = urlsplit(first.strip())
+        if not self.password or parts.password or parts.scheme == "unix":
+            return self.url
+        user = quote(self.username, safe="") if self.username else ""
+        netloc = f"{user}:{quote(self.password, safe='')}@{parts.netloc}"
+        return ";".join([urlunsplit(parts._replace(netloc=netloc)), *rest])
+
 
 def _db(path: str, url: str) -> int | None:
     path = path.strip("/")
@@ -65,9 +78,12 @@ def _safe(url: str) -> str:
     return url
 
 
-def parse_redis_url(url: str, master: str | None = None, sentinel_password: str | None = None) -> RedisTarget:
+def parse_redis_url(
+    url: str, master: str | None = None, sentinel_password: str | None = None, password: str | None = None
+) -> RedisTarget:
     """Check ``url`` (``redis://``, ``rediss://``, ``unix://``, or ``;``-separated ``sentinel://`` addresses)
-    and return what it names; a malformed URL raises :class:`RedisURLError` saying what is wrong."""
+    and return what it names; a malformed URL raises :class:`RedisURLError` saying what is wrong.
+    ``password``: the Redis password when the URL names none."""
     if not isinstance(url, str) or not url.strip():
         raise RedisURLError("REDIS_URL is empty")
     pieces = [p.strip() for p in url.strip().split(";")]
@@ -95,14 +111,16 @@ def parse_redis_url(url: str, master: str | None = None, sentinel_password: str 
             raise RedisURLError(f"{_safe(url)!r} names no host")
         if parts.scheme != "unix":
             _db(parts.path, url)
-        return RedisTarget(url=url)
+        if parts.password:
+            username, password = (unquote(parts.username) if parts.username else None), unquote(parts.password)
+        return RedisTarget(url=url, password=password or None, username=username if parts.password else None)
     if schemes != {"sentinel"}:
         raise RedisURLError(f"{_safe(url)!r} mixes sentinel:// with other schemes")
     if not master:
         raise RedisURLError(
             "REDIS_URL names sentinels: set REPRISE_REDIS_SENTINEL_MASTER to the master name they monitor"
         )
-    sentinels, db, username, password = [], None, None, None
+    sentinels, db, username, given = [], None, None, None
     for p in pieces:
         parts = urlsplit(p)
         try:
@@ -115,8 +133,9 @@ def parse_redis_url(url: str, master: str | None = None, sentinel_password: str 
         piece_db = _db(parts.path, p)
         if db is None and piece_db is not None:
             db = piece_db
-        if password is None and parts.password:
-            username, password = (unquote(parts.username) if parts.username else None), unquote(parts.password)
+        if given is None and parts.password:
+            username, given = (unquote(parts.username) if parts.username else None), unquote(parts.password)
+    password = given if given is not None else (password or None)
     return RedisTarget(
         url=url,
         sentinels=tuple(sentinels),
@@ -133,7 +152,7 @@ def target(url: str | None = None) -> RedisTarget:
     from scheduler.settings import get_settings
 
     s = get_settings()
-    return parse_redis_url(url or s.redis_url, s.redis_sentinel_master, s.redis_sentinel_password)
+    return parse_redis_url(url or s.redis_url, s.redis_sentinel_master, s.redis_sentinel_password, s.redis_password)
 
 
 def redis_client(url: str | None = None, **kwargs) -> redis.Redis:
@@ -156,7 +175,7 @@ def _ride_out() -> Retry:
 def client_for(t: RedisTarget, **kwargs) -> redis.Redis:
     kwargs.setdefault("retry", _ride_out())
     if not t.is_sentinel:
-        return redis.Redis.from_url(t.url, **kwargs)
+        return redis.Redis.from_url(t.full_url, **kwargs)
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
     sentinel_kwargs.setdefault("socket_timeout", 2)
     sentinel_kwargs.setdefault("socket_connect_timeout", 2)

@@ -22,6 +22,10 @@ class ClusterSettings(BaseSettings):
         "or Redis Sentinel as ';'-separated sentinel://[:PASSWORD@]HOST:PORT[/DB] addresses (the password and "
         "database are the master's) with REPRISE_REDIS_SENTINEL_MASTER.",
     )
+    redis_password: str | None = Field(
+        None,
+        description="The Redis password when REDIS_URL names none (docker-compose passes it apart from the addresses).",
+    )
     redis_sentinel_master: str | None = Field(
         None,
         description="With sentinel:// addresses in REDIS_URL: the master name the sentinels monitor (required then).",

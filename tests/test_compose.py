@@ -280,8 +280,6 @@ def worker_env_problems(compose: dict) -> list[str]:
             problems.append(f"{name}: QDRANT_URL does not point at a Qdrant node")
         if not REQUIRED_REF.match(env.get("QDRANT_API_KEY", "")):
             problems.append(f"{name}: QDRANT_API_KEY must be ${{VAR:?...}}")
-        if not re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", env.get("REDIS_URL", "")):
-            problems.append(f"{name}: REDIS_URL must reach redis with ${{REDIS_PASSWORD:?...}}")
         if name.startswith("worker-"):
             artifacts = env.get("REPRISE_ARTIFACT_URL", "")
             volume = named_volume_mounts(service).get(artifacts)
@@ -300,6 +298,84 @@ def worker_env_problems(compose: dict) -> list[str]:
     coordinator_port = environment(compose["services"]["coordinator"]).get("REPRISE_COORDINATOR_METRICS_PORT")
     if coordinator_port != str(COORDINATOR_METRICS_PORT):
         problems.append(f"coordinator: REPRISE_COORDINATOR_METRICS_PORT is not {COORDINATOR_METRICS_PORT}")
+    return problems
+
+
+def redis_env_problems(compose: dict) -> list[str]:
+    """Every process of ours reaches Redis the same way: `redis` by default, the sentinels when
+    REPRISE_REDIS_ADDRESSES names them (HA profile), the password apart and required."""
+    problems = []
+    for name, service in compose["services"].items():
+        if "build" not in service:
+            continue
+        env = environment(service)
+        if not re.fullmatch(r"\$\{REPRISE_REDIS_ADDRESSES:-redis://redis:6379/\d+\}", env.get("REDIS_URL", "")):
+            problems.append(f"{name}: REDIS_URL must be ${{REPRISE_REDIS_ADDRESSES:-redis://redis:6379/N}}")
+        if not re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", env.get("REPRISE_REDIS_PASSWORD", "")):
+            problems.append(f"{name}: REPRISE_REDIS_PASSWORD must be ${{REDIS_PASSWORD:?...}}")
+        if env.get("REPRISE_REDIS_SENTINEL_MASTER") != SENTINEL_MASTER:
+            problems.append(f"{name}: REPRISE_REDIS_SENTINEL_MASTER is not {SENTINEL_MASTER!r}")
+    return problems
+
+
+SENTINEL_MASTER = "reprise"
+SENTINELS = ("sentinel1", "sentinel2", "sentinel3")
+
+
+def ha_problems(compose: dict) -> list[str]:
+    """The HA profile: a replica of `redis` and three sentinels (quorum 2) watching it under the master name
+    Reprise asks for; the addresses in ops/compose.env.example name exactly those sentinels and parse."""
+    from scheduler.redis_conn import parse_redis_url
+
+    services, problems = compose["services"], []
+    replica = services.get("redis-replica")
+    if replica is None:
+        return ["no redis-replica service"]
+    text = command_text(replica)
+    if replica.get("profiles") != ["ha"]:
+        problems.append("redis-replica: not in the ha profile only")
+    if "--replicaof redis 6379" not in text or "--appendonly yes" not in text:
+        problems.append("redis-replica: must be `--replicaof redis 6379` with --appendonly yes")
+    for flag in ("--requirepass", "--masterauth"):
+        m = re.search(flag + r"\s+(\$\{[^}]*\}|\S+)", text)
+        if not m or not REQUIRED_REF.match(m[1]):
+            problems.append(f"redis-replica: {flag} must be ${{REDIS_PASSWORD:?...}}")
+    m = re.search(r"--masterauth\s+(\$\{[^}]*\}|\S+)", command_text(services["redis"]))
+    if not m or not REQUIRED_REF.match(m[1]):
+        problems.append("redis: no --masterauth ${REDIS_PASSWORD:?...} (it cannot rejoin as a replica)")
+    if "/data" not in named_volume_mounts(replica):
+        problems.append("redis-replica: /data is not on a named volume")
+    volumes = set()
+    for name in SENTINELS:
+        sentinel = services.get(name)
+        if sentinel is None:
+            problems.append(f"no {name} service")
+            continue
+        text = command_text(sentinel)
+        if sentinel.get("profiles") != ["ha"]:
+            problems.append(f"{name}: not in the ha profile only")
+        m = re.search(r"sentinel monitor (\S+) redis 6379 (\d+)", text)
+        if not m or m[1] != SENTINEL_MASTER or int(m[2]) != 2:
+            problems.append(f"{name}: must monitor `{SENTINEL_MASTER} redis 6379` with quorum 2")
+        if f"sentinel auth-pass {SENTINEL_MASTER} $$REDIS_PASSWORD" not in text or not REQUIRED_REF.match(
+            environment(sentinel).get("REDIS_PASSWORD", "")
+        ):
+            problems.append(f"{name}: no auth-pass from a required REDIS_PASSWORD")
+        if "redis-sentinel" not in text:
+            problems.append(f"{name}: does not run redis-sentinel")
+        mounts = named_volume_mounts(sentinel)
+        if "/data" not in mounts:
+            problems.append(f"{name}: keeps its rewritten configuration on no named volume")
+        volumes.add(mounts.get("/data"))
+    if len(volumes) != len(SENTINELS):
+        problems.append("sentinels share a volume (each rewrites its own configuration)")
+    line = next((x for x in ENV_EXAMPLE.read_text().splitlines() if "REPRISE_REDIS_ADDRESSES=" in x), "")
+    try:
+        target = parse_redis_url(line.split("=", 1)[1].strip() if line else "", master=SENTINEL_MASTER)
+        if sorted(h for h, _ in target.sentinels) != sorted(SENTINELS):
+            problems.append(f"ops/compose.env.example: REPRISE_REDIS_ADDRESSES names {target.sentinels}")
+    except ValueError as exc:
+        problems.append(f"ops/compose.env.example: REPRISE_REDIS_ADDRESSES does not parse: {exc}")
     return problems
 
 
@@ -552,6 +628,8 @@ COMPOSE_CHECKS = [
     gpu_problems,
     qdrant_problems,
     worker_env_problems,
+    redis_env_problems,
+    ha_problems,
     command_problems,
     flower_problems,
     default_model_problems,
@@ -698,6 +776,25 @@ COMPOSE_MUTATIONS = [
         "defaulted secret",
         _set("services/flower/environment/REDIS_URL", "redis://:${REDIS_PASSWORD:-x}@redis:6379/0"),
     ),
+    (
+        redis_env_problems,
+        "literal Redis address",
+        _set("services/worker-gpu0/environment/REDIS_URL", "redis://redis:6379/0"),
+    ),
+    (redis_env_problems, "no password", _set("services/coordinator/environment/REPRISE_REDIS_PASSWORD", None)),
+    (redis_env_problems, "other master", _set("services/flower/environment/REPRISE_REDIS_SENTINEL_MASTER", "x")),
+    (ha_problems, "no replica", _set("services/redis-replica", None)),
+    (ha_problems, "a sentinel missing", _set("services/sentinel3", None)),
+    (
+        ha_problems,
+        "quorum 1",
+        _set(
+            "services/sentinel2/command",
+            ["sh", "-c", "printf 'sentinel monitor reprise redis 6379 1' > c; exec redis-sentinel c"],
+        ),
+    ),
+    (ha_problems, "sentinels share a volume", _set("services/sentinel2/volumes", ["sentinel1-data:/data"])),
+    (ha_problems, "replica of nothing", _set("services/redis-replica/command", "redis-server --appendonly yes")),
     (volume_problems, "undeclared volume", _set("volumes/grafana-data", None)),
     (resilience_problems, "no healthcheck", _set("services/redis/healthcheck", None)),
     (resilience_problems, "no restart policy", _set("services/flower/restart", None)),

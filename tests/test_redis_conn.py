@@ -131,3 +131,13 @@ def test_a_replicated_write_waits_for_the_replica_and_refuses_without_one(master
     with pytest.raises(NotReplicated):
         replicated_write(m, lambda p: p.incr("token"), replicas=1, timeout_ms=300)
     assert 0.25 < time.monotonic() - t < 5
+
+
+def test_a_password_given_apart_goes_into_the_first_address():
+    t = parse_redis_url("redis://redis:6379/0", password="p@ss/word")
+    assert t.full_url == "redis://:p%40ss%2Fword@redis:6379/0" and t.password == "p@ss/word"
+    t = parse_redis_url("sentinel://s1:26379;sentinel://s2:26379", master="m", password="pw")
+    assert t.full_url == "sentinel://:pw@s1:26379;sentinel://s2:26379" and t.password == "pw"
+    assert parse_redis_url("redis://:own@redis:6379/0", password="other").full_url == "redis://:own@redis:6379/0"
+    client = client_for(parse_redis_url("redis://redis:6379/0", password="pw"))
+    assert client.connection_pool.connection_kwargs["password"] == "pw"
