@@ -303,14 +303,14 @@ def worker_env_problems(compose: dict) -> list[str]:
 
 def redis_env_problems(compose: dict) -> list[str]:
     """Every process of ours reaches Redis the same way: `redis` by default, the sentinels when
-    REPRISE_REDIS_ADDRESSES names them (HA profile), the password apart and required."""
+    REDIS_ADDRESSES names them (HA profile), the password apart and required."""
     problems = []
     for name, service in compose["services"].items():
         if "build" not in service:
             continue
         env = environment(service)
-        if not re.fullmatch(r"\$\{REPRISE_REDIS_ADDRESSES:-redis://redis:6379/\d+\}", env.get("REDIS_URL", "")):
-            problems.append(f"{name}: REDIS_URL must be ${{REPRISE_REDIS_ADDRESSES:-redis://redis:6379/N}}")
+        if not re.fullmatch(r"\$\{REDIS_ADDRESSES:-redis://redis:6379/\d+\}", env.get("REDIS_URL", "")):
+            problems.append(f"{name}: REDIS_URL must be ${{REDIS_ADDRESSES:-redis://redis:6379/N}}")
         if not re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", env.get("REPRISE_REDIS_PASSWORD", "")):
             problems.append(f"{name}: REPRISE_REDIS_PASSWORD must be ${{REDIS_PASSWORD:?...}}")
         if env.get("REPRISE_REDIS_SENTINEL_MASTER") != SENTINEL_MASTER:
@@ -369,13 +369,13 @@ def ha_problems(compose: dict) -> list[str]:
         volumes.add(mounts.get("/data"))
     if len(volumes) != len(SENTINELS):
         problems.append("sentinels share a volume (each rewrites its own configuration)")
-    line = next((x for x in ENV_EXAMPLE.read_text().splitlines() if "REPRISE_REDIS_ADDRESSES=" in x), "")
+    line = next((x for x in ENV_EXAMPLE.read_text().splitlines() if "REDIS_ADDRESSES=" in x), "")
     try:
         target = parse_redis_url(line.split("=", 1)[1].strip() if line else "", master=SENTINEL_MASTER)
         if sorted(h for h, _ in target.sentinels) != sorted(SENTINELS):
-            problems.append(f"ops/compose.env.example: REPRISE_REDIS_ADDRESSES names {target.sentinels}")
+            problems.append(f"ops/compose.env.example: REDIS_ADDRESSES names {target.sentinels}")
     except ValueError as exc:
-        problems.append(f"ops/compose.env.example: REPRISE_REDIS_ADDRESSES does not parse: {exc}")
+        problems.append(f"ops/compose.env.example: REDIS_ADDRESSES does not parse: {exc}")
     return problems
 
 
