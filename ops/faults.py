@@ -1059,7 +1059,33 @@ def fault_redis_failover(h: Harness, row: Row) -> None:
                 i += 1
                 time.sleep(0.15)
 
-        threads = [threading.Thread(target=load, daemon=True), threading.Thread(target=sample, daemon=True)]
+        # Beside Reprise's producer, a plain Celery client (no Reprise code: no ledger, no WAIT), as any other
+        # service would send: what it gets back is reported, not checked (its sends are only as durable as
+        # Redis' asynchronous replication).
+        from celery import Celery
+
+        plain = Celery("plain", broker=ha.url, backend=ha.url)
+        options = {"master_name": ha.master_name}
+        plain.conf.update(broker_transport_options=options, result_backend_transport_options=options)
+        plain_sent: list[str] = []
+        plain_refused = [0]
+
+        def plain_load() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    payload = {"prompt": f"plain celery prompt {i}", "steps": 6, "seed": i}
+                    plain_sent.append(plain.send_task("reprise.generate", kwargs=payload, queue="reprise.tiny").id)
+                except Exception:
+                    plain_refused[0] += 1
+                i += 1
+                time.sleep(0.3)
+
+        threads = [
+            threading.Thread(target=load, daemon=True),
+            threading.Thread(target=sample, daemon=True),
+            threading.Thread(target=plain_load, daemon=True),
+        ]
         for t in threads:
             t.start()
         time.sleep(5)
@@ -1096,7 +1122,21 @@ def fault_redis_failover(h: Harness, row: Row) -> None:
         time.sleep(8)
         stop.set()
         threads[0].join()
+        threads[2].join()
         outcomes = _wait_all(h, sent, 180)
+        plain_states: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        for task_id in plain_sent:
+            state = "PENDING"
+            while time.monotonic() < deadline:
+                try:
+                    state = plain.AsyncResult(task_id).state
+                except Exception:
+                    state = "PENDING"
+                if state in ("SUCCESS", "FAILURE"):
+                    break
+                time.sleep(0.2)
+            plain_states[state] = plain_states.get(state, 0) + 1
         account(row, h, outcomes, since)
         late = {task_id for task_id, at in sent if healed_at and at > healed_at}
         done_late = sum(1 for o in outcomes if o["id"] in late and o["state"] == "SUCCESS")
@@ -1183,6 +1223,10 @@ def fault_redis_failover(h: Harness, row: Row) -> None:
             f"was told; not accepted): {refused or 0}, of which {ran_anyway} ran all the same; jobs the ledger sent "
             f"again (no queue, worker or result held them on the new master): {resent}; jobs that ran more than "
             f"once (their pop, result or acknowledgement lost in the gap): {row.retried}"
+        )
+        row.notes.append(
+            f"plain Celery client (no Reprise code) through the same sentinels: accepted {len(plain_sent)}, "
+            f"refused {plain_refused[0]}, outcomes {plain_states} (PENDING = accepted and never answered)"
         )
     finally:
         stop_flags = [v for k, v in locals().items() if k in ("stop", "stop_sampling")]
