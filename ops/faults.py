@@ -1210,6 +1210,8 @@ def fault_redis_failover(h: Harness, row: Row) -> None:
             h.cluster.flower.poll() is None and flower_ok,
             f"{seen}/{len(late)}",
         )
+        leaks = {p.name: n for p in h.workdir.glob("*.log") if (n := p.read_text(errors="replace").count(ha.password))}
+        row.check("no process log holds the Redis password (sentinel:// URLs are masked too)", not leaks, leaks or None)
         from scheduler.app import get_app
 
         ran_anyway = sum(1 for i in refused_ids if get_app().AsyncResult(i).state == "SUCCESS")

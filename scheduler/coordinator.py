@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("metrics port %d unavailable (%s): metrics off", settings.metrics_port, exc)
     signal.signal(signal.SIGTERM, coordinator.stop)
     signal.signal(signal.SIGINT, coordinator.stop)
-    from kombu.utils.url import maybe_sanitize_url
+    from scheduler.redis_conn import safe_url
 
     print(
-        f"reprise coordinator {coordinator.member}: running (Redis {maybe_sanitize_url(get_settings().redis_url)})",
+        f"reprise coordinator {coordinator.member}: running (Redis {safe_url(get_settings().redis_url)})",
         flush=True,
     )
     coordinator.run()

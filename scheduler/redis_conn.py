@@ -71,11 +71,17 @@ def _db(path: str, url: str) -> int | None:
 
 
 def _safe(url: str) -> str:
-    """The URL without its password (for error messages)."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":**@", 1)
-    return url
+    """One address without its password (for error messages)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    return url.replace(f":{password}@", ":**@", 1) if password else url
+
+
+def safe_url(url: str) -> str:
+    """``url`` with the password of every address masked (kombu's maybe_sanitize_url masks the first only)."""
+    return ";".join(_safe(piece) for piece in url.split(";"))
 
 
 def parse_redis_url(

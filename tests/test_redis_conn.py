@@ -141,3 +141,10 @@ def test_a_password_given_apart_goes_into_the_first_address():
     assert parse_redis_url("redis://:own@redis:6379/0", password="other").full_url == "redis://:own@redis:6379/0"
     client = client_for(parse_redis_url("redis://redis:6379/0", password="pw"))
     assert client.connection_pool.connection_kwargs["password"] == "pw"
+
+
+def test_every_address_is_masked_in_what_is_printed():
+    from scheduler.redis_conn import safe_url
+
+    shown = safe_url("sentinel://:pw1@h1:26379/0;sentinel://:pw2@h2:26379;sentinel://h3")
+    assert shown == "sentinel://:**@h1:26379/0;sentinel://:**@h2:26379;sentinel://h3"
