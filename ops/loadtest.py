@@ -110,9 +110,9 @@ class ResultCollector(threading.Thread):
     def __init__(self, app, poll_s: float = 0.05):
         super().__init__(name="loadtest-collector", daemon=True)
         self.app, self.poll_s = app, poll_s
-        import redis
+        from scheduler.redis_conn import redis_client
 
-        self.redis = redis.Redis.from_url(app.conf.result_backend or app.conf.broker_url)
+        self.redis = redis_client(app.conf.result_backend or app.conf.broker_url)
         self.pending: dict[str, JobRecord] = {}
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -185,9 +185,9 @@ class QueueSampler(threading.Thread):
 
     def __init__(self, redis_url: str, queue: str, every_s: float = 0.5):
         super().__init__(name="loadtest-queue", daemon=True)
-        import redis
+        from scheduler.redis_conn import redis_client
 
-        self.redis, self.queue, self.every_s = redis.Redis.from_url(redis_url), queue, every_s
+        self.redis, self.queue, self.every_s = redis_client(redis_url), queue, every_s
         self.samples: list[tuple[float, int]] = []
         self.redis_ops: list[tuple[float, int]] = []
         self.stopped = threading.Event()
@@ -866,14 +866,13 @@ def run_options(args, label: str) -> dict:
 
 
 def run_load(args, label: str, cache: dict | None, app) -> dict:
-    import redis
-
     from ops.workload import Workload, read_prompts
+    from scheduler.redis_conn import redis_client
     from scheduler.registry import ModelRegistry
     from scheduler.settings import get_settings
 
     settings = get_settings()
-    info = ModelRegistry(redis.Redis.from_url(settings.redis_url), settings.queue_prefix).served(args.model)
+    info = ModelRegistry(redis_client(settings.redis_url), settings.queue_prefix).served(args.model)
     if info is None:
         raise SystemExit(f"no live worker serves {args.model!r} at {settings.redis_url}")
     params = workload_params(args, info, cache)

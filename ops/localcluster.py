@@ -27,8 +27,15 @@ def free_port() -> int:
 
 
 def redis_reachable(url: str, timeout: float = 1.0) -> bool:
+    """Whether ``url`` (one Redis, or sentinel:// addresses with REPRISE_REDIS_SENTINEL_MASTER) answers now."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from scheduler.redis_conn import redis_client
+
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout).ping())
+        client = redis_client(url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
 
@@ -168,7 +175,9 @@ class LocalCluster:
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
+        from scheduler.redis_conn import redis_client
+
+        return redis_client(self.redis_url)
 
     # --- workers ------------------------------------------------------------------------------
     def start_worker(

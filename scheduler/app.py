@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 from celery import Celery
 from celery.signals import after_task_publish, task_postrun
 from kombu import Queue
 
+from scheduler.errors import JobNotAccepted
+from scheduler.redis_conn import celery_transport_options, parse_redis_url, redis_client, replicated_write, target
 from scheduler.settings import ClusterSettings, get_settings
 
 GENERATE_TASK = "reprise.generate"
@@ -40,18 +43,22 @@ def cancel_key(prefix: str, job_id: str) -> str:
 
 
 def _ledger_redis():
-    import redis
-
     url = get_settings().redis_url
     if url not in _ledger_clients:
-        _ledger_clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        _ledger_clients[url] = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
     return _ledger_clients[url]
+
+
+# Set by _record_accepted when a send under Sentinel could not be made durable; RepriseCelery.send_task
+# raises it in the caller's hands (a signal receiver's exceptions never reach the caller).
+_unconfirmed = threading.local()
 
 
 @after_task_publish.connect
 def _record_accepted(sender=None, headers=None, body=None, routing_key=None, **kwargs):
     if sender != GENERATE_TASK or not headers or not headers.get("id"):
         return
+    sentinel = target().is_sentinel
     try:
         args, task_kwargs = (body[0], body[1]) if isinstance(body, (list, tuple)) and len(body) >= 2 else ([], {})
         entry = {
@@ -61,9 +68,27 @@ def _record_accepted(sender=None, headers=None, body=None, routing_key=None, **k
             "at": time.time(),
             "queued_at": headers.get("reprise_queued_at"),
         }
-        _ledger_redis().hset(ledger_key(get_settings().queue_prefix), headers["id"], json.dumps(entry))
-    except Exception as exc:  # the job is queued all the same; only its insurance is missing
-        log.warning("cannot record job %s in the ledger: %s", headers.get("id"), exc)
+        key = ledger_key(get_settings().queue_prefix)
+        # Under Sentinel the entry must reach a replica before the send counts as accepted: replication is
+        # in order, so that also confirms the message kombu pushed just before (scheduler/redis_conn.py).
+        replicated_write(_ledger_redis(), lambda pipe: pipe.hset(key, headers["id"], json.dumps(entry)))
+    except Exception as exc:
+        if sentinel:  # the message may die with the master: the caller is told, and sends it again
+            _unconfirmed.error = exc
+        else:  # one Redis (AOF): the job is queued all the same; only its insurance is missing
+            log.warning("cannot record job %s in the ledger: %s", headers.get("id"), exc)
+
+
+class RepriseCelery(Celery):
+    """Celery whose generation sends raise JobNotAccepted when the job could not be made durable (Sentinel)."""
+
+    def send_task(self, name, *args, **kwargs):
+        _unconfirmed.error = None
+        result = super().send_task(name, *args, **kwargs)
+        error, _unconfirmed.error = getattr(_unconfirmed, "error", None), None
+        if error is not None:
+            raise JobNotAccepted(f"job {result.id} not accepted: {type(error).__name__}: {error}; send it again")
+        return result
 
 
 @task_postrun.connect
@@ -96,8 +121,12 @@ def route_generation(name, args, kwargs, options, task=None, **kw):
 
 def make_app(settings: ClusterSettings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("reprise", broker=s.redis_url, backend=s.backend_url)
+    sentinel = (s.redis_sentinel_master, s.redis_sentinel_password, s.redis_password)
+    broker = parse_redis_url(s.redis_url, *sentinel)  # a malformed URL: RedisURLError, before any connection
+    backend = parse_redis_url(s.backend_url, *sentinel)
+    app = RepriseCelery("reprise", broker=broker.full_url, backend=backend.full_url)
     transport = {
+        **celery_transport_options(broker),  # master_name, sentinel_kwargs (kombu's sentinel transport, Flower)
         "visibility_timeout": s.visibility_timeout_s,  # must exceed the longest job, or it runs twice
         "queue_order_strategy": "priority",  # Redis honours message priorities only with this
         "priority_steps": list(range(10)),
@@ -125,7 +154,10 @@ def make_app(settings: ClusterSettings | None = None) -> Celery:
         task_default_priority=5,
         task_inherit_parent_priority=True,
         broker_transport_options=transport,
-        result_backend_transport_options={"visibility_timeout": s.visibility_timeout_s},
+        result_backend_transport_options={
+            "visibility_timeout": s.visibility_timeout_s,
+            **celery_transport_options(backend),  # Celery's SentinelBackend
+        },
         # A result finished during a Redis restart is retried until Redis is back (about 2 min at most),
         # rather than failing the store and waiting a whole visibility timeout for a redelivery.
         result_backend_always_retry=True,

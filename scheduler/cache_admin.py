@@ -23,6 +23,7 @@ import redis
 from celery import Celery
 
 from scheduler.app import get_app
+from scheduler.redis_conn import redis_client as make_redis_client
 from scheduler.registry import ModelRegistry
 from scheduler.settings import get_settings
 
@@ -32,7 +33,7 @@ CONTROL_COMMAND = "reprise_cache"
 class CacheAdmin:
     def __init__(self, app: Celery | None = None, redis_client: redis.Redis | None = None, prefix: str | None = None):
         self.app = app or get_app()
-        self.r = redis_client or redis.Redis.from_url(self.app.conf.broker_url)
+        self.r = redis_client or make_redis_client(self.app.conf.broker_url)
         self.prefix = prefix or get_settings().queue_prefix
         self.registry = ModelRegistry(self.r, self.prefix)
 

@@ -59,9 +59,8 @@ def table_main(argv: list[str]) -> int:
                 "cache table calibrate needs the worker layer: run it with the full `reprise` command"
             )
         return TABLE_CALIBRATE(argv[1:])
-    import redis
-
     from cache.table_store import EMBEDDERS, TableStore, TableStoreError
+    from scheduler.redis_conn import redis_client
     from scheduler.settings import get_settings
 
     p = argparse.ArgumentParser(prog="reprise cache table", description=table_main.__doc__)
@@ -85,7 +84,7 @@ def table_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     cluster = get_settings()
-    client = redis.Redis.from_url(cluster.redis_url)
+    client = redis_client(cluster.redis_url)
     store = TableStore(client, cluster.queue_prefix)
 
     def running_version(model: str) -> str | None:

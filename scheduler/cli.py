@@ -108,13 +108,12 @@ def _cmd_flower(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    import redis
-
+    from scheduler.redis_conn import redis_client
     from scheduler.registry import ModelRegistry
     from scheduler.settings import get_settings
 
     s = get_settings()
-    reg = ModelRegistry(redis.Redis.from_url(s.redis_url), s.queue_prefix)
+    reg = ModelRegistry(redis_client(s.redis_url), s.queue_prefix)
     served = reg.all_served()
     gens = reg.generations()
     for name, info in served.items():

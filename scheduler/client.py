@@ -29,6 +29,7 @@ from scheduler.errors import (
     SizeOverLimit,
     UnknownModel,
 )
+from scheduler.redis_conn import redis_client
 from scheduler.registry import ModelRegistry
 from scheduler.schema import GenerationRequest, GenerationResult, parse_request, queue_for, with_model
 from scheduler.settings import get_settings
@@ -120,7 +121,7 @@ class Job:
 
 
 def _redis_client() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url)
+    return redis_client(get_settings().redis_url)
 
 
 def check_served(request: GenerationRequest, registry: ModelRegistry) -> None:
@@ -171,7 +172,7 @@ def submit(
     settings = get_settings()
     req = with_model(parse_request(request), settings.default_model)  # no model: the cluster's default
     app = app or get_app()
-    client = redis.Redis.from_url(app.conf.broker_url)
+    client = redis_client(app.conf.broker_url)
     if check_model:
         check_served(req, ModelRegistry(client, settings.queue_prefix))
     ar = app.send_task(
@@ -189,4 +190,4 @@ def job(job_id: str, app: Celery | None = None) -> Job:
     """A handle on a job submitted earlier (by id)."""
     app = app or get_app()
     ar = AsyncResult(job_id, app=app)
-    return Job(ar, GenerationRequest(prompt="(unknown)"), redis.Redis.from_url(app.conf.broker_url))
+    return Job(ar, GenerationRequest(prompt="(unknown)"), redis_client(app.conf.broker_url))

@@ -32,6 +32,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.cache_admin import CacheAdmin
+from scheduler.redis_conn import replicated_write
 from scheduler.settings import get_settings
 
 log = logging.getLogger("reprise.coordinator")
@@ -89,7 +90,9 @@ class Lease:
         self.token = None
         # Take a token only when the lease is free, so tokens grow by one per leader change.
         if self.r.set(self.key, f"{self.member}|pending", nx=True, px=self.lease_ms):
-            self.token = int(self.r.incr(self.token_key))
+            # Under Sentinel the token reaches a replica before it is used: a failover never hands out a token
+            # again (NotReplicated, a RedisError: no token this round; the pending lease expires).
+            self.token = int(replicated_write(self.r, lambda pipe: pipe.incr(self.token_key))[0])
             self.r.set(self.key, self._value(), px=self.lease_ms)
             self.r.incr(f"{self.prefix}:coordinator:leader-changes")
             return True
@@ -316,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("metrics port %d unavailable (%s): metrics off", settings.metrics_port, exc)
     signal.signal(signal.SIGTERM, coordinator.stop)
     signal.signal(signal.SIGINT, coordinator.stop)
-    from kombu.utils.url import maybe_sanitize_url
+    from scheduler.redis_conn import safe_url
 
     print(
-        f"reprise coordinator {coordinator.member}: running (Redis {maybe_sanitize_url(get_settings().redis_url)})",
+        f"reprise coordinator {coordinator.member}: running (Redis {safe_url(get_settings().redis_url)})",
         flush=True,
     )
     coordinator.run()

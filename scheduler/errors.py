@@ -79,3 +79,17 @@ def error_payload(exc: BaseException) -> dict:
     """The machine-readable form the CLI prints with --json."""
     code = getattr(exc, "code", "job_failed")
     return {"error": code, "type": type(exc).__name__, "message": str(exc), "details": getattr(exc, "details", None)}
+
+
+class RedisURLError(RepriseError, ValueError):
+    """REDIS_URL (or a sentinel setting) is malformed: unknown scheme, no host, a bad port or database, sentinel
+    addresses without REPRISE_REDIS_SENTINEL_MASTER. Raised before any connection is tried."""
+
+    code = "bad_redis_url"
+
+
+class JobNotAccepted(RepriseError):
+    """The send could not be made durable (with Redis Sentinel: no replica confirmed the job's ledger entry, or
+    the master failed over during the send): the job is not accepted, and the caller sends it again."""
+
+    code = "not_accepted"

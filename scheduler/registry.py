@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from scheduler.redis_conn import replicated_write
+
 
 class ModelRegistry:
     def __init__(self, client: redis.Redis, prefix: str = "reprise"):
@@ -34,7 +36,9 @@ class ModelRegistry:
         return out
 
     def bump(self, model: str, reason: str) -> int:
-        gen = int(self.r.incr(self._gen_key(model)))
+        # Under Sentinel the new generation reaches a replica before anything relies on it: a failover never
+        # brings back an older generation, so entries hidden by this bump stay hidden.
+        gen = int(replicated_write(self.r, lambda pipe: pipe.incr(self._gen_key(model)))[0])
         event = {"model": model, "generation": gen, "reason": reason, "at": time.time()}
         self.r.rpush(f"{self.prefix}:generation-log", json.dumps(event))
         self.r.ltrim(f"{self.prefix}:generation-log", -1000, -1)

@@ -18,7 +18,27 @@ class ClusterSettings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REPRISE_REDIS_URL", "REDIS_URL"),
-        description="Redis for the broker, the results and the coordination state.",
+        description="Redis for the broker, the results and the coordination state: redis://[:PASSWORD@]HOST:PORT/DB, "
+        "or Redis Sentinel as ';'-separated sentinel://[:PASSWORD@]HOST:PORT[/DB] addresses (the password and "
+        "database are the master's) with REPRISE_REDIS_SENTINEL_MASTER.",
+    )
+    redis_password: str | None = Field(
+        None,
+        description="The Redis password when REDIS_URL names none (docker-compose passes it apart from the addresses).",
+    )
+    redis_sentinel_master: str | None = Field(
+        None,
+        description="With sentinel:// addresses in REDIS_URL: the master name the sentinels monitor (required then).",
+    )
+    redis_sentinel_password: str | None = Field(
+        None, description="With sentinel:// addresses: the sentinels' own password, if they require one."
+    )
+    redis_min_replicas: int = Field(
+        1,
+        ge=0,
+        description="With Sentinel: replicas that must confirm (Redis WAIT, 1 s) a job's acceptance, a fencing token "
+        "or a cache generation before it counts; fewer and the send raises JobNotAccepted (a failover cannot lose "
+        "it). 0 = the master alone (stays writable with every replica down, but a failover may lose a send).",
     )
     result_url: str | None = Field(None, description="Result backend URL; defaults to redis_url.")
     queue_prefix: str = Field("reprise", description="Queues are named <prefix>.<model>; keys start with <prefix>:.")

@@ -281,8 +281,6 @@ def worker_env_problems(compose: dict) -> list[str]:
             problems.append(f"{name}: QDRANT_URL does not point at a Qdrant node")
         if not REQUIRED_REF.match(env.get("QDRANT_API_KEY", "")):
             problems.append(f"{name}: QDRANT_API_KEY must be ${{VAR:?...}}")
-        if not re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", env.get("REDIS_URL", "")):
-            problems.append(f"{name}: REDIS_URL must reach redis with ${{REDIS_PASSWORD:?...}}")
         if name.startswith("worker-"):
             artifacts = env.get("REPRISE_ARTIFACT_URL", "")
             volume = named_volume_mounts(service).get(artifacts)
@@ -301,6 +299,84 @@ def worker_env_problems(compose: dict) -> list[str]:
     coordinator_port = environment(compose["services"]["coordinator"]).get("REPRISE_COORDINATOR_METRICS_PORT")
     if coordinator_port != str(COORDINATOR_METRICS_PORT):
         problems.append(f"coordinator: REPRISE_COORDINATOR_METRICS_PORT is not {COORDINATOR_METRICS_PORT}")
+    return problems
+
+
+def redis_env_problems(compose: dict) -> list[str]:
+    """Every process of ours reaches Redis the same way: `redis` by default, the sentinels when
+    REDIS_ADDRESSES names them (HA profile), the password apart and required."""
+    problems = []
+    for name, service in compose["services"].items():
+        if "build" not in service:
+            continue
+        env = environment(service)
+        if not re.fullmatch(r"\$\{REDIS_ADDRESSES:-redis://redis:6379/\d+\}", env.get("REDIS_URL", "")):
+            problems.append(f"{name}: REDIS_URL must be ${{REDIS_ADDRESSES:-redis://redis:6379/N}}")
+        if not re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", env.get("REPRISE_REDIS_PASSWORD", "")):
+            problems.append(f"{name}: REPRISE_REDIS_PASSWORD must be ${{REDIS_PASSWORD:?...}}")
+        if env.get("REPRISE_REDIS_SENTINEL_MASTER") != SENTINEL_MASTER:
+            problems.append(f"{name}: REPRISE_REDIS_SENTINEL_MASTER is not {SENTINEL_MASTER!r}")
+    return problems
+
+
+SENTINEL_MASTER = "reprise"
+SENTINELS = ("sentinel1", "sentinel2", "sentinel3")
+
+
+def ha_problems(compose: dict) -> list[str]:
+    """The HA profile: a replica of `redis` and three sentinels (quorum 2) watching it under the master name
+    Reprise asks for; the addresses in ops/compose.env.example name exactly those sentinels and parse."""
+    from scheduler.redis_conn import parse_redis_url
+
+    services, problems = compose["services"], []
+    replica = services.get("redis-replica")
+    if replica is None:
+        return ["no redis-replica service"]
+    text = command_text(replica)
+    if replica.get("profiles") != ["ha"]:
+        problems.append("redis-replica: not in the ha profile only")
+    if "--replicaof redis 6379" not in text or "--appendonly yes" not in text:
+        problems.append("redis-replica: must be `--replicaof redis 6379` with --appendonly yes")
+    for flag in ("--requirepass", "--masterauth"):
+        m = re.search(flag + r"\s+(\$\{[^}]*\}|\S+)", text)
+        if not m or not REQUIRED_REF.match(m[1]):
+            problems.append(f"redis-replica: {flag} must be ${{REDIS_PASSWORD:?...}}")
+    m = re.search(r"--masterauth\s+(\$\{[^}]*\}|\S+)", command_text(services["redis"]))
+    if not m or not REQUIRED_REF.match(m[1]):
+        problems.append("redis: no --masterauth ${REDIS_PASSWORD:?...} (it cannot rejoin as a replica)")
+    if "/data" not in named_volume_mounts(replica):
+        problems.append("redis-replica: /data is not on a named volume")
+    volumes = set()
+    for name in SENTINELS:
+        sentinel = services.get(name)
+        if sentinel is None:
+            problems.append(f"no {name} service")
+            continue
+        text = command_text(sentinel)
+        if sentinel.get("profiles") != ["ha"]:
+            problems.append(f"{name}: not in the ha profile only")
+        m = re.search(r"sentinel monitor (\S+) redis 6379 (\d+)", text)
+        if not m or m[1] != SENTINEL_MASTER or int(m[2]) != 2:
+            problems.append(f"{name}: must monitor `{SENTINEL_MASTER} redis 6379` with quorum 2")
+        if f"sentinel auth-pass {SENTINEL_MASTER} $$REDIS_PASSWORD" not in text or not REQUIRED_REF.match(
+            environment(sentinel).get("REDIS_PASSWORD", "")
+        ):
+            problems.append(f"{name}: no auth-pass from a required REDIS_PASSWORD")
+        if "redis-sentinel" not in text:
+            problems.append(f"{name}: does not run redis-sentinel")
+        mounts = named_volume_mounts(sentinel)
+        if "/data" not in mounts:
+            problems.append(f"{name}: keeps its rewritten configuration on no named volume")
+        volumes.add(mounts.get("/data"))
+    if len(volumes) != len(SENTINELS):
+        problems.append("sentinels share a volume (each rewrites its own configuration)")
+    line = next((x for x in ENV_EXAMPLE.read_text().splitlines() if "REDIS_ADDRESSES=" in x), "")
+    try:
+        target = parse_redis_url(line.split("=", 1)[1].strip() if line else "", master=SENTINEL_MASTER)
+        if sorted(h for h, _ in target.sentinels) != sorted(SENTINELS):
+            problems.append(f"ops/compose.env.example: REDIS_ADDRESSES names {target.sentinels}")
+    except ValueError as exc:
+        problems.append(f"ops/compose.env.example: REDIS_ADDRESSES does not parse: {exc}")
     return problems
 
 
@@ -349,10 +425,6 @@ def api_problems(compose: dict) -> list[str]:
     if args.command != "api" or args.host != "0.0.0.0":
         problems.append("api: must be `reprise api --host 0.0.0.0`")
     port = str(args.port or 8000)
-    if not re.fullmatch(
-        r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", environment(service).get("REDIS_URL", "")
-    ):
-        problems.append("api: REDIS_URL must reach redis with ${REDIS_PASSWORD:?...}")
     artifacts = {environment(compose["services"][w]).get("REPRISE_ARTIFACT_URL") for w in worker_names(compose)}
     mounted = named_volume_mounts(service)
     for target in artifacts:
@@ -583,6 +655,8 @@ COMPOSE_CHECKS = [
     gpu_problems,
     qdrant_problems,
     worker_env_problems,
+    redis_env_problems,
+    ha_problems,
     command_problems,
     flower_problems,
     api_problems,
@@ -716,7 +790,7 @@ COMPOSE_MUTATIONS = [
     (api_problems, "api on loopback", _set("services/api/command", ["api", "--port", "8000"])),
     (api_problems, "api without the artifacts", _set("services/api/volumes", [])),
     (api_problems, "api published on every interface", _set("services/api/ports", ["8000:8000"])),
-    (api_problems, "api without a password", _set("services/api/environment/REDIS_URL", "redis://redis:6379/0")),
+    (redis_env_problems, "api without a password", _set("services/api/environment/REPRISE_REDIS_PASSWORD", None)),
     (api_problems, "api healthcheck elsewhere", _set("services/api/healthcheck/test", ["CMD", "true"])),
     (default_model_problems, "api routes to tiny", _set("services/api/environment/REPRISE_DEFAULT_MODEL", None)),
     (flower_problems, "no basic auth", _set("services/flower/environment/REPRISE_FLOWER_PASSWORD", None)),
@@ -736,6 +810,25 @@ COMPOSE_MUTATIONS = [
         "defaulted secret",
         _set("services/flower/environment/REDIS_URL", "redis://:${REDIS_PASSWORD:-x}@redis:6379/0"),
     ),
+    (
+        redis_env_problems,
+        "literal Redis address",
+        _set("services/worker-gpu0/environment/REDIS_URL", "redis://redis:6379/0"),
+    ),
+    (redis_env_problems, "no password", _set("services/coordinator/environment/REPRISE_REDIS_PASSWORD", None)),
+    (redis_env_problems, "other master", _set("services/flower/environment/REPRISE_REDIS_SENTINEL_MASTER", "x")),
+    (ha_problems, "no replica", _set("services/redis-replica", None)),
+    (ha_problems, "a sentinel missing", _set("services/sentinel3", None)),
+    (
+        ha_problems,
+        "quorum 1",
+        _set(
+            "services/sentinel2/command",
+            ["sh", "-c", "printf 'sentinel monitor reprise redis 6379 1' > c; exec redis-sentinel c"],
+        ),
+    ),
+    (ha_problems, "sentinels share a volume", _set("services/sentinel2/volumes", ["sentinel1-data:/data"])),
+    (ha_problems, "replica of nothing", _set("services/redis-replica/command", "redis-server --appendonly yes")),
     (volume_problems, "undeclared volume", _set("volumes/grafana-data", None)),
     (resilience_problems, "no healthcheck", _set("services/redis/healthcheck", None)),
     (resilience_problems, "no restart policy", _set("services/flower/restart", None)),
@@ -813,3 +906,48 @@ def test_dockerfile_check_catches():
     assert dockerfile_problems(compose, text.replace("USER reprise", "USER root"))
     assert dockerfile_problems(compose, text.replace("FROM python:3.11-slim", "FROM ubuntu:24.04"))
     assert dockerfile_problems(compose, text.replace("HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE=0"))
+
+
+@pytest.mark.integration
+def test_the_ha_profiles_sentinel_command_runs_and_watches_the_master(tmp_path):
+    """The sentinels' shell command from docker-compose.yml, run as written (Compose's `$$` unescaped, the
+    service names and the /data volume mapped onto this machine) with Debian's redis-sentinel against a real
+    redis-server: it writes its configuration once, starts, and watches the master with the password."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from ops.localcluster import RedisServer, free_port
+
+    if shutil.which("redis-sentinel") is None:
+        pytest.skip("redis-sentinel is not installed (.ci/run installs it)")
+    password = "compose-check-" + str(free_port())
+    master = RedisServer(directory=str(tmp_path / "m")).start()
+    redis.Redis.from_url(master.url).config_set("requirepass", password)
+    sentinel_port = free_port()
+    argv = load_compose()["services"]["sentinel1"]["command"]
+    script = (
+        argv[2]
+        .replace("$$", "$")
+        .replace("/data/", f"{tmp_path}/")
+        .replace("redis 6379", f"127.0.0.1 {master.port}")
+        .replace("'port 26379'", f"'port {sentinel_port}'")
+    )
+    proc = subprocess.Popen(argv[:2] + [script], env={"PATH": "/usr/bin:/bin", "REDIS_PASSWORD": password})
+    try:
+        deadline, info = time.monotonic() + 20, {}
+        while time.monotonic() < deadline and not info.get("runid"):  # known only from an authenticated INFO
+            try:
+                info = redis.Redis(port=sentinel_port, socket_timeout=1).sentinel_master(SENTINEL_MASTER)
+            except (redis.RedisError, OSError):
+                pass
+            time.sleep(0.2)
+        assert int(info["port"]) == master.port and "master" in info["flags"]
+        assert info.get("runid") == redis.Redis.from_url(master.url, password=password).info("server")["run_id"]
+        assert f"auth-pass {SENTINEL_MASTER} {password}" in (tmp_path / "sentinel.conf").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        master.stop()

@@ -416,9 +416,9 @@ def store(report: dict, prefix: str | None = None, client=None) -> dict:
 
     settings = get_settings()
     if client is None:
-        import redis
+        from scheduler.redis_conn import redis_client
 
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings.redis_url)
     m = report["meta"]
     return TableStore(client, prefix or settings.queue_prefix).set(
         m["model"],

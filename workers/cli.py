@@ -11,9 +11,8 @@ from scheduler.cli import new_parser, passthrough, run
 
 
 def _cmd_worker(args) -> int:
-    import redis
-
     from scheduler.app import CELERY_DEFAULT_QUEUE, get_app
+    from scheduler.redis_conn import redis_client
     from scheduler.schema import queue_for
     from scheduler.settings import get_settings
     from workers.node import Heartbeat, build_service, node_info, serve_metrics
@@ -27,7 +26,7 @@ def _cmd_worker(args) -> int:
         overrides["cache_enabled"] = False
     wsettings = load_worker_settings(**overrides)
     cluster = get_settings()
-    client = redis.Redis.from_url(cluster.redis_url)
+    client = redis_client(cluster.redis_url)
     print(f"reprise worker: loading {wsettings.model} on {wsettings.devices} ...", flush=True)
     service = build_service(wsettings, cluster, redis_client=client)
     from workers import tasks

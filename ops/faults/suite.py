@@ -19,6 +19,7 @@ from ops.faults.fuzz import fault_fuzz
 from ops.faults.harness import Harness, Row
 from ops.faults.hooks import run_with_hooks
 from ops.faults.qdrant import fault_qdrant
+from ops.faults.redis_failover import fault_redis_failover
 from ops.faults.redis_restart import fault_redis_restart
 from ops.faults.secret_scan import fault_secrets
 from ops.faults.tenants import fault_tenants
@@ -28,6 +29,7 @@ FAULTS = [
     "worker_kill",
     "batch_kill",
     "redis_restart",
+    "redis_failover",
     "qdrant",
     "artifacts",
     "cache_entries",
@@ -37,6 +39,9 @@ FAULTS = [
     "fuzz",
     "secrets",
 ]
+
+# Rows that start every process they need (on a Redis of their own): no steady worker for them.
+SELF_CONTAINED = {"redis_failover"}
 
 
 def run(
@@ -51,7 +56,8 @@ def run(
     rows: list[Row] = []
     chosen = [f for f in FAULTS if not only or f in only]
     try:
-        h.start_worker("tiny", REPRISE_CACHE_PATH=str(Path(workdir) / "qdrant-steady"))
+        if set(chosen) - SELF_CONTAINED:
+            h.start_worker("tiny", REPRISE_CACHE_PATH=str(Path(workdir) / "qdrant-steady"))
         for name in chosen:
             row = Row(name)
             t = time.monotonic()
@@ -61,6 +67,7 @@ def run(
                     "worker_kill": fault_worker_kill,
                     "batch_kill": fault_batch_kill,
                     "redis_restart": fault_redis_restart,
+                    "redis_failover": fault_redis_failover,
                     "qdrant": fault_qdrant,
                     "artifacts": fault_artifacts,
                     "cache_entries": fault_cache_entries,

@@ -7,14 +7,13 @@ import time
 
 
 def _stores():
-    import redis
-
     from scheduler.api.tenants import KeyStore
     from scheduler.api.webhooks import Outbox
+    from scheduler.redis_conn import redis_client
     from scheduler.settings import get_settings
 
     s = get_settings()
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s.redis_url)
     return KeyStore(r, s.queue_prefix), Outbox(r, s.queue_prefix)
 
 

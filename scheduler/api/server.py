@@ -44,6 +44,7 @@ from scheduler.errors import (
     RepriseError,
     UnknownModel,
 )
+from scheduler.redis_conn import redis_client
 from scheduler.registry import ModelRegistry
 from scheduler.schema import GenerationRequest, GenerationResult, parse_request, with_model
 from scheduler.settings import ClusterSettings, get_settings
@@ -366,11 +367,10 @@ class ResultWaiter:
     reads them again every second (a message lost to a reconnect costs at most that)."""
 
     def __init__(self, url: str):
-        import redis.asyncio
-
         from scheduler.app import get_app
+        from scheduler.redis_conn import async_redis_client
 
-        self.r = redis.asyncio.Redis.from_url(url)
+        self.r = async_redis_client(url)
         self.backend = get_app().backend
 
     def _ended(self, raw) -> bool:
@@ -482,7 +482,7 @@ class Dispatcher(threading.Thread):
 
 def create_app(settings: ClusterSettings | None = None) -> FastAPI:
     s = settings or get_settings()
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s.redis_url)
     store, keys, limits, outbox = (
         Store(r, s),
         KeyStore(r, s.queue_prefix),
