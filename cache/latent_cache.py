@@ -321,7 +321,9 @@ class LatentCache:
             Cond("model_version", key.model_version),
             Cond("generation", int(key.generation)),
             Cond("scheduler", key.scheduler),
-            Cond("feature", key.feature),  # never resume from a state another feature cache made
+            # A plain request never resumes from a state a (lossy) feature cache made; a feature-cached request
+            # may resume from its own kind's states and from plain ones (exact up to K, then its own cache).
+            Cond("feature", key.feature if key.feature == "off" else [key.feature, "off"]),
             Cond("steps", int(key.steps)),
             Cond("guidance", gte=float(key.guidance), lte=float(key.guidance)),
             Cond("width", int(key.width)),

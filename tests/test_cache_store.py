@@ -211,7 +211,6 @@ def test_flux_and_sd3_sized_latent_round_trips(cache):
         dict(width=768),
         dict(scheduler="euler"),
         dict(model="sdxl"),
-        dict(feature='deepcache{"deepcache_interval": 5}'),
     ],
 )
 def test_filters_keep_other_configurations_apart(cache, change):
@@ -230,6 +229,22 @@ def test_a_plain_request_never_meets_a_feature_cache_entry(cache):
     assert cache.lookup_exact(key()) is None and cache.lookup_approx(key("other"), v) is None
     assert cache.lookup_exact(lossy).image_uri == "file:///lossy.png"
     assert cache.lookup_approx(key("other", feature=lossy.feature), v) is not None
+
+
+def test_a_feature_cached_request_resumes_from_plain_states_but_never_from_another_feature_cache(cache):
+    """A plain state is exact up to K, so a DeepCache request may resume from it (and then runs its own cache);
+    it never resumes from block caching's states, nor is it served a plain image as its exact hit."""
+    v = unit(6)
+    deepcache = key("other", feature='deepcache{"deepcache_interval": 5}')
+    cache.write_back(key(), v, latent_states([5, 10, 15]), "file:///plain.png", shareable=True)
+    assert cache.lookup_approx(deepcache, v) is not None
+    assert cache.lookup_exact(key(feature=deepcache.feature)) is None
+    block = key("block", feature='block{"block_delta": 0.3}')
+    cache.write_back(block, v, latent_states([5]), "file:///b.png", shareable=True)
+    for _ in range(5):  # both entries lie at similarity 1: the filter alone keeps the block one out
+        hit = cache.lookup_approx(deepcache, v)
+        assert hit is not None and hit.source_prompt != "block"
+    assert cache.lookup_approx(key("other", feature=block.feature), v) is not None
 
 
 def test_tenant_isolation(cache):
