@@ -33,7 +33,7 @@ once, from the same inputs (nothing is advanced before a call returns). An out-o
 group as well and lowers the device's batch limit to half the failed batch; every ``oom_recover_s``
 without another one raises it by one, back to ``max_batch`` (additive increase, multiplicative decrease).
 A failure of the device rather than the request (out of memory on one request alone, a device error, every
-request of a batch failing alone, a stalled device thread) is ``DeviceFailed``: the worker sends the job
+request of a batch failing alone, a second request in a row failing alone, a stalled device thread) is ``DeviceFailed``: the worker sends the job
 again (workers/tasks.py) instead of acknowledging a failure.
 
 A watchdog thread watches the device threads: one that spends longer than ``stall_s`` in one iteration
@@ -262,6 +262,7 @@ class DeviceScheduler(threading.Thread):
         self.iteration = 0
         self.stopped = threading.Event()
         self.beat = time.monotonic()  # start of the current iteration (the watchdog reads it)
+        self.lone_failures = 0  # requests that failed alone since the last call that succeeded
         self.stalled = False  # set by the watchdog: this thread's requests were released; it touches none again
 
     def run(self) -> None:
@@ -409,6 +410,7 @@ class DeviceScheduler(threading.Thread):
                     request.runner.full_passes, request.runner.partial_passes = saved
             return self._after_failure(group, exc)
         self.stats.record(start, time.perf_counter() - t0, len(group), sum(rows), ok=True)
+        self.lone_failures = 0
         return list(zip(group, outputs))
 
     def _after_failure(self, group: list[EngineRequest], exc: Exception) -> list[tuple[EngineRequest, Any]]:
@@ -420,6 +422,13 @@ class DeviceScheduler(threading.Thread):
             if _device_error(exc):
                 log.error("device %s failed on job %s alone (%s: %s)", self.device.name, jobs, type(exc).__name__, exc)
                 message = f"job {request.job_id}: device {self.device.name} failed on it alone: {exc}"
+                return [(request, DeviceFailed(message, details))]
+            self.lone_failures += 1
+            if self.lone_failures > 1:  # a second request in a row failing alone, none succeeding between
+                log.error(
+                    "device %s failed again, on job %s alone (%s: %s)", self.device.name, jobs, type(exc).__name__, exc
+                )
+                message = f"job {request.job_id}: device {self.device.name} fails every request: {exc}"
                 return [(request, DeviceFailed(message, details))]
             log.error(
                 "denoiser call failed on %s for job %s alone (%s: %s)", self.device.name, jobs, type(exc).__name__, exc
