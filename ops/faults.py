@@ -744,6 +744,97 @@ def fault_batch_kill(h: Harness, row: Row) -> None:
     h.cluster.workers.remove(rescuer)
 
 
+def _log_lines(worker, pattern: str) -> list[str]:
+    return [line for line in worker.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]
+
+
+def fault_batch_oom(h: Harness, row: Row) -> None:
+    """A `sim` device that runs out of memory above a batch of 3 requests (REPRISE_SIM_OOM_ABOVE=6 samples, 2 per
+    request with guidance), under a stream: each out-of-memory batch is halved and run again, the device's
+    batch limit drops and climbs back (REPRISE_OOM_RECOVER_S), and every request completes once. Then a device
+    out of memory on one request alone: the device's failure, so the job is sent again (REPRISE_DEVICE_RETRIES),
+    never acknowledged as final while retries are left, and only then fails, typed (DeviceFailed)."""
+    since = time.time()
+    worker = h.start_worker(
+        "sim", "sim:0", REPRISE_SIM_OOM_ABOVE="6", REPRISE_OOM_RECOVER_S="1", REPRISE_CACHE_ENABLED="false"
+    )
+    n = 12 if h.quick else 24
+    sent = []
+    for i in range(n):  # a stream: 4 at once, every 0.3 s
+        sent.append(h.send({"prompt": f"an out-of-memory stream {i}", "steps": 20, "seed": i}, model="sim"))
+        if i % 4 == 3:
+            time.sleep(0.3)
+    outcomes = _wait_all(h, sent, 120)
+    account(row, h, outcomes, since)
+    halved = _log_lines(worker, r"out of memory on sim:0 at a batch of")
+    raised = _log_lines(worker, r"batch limit of sim:0 raised")
+    row.check("out-of-memory batches were halved (the device's limit lowered)", len(halved) >= 1, len(halved))
+    row.check("the batch limit climbed back after each", len(raised) >= 1, len(raised))
+    row.check("no request of the stream ran twice", row.retried == 0, row.retried)
+    worker.stop()
+    h.cluster.workers.remove(worker)
+
+    alone_since = time.time()
+    retries = 2
+    worker = h.start_worker(
+        "sim",
+        "sim:0",
+        REPRISE_SIM_OOM_ABOVE="1",  # not even one request (2 samples) fits
+        REPRISE_DEVICE_RETRIES=str(retries),
+        REPRISE_CACHE_ENABLED="false",
+        REPRISE_WARMUP="false",  # its warm-up generation would run out of memory too
+    )
+    job = [h.send({"prompt": "out of memory alone", "steps": 8, "seed": 1}, model="sim")]
+    alone = _wait_all(h, job, 60)
+    account(row, h, alone, alone_since, expect_failure=True)
+    starts = [e for e in h.journal() if e["event"] == "start" and e["job"] == job[0][0] and e["t"] >= alone_since]
+    row.check(
+        f"a device out of memory on one request alone: the job was sent again {retries} times, then failed typed",
+        alone[0]["state"] == "FAILURE" and alone[0].get("error") == "DeviceFailed" and len(starts) == retries + 1,
+        {"state": alone[0]["state"], "error": alone[0].get("error"), "runs started": len(starts)},
+    )
+    row.notes.append(
+        {"halvings": len(halved), "limit raised": len(raised), "first halving": halved[0][-160:] if halved else None}
+    )
+    worker.stop()
+    h.cluster.workers.remove(worker)
+
+
+POISON_PROMPT = "a poisoned request (fault suite)"
+
+
+def fault_poison_request(h: Harness, row: Row) -> None:
+    """One request whose denoiser call raises (the `sim` device rejects the conditioning of
+    REPRISE_SIM_POISON_PROMPT, as a kernel rejecting one request's inputs would) inside a batch: the engine
+    runs the batch again in halves, so it alone fails, typed (DenoiserFailed, final: not retried), and its
+    batch-mates complete once."""
+    since = time.time()
+    worker = h.start_worker("sim", "sim:0", REPRISE_SIM_POISON_PROMPT=POISON_PROMPT, REPRISE_CACHE_ENABLED="false")
+    n = 6 if h.quick else 10
+    payloads = [{"prompt": f"a batch-mate of the poison {i}", "steps": 20, "seed": i} for i in range(n)]
+    payloads.insert(n // 2, {"prompt": POISON_PROMPT, "steps": 20, "seed": 7})
+    sent = [h.send(p, model="sim") for p in payloads]  # at once: they share calls
+    outcomes = _wait_all(h, sent, 120)
+    account(row, h, outcomes, since, expect_failure=True)
+    poison_id = sent[n // 2][0]
+    poison = outcomes[n // 2]
+    others = [o for o in outcomes if o["id"] != poison_id]
+    row.check(
+        "the poison request alone failed, typed (DenoiserFailed)",
+        poison["state"] == "FAILURE" and poison.get("error") == "DenoiserFailed",
+        {k: poison.get(k) for k in ("state", "error", "message")},
+    )
+    row.check(
+        "every other request completed", all(o["state"] == "SUCCESS" for o in others), f"{row.completed}/{len(others)}"
+    )
+    row.check("nothing ran twice (the poison's failure is final, not retried)", row.retried == 0, row.retried)
+    split = [line for line in _log_lines(worker, r"running its \d+ requests again in halves") if poison_id in line]
+    row.check("the poison failed inside a batch first (the engine's log of the call)", bool(split), len(split))
+    row.notes.append({"batch that failed": split[0][-200:] if split else None})
+    worker.stop()
+    h.cluster.workers.remove(worker)
+
+
 def fault_redis_restart(h: Harness, row: Row) -> None:
     """SIGKILL, then SIGTERM, the Redis server under load; restart it on the same port and folder."""
     since = time.time()
@@ -1685,6 +1776,8 @@ def scan_repo(root: str | None = None) -> list[str]:
 FAULTS = [
     "worker_kill",
     "batch_kill",
+    "batch_oom",
+    "poison_request",
     "redis_restart",
     "qdrant",
     "artifacts",
@@ -1718,6 +1811,8 @@ def run(
                 {
                     "worker_kill": fault_worker_kill,
                     "batch_kill": fault_batch_kill,
+                    "batch_oom": fault_batch_oom,
+                    "poison_request": fault_poison_request,
                     "redis_restart": fault_redis_restart,
                     "qdrant": fault_qdrant,
                     "artifacts": fault_artifacts,
