@@ -112,6 +112,19 @@ def _together(service, gates, jobs):
     return results
 
 
+class _Start:
+    """A request's start for the engine, bound by the device thread that takes it (as DeviceStart is)."""
+
+    def __init__(self, prompt: str, seed: int):
+        self.prompt, self.seed = prompt, seed
+
+    def bind(self, loop):
+        trajectory = loop.trajectory(
+            prompt=self.prompt, seed=self.seed, steps=STEPS, guidance_scale=1.0, width=64, height=64
+        )
+        return trajectory, None
+
+
 def _alone(service, payload, job_id):
     return service.run({**payload, "deterministic": True}, JobContext(job_id=job_id))
 
@@ -274,10 +287,8 @@ def test_a_stalled_device_is_found_and_its_requests_released(tmp_path, devices):
 def test_wait_has_a_deadline(tmp_path):
     service, gates = _service(tmp_path, 1)
     try:
-        loop = service.pool.devices[0].loop
         gates[0].gate.clear()
-        traj = loop.trajectory(prompt="a wait", seed=1, steps=STEPS, guidance_scale=1.0, width=64, height=64)
-        request = EngineRequest(traj, group=("shared",), job_id="w")
+        request = EngineRequest(_Start("a wait", 1), group=("shared",), job_id="w")
         service.engine.submit(request)
         start = time.monotonic()
         with pytest.raises(DeviceFailed, match="deadline"):
@@ -299,9 +310,8 @@ def test_busy_ratio_is_the_devices_call_time_not_the_jobs_wall_time(tmp_path, de
             s.stats.window_s = 1.0
         requests = []
         for i in range(devices):
-            loop = service.pool.devices[i].loop
-            traj = loop.trajectory(prompt=f"busy {i}", seed=i, steps=STEPS, guidance_scale=1.0, width=64, height=64)
-            requests.append(EngineRequest(traj, group=("solo", i), job_id=f"b{i}", lookup_pending=True, hold_at=2))
+            start = _Start(f"busy {i}", i)
+            requests.append(EngineRequest(start, group=("solo", i), job_id=f"b{i}", lookup_pending=True, hold_at=2))
         for r in requests:
             engine.submit(r)
         time.sleep(1.5)  # 2 steps each, then held: the devices idle while the jobs run
