@@ -13,6 +13,8 @@ from REPRISE_FAULT_* variables before handing over to `ops.cli`:
   at that point of its N-th job (artifact: after half the PNG bytes reached the temporary file;
   writeback: right after the cache insert). A denoise death journals the engine's record of the call in
   flight (the job ids of every request batched in it).
+- REPRISE_FAULT_STALL_ON=N: the N-th denoiser call of the process never returns (a hung kernel): the
+  engine's watchdog must find it (REPRISE_DEVICE_STALL_S).
 - REPRISE_FAULT_CACHE_DELAY_MS (while REPRISE_FAULT_CACHE_DELAY_FILE exists): every cache lookup sleeps first.
 - REPRISE_FAULT_ARTIFACT_FULL_FILE: while it exists, artifact writes fail with ENOSPC.
 - REPRISE_FAULT_CLOCK_SKEW_S: every local clock of the process is off by this much: the wall clock
@@ -51,7 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,22 +158,33 @@ def install_hooks(worker: bool = True) -> None:
 
     on_device = service_mod.GenerationService.on_device
 
+    from workers import engine as engine_mod
+
+    doomed: dict[str, object] = {}  # job id -> its service: it dies inside a call at half its steps
+    stall_on = int(env.get("REPRISE_FAULT_STALL_ON") or 0)
+    calls = [0]
+
     def on_device_hooked(self, admitted, *args, **kwargs):
         if kill_at == "denoise" and due("denoise"):
-            job = admitted.job
-            on_step = job.on_progress
-            steps = admitted.request.steps
-
-            def dying_step(step, total, service=self, job_id=job.job_id):
-                if step >= max(1, steps // 2):
-                    _die("denoise", in_call=_engine_call(service, job_id))
-                if on_step:
-                    on_step(step, total)
-
-            admitted.job = replace(job, on_progress=dying_step)
+            doomed[admitted.job.job_id] = self
         return on_device(self, admitted, *args, **kwargs)
 
     service_mod.GenerationService.on_device = on_device_hooked
+
+    device_call = engine_mod.DeviceScheduler._call
+
+    def call_hooked(self, group):
+        """On the device thread, inside the denoiser call (DeviceStats.last_call names its jobs)."""
+        for r in group:
+            if r.job_id in doomed and r.trajectory.i >= max(1, r.trajectory.steps // 2):
+                _die("denoise", in_call=_engine_call(doomed[r.job_id], r.job_id))
+        calls[0] += 1
+        if stall_on and calls[0] == stall_on:  # a hung kernel: this call never returns
+            _journal({"event": "stalled", "jobs": [r.job_id for r in group]})
+            threading.Event().wait()
+        return device_call(self, group)
+
+    engine_mod.DeviceScheduler._call = call_hooked
 
     decode = DenoiseLoop.decode
 
@@ -798,6 +811,51 @@ def fault_batch_oom(h: Harness, row: Row) -> None:
     )
     worker.stop()
     h.cluster.workers.remove(worker)
+
+
+def fault_device_stall(h: Harness, row: Row) -> None:
+    """A device thread hangs inside a denoiser call (REPRISE_FAULT_STALL_ON: a hung kernel). The engine's
+    watchdog (REPRISE_DEVICE_STALL_S) marks the node unhealthy: it releases the requests it held with
+    DeviceFailed, which the task sends again rather than acknowledging, and the node stops consuming; a
+    healthy node started afterwards answers every one of them, once."""
+    since = time.time()
+    victim = h.start_worker(
+        "sim",
+        "sim:0",
+        REPRISE_FAULT_STALL_ON="3",
+        REPRISE_DEVICE_STALL_S="3",
+        REPRISE_DEVICE_RETRIES="5",
+        REPRISE_CACHE_ENABLED="false",
+        REPRISE_WARMUP="false",
+    )
+    n = 4 if h.quick else 6
+    sent = [h.send({"prompt": f"a hung device {i}", "steps": 12, "seed": i}, model="sim") for i in range(n)]
+    deadline = time.monotonic() + 60
+    while not _log_lines(victim, "no longer consuming") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    unhealthy = _log_lines(victim, "NODE UNHEALTHY")
+    row.check("the watchdog found the stalled device and stopped the node's consumer", bool(unhealthy), unhealthy[:1])
+    rescuer = h.start_worker("sim", "sim:0", REPRISE_CACHE_ENABLED="false")
+    outcomes = _wait_all(h, sent, 120)
+    account(row, h, outcomes, since)
+    journal = [e for e in h.journal() if e.get("t", 0) >= since]
+    stalled = [e for e in journal if e["event"] == "stalled"]
+    held = {e["job"] for e in journal if e["event"] == "start" and e["pid"] == victim.pid}
+    answered_by = {e["job"]: e["pid"] for e in journal if e["event"] == "done"}
+    row.check(
+        "every job the stalled node held was sent again and answered by the healthy node",
+        bool(stalled) and bool(held) and all(answered_by.get(j) == rescuer.pid for j in held),
+        {
+            "stalled call": stalled[0]["jobs"] if stalled else None,
+            "held": len(held),
+            "by rescuer": sum(answered_by.get(j) == rescuer.pid for j in held),
+        },
+    )
+    row.check("the stalled node was not killed (released, not restarted)", victim.alive(), victim.proc.poll())
+    row.notes.append({"unhealthy": unhealthy[0][-200:] if unhealthy else None})
+    for w in (victim, rescuer):
+        w.stop()
+        h.cluster.workers.remove(w)
 
 
 POISON_PROMPT = "a poisoned request (fault suite)"
@@ -1778,6 +1836,7 @@ FAULTS = [
     "batch_kill",
     "batch_oom",
     "poison_request",
+    "device_stall",
     "redis_restart",
     "qdrant",
     "artifacts",
@@ -1813,6 +1872,7 @@ def run(
                     "batch_kill": fault_batch_kill,
                     "batch_oom": fault_batch_oom,
                     "poison_request": fault_poison_request,
+                    "device_stall": fault_device_stall,
                     "redis_restart": fault_redis_restart,
                     "qdrant": fault_qdrant,
                     "artifacts": fault_artifacts,
