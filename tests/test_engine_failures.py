@@ -359,3 +359,41 @@ def test_gpu_seconds_saved_share_each_call_among_its_batch(tmp_path, devices):
         assert credited < 0.5 * 5 * old_per_step, (credited, old_per_step)  # ~1/B of the old figure
     finally:
         service.close()
+
+
+class _BrokenStep(_Start):
+    """A start whose trajectory's own scheduler step raises (after the shared call succeeded)."""
+
+    def bind(self, loop):
+        trajectory, runner = super().bind(loop)
+
+        def advance(noise):
+            raise FloatingPointError("a solver step that fails")
+
+        trajectory.advance = advance
+        return trajectory, runner
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_failing_scheduler_step_fails_only_its_request(tmp_path, devices):
+    service, gates = _service(tmp_path, devices)
+    try:
+        engine = service.engine
+        for g in gates:
+            g.gate.clear()
+        requests = [EngineRequest(_Start(f"fine {i}", i), group=("shared",), job_id=f"f{i}") for i in range(3)]
+        requests.insert(1, EngineRequest(_BrokenStep("broken", 9), group=("shared",), job_id="broken"))
+        for r in requests:
+            engine.submit(r)
+        time.sleep(0.5)
+        for g in gates:
+            g.gate.set()
+        with pytest.raises(DenoiserFailed, match="scheduler step"):
+            engine.wait(requests[1])
+        for r in requests[:1] + requests[2:]:
+            out, _, _ = engine.wait(r)
+            assert out.steps_computed == STEPS
+    finally:
+        for g in gates:
+            g.gate.set()
+        service.close()

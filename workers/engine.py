@@ -401,7 +401,15 @@ class DeviceScheduler(threading.Thread):
                 request.events.put(("error", out))
                 continue
             request.last_stepped = self.iteration
-            request.trajectory.advance(out)
+            try:
+                request.trajectory.advance(out)
+            except Exception as exc:  # its own scheduler's step (guidance, solver) failed: it alone fails
+                log.exception("the scheduler step of job %s failed on %s", request.job_id, self.device.name)
+                self._leave(request)
+                details = {"device": self.device.name, "error": type(exc).__name__, "step": request.trajectory.i}
+                message = f"job {request.job_id}: its scheduler step failed: {type(exc).__name__}: {exc}"
+                request.events.put(("error", DenoiserFailed(message, details)))
+                continue
             request.events.put(("step", request.trajectory.i, request.trajectory.steps))
             if request.on_progress is not None:
                 if self.publisher is not None:
