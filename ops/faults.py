@@ -763,29 +763,36 @@ def _log_lines(worker, pattern: str) -> list[str]:
 
 def fault_batch_oom(h: Harness, row: Row) -> None:
     """A `sim` device that runs out of memory above a batch of 3 requests (REPRISE_SIM_OOM_ABOVE=6 samples, 2 per
-    request with guidance), under a stream: each out-of-memory batch is halved and run again, the device's
+    request with guidance), under a stream, on a node of one device and one of two: each out-of-memory batch is halved and run again, the device's
     batch limit drops and climbs back (REPRISE_OOM_RECOVER_S), and every request completes once. Then a device
     out of memory on one request alone: the device's failure, so the job is sent again (REPRISE_DEVICE_RETRIES),
     never acknowledged as final while retries are left, and only then fails, typed (DeviceFailed)."""
-    since = time.time()
-    worker = h.start_worker(
-        "sim", "sim:0", REPRISE_SIM_OOM_ABOVE="6", REPRISE_OOM_RECOVER_S="1", REPRISE_CACHE_ENABLED="false"
-    )
+    halved: list[str] = []
+    raised: list[str] = []
     n = 12 if h.quick else 24
-    sent = []
-    for i in range(n):  # a stream: 4 at once, every 0.3 s
-        sent.append(h.send({"prompt": f"an out-of-memory stream {i}", "steps": 20, "seed": i}, model="sim"))
-        if i % 4 == 3:
-            time.sleep(0.3)
-    outcomes = _wait_all(h, sent, 120)
-    account(row, h, outcomes, since)
-    halved = _log_lines(worker, r"out of memory on sim:0 at a batch of")
-    raised = _log_lines(worker, r"batch limit of sim:0 raised")
-    row.check("out-of-memory batches were halved (the device's limit lowered)", len(halved) >= 1, len(halved))
-    row.check("the batch limit climbed back after each", len(raised) >= 1, len(raised))
-    row.check("no request of the stream ran twice", row.retried == 0, row.retried)
-    worker.stop()
-    h.cluster.workers.remove(worker)
+    for devices in ("sim:0", "sim:0,sim:1"):  # one device and two
+        since = time.time()
+        worker = h.start_worker(
+            "sim", devices, REPRISE_SIM_OOM_ABOVE="6", REPRISE_OOM_RECOVER_S="1", REPRISE_CACHE_ENABLED="false"
+        )
+        sent = []
+        for i in range(n):  # a stream: 4 at once, every 0.3 s
+            payload = {"prompt": f"an out-of-memory stream {devices} {i}", "steps": 20, "seed": i}
+            sent.append(h.send(payload, model="sim"))
+            if i % 4 == 3:
+                time.sleep(0.3)
+        outcomes = _wait_all(h, sent, 120)
+        retried_before = row.retried
+        account(row, h, outcomes, since)
+        halved_here = _log_lines(worker, r"out of memory on sim:\d at a batch of")
+        raised_here = _log_lines(worker, r"batch limit of sim:\d raised")
+        row.check(f"{devices}: out-of-memory batches were halved (limit lowered)", bool(halved_here), len(halved_here))
+        row.check(f"{devices}: the batch limit climbed back", bool(raised_here), len(raised_here))
+        row.check(f"{devices}: no request of the stream ran twice", row.retried == retried_before, row.retried)
+        halved += halved_here
+        raised += raised_here
+        worker.stop()
+        h.cluster.workers.remove(worker)
 
     alone_since = time.time()
     retries = 2
@@ -865,32 +872,37 @@ def fault_poison_request(h: Harness, row: Row) -> None:
     """One request whose denoiser call raises (the `sim` device rejects the conditioning of
     REPRISE_SIM_POISON_PROMPT, as a kernel rejecting one request's inputs would) inside a batch: the engine
     runs the batch again in halves, so it alone fails, typed (DenoiserFailed, final: not retried), and its
-    batch-mates complete once."""
-    since = time.time()
-    worker = h.start_worker("sim", "sim:0", REPRISE_SIM_POISON_PROMPT=POISON_PROMPT, REPRISE_CACHE_ENABLED="false")
+    batch-mates complete once; on a node of one device and one of two."""
     n = 6 if h.quick else 10
-    payloads = [{"prompt": f"a batch-mate of the poison {i}", "steps": 20, "seed": i} for i in range(n)]
-    payloads.insert(n // 2, {"prompt": POISON_PROMPT, "steps": 20, "seed": 7})
-    sent = [h.send(p, model="sim") for p in payloads]  # at once: they share calls
-    outcomes = _wait_all(h, sent, 120)
-    account(row, h, outcomes, since, expect_failure=True)
-    poison_id = sent[n // 2][0]
-    poison = outcomes[n // 2]
-    others = [o for o in outcomes if o["id"] != poison_id]
-    row.check(
-        "the poison request alone failed, typed (DenoiserFailed)",
-        poison["state"] == "FAILURE" and poison.get("error") == "DenoiserFailed",
-        {k: poison.get(k) for k in ("state", "error", "message")},
-    )
-    row.check(
-        "every other request completed", all(o["state"] == "SUCCESS" for o in others), f"{row.completed}/{len(others)}"
-    )
-    row.check("nothing ran twice (the poison's failure is final, not retried)", row.retried == 0, row.retried)
-    split = [line for line in _log_lines(worker, r"running its \d+ requests again in halves") if poison_id in line]
-    row.check("the poison failed inside a batch first (the engine's log of the call)", bool(split), len(split))
-    row.notes.append({"batch that failed": split[0][-200:] if split else None})
-    worker.stop()
-    h.cluster.workers.remove(worker)
+    for devices in ("sim:0", "sim:0,sim:1"):  # one device and two
+        since = time.time()
+        worker = h.start_worker("sim", devices, REPRISE_SIM_POISON_PROMPT=POISON_PROMPT, REPRISE_CACHE_ENABLED="false")
+        payloads = [{"prompt": f"a batch-mate of the poison {devices} {i}", "steps": 20, "seed": i} for i in range(n)]
+        payloads.insert(n // 2, {"prompt": POISON_PROMPT, "steps": 20, "seed": 7})
+        sent = [h.send(p, model="sim") for p in payloads]  # at once: they share calls
+        outcomes = _wait_all(h, sent, 120)
+        retried_before = row.retried
+        account(row, h, outcomes, since, expect_failure=True)
+        poison_id = sent[n // 2][0]
+        poison = outcomes[n // 2]
+        others = [o for o in outcomes if o["id"] != poison_id]
+        row.check(
+            f"{devices}: the poison request alone failed, typed (DenoiserFailed)",
+            poison["state"] == "FAILURE" and poison.get("error") == "DenoiserFailed",
+            {k: poison.get(k) for k in ("state", "error", "message")},
+        )
+        done = sum(o["state"] == "SUCCESS" for o in others)
+        row.check(f"{devices}: every other request completed", done == len(others), f"{done}/{len(others)}")
+        row.check(
+            f"{devices}: nothing ran twice (the poison's failure is final, not retried)",
+            row.retried == retried_before,
+            row.retried,
+        )
+        split = [line for line in _log_lines(worker, r"running its \d+ requests again in halves") if poison_id in line]
+        row.check(f"{devices}: the poison failed inside a batch first (the engine's log)", bool(split), len(split))
+        row.notes.append({devices: split[0][-200:] if split else None})
+        worker.stop()
+        h.cluster.workers.remove(worker)
 
 
 def fault_redis_restart(h: Harness, row: Row) -> None:
