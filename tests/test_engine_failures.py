@@ -279,6 +279,8 @@ def test_a_stalled_device_is_found_and_its_requests_released(tmp_path, devices):
         assert all(isinstance(r, DeviceFailed) or r.cache.steps_computed == STEPS for r in results), results
         with pytest.raises(DeviceFailed):  # it takes no more work
             service.run({"prompt": "after", "steps": STEPS, "cache": NOCACHE}, JobContext(job_id="after"))
+        scraped = {f.name: f.samples for f in metrics.NodeCollector(service, None).engine_metrics()}
+        assert scraped["reprise_node_healthy"][0].value == 0.0
     finally:
         gates[0].gate.set()
         service.close()
