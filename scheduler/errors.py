@@ -75,6 +75,21 @@ class JobFailed(RepriseError):
     code = "job_failed"
 
 
+class DenoiserFailed(JobFailed):
+    """The denoiser raised on this request run alone (the requests batched with it were run again without it
+    and completed). The request's own failure: final, never retried."""
+
+    code = "denoiser_failed"
+
+
+class DeviceFailed(JobFailed):
+    """The device failed, not the request: out of memory on one request alone, a stalled device thread, every
+    request of a batch failing alone. The worker sends the job again (``REPRISE_DEVICE_RETRIES`` times, to any
+    node); a caller sees this error only once those retries are spent."""
+
+    code = "device_failed"
+
+
 def error_payload(exc: BaseException) -> dict:
     """The machine-readable form the CLI prints with --json."""
     code = getattr(exc, "code", "job_failed")

@@ -74,10 +74,11 @@ def test_500_requests_leave_no_tensor_of_theirs_behind(tmp_path, devices):
 
 
 def test_busy_trackers_are_pruned_without_a_scrape():
-    from workers.metrics import _BusyTracker
+    """The busy ratio's intervals (DeviceStats, one per denoiser call) leave the window as calls are recorded."""
+    from workers.engine import DeviceStats
 
-    tracker = _BusyTracker(window_s=10.0)
+    stats = DeviceStats(window_s=10.0, started=0.0)
     for i in range(10_000):
-        tracker.observe("cpu0", float(i), i + 0.5)  # one job a second for ~3 hours, never scraped
-    assert len(tracker.intervals["cpu0"]) <= 11
-    assert tracker.ratio("cpu0", 1, 10_000.0) == pytest.approx(0.5)
+        stats.record(float(i), 0.5, 1, 1, ok=True)  # one call a second for ~3 hours, never scraped
+    assert len(stats.intervals) <= 11
+    assert stats.busy_ratio(10_000.0) == pytest.approx(0.5)

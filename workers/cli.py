@@ -31,7 +31,7 @@ def _cmd_worker(args) -> int:
     service = build_service(wsettings, cluster, redis_client=client)
     from workers import tasks
 
-    tasks.install(service, client, cluster.progress_interval_s, cluster.queue_prefix)
+    tasks.install(service, client, cluster.progress_interval_s, cluster.queue_prefix, wsettings.device_retries)
     queue = queue_for(service.model_name, cluster.queue_prefix)
     serve_metrics(service, wsettings, client, cluster.queue_prefix)
     hostname = args.hostname or f"reprise-{service.model_name}-{os.getpid()}@{socket.gethostname()}"

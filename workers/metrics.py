@@ -8,19 +8,26 @@ The names are fixed (the dashboards use them):
   ``reprise_queued_at`` header, which ``scheduler.client.submit`` sets).
 - ``reprise_cache_hits_total{model,type,k}``: type exact / approximate / miss; k is the step an
   approximate hit resumed from ("-" for exact hits and misses).
-- ``reprise_steps_saved_total{model}``, ``reprise_gpu_seconds_saved_total{model}`` (steps saved ×
-  this node's measured seconds per step), ``reprise_cache_lookup_seconds{model}``.
+- ``reprise_steps_saved_total{model}``, ``reprise_gpu_seconds_saved_total{model}`` (steps saved × the
+  device seconds one request's step costs on this node, from the engine's own call times: each call's
+  time shared by the requests it stepped, so at batch B a step costs about 1/B of a call),
+  ``reprise_cache_lookup_seconds{model}``.
 - ``reprise_cache_writeback_failures_total{model}``: write-backs that failed or were dropped
   because the write-back queue was full.
 - ``reprise_queue_depth{queue}``: messages waiting in each ``<prefix>.*`` queue, read from Redis at
   scrape time; the priority sub-queues (``reprise.tiny:3``) are summed into their queue. Flower has
   no queue-length metric, so this fills that gap.
 - ``reprise_device_busy_ratio{device}``: share of the last ``BUSY_WINDOW_S`` seconds the device
-  spent on jobs (devices with the same name are averaged).
+  spent inside denoiser calls, from the engine's own call times (devices with the same name are
+  averaged); a device that idles between calls reads below 1 even while jobs run.
 - ``reprise_devices{model}``: devices this node serves.
 - ``reprise_denoiser_calls_total{device}``, ``reprise_batched_requests_total{device}``: the engine's
   batched calls and the requests they stepped (their ratio is the mean batch);
-  ``reprise_device_busy_seconds_total{device}``: time inside denoiser calls.
+  ``reprise_device_busy_seconds_total{device}``: time inside denoiser calls;
+  ``reprise_denoiser_failures_total{device}``: calls that raised (run again in halves);
+  ``reprise_device_oom_total{device}``: out-of-memory errors; ``reprise_device_batch_limit{device}``:
+  the requests a device steps at once now (lowered after an out-of-memory error, raised again later);
+  ``reprise_node_healthy``: 0 once the engine's watchdog found a stalled device.
 
 The task records each job with one call (``observe_result`` / ``observe_failure``); everything
 read from the service or Redis is read when Prometheus scrapes.
@@ -30,8 +37,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
-import time
 
 from prometheus_client import (
     CollectorRegistry,
@@ -44,6 +49,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scheduler.errors import InvalidRequest, JobCancelled, JobTimeout
+from workers.engine import BUSY_WINDOW_S
 
 log = logging.getLogger("reprise.metrics")
 
@@ -54,7 +60,6 @@ ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes etc.: memor
 OUTCOMES = ("success", "invalid", "cancelled", "timeout", "failed")
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
 LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-BUSY_WINDOW_S = 60.0
 
 JOBS = Counter("reprise_jobs", "Jobs finished, by outcome.", ["model", "outcome"], registry=REGISTRY)
 QUEUE_WAIT = Histogram(
@@ -103,56 +108,32 @@ def outcome_of(exc: BaseException) -> str:
     return "failed"
 
 
-class _StepClock:
-    """Moving average of seconds per denoising step, per model (for the GPU seconds saved)."""
-
-    def __init__(self) -> None:
-        self.per_step: dict[str, float] = {}
-
-    def observe(self, model: str, steps: int, seconds: float) -> None:
-        if steps > 0 and seconds > 0:
-            s = seconds / steps
-            old = self.per_step.get(model)
-            self.per_step[model] = s if old is None else 0.9 * old + 0.1 * s
-
-    def seconds_for(self, model: str, steps: int) -> float:
-        return self.per_step.get(model, 0.0) * steps
+def _engine_stats(service) -> list:
+    """Every device's DeviceStats (a list: several devices may share a name, e.g. `--devices cpu,cpu`)."""
+    engine = getattr(service, "_engine", None) if service is not None else None
+    return [(s.device.name, s.stats) for s in engine.schedulers] if engine is not None else []
 
 
-class _BusyTracker:
-    """Busy intervals per device name over a sliding window."""
-
-    def __init__(self, window_s: float = BUSY_WINDOW_S) -> None:
-        self.window_s = window_s
-        self.intervals: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self.lock = threading.Lock()
-
-    def observe(self, device: str, start: float, end: float) -> None:
-        with self.lock:
-            q = self.intervals[device]
-            q.append((start, end))
-            self._prune(q, end - self.window_s)  # bounded by the window whether or not anyone scrapes
-
-    @staticmethod
-    def _prune(q: collections.deque, lo: float) -> None:
-        while q and q[0][1] < lo:
-            q.popleft()
-
-    def ratio(self, device: str, slots: int, now: float) -> float:
-        lo = now - self.window_s
-        with self.lock:
-            q = self.intervals.get(device, collections.deque())
-            self._prune(q, lo)
-            busy = sum(min(end, now) - max(start, lo) for start, end in q if end > lo)
-        return min(1.0, busy / (self.window_s * max(1, slots)))
+def request_step_s(service) -> float:
+    """Device seconds one request's denoising step costs on this node: the engine's time inside denoiser
+    calls over the request-steps those calls made (a call of B requests: each step costs 1/B of it)."""
+    stats = [s for _, s in _engine_stats(service)]
+    stepped = sum(s.requests_stepped for s in stats)
+    return sum(s.call_s for s in stats) / stepped if stepped else 0.0
 
 
-_clock = _StepClock()
-_busy = _BusyTracker()
+def busy_ratios(service) -> dict[str, float]:
+    """Per device name, the share of the last window spent inside denoiser calls (same names averaged)."""
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, stats in _engine_stats(service):
+        by_name[name].append(stats.busy_ratio())
+    names = [d.name for d in service.pool.devices] if service is not None else []
+    return {name: (sum(by_name[name]) / len(by_name[name]) if by_name[name] else 0.0) for name in names or by_name}
 
 
-def observe_result(result) -> None:
-    """Record one successful job (a ``GenerationResult``)."""
+def observe_result(result, service=None) -> None:
+    """Record one successful job (a ``GenerationResult``); ``service`` (its engine's call times) prices the
+    steps it saved."""
     model = result.model
     t, cache = result.timings, result.cache
     service_s = max(0.0, t.total_s - t.queue_wait_s)
@@ -160,17 +141,13 @@ def observe_result(result) -> None:
     QUEUE_WAIT.labels(model).observe(t.queue_wait_s)
     SERVICE.labels(model).observe(service_s)
     END_TO_END.labels(model).observe(t.total_s)
-    _clock.observe(model, cache.steps_computed, t.denoise_s)
     if cache.hit != "off":
         CACHE_HITS.labels(model, cache.hit, str(cache.k) if cache.hit == "approximate" and cache.k else "-").inc()
     if cache.steps_saved:
         STEPS_SAVED.labels(model).inc(cache.steps_saved)
-        GPU_SECONDS_SAVED.labels(model).inc(_clock.seconds_for(model, cache.steps_saved))
+        GPU_SECONDS_SAVED.labels(model).inc(cache.steps_saved * request_step_s(service))
     if cache.lookup_ms is not None:
         LOOKUP.labels(model).observe(cache.lookup_ms / 1000.0)
-    if result.device:  # an exact hit never held a device
-        now = time.time()
-        _busy.observe(result.device, now - service_s, now)
 
 
 def observe_failure(model: str, exc_or_outcome: BaseException | str) -> None:
@@ -213,15 +190,13 @@ class NodeCollector:
         except Exception as exc:  # Redis away: the other metrics still scrape
             log.warning("queue depth unavailable: %s", exc)
         yield depth
-        names = collections.Counter(d.name for d in self.service.pool.devices)
         busy = GaugeMetricFamily(
             "reprise_device_busy_ratio",
-            f"Share of the last {BUSY_WINDOW_S:.0f}s each device spent on jobs.",
+            f"Share of the last {BUSY_WINDOW_S:.0f}s each device spent inside denoiser calls.",
             labels=["device"],
         )
-        now = time.time()
-        for name, slots in sorted(names.items()):
-            busy.add_metric([name], _busy.ratio(name, slots, now))
+        for name, ratio in sorted(busy_ratios(self.service).items()):
+            busy.add_metric([name], ratio)
         yield busy
         devices = GaugeMetricFamily("reprise_devices", "Devices this node serves.", labels=["model"])
         devices.add_metric([model], len(self.service.pool.devices))
@@ -235,7 +210,7 @@ class NodeCollector:
         yield failures
 
     def engine_metrics(self):
-        """The engine's batching, per device: mean batch = rate(requests) ÷ rate(calls)."""
+        """The engine's batching and failures, per device: mean batch = rate(requests) ÷ rate(calls)."""
         families = {
             "calls": CounterMetricFamily("reprise_denoiser_calls", "Batched denoiser calls.", labels=["device"]),
             "requests": CounterMetricFamily(
@@ -244,13 +219,31 @@ class NodeCollector:
             "busy": CounterMetricFamily(
                 "reprise_device_busy_seconds", "Time each device spent inside denoiser calls.", labels=["device"]
             ),
+            "failed": CounterMetricFamily(
+                "reprise_denoiser_failures", "Denoiser calls that raised (run again in halves).", labels=["device"]
+            ),
+            "oom": CounterMetricFamily("reprise_device_oom", "Out-of-memory errors of a device.", labels=["device"]),
+            "limit": GaugeMetricFamily(
+                "reprise_device_batch_limit", "Requests a device steps at once now.", labels=["device"]
+            ),
         }
-        engine = getattr(self.service, "_engine", None)
-        for name, stats in sorted(engine.stats().items() if engine is not None else []):
-            families["calls"].add_metric([name], stats.calls)
-            families["requests"].add_metric([name], stats.requests_stepped)
-            families["busy"].add_metric([name], stats.call_s)
+        totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+        for name, stats in _engine_stats(self.service):
+            t = totals[name]
+            t["calls"] += stats.calls
+            t["requests"] += stats.requests_stepped
+            t["busy"] += stats.call_s
+            t["failed"] += stats.failed_calls
+            t["oom"] += stats.oom_events
+            t["limit"] += stats.batch_limit
+        for name, t in sorted(totals.items()):
+            for key, family in families.items():
+                family.add_metric([name], t[key])
         yield from families.values()
+        engine = getattr(self.service, "_engine", None)
+        healthy = GaugeMetricFamily("reprise_node_healthy", "0 once a device thread stalled (no new work taken).")
+        healthy.add_metric([], 0.0 if engine is not None and not engine.healthy else 1.0)
+        yield healthy
 
 
 _collector: NodeCollector | None = None

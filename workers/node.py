@@ -82,7 +82,13 @@ def build_service(
             from workers.sim import load_sim_components
 
             components = load_sim_components(
-                worker.model, worker.sim_step_ms, worker.sim_latent_size, worker.sim_call_ms, worker.sim_sample_ms
+                worker.model,
+                worker.sim_step_ms,
+                worker.sim_latent_size,
+                worker.sim_call_ms,
+                worker.sim_sample_ms,
+                oom_above=worker.sim_oom_above,
+                poison_prompt=worker.sim_poison_prompt,
             )
         else:
             components = load_components(worker.model, name)
@@ -116,6 +122,7 @@ def build_service(
         writeback_queue=worker.writeback_queue,
         max_batch=worker.max_batch,
         job_threads=1,  # the device threads keep every core; see GenerationService
+        engine_options={"stall_s": worker.device_stall_s, "oom_recover_s": worker.oom_recover_s},
     )
     service.text_memo = memo
     if redis_client is not None:

@@ -180,6 +180,7 @@ class GenerationService:
         hostname: str | None = None,
         max_batch: int = 8,
         job_threads: int | None = None,
+        engine_options: dict | None = None,  # NodeEngine's stall_s and oom_recover_s (WorkerSettings)
     ):
         self.model_name = model_name
         self.pool = pool
@@ -190,6 +191,7 @@ class GenerationService:
         self.hostname = hostname or socket.gethostname()
         self.timer = StepTimer()
         self.max_batch = max_batch
+        self.engine_options = engine_options or {}
         # Torch's intra-op threads: the device threads keep what the process has now; a job's own CPU work
         # (conditioning, embedding, decode on the CPU) uses ``job_threads`` where set. Where the device is
         # the CPU itself, jobs running at once with 2-thread kernels each oversubscribe the cores the device
@@ -468,7 +470,9 @@ class GenerationService:
         """The node engine, started with the first job that needs a device."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = NodeEngine(self.pool.devices, self.max_batch, threads=self.device_threads)
+                self._engine = NodeEngine(
+                    self.pool.devices, self.max_batch, threads=self.device_threads, **self.engine_options
+                )
             return self._engine
 
     def store(self, a: AdmittedJob, out, image) -> None:

@@ -47,6 +47,36 @@ class WorkerSettings(BaseSettings):
     sim_sample_ms: float = Field(
         18.4, ge=0, description="`sim` cost model: time each sample adds to a call (2 per image with guidance)."
     )
+    sim_oom_above: int = Field(
+        0,
+        ge=0,
+        description="`sim` (tests and `make faults`): a denoiser call of more than this many samples raises "
+        "torch.OutOfMemoryError, as a GPU out of memory does (2 samples per image with guidance; 0 = never).",
+    )
+    sim_poison_prompt: str = Field(
+        "",
+        description="`sim` (tests and `make faults`): a denoiser call whose conditioning holds this prompt raises "
+        "ValueError, as a kernel rejecting one request's inputs does ('' = none).",
+    )
+    oom_recover_s: float = Field(
+        30.0,
+        gt=0,
+        description="After an out-of-memory error halved a device's batch limit: each this many seconds without "
+        "another raises the limit by one, back to max_batch.",
+    )
+    device_stall_s: float = Field(
+        300.0,
+        gt=0,
+        description="Watchdog: a device thread that spends longer than this in one iteration (one denoiser call "
+        "and its steps) marks the node unhealthy; it takes no more jobs and its jobs are redelivered.",
+    )
+    device_retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Times a job that failed because of the device (not the request: out of memory alone, a "
+        "stalled device) is sent again, to any node, before its DeviceFailed is final.",
+    )
     table_refresh_s: float = Field(
         15.0,
         gt=0,

@@ -18,6 +18,15 @@ real-sized noise states, the artifact store. Only two parts are stand-ins:
   the served sizes and latent shapes are those of the model it stands in for; the sampler's decode
   needs no change.
 
+Two test-only faults, off unless set (``REPRISE_SIM_OOM_ABOVE``, ``REPRISE_SIM_POISON_PROMPT``):
+- a call of more than ``oom_above`` samples raises ``torch.OutOfMemoryError``, as a GPU does when a batch
+  does not fit (the engine then halves the batch and lowers the device's limit);
+- a call whose conditioning holds ``poison_prompt``'s text encoding raises ``ValueError``, as a kernel that
+  rejects one request's inputs does. Why a setting: no request a healthy model is served can make its
+  denoiser raise (the schema and ``GenerationService.validate`` reject bad values before any device), so
+  the fault is keyed on what the device really receives, the prompt's conditioning rows, and a batch
+  holding that request fails as a whole, as it would on a GPU.
+
 Served as model ``sim`` (queue ``reprise.sim``): ``reprise worker --model sim --devices sim:0,sim:1``.
 """
 
@@ -46,8 +55,11 @@ class SleepingUNet(torch.nn.Module):
         channels: int = 4,
         call_ms: float = 16.4,
         sample_ms: float = 18.4,
+        oom_above: int = 0,
     ):
         super().__init__()
+        self.oom_above = oom_above
+        self.poison: torch.Tensor | None = None  # one prompt's conditioning rows (load_sim_components)
         self.flat_s = None if step_ms is None else step_ms / 1000.0
         self.call_s, self.sample_s = call_ms / 1000.0, sample_ms / 1000.0
         self.config = SimpleNamespace(in_channels=channels, out_channels=channels, sample_size=latent_size)
@@ -56,6 +68,14 @@ class SleepingUNet(torch.nn.Module):
         return self.flat_s if self.flat_s is not None else self.call_s + self.sample_s * samples
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, **kwargs):
+        if self.oom_above and sample.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError(
+                f"sim: a call of {sample.shape[0]} samples is over the simulated memory ({self.oom_above} samples)"
+            )
+        if self.poison is not None and encoder_hidden_states is not None:
+            rows = encoder_hidden_states.flatten(1)
+            if (rows == self.poison.flatten().to(rows.dtype)).all(dim=1).any():
+                raise ValueError("sim: the conditioning of the poison prompt (REPRISE_SIM_POISON_PROMPT)")
         seconds = self.cost_s(sample.shape[0])
         if seconds > 0:
             time.sleep(seconds)
@@ -90,18 +110,21 @@ def load_sim_components(
     latent_size: int = 64,
     call_ms: float = 16.4,
     sample_ms: float = 18.4,
+    oom_above: int = 0,
+    poison_prompt: str = "",
 ) -> Components:
-    """Components of the simulated device. ``model`` is not used: the served name is always ``sim``."""
+    """Components of the simulated device. ``model`` is not used: the served name is always ``sim``.
+    ``oom_above`` and ``poison_prompt``: the test-only faults of the module's docstring."""
     tokenizer, text_encoder, text_fp = _text_side()
     # The step time changes no output, so it is not part of the fingerprint: sim workers with different
     # step times share one cache generation.
     fp = hashlib.sha256(f"sim-v1|latent={latent_size}|{text_fp}".encode()).hexdigest()[:16]
     size = latent_size * 8
-    return Components(
+    components = Components(
         name=SIM_MODEL,
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        unet=SleepingUNet(step_ms, latent_size, call_ms=call_ms, sample_ms=sample_ms),
+        unet=SleepingUNet(step_ms, latent_size, call_ms=call_ms, sample_ms=sample_ms, oom_above=oom_above),
         vae=LatentPreview(),
         scheduler_config=dict(SD_SCHEDULER_CONFIG),
         device=torch.device("cpu"),
@@ -116,3 +139,8 @@ def load_sim_components(
             "latent_size": latent_size,
         },
     )
+    if poison_prompt:
+        with torch.no_grad():
+            conditioning, _ = components.family.encode(components, poison_prompt)
+        components.unet.poison = conditioning["encoder_hidden_states"][0].clone()
+    return components

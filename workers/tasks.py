@@ -10,7 +10,7 @@ from celery.exceptions import Ignore
 from celery.worker import state as worker_state
 
 from scheduler.app import GENERATE_TASK, cancel_key, get_app
-from scheduler.errors import JobCancelled
+from scheduler.errors import DeviceFailed, JobCancelled
 from scheduler.settings import get_settings
 from workers import metrics
 from workers.service import GenerationService, JobContext
@@ -22,11 +22,16 @@ _service: GenerationService | None = None
 _redis = None
 _progress_interval_s = 0.2
 _queue_prefix = "reprise"
+_device_retries = 3
+_consuming = True
 
 
-def install(service: GenerationService, redis_client, progress_interval_s: float, queue_prefix: str) -> None:
-    global _service, _redis, _progress_interval_s, _queue_prefix
+def install(
+    service: GenerationService, redis_client, progress_interval_s: float, queue_prefix: str, device_retries: int = 3
+) -> None:
+    global _service, _redis, _progress_interval_s, _queue_prefix, _device_retries
     _service, _redis, _progress_interval_s, _queue_prefix = service, redis_client, progress_interval_s, queue_prefix
+    _device_retries = device_retries
     quiet_job_logs()
 
 
@@ -98,11 +103,40 @@ def generate(self, *args, **kwargs):
         metrics.observe_failure(_service.model_name, "cancelled")
         self.backend.mark_as_revoked(job_id, reason=str(exc), request=self.request)
         raise Ignore() from None
+    except DeviceFailed as exc:
+        # The device failed, not the request: never acknowledged as final while retries are left. The job is
+        # sent again (same id, same queue, to any node); an unhealthy node first stops consuming, so that it
+        # is another node that takes it.
+        _stop_consuming_if_unhealthy(self)
+        if self.request.retries >= _device_retries:
+            metrics.observe_failure(_service.model_name, exc)
+            raise
+        log.warning(
+            "job %s: %s; sending it again (retry %d of %d)", job_id, exc, self.request.retries + 1, _device_retries
+        )
+        raise self.retry(exc=exc, countdown=0, max_retries=_device_retries) from None
     except Exception as exc:
         metrics.observe_failure(_service.model_name, exc)
         raise
-    metrics.observe_result(result)
+    metrics.observe_result(result, _service)
     return result.model_dump(mode="json")
+
+
+def _stop_consuming_if_unhealthy(task) -> None:
+    """A node whose engine's watchdog found a stalled device takes no more jobs: it cancels its own consumer of
+    the model's queue (a control message to itself; its other work is left to finish)."""
+    global _consuming
+    engine = getattr(_service, "_engine", None)
+    if not _consuming or engine is None or engine.healthy:
+        return
+    _consuming = False
+    queue = task.request.delivery_info.get("routing_key") if task.request.delivery_info else None
+    queue = queue or getattr(_service, "queue", None) or f"{_queue_prefix}.{_service.model_name}"
+    log.error("node unhealthy (%s): no longer consuming %s", engine.unhealthy_reason, queue)
+    try:
+        app.control.cancel_consumer(queue.split(":", 1)[0], destination=[task.request.hostname])
+    except Exception as exc:  # the broker away: the engine refuses new work anyway (DeviceFailed, retried)
+        log.warning("cannot cancel this node's consumer: %s", exc)
 
 
 class NodeInfo(bootsteps.StartStopStep):

@@ -13,6 +13,8 @@ from REPRISE_FAULT_* variables before handing over to `ops.cli`:
   at that point of its N-th job (artifact: after half the PNG bytes reached the temporary file;
   writeback: right after the cache insert). A denoise death journals the engine's record of the call in
   flight (the job ids of every request batched in it).
+- REPRISE_FAULT_STALL_ON=N: the N-th denoiser call of the process never returns (a hung kernel): the
+  engine's watchdog must find it (REPRISE_DEVICE_STALL_S).
 - REPRISE_FAULT_CACHE_DELAY_MS (while REPRISE_FAULT_CACHE_DELAY_FILE exists): every cache lookup sleeps first.
 - REPRISE_FAULT_ARTIFACT_FULL_FILE: while it exists, artifact writes fail with ENOSPC.
 - REPRISE_FAULT_CLOCK_SKEW_S: every local clock of the process is off by this much: the wall clock

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -325,3 +326,7 @@ def _service_s(o: dict) -> float:
 
 def _hits(outcomes: list[dict]) -> list[str]:
     return [o["result"]["cache"]["hit"] if o["state"] == "SUCCESS" else o["state"] for o in outcomes]
+
+
+def _log_lines(worker, pattern: str) -> list[str]:
+    return [line for line in worker.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]

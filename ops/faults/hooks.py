@@ -7,9 +7,9 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 PHASES = ("load", "denoise", "decode", "artifact", "writeback")
@@ -113,22 +113,33 @@ def install_hooks(worker: bool = True) -> None:
 
     on_device = service_mod.GenerationService.on_device
 
+    from workers import engine as engine_mod
+
+    doomed: dict[str, object] = {}  # job id -> its service: it dies inside a call at half its steps
+    stall_on = int(env.get("REPRISE_FAULT_STALL_ON") or 0)
+    calls = [0]
+
     def on_device_hooked(self, admitted, *args, **kwargs):
         if kill_at == "denoise" and due("denoise"):
-            job = admitted.job
-            on_step = job.on_progress
-            steps = admitted.request.steps
-
-            def dying_step(step, total, service=self, job_id=job.job_id):
-                if step >= max(1, steps // 2):
-                    _die("denoise", in_call=_engine_call(service, job_id))
-                if on_step:
-                    on_step(step, total)
-
-            admitted.job = replace(job, on_progress=dying_step)
+            doomed[admitted.job.job_id] = self
         return on_device(self, admitted, *args, **kwargs)
 
     service_mod.GenerationService.on_device = on_device_hooked
+
+    device_call = engine_mod.DeviceScheduler._call
+
+    def call_hooked(self, group):
+        """On the device thread, inside the denoiser call (DeviceStats.last_call names its jobs)."""
+        for r in group:
+            if r.job_id in doomed and r.trajectory.i >= max(1, r.trajectory.steps // 2):
+                _die("denoise", in_call=_engine_call(doomed[r.job_id], r.job_id))
+        calls[0] += 1
+        if stall_on and calls[0] == stall_on:  # a hung kernel: this call never returns
+            _journal({"event": "stalled", "jobs": [r.job_id for r in group]})
+            threading.Event().wait()
+        return device_call(self, group)
+
+    engine_mod.DeviceScheduler._call = call_hooked
 
     decode = DenoiseLoop.decode
 

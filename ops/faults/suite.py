@@ -12,12 +12,15 @@ from pathlib import Path
 
 from ops.faults.artifacts import fault_artifacts
 from ops.faults.batch_kill import fault_batch_kill
+from ops.faults.batch_oom import fault_batch_oom
 from ops.faults.cache_entries import fault_cache_entries
 from ops.faults.clock_skew import fault_clock_skew
 from ops.faults.coordinator import fault_coordinator
+from ops.faults.device_stall import fault_device_stall
 from ops.faults.fuzz import fault_fuzz
 from ops.faults.harness import Harness, Row
 from ops.faults.hooks import run_with_hooks
+from ops.faults.poison_request import fault_poison_request
 from ops.faults.qdrant import fault_qdrant
 from ops.faults.redis_failover import fault_redis_failover
 from ops.faults.redis_restart import fault_redis_restart
@@ -28,6 +31,9 @@ from ops.faults.worker_kill import fault_worker_kill
 FAULTS = [
     "worker_kill",
     "batch_kill",
+    "batch_oom",
+    "poison_request",
+    "device_stall",
     "redis_restart",
     "redis_failover",
     "qdrant",
@@ -66,6 +72,9 @@ def run(
                 {
                     "worker_kill": fault_worker_kill,
                     "batch_kill": fault_batch_kill,
+                    "batch_oom": fault_batch_oom,
+                    "poison_request": fault_poison_request,
+                    "device_stall": fault_device_stall,
                     "redis_restart": fault_redis_restart,
                     "redis_failover": fault_redis_failover,
                     "qdrant": fault_qdrant,
