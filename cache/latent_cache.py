@@ -568,7 +568,7 @@ class LatentCache:
 
     def set_skip_table(self, table) -> None:
         """Serve with another similarity -> K table from now on (e.g. the one calibrated for this model
-        version, cache.table_store); empty or None: back to the settings' table."""
+        version, cache.skip_table_store); empty or None: back to the settings' table."""
         self._table = validate_table(table) if table else self.settings.table()
 
     def stats(self) -> dict:

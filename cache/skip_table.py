@@ -16,7 +16,7 @@ SkipTable = tuple[tuple[float, float], ...]
 CLIP_SKIP_TABLE: SkipTable = ((0.95, 0.5), (0.90, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))
 
 # all-MiniLM-L6-v2 table, calibrated in accuracy (Dec 2026, README: "The similarity -> K table"):
-# `python -m ops.calibrate` over 262 (source, target) caption pairs of the trained `shapes` model
+# `python -m ops.calibration_shapes` over 262 (source, target) caption pairs of the trained `shapes` model
 # (100 % accurate fresh), 25 DDIM steps, every pair resumed from the source's state at K = 3..13 of
 # 25 and scored by the checker; fitted at 2 points' tolerance with z = 2 (loss + 2 s.e. <= 2 points
 # for every tail and band). Steps saved and accuracy on those pairs: the README's figures.

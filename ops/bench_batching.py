@@ -36,7 +36,7 @@ import numpy as np
 
 def build_service(devices: str, model: str, max_batch: int, sim_devices: int):
     from workers.artifacts import ArtifactStore
-    from workers.sampler import DenoiseLoop
+    from workers.denoise_loop import DenoiseLoop
     from workers.service import Device, DevicePool, GenerationService
     from workers.settings import WorkerSettings
 
@@ -49,7 +49,7 @@ def build_service(devices: str, model: str, max_batch: int, sim_devices: int):
         )
         names = [f"sim:{i}" for i in range(sim_devices)]
     else:
-        from workers.models import load_components
+        from workers.model_loading import load_components
 
         components = load_components(model, devices)
         names = [devices]

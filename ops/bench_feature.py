@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.denoise_loop import DenoiseLoop
 from workers.feature_cache import calibration_store, make_unet_runner
-from workers.models import load_components
-from workers.sampler import DenoiseLoop
+from workers.model_loading import load_components
 
 PROMPTS = (
     "a red fox in a snowy forest, morning light",

@@ -42,8 +42,8 @@ class DirectRunner:
     """The same denoise + decode as a worker, called in this process."""
 
     def __init__(self, model: str, size: int, guidance: float):
-        from workers.models import load_components
-        from workers.sampler import DenoiseLoop
+        from workers.denoise_loop import DenoiseLoop
+        from workers.model_loading import load_components
 
         self.loop = DenoiseLoop(load_components(model, "cpu"))
         self.size, self.guidance = size, guidance

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cache.settings import CacheSettings
 from ops.localcluster import LocalCluster
-from workers.models import model_extra
+from workers.model_loading import model_extra
 
 # (prompt, seed): a first wave of three scenes, then a second wave that reuses the cache
 SHAPES_PROMPTS = [

@@ -23,7 +23,7 @@ of the five per-attribute accuracies x 100), timed (steps computed, U-Net passes
 compared with the fresh image of the same target (PSNR, 8-bit). ``fresh_same`` in the summary is the
 fresh accuracy over exactly the targets a condition ran on, so ``delta`` is a paired comparison.
 
-``ops.calibrate`` runs the same harness over many more pairs to fit the MiniLM skip table.
+``ops.calibration_shapes`` runs the same harness over many more pairs to fit the MiniLM skip table.
 """
 
 from __future__ import annotations
@@ -313,9 +313,9 @@ class QualityHarness:
     ) -> None:
         from cache import CacheSettings, LatentCache
         from workers.artifacts import ArtifactStore
-        from workers.models import load_components, model_extra
+        from workers.denoise_loop import DenoiseLoop
+        from workers.model_loading import load_components, model_extra
         from workers.node import cache_settings_for
-        from workers.sampler import DenoiseLoop
         from workers.service import Device, DevicePool, GenerationService
 
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="reprise-eval-")

@@ -4,7 +4,7 @@
     reprise eval stream --stream mixed --n 150 --prompts ../shared/prompts
     reprise eval stream --skip-table shipped --skip-table 0.97:0.5,0.93:0.4,0.90:0.3   # compare tables
 
-The calibration (``python -m ops.calibrate``) prices (source, target) pairs one at a time; this command
+The calibration (``python -m ops.calibration_shapes``) prices (source, target) pairs one at a time; this command
 checks the fitted table the way it is used: a stream of requests served in order through one
 ``GenerationService`` over a real embedded cache (exact and approximate lookups, every generation
 written back, one tenant), so a request can hit any earlier one, including entries that were

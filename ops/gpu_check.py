@@ -52,7 +52,7 @@ class GpuCheckError(Exception):
 
 def _service(components, max_batch: int, artifacts: str, cache=None):
     from workers.artifacts import ArtifactStore
-    from workers.sampler import DenoiseLoop
+    from workers.denoise_loop import DenoiseLoop
     from workers.service import Device, DevicePool, GenerationService
 
     pool = DevicePool([Device(str(components.device), DenoiseLoop(components))])
@@ -176,7 +176,7 @@ def resume_exact(components, request: dict, scheduler: str, fraction: float, wor
 
 def finite_check(components, request: dict) -> dict:
     """The plain loop for a few steps at the measured size: are the latents finite in this dtype?"""
-    from workers.sampler import DenoiseLoop
+    from workers.denoise_loop import DenoiseLoop
 
     out = DenoiseLoop(components).denoise(
         prompt=PROMPTS[0],
@@ -190,7 +190,7 @@ def finite_check(components, request: dict) -> dict:
 
 
 def run(args) -> dict:
-    from workers.models import load_components
+    from workers.model_loading import load_components
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -59,7 +59,7 @@ def table_main(argv: list[str]) -> int:
                 "cache table calibrate needs the worker layer: run it with the full `reprise` command"
             )
         return TABLE_CALIBRATE(argv[1:])
-    from cache.table_store import EMBEDDERS, TableStore, TableStoreError
+    from cache.skip_table_store import EMBEDDERS, TableStore, TableStoreError
     from scheduler.redis_conn import redis_client
     from scheduler.settings import get_settings
 

@@ -32,7 +32,7 @@ def test_largest_stored_k_at_most_the_table_k():
 
 
 def test_minilm_table_resumes_late_only_for_near_identical_text():
-    # calibrated (ops/calibrate.py): MiniLM puts one-word edits that move the shape as high as 0.9988, so
+    # calibrated (ops/calibration_shapes.py): MiniLM puts one-word edits that move the shape as high as 0.9988, so
     # half the steps are skipped only for the same text (a re-roll with another seed), and nothing below 0.8
     assert choose_skip_fraction(1.0, MINILM_SKIP_TABLE) == 0.5
     assert choose_skip_fraction(0.9988, MINILM_SKIP_TABLE) <= 0.4

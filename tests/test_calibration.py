@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cache.calibration import fit_table
+from cache.calibration_fit import fit_table
 from cache.skip_table import choose_skip_fraction
-from cache.table_store import TableStore, TableStoreError
+from cache.skip_table_store import TableStore, TableStoreError
 from scheduler.prompt_log import PromptRow
-from workers.calibrate import CalibrationError, replay_log, sample_pairs
+from workers.calibration_run import CalibrationError, replay_log, sample_pairs
 from workers.scorers import PixelScorer, ScorerError, make_scorer, psnr, ssim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def _random_clip(directory: Path) -> Path:
     """A randomly initialised CLIP saved as a model directory: only proves the clip scorer's path runs."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from workers.models import byte_level_tokenizer
+    from workers.model_loading import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     config = CLIPConfig(
@@ -240,7 +240,7 @@ def test_reprise_calibrate_runs_to_the_end_on_a_random_weight_model(tmp_path):
     assert png.stat().st_size > 1000
 
     # --refit: the same scored pairs fitted again (here: anything goes), no generation
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     again = tmp_path / "refit.json"
     assert calibrate.main(["--refit", str(out), "--tolerance", "100", "--z", "0", "--json", str(again)]) == 0
@@ -255,7 +255,7 @@ def test_reprise_calibrate_runs_to_the_end_on_a_random_weight_model(tmp_path):
 
 
 def test_calibrate_with_the_clip_scorer_and_the_clip_embedder(tmp_path):
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     log = tmp_path / "log.txt"
     log.write_text("a red circle\na red square\na blue circle\na green triangle on white\nan old red circle\n")
@@ -271,7 +271,7 @@ def test_calibrate_with_the_clip_scorer_and_the_clip_embedder(tmp_path):
 
 
 def test_calibrate_refuses_bad_input_with_typed_errors(tmp_path):
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     one = tmp_path / "one.txt"
     one.write_text("a lonely prompt\n")
@@ -323,7 +323,7 @@ class _Cache:
 
 
 def test_watcher_serves_the_stored_table_and_falls_back_when_it_is_deleted(redis_client, monkeypatch):
-    from workers.tables import TableWatcher
+    from workers.skip_table_choice import TableWatcher
 
     monkeypatch.delenv("REPRISE_CACHE_SKIP_TABLE", raising=False)
     service = SimpleNamespace(
@@ -395,7 +395,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_workers_of_one_model_share_the_stored_table_and_new_weights_are_uncalibrated(redis_server, tmp_path):
     from ops.localcluster import LocalCluster
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     # The test Redis (conftest's environment), a queue prefix of its own: nothing shared with other tests.
     env = {"REPRISE_QUEUE_PREFIX": "cal-it", "REPRISE_TABLE_REFRESH_S": "1"}
@@ -434,9 +434,9 @@ def test_workers_of_one_model_share_the_stored_table_and_new_weights_are_uncalib
 
 def test_auto_embedder_is_the_models_encoder_where_a_table_is_calibrated_for_it(tmp_path, monkeypatch):
     from cache import CacheSettings
-    from workers.models import load_components, save_builtin
+    from workers.model_loading import load_components, save_builtin
     from workers.node import cache_settings_for
-    from workers.tables import auto_embedder
+    from workers.skip_table_choice import auto_embedder
 
     monkeypatch.delenv("REPRISE_CACHE_EMBEDDER", raising=False)
     monkeypatch.delenv("REPRISE_CACHE_SKIP_TABLE", raising=False)
@@ -466,7 +466,7 @@ def test_auto_embedder_is_the_models_encoder_where_a_table_is_calibrated_for_it(
 
 def test_cache_table_calibrate_is_reprise_calibrate_with_store(monkeypatch):
     from scheduler import cache_cli
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     monkeypatch.setattr(cache_cli, "TABLE_CALIBRATE", None)
     with pytest.raises(cache_cli.TableCommandError, match="worker layer"):  # the scheduler's command alone

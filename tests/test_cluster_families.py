@@ -17,7 +17,7 @@ from PIL import Image
 from ops.localcluster import LocalCluster
 from scheduler.client import submit
 from workers.families import FAMILIES
-from workers.models import save_builtin
+from workers.model_loading import save_builtin
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def node(redis_server, tmp_path_factory):
     """One worker node serving a model from a directory, two device slots sharing one embedded cache."""
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     work = tmp_path_factory.mktemp("coord")
     model_dir = save_builtin("tiny", work / "coordmodel", seed=0)
@@ -232,7 +232,7 @@ def test_leader_killed_during_duties_standby_takes_over_and_stale_tokens_are_ref
 
 
 def test_replaced_weights_never_hit_the_old_entries(node, redis_client):
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     _job("a prompt cached under old weights", seed=5)
     time.sleep(0.5)
@@ -255,7 +255,7 @@ def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
     import requests
 
     from ops.localcluster import free_port
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     model_dir = save_builtin("tiny", tmp_path / "capmodel", seed=2)
     c = LocalCluster(workdir=str(tmp_path), redis_url=redis_server.url, env={"REDIS_URL": redis_server.url})

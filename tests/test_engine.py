@@ -16,8 +16,8 @@ from PIL import Image
 from cache import CacheSettings, LatentCache
 from scheduler.errors import JobCancelled, JobTimeout
 from workers.artifacts import ArtifactStore
-from workers.models import load_components
-from workers.sampler import DenoiseLoop
+from workers.denoise_loop import DenoiseLoop
+from workers.model_loading import load_components
 from workers.service import Device, DevicePool, GenerationService, JobContext
 
 STEPS = 10

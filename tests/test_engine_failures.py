@@ -16,8 +16,8 @@ from PIL import Image
 from scheduler.errors import DenoiserFailed, DeviceFailed
 from workers import metrics
 from workers.artifacts import ArtifactStore
+from workers.denoise_loop import DenoiseLoop
 from workers.engine import EngineRequest
-from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService, JobContext
 from workers.sim import load_sim_components
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from workers.artifacts import ArtifactStore
-from workers.models import load_components
-from workers.sampler import DenoiseLoop
+from workers.denoise_loop import DenoiseLoop
+from workers.model_loading import load_components
 from workers.service import Device, DevicePool, GenerationService, JobContext
 from workers.text_memo import TextEmbeddingMemo
 

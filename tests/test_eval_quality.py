@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ops import calibrate
+from ops import calibration_shapes as calibrate
 from ops.eval_quality import ALL_RELATIONS, Condition, build_cases, contact_sheet, evaluate, main, write_json
 from ops.shapes import scene as sc
-from workers.models import SHIPPED_DIR
+from workers.model_loading import SHIPPED_DIR
 
 STEPS = 10
 

@@ -12,7 +12,7 @@ import pytest
 from ops.eval_quality import EDITS
 from ops.eval_stream import build_stream, main, summarise
 from ops.shapes import scene as sc
-from workers.models import SHIPPED_DIR
+from workers.model_loading import SHIPPED_DIR
 
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts"
 

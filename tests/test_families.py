@@ -16,10 +16,10 @@ from PIL import Image
 from cache import CacheSettings, LatentCache
 from scheduler.errors import InvalidRequest, UnsupportedModelFamily
 from workers.artifacts import ArtifactStore
+from workers.denoise_loop import DenoiseLoop
 from workers.families import FAMILIES
-from workers.models import load_components, save_builtin
+from workers.model_loading import load_components, save_builtin
 from workers.node import clip_embedder
-from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService, JobContext
 
 STEPS = 6
@@ -294,7 +294,7 @@ def test_flux_without_a_guidance_embedding_ignores_guidance():
 
     from diffusers import FluxTransformer2DModel
 
-    from workers.models import BUILTINS
+    from workers.model_loading import BUILTINS
 
     components = _components("tiny-flux")
     torch.manual_seed(0)
@@ -313,7 +313,7 @@ def test_sdxl_builtin_has_sdxl_real_unet_and_takes_its_conditioning():
     """Built on the meta device (shapes only, no memory): the 2.57B-parameter U-Net takes 2,048-wide text states,
     the 1,280-wide pooled projection and six time ids at 128×128 latents, as SDXL does."""
     from workers.families import SDXL, Conditioning
-    from workers.models import _build_builtin
+    from workers.model_loading import _build_builtin
 
     with torch.device("meta"):
         parts = _build_builtin("sdxl")

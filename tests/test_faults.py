@@ -52,7 +52,7 @@ def _start_hooked_worker(c: LocalCluster, model: str, wait: bool = True, **env) 
 @pytest.fixture(scope="module")
 def faulty(redis_server, tmp_path_factory):
     """A model of its own (queue reprise.fmodel), so that no other test's worker picks up its jobs."""
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     work = tmp_path_factory.mktemp("faults")
     c = LocalCluster(
@@ -227,7 +227,7 @@ def test_cache_ttl_survives_a_node_clock_step_and_a_wall_clock_cache_fails(fault
     """A real node caches an entry (TTL 1 h), then its wall clock steps 2 h ahead: the entry is still served,
     because expiry reads the Redis clock. A node whose cache reads its wall clock (naive) misses it."""
     from ops.faults.clock_skew import cache_ttl_across_clock_step
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     model = str(save_builtin("tiny", tmp_path / "skewmodel", seed=0))  # a queue only the node under test serves
 
@@ -272,7 +272,7 @@ def test_sigkill_mid_batch_redelivers_every_request_of_the_batch_once(faulty, tm
     node, and is answered once, with one image."""
     import json
 
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     model = str(save_builtin("tiny", tmp_path / "bmodel", seed=0))  # a queue of its own: only the victim takes it
     journal = tmp_path / "journal.jsonl"

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from workers.denoise_loop import DenoiseLoop, PlainUNet
 from workers.feature_cache import (
     BlockCacheUNet,
     DeepCacheUNet,
@@ -18,8 +19,7 @@ from workers.feature_cache import (
     resolve_feature_options,
     uniform_full_steps,
 )
-from workers.models import load_components
-from workers.sampler import DenoiseLoop, PlainUNet
+from workers.model_loading import load_components
 from workers.text_memo import TextEmbeddingMemo
 
 STEPS = 10

@@ -39,7 +39,7 @@ def test_the_layer_contract_is_kept():
 
 def test_an_import_against_the_layers_breaks_the_contract(tmp_path):
     tree = copy_tree(tmp_path)
-    (tree / "cache" / "probe.py").write_text("def load():\n    import workers.models\n")
+    (tree / "cache" / "probe.py").write_text("def load():\n    import workers.model_loading\n")
     (tree / "scheduler" / "probe.py").write_text("from ops import demo\n")
     out = lint(tree)
     assert out.returncode != 0

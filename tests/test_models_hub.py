@@ -12,8 +12,8 @@ import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
-from workers import models
-from workers.models import hub_files, hub_offline
+from workers import model_loading as models
+from workers.model_loading import hub_files, hub_offline
 
 # runwayml/stable-diffusion-v1-5's layout: full checkpoints beside the component folders, several
 # variants and formats per component.

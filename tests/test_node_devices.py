@@ -25,7 +25,7 @@ NOCACHE = {"exact": False, "approximate": False, "write": False}
 
 @pytest.fixture(scope="module")
 def node(redis_server, tmp_path_factory):
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     work = tmp_path_factory.mktemp("twodevices")
     model_dir = save_builtin("tiny", work / MODEL, seed=0)
@@ -49,8 +49,8 @@ def _pixels(uri: str) -> np.ndarray:
 
 def _alone(model_dir, request: dict) -> np.ndarray:
     """The plain request run alone, in this process, by the loop itself."""
-    from workers.models import load_components
-    from workers.sampler import DenoiseLoop
+    from workers.denoise_loop import DenoiseLoop
+    from workers.model_loading import load_components
 
     loop = DenoiseLoop(load_components(str(model_dir)))
     with torch.inference_mode():

@@ -114,7 +114,7 @@ def test_model_loads_offline_and_generates():
     assert unet.config.out_channels == 3
     assert unet.config.in_channels == 3 + 2 * bool(
         index.get("input_coords")
-    )  # x/y channels (workers.models.with_coords)
+    )  # x/y channels (workers.model_loading.with_coords)
     assert unet.config.cross_attention_dim == te.config.hidden_size
     assert te.config.max_position_embeddings >= tok.model_max_length
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from scheduler.errors import InvalidWorkerSetting
-from workers.models import load_components
+from workers.model_loading import load_components
 from workers.settings import WorkerSettings, load_worker_settings
 
 

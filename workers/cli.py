@@ -39,7 +39,7 @@ def _cmd_worker(args) -> int:
     service.hostname = hostname  # results name the node that ran them (several nodes may share a machine)
     info = node_info(service, queue)
     info["node"] = hostname
-    from workers.tables import TableWatcher
+    from workers.skip_table_choice import TableWatcher
 
     watcher = TableWatcher(
         service, client, cluster.queue_prefix, info, wsettings.table_refresh_s, wsettings.heartbeat_s * 3
@@ -53,7 +53,7 @@ def _cmd_worker(args) -> int:
     # the default model's workers also serve tasks sent without a queue (Celery's default queue)
     queues = [queue, control_queue] + ([CELERY_DEFAULT_QUEUE] if service.model_name == cluster.default_model else [])
     app.conf.task_queues = [Queue(q) for q in queues]
-    from workers import control  # registers the cache control command and tasks
+    from workers import cache_control as control  # registers the cache control command and tasks
 
     if service.cache is not None:
         control.start_control(service, client, cluster)
@@ -84,21 +84,21 @@ def _cmd_worker(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     return calibrate.run(args)
 
 
 def _table_calibrate(argv: list[str]) -> int:
     """`reprise cache table calibrate ...`: `reprise calibrate ... --store`."""
-    from workers import calibrate
+    from workers import calibration_run as calibrate
 
     return calibrate.main([*argv, "--store"])
 
 
 def add_commands(sub) -> None:
     from scheduler import cache_cli
-    from workers.calibrate import add_arguments
+    from workers.calibration_run import add_arguments
 
     cache_cli.TABLE_CALIBRATE = _table_calibrate
     s = sub.add_parser("calibrate", help="fit the similarity -> K table for a model on a prompt log")

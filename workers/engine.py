@@ -62,8 +62,8 @@ from typing import Any
 import torch
 
 from scheduler.errors import DenoiserFailed, DeviceFailed
+from workers.denoise_loop import LoopOutput, PlainUNet, StopRequested, Trajectory
 from workers.families import Conditioning
-from workers.sampler import LoopOutput, PlainUNet, StopRequested, Trajectory
 
 log = logging.getLogger("reprise.engine")
 

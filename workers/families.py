@@ -1,6 +1,6 @@
 """Model families: how each kind of text-to-image model is conditioned, shaped and called.
 
-The denoising loop (workers/sampler.py) is one loop for every family; a family is the small adapter it
+The denoising loop (workers/denoise_loop.py) is one loop for every family; a family is the small adapter it
 asks at the few places where families differ:
 
 - ``encode``: a prompt's conditioning (one or more text encoders; pooled outputs) and its pooled vector,

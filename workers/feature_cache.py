@@ -28,8 +28,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from workers.models import Components
-from workers.sampler import DenoiseLoop, PlainUNet
+from workers.denoise_loop import DenoiseLoop, PlainUNet
+from workers.model_loading import Components
 
 FEATURE_DEFAULTS: dict[str, Any] = {
     "method": "off",  # pixels unchanged unless a request or the worker asks for a cache

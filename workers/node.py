@@ -20,9 +20,9 @@ import torch
 from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
 from workers.artifacts import ArtifactStore
-from workers.models import load_components
+from workers.denoise_loop import DenoiseLoop
+from workers.model_loading import load_components
 from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
-from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService
 from workers.settings import WorkerSettings, checked_settings, invalid_setting
 
@@ -278,7 +278,7 @@ def _text_memo(worker: WorkerSettings):
 
 def _open_cache(redis_client, components, key_prefix: str, text_memo=None):
     from cache import CacheSettings, LatentCache
-    from workers.tables import stored_clip_calibration
+    from workers.skip_table_choice import stored_clip_calibration
 
     settings, embedder = cache_settings_for(
         CacheSettings(), components, text_memo, clip_calibrated=stored_clip_calibration(redis_client)
@@ -307,7 +307,7 @@ def _reopen_later(
     service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float, text_memo=None
 ) -> None:
     def on_open(cache) -> None:
-        from workers import control
+        from workers import cache_control as control
 
         service.cache = cache
         service.cache_note = None
@@ -322,10 +322,10 @@ def cache_settings_for(settings, components=None, text_memo=None, clip_calibrate
     """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
     text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
     clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default.
-    `auto` resolves to clip or minilm here (workers.tables.auto_embedder; ``clip_calibrated(fingerprint)``:
+    `auto` resolves to clip or minilm here (workers.skip_table_choice.auto_embedder; ``clip_calibrated(fingerprint)``:
     whether a clip table is stored for that model version)."""
     if settings.embedder == "auto":
-        from workers.tables import auto_embedder
+        from workers.skip_table_choice import auto_embedder
 
         chosen = auto_embedder(components, clip_calibrated)
         update = {"embedder": chosen}

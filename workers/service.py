@@ -28,11 +28,11 @@ from scheduler.schema import (
     with_model,
 )
 from workers.artifacts import ArtifactStore
+from workers.denoise_loop import DenoiseLoop, StopRequested
 from workers.engine import EngineRequest, NodeEngine
 from workers.families import Conditioning
 from workers.feature_cache import batches, feature_identity, make_unet_runner, methods_for, resolve_feature_options
-from workers.models import Components
-from workers.sampler import DenoiseLoop, StopRequested
+from workers.model_loading import Components
 
 log = logging.getLogger("reprise.worker")
 

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from workers.models import SD_SCHEDULER_CONFIG, Components, ModelSpec, _build_builtin, fingerprint
+from workers.model_loading import SD_SCHEDULER_CONFIG, Components, ModelSpec, _build_builtin, fingerprint
 
 SIM_MODEL = "sim"
 

@@ -12,7 +12,7 @@ def fault_batch_kill(h: Harness, row: Row) -> None:
     """SIGKILL a worker in the middle of a denoiser call that several requests share: every request of that
     batch comes back (visibility timeout), is computed again on another node and answered once, with one
     image each."""
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
     from workers.service import seed_for_job
 
     since = time.time()

@@ -32,7 +32,7 @@ def fault_clock_skew(h: Harness, row: Row) -> None:
         naive["both_leading"] > 0,
         naive,
     )
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     model = str(h.workdir / "skewmodel")  # a queue of its own: only the node under test takes these jobs
     if not Path(model).exists():

@@ -105,7 +105,7 @@ def fuzz_in_process(n: int, keep: int = 0, seed: int = 0) -> dict:
 
     from scheduler.errors import InvalidRequest
     from workers.families import SD15
-    from workers.models import ModelSpec
+    from workers.model_loading import ModelSpec
     from workers.service import Device, DevicePool, GenerationService
 
     # validation needs only the served name, the size limits and defaults, and the family: the tiny model's

@@ -305,7 +305,7 @@ def _artifacts(harness: Harness) -> Path:
 
 
 def _qmodel(h: Harness) -> str:
-    from workers.models import save_builtin
+    from workers.model_loading import save_builtin
 
     path = h.workdir / "qmodel"
     if not path.exists():

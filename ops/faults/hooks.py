@@ -66,7 +66,7 @@ def install_hooks(worker: bool = True) -> None:
 
     from workers import service as service_mod
     from workers.artifacts import ArtifactStore
-    from workers.sampler import DenoiseLoop
+    from workers.denoise_loop import DenoiseLoop
 
     kill_at = env.get("REPRISE_FAULT_KILL_AT", "")
     kill_on = int(env.get("REPRISE_FAULT_KILL_ON") or 1)

@@ -58,7 +58,7 @@ from ops.shapes import scene as sc
 MODEL_MAX_LENGTH = 32
 DIFFUSERS_VERSION = "0.42.1"
 
-from workers.models import _bytes_to_unicode  # noqa: E402  (GPT-2's byte table, shared with the built-in tokenizer)
+from workers.model_loading import _bytes_to_unicode  # noqa: E402  (GPT-2's byte table, shared with the built-in tokenizer)
 
 # ----------------------------------------------------------------------------- tokenizer
 _PRETOK = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
@@ -191,8 +191,8 @@ def build_unet(cross_dim: int, size: int = 32, unet_cfg: dict | None = None, coo
 
 
 def unet_input(unet, sample):
-    """The sample, plus the coordinate channels when the U-Net takes them (``workers.models.with_coords``)."""
-    from workers.models import with_coords
+    """The sample, plus the coordinate channels when the U-Net takes them (``workers.model_loading.with_coords``)."""
+    from workers.model_loading import with_coords
 
     return with_coords(sample) if unet.config.in_channels > unet.config.out_channels else sample
 

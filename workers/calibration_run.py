@@ -6,14 +6,14 @@
    without a seed gets the hash of its text, as a workload does): each prompt's most similar earlier
    prompt under the embedder (``--embedder``, default the cache's) is its neighbour. An exact repeat
    (same prompt and seed) is an exact-cache hit and is left out. This is the real distribution of
-   neighbours, not synthetic relations (``python -m ops.calibrate`` keeps those for ``shapes``).
+   neighbours, not synthetic relations (``python -m ops.calibration_shapes`` keeps those for ``shapes``).
 2. Takes ``--pairs`` (neighbour, target) pairs (default 100), most of them where thresholds fall (see
    ``sample_pairs``), and for each generates the neighbour (capturing its noise states at the cache's
    stored K), the target fresh from the neighbour's seed, and the target resumed from the neighbour's
    state at each K.
 3. Scores every resumed image against the fresh one and the prompt (``--scorer``: ``pixel`` SSIM,
    ``clip`` CLIP score from ``--clip-model``, ``checker`` for shapes), and fits the table with the
-   evidence rule of ``cache.calibration``: every tail and band of similarities loses at most
+   evidence rule of ``cache.calibration_fit``: every tail and band of similarities loses at most
    ``--tolerance`` points (plus ``--z`` standard errors), re-rolls vouch only for themselves, and no
    band gets a K without ``--min-pairs`` pairs of its own.
 4. Prints the curve (tables fitted at other tolerances: steps saved on the log against points lost)
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cache.calibration import TOLERANCES, curve, fit_table, same_text, score_table
+from cache.calibration_fit import TOLERANCES, curve, fit_table, same_text, score_table
 from cache.skip_table import DEFAULT_TABLES, SkipTable, choose_skip_fraction, fraction_to_k, state_steps
 from scheduler.errors import InvalidRequest
 
@@ -131,7 +131,7 @@ class PairRunner:
     """Generates, for one pair, the target fresh and resumed at each K from the neighbour's states."""
 
     def __init__(self, components, steps: int, guidance: float, fractions: Sequence[float]) -> None:
-        from workers.sampler import DenoiseLoop
+        from workers.denoise_loop import DenoiseLoop
 
         self.loop = DenoiseLoop(components)
         self.steps, self.guidance = steps, guidance
@@ -247,7 +247,7 @@ def make_embedder(name: str, components):
 def calibrate(args, out: Callable[[str], None] = print) -> dict:
     from cache import CacheSettings
     from scheduler.prompt_log import read_prompts
-    from workers.models import load_components, model_extra
+    from workers.model_loading import load_components, model_extra
     from workers.scorers import make_scorer
 
     started = time.perf_counter()
@@ -269,7 +269,7 @@ def calibrate(args, out: Callable[[str], None] = print) -> dict:
     steps = args.steps or int(extra.get("default_steps", 25))
     guidance = args.guidance if args.guidance is not None else float(extra.get("default_guidance_scale", 4.0))
     if embedder_name == "auto":
-        from workers.tables import auto_embedder
+        from workers.skip_table_choice import auto_embedder
 
         embedder_name = auto_embedder(components)
     embedder = make_embedder(embedder_name, components)
@@ -411,7 +411,7 @@ def print_report(report: dict, out: Callable[[str], None] = print) -> None:
 
 def store(report: dict, prefix: str | None = None, client=None) -> dict:
     """Store the fitted table in Redis for the report's model version and embedder."""
-    from cache.table_store import TableStore
+    from cache.skip_table_store import TableStore
     from scheduler.settings import get_settings
 
     settings = get_settings()

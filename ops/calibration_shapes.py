@@ -1,6 +1,6 @@
-"""Fit the MiniLM similarity -> K table from measured accuracy: ``python -m ops.calibrate``.
+"""Fit the MiniLM similarity -> K table from measured accuracy: ``python -m ops.calibration_shapes``.
 
-    python -m ops.calibrate --n 24 --json calibration.json --plot calibration.png
+    python -m ops.calibration_shapes --n 24 --json calibration.json --plot calibration.png
 
 1. Runs the quality harness (``ops.eval_quality``) with fresh and approximate-at-every-K conditions
    over many (source, target) caption pairs of the shapes model: paraphrases, one attribute changed
@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cache import CacheSettings
-from cache.calibration import (  # noqa: F401  (the fitting lives in the product; re-exported for ops tools)
+from cache.calibration_fit import (  # noqa: F401  (the fitting lives in the product; re-exported for ops tools)
     TOLERANCES,
     assign,
     candidates,
@@ -132,7 +132,7 @@ def prompt_embedder(model: str):
     settings = CacheSettings()
     if settings.embedder == "minilm":
         return PromptEmbedder()
-    from workers.models import load_components
+    from workers.model_loading import load_components
     from workers.node import cache_settings_for
 
     settings, fn = cache_settings_for(settings, load_components(model))
@@ -302,7 +302,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.calibrate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.calibration_shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24, help="source scenes (each gives one pair per relation)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="shapes")

@@ -2,7 +2,7 @@
 
 Precedence: a table set on the worker (REPRISE_CACHE_SKIP_TABLE) > the table calibrated for this exact
 model version and embedder (``reprise calibrate --store`` / ``reprise cache table set``: Redis,
-``cache.table_store``) > the table shipped with the model (model_index.json, clip embedder) > the
+``cache.skip_table_store``) > the table shipped with the model (model_index.json, clip embedder) > the
 embedder's default. The worker reads the stored table at start and again every
 ``REPRISE_TABLE_REFRESH_S`` seconds (default 15), and publishes what it uses in its registry entry
 (``reprise models``): the table, where it came from, and whether it was calibrated for this version.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from cache.table_store import TableStore
+from cache.skip_table_store import TableStore
 
 log = logging.getLogger("reprise.worker")
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from workers.families import Conditioning
-from workers.models import Components
+from workers.model_loading import Components
 
 # Multistep solvers keep the previous model output; a resumable state must carry it too, so their
 # stored state is [latent, previous output] stacked on the channel axis (twice the bytes, bit-exact).

@@ -2,7 +2,7 @@
 
 One record per (model fingerprint, embedder) under ``{prefix}:skip-table:{fingerprint}:{embedder}``
 (prefix: the cluster's ``queue_prefix``). The fingerprint hashes every weight and config
-(``workers.models.fingerprint``), so new weights find no record: their table is uncalibrated until
+(``workers.model_loading.fingerprint``), so new weights find no record: their table is uncalibrated until
 someone calibrates them. Every worker serving that version reads the record (at start and then every
 ``REPRISE_TABLE_REFRESH_S``) and serves with it. A record:
 
