@@ -133,7 +133,7 @@ def prompt_embedder(model: str):
     if settings.embedder == "minilm":
         return PromptEmbedder()
     from workers.model_loading import load_components
-    from workers.node import cache_settings_for
+    from workers.node_cache import cache_settings_for
 
     settings, fn = cache_settings_for(settings, load_components(model))
     if settings.embedder != "clip":  # auto, without a table for the model's encoder

@@ -315,7 +315,7 @@ class QualityHarness:
         from workers.artifacts import ArtifactStore
         from workers.denoise_loop import DenoiseLoop
         from workers.model_loading import load_components, model_extra
-        from workers.node import cache_settings_for
+        from workers.node_cache import cache_settings_for
         from workers.service import Device, DevicePool, GenerationService
 
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="reprise-eval-")

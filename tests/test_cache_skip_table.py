@@ -103,7 +103,7 @@ def test_clip_embedder_takes_the_table_calibrated_for_the_model():
     from types import SimpleNamespace
 
     from workers.families import SD15
-    from workers.node import cache_settings_for
+    from workers.node_cache import cache_settings_for
 
     def components(extra):  # the pooled width comes from the family: SD 1.5's is the encoder's hidden size
         encoder = SimpleNamespace(config=SimpleNamespace(hidden_size=64))

@@ -435,7 +435,7 @@ def test_workers_of_one_model_share_the_stored_table_and_new_weights_are_uncalib
 def test_auto_embedder_is_the_models_encoder_where_a_table_is_calibrated_for_it(tmp_path, monkeypatch):
     from cache import CacheSettings
     from workers.model_loading import load_components, save_builtin
-    from workers.node import cache_settings_for
+    from workers.node_cache import cache_settings_for
     from workers.skip_table_choice import auto_embedder
 
     monkeypatch.delenv("REPRISE_CACHE_EMBEDDER", raising=False)

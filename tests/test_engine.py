@@ -312,7 +312,7 @@ def test_sim_cost_model_is_fixed_plus_per_sample():
 
 
 def test_clip_embedding_and_conditioning_are_one_text_encoder_pass(tiny):
-    from workers.node import clip_embedder
+    from workers.node_cache import clip_embedder
     from workers.text_memo import TextEmbeddingMemo
 
     memo = TextEmbeddingMemo(8)

@@ -19,7 +19,7 @@ from workers.artifacts import ArtifactStore
 from workers.denoise_loop import DenoiseLoop
 from workers.families import FAMILIES
 from workers.model_loading import load_components, save_builtin
-from workers.node import clip_embedder
+from workers.node_cache import clip_embedder
 from workers.service import Device, DevicePool, GenerationService, JobContext
 
 STEPS = 6

@@ -248,7 +248,7 @@ def test_a_job_lost_in_transport_is_sent_again_from_the_ledger(faulty, redis_cli
 
     from scheduler.client import job as job_handle
     from scheduler.settings import get_settings
-    from workers.node import LedgerSweeper
+    from workers.ledger_sweeper import LedgerSweeper
 
     job_id = str(uuid.uuid4())
     entry = {

@@ -238,7 +238,7 @@ def make_embedder(name: str, components):
     if name == "minilm":
         return PromptEmbedder()
     if name == "clip":
-        from workers.node import clip_embedder
+        from workers.node_cache import clip_embedder
 
         return CallableEmbedder(clip_embedder(components), version="clip", dim=components.family.pooled_dim(components))
     raise CalibrationError(f"unknown embedder {name!r}: minilm or clip")

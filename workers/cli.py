@@ -15,7 +15,8 @@ def _cmd_worker(args) -> int:
     from scheduler.redis_conn import redis_client
     from scheduler.schema import queue_for
     from scheduler.settings import get_settings
-    from workers.node import Heartbeat, build_service, node_info, serve_metrics
+    from workers.heartbeat import Heartbeat
+    from workers.node import build_service, node_info, serve_metrics
     from workers.settings import load_worker_settings
 
     logging.basicConfig(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 
 import torch
@@ -20,9 +19,12 @@ import torch
 from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
 from workers.artifacts import ArtifactStore
+from workers.broker_guard import guard_broker_consumer, keep_broker_channels_closable, keep_running_jobs_on_reconnect
 from workers.denoise_loop import DenoiseLoop
+from workers.ledger_sweeper import LedgerSweeper
 from workers.model_loading import load_components
-from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
+from workers.node_cache import open_cache_or_defer, reopen_later, text_memo_for
+from workers.resilient_cache import ResilienceSettings
 from workers.service import Device, DevicePool, GenerationService
 from workers.settings import WorkerSettings, checked_settings, invalid_setting
 
@@ -75,7 +77,7 @@ def build_service(
     if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them
         torch.set_num_threads(worker.torch_threads or max(1, (os.cpu_count() or 1) // n_cpu))
     devices = []
-    memo = _text_memo(worker)
+    memo = text_memo_for(worker)
     for name in names:
         t = time.perf_counter()
         if name.startswith("sim"):
@@ -108,7 +110,7 @@ def build_service(
         registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
     reopen = None
     if cache is None and open_cache and worker.cache_enabled:
-        cache, reopen = _open_cache_or_defer(redis_client, devices[0].loop.c, cluster, memo)
+        cache, reopen = open_cache_or_defer(redis_client, devices[0].loop.c, cluster, memo)
     defaults = {"method": worker.feature_profile}
     if worker.blockcache_dir:
         defaults["calibration_dir"] = worker.blockcache_dir
@@ -131,7 +133,7 @@ def build_service(
     service.share_grants = resilience.share_grants()
     if reopen is not None:  # the cache could not open: serve uncached, keep trying in the background
         service.cache_note = f"cache unavailable ({reopen}); retrying every {resilience.cache_reopen_s:g}s"
-        _reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s, memo)
+        reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s, memo)
     if worker.warmup:
         if cache is not None:
             cache.embed("warm-up")  # loads the prompt embedder now, not on the first job
@@ -141,311 +143,6 @@ def build_service(
                 prompt="warm-up", seed=0, steps=2, guidance_scale=2.0, width=spec.default_size, height=spec.default_size
             )
     return service
-
-
-def keep_broker_channels_closable() -> None:
-    """A Redis restart must not stop the node (kombu #970, #582, still in kombu 5.7.0).
-
-    When the broker connection drops, Celery's consumer first calls ``Connection.collect()``, which
-    closes the channel and then detaches the transport from its ``Connection`` (``transport.client =
-    None``). If Redis died while the channel was inside BRPOP, that first close raised a connection
-    error before the channel was marked closed, so Celery's second ``connection.close()`` closes it
-    again; the close restores the unacknowledged messages (``QoS.restore_unacked``), which needs a new
-    pool, and ``Channel._connparams`` reads ``self.connection.client.hostname`` on ``None``: an
-    ``AttributeError``, which Celery treats as unrecoverable, and the worker process exits. Task threads
-    still running acknowledge through the same channel (by then closed: ``channel.connection`` is None
-    too) and hit the same error.
-
-    The channel keeps the transport and the ``Connection`` it was opened from and puts them back when
-    it needs a pool again (both already detached: no live connection uses them). The restore then either reaches Redis (it is back)
-    or raises a connection error that kombu's cleanup ignores: the messages stay in kombu's
-    ``unacked`` hash in Redis and come back after the visibility timeout; the ledger covers the rest."""
-    from kombu.transport import redis as kombu_redis
-
-    channel = kombu_redis.Channel
-    if getattr(channel, "_reprise_closable", False):
-        return
-    init = channel.__init__
-
-    def remembering_init(self, connection, *args, **kwargs):
-        self._reprise_transport, self._reprise_client = connection, connection.client
-        init(self, connection, *args, **kwargs)
-
-    channel.__init__ = remembering_init
-    for cls in (kombu_redis.Channel, kombu_redis.SentinelChannel):
-        get_pool = cls.__dict__["_get_pool"]
-
-        def reattached_get_pool(self, asynchronous=False, _get_pool=get_pool):
-            if self.connection is None and getattr(self, "_reprise_transport", None) is not None:
-                self.connection = self._reprise_transport  # a closed channel acknowledging a job that just ended
-            if self.connection.client is None and getattr(self, "_reprise_client", None) is not None:
-                self.connection.client = self._reprise_client  # a transport no live Connection uses any more
-            return _get_pool(self, asynchronous)
-
-        cls._get_pool = reattached_get_pool
-    channel._reprise_closable = True
-
-
-def keep_running_jobs_on_reconnect() -> None:
-    """A lost broker connection must not hand this node's running jobs to another node.
-
-    On a connection loss Celery closes the old channel, and kombu's close pushes every message the channel
-    delivered and saw no ack for back onto its queue (``QoS.restore_unacked_once``). Under the thread pool
-    those jobs keep running here, so another node (or this one, after reconnecting) runs them a second time
-    at once — measured in the redis_failover fault: one job computed on two nodes, one of them from an
-    approximate cache hit, so two different images under one job id. The old channel skips that restore on
-    the connection-loss path only (a warm shutdown still restores): each running job acknowledges through
-    its old channel when it ends (keep_broker_channels_closable keeps that channel able to reach Redis), and
-    a job whose node dies before that is still in kombu's ``unacked`` hash in Redis, redelivered after the
-    visibility timeout like any job of a dead node."""
-    from celery.worker.consumer.consumer import Consumer
-
-    if getattr(Consumer, "_reprise_keeps_running_jobs", False):
-        return
-    on_error = Consumer.on_connection_error_after_connected
-
-    def on_connection_error_after_connected(self, exc):
-        transport = getattr(self.connection, "_transport", None) if self.connection is not None else None
-        channels = list(getattr(transport, "channels", []) or [])
-        default = getattr(self.connection, "_default_channel", None) if self.connection is not None else None
-        for channel in channels + ([default] if default is not None else []):
-            channel.do_restore = False
-        return on_error(self, exc)
-
-    Consumer.on_connection_error_after_connected = on_connection_error_after_connected
-    Consumer._reprise_keeps_running_jobs = True
-
-
-def guard_broker_consumer() -> None:
-    """One undecodable item pushed onto a queue list (not JSON, not a kombu envelope) makes kombu's Redis
-    consumer raise inside the worker's event loop, which Celery treats as unrecoverable: the node stops
-    serving. Drop such an item with an error line instead. (BRPOP has already removed it from Redis.)"""
-    from queue import Empty
-
-    from kombu.transport import redis as kombu_redis
-
-    channel = kombu_redis.Channel
-    if getattr(channel, "_reprise_guarded", False):
-        return
-    read = channel._brpop_read
-
-    def io_errors(errors: tuple) -> tuple:  # kombu counts KeyError as a connection error; from a message it is not
-        return tuple(e for e in errors if e is not KeyError)
-
-    def guarded_read(self, **options):
-        try:
-            return read(self, **options)
-        except (Empty, *io_errors(self.connection_errors)):
-            raise
-        except Exception as exc:
-            log.error("dropped an undecodable message from the broker (%s: %s)", type(exc).__name__, str(exc)[:200])
-            return True
-
-    channel._brpop_read = guarded_read
-    channel._reprise_guarded = True
-
-    # A well-formed envelope around a malformed task body (e.g. not [args, kwargs, embed]) raises inside
-    # Celery's task handler: left alone, the message stays reserved and the node stops fetching. Reject
-    # it as an invalid task, as Celery does for the malformations it knows.
-    from celery.exceptions import InvalidTaskError
-    from celery.worker.consumer.consumer import Consumer
-
-    make_handler = Consumer.create_task_handler
-
-    def create_task_handler(self, *args, **kwargs):
-        handler = make_handler(self, *args, **kwargs)
-
-        def on_task_received(message):
-            try:
-                return handler(message)
-            except Exception as exc:
-                if isinstance(exc, io_errors(self.connection_errors)):
-                    raise
-                return self.on_invalid_task(None, message, InvalidTaskError(f"{type(exc).__name__}: {exc}"))
-
-        return on_task_received
-
-    Consumer.create_task_handler = create_task_handler
-
-
-def _text_memo(worker: WorkerSettings):
-    if worker.text_memo_entries <= 0:
-        return None
-    from workers.text_memo import TextEmbeddingMemo
-
-    return TextEmbeddingMemo(max_entries=worker.text_memo_entries, max_bytes=worker.text_memo_bytes)
-
-
-def _open_cache(redis_client, components, key_prefix: str, text_memo=None):
-    from cache import CacheSettings, LatentCache
-    from workers.skip_table_choice import stored_clip_calibration
-
-    settings, embedder = cache_settings_for(
-        CacheSettings(), components, text_memo, clip_calibrated=stored_clip_calibration(redis_client)
-    )
-    # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
-    clock = (
-        RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
-    )
-    return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock, key_prefix=key_prefix)
-
-
-def _open_cache_or_defer(redis_client, components, cluster, text_memo=None):
-    """(cache, None), or (None, why) when the cache cannot open now: a node never needs its cache to serve."""
-    try:
-        return _open_cache(redis_client, components, cluster.queue_prefix, text_memo), None
-    except Exception as exc:
-        log.error(
-            "CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
-            type(exc).__name__,
-            exc,
-        )
-        return None, type(exc).__name__
-
-
-def _reopen_later(
-    service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float, text_memo=None
-) -> None:
-    def on_open(cache) -> None:
-        from workers import cache_control as control
-
-        service.cache = cache
-        service.cache_note = None
-        control.start_control(service, redis_client, cluster)
-
-    CacheReopener(
-        lambda: _open_cache(redis_client, components, cluster.queue_prefix, text_memo), on_open, every_s
-    ).start()
-
-
-def cache_settings_for(settings, components=None, text_memo=None, clip_calibrated=None):
-    """(settings, embedder) of a cache that serves ``components``: with the `clip` embedder, the model's own
-    text encoder and, unless a table is set, the table calibrated for it (model_index.json → reprise →
-    clip_skip_table), since thresholds belong to one encoder; embedder None means the settings' default.
-    `auto` resolves to clip or minilm here (workers.skip_table_choice.auto_embedder; ``clip_calibrated(fingerprint)``:
-    whether a clip table is stored for that model version)."""
-    if settings.embedder == "auto":
-        from workers.skip_table_choice import auto_embedder
-
-        chosen = auto_embedder(components, clip_calibrated)
-        update = {"embedder": chosen}
-        if chosen == "clip":  # its vectors live apart from MiniLM's (other size, other space)
-            update["collection"] = f"{settings.collection}-clip"
-        settings = settings.model_copy(update=update)
-    if settings.embedder != "clip" or components is None:
-        return settings, None
-    update = {"clip_dim": components.family.pooled_dim(components)}
-    if settings.skip_table is None and components.extra.get("clip_skip_table"):
-        update["skip_table"] = [tuple(row) for row in components.extra["clip_skip_table"]]
-    return settings.model_copy(update=update), clip_embedder(components, text_memo)
-
-
-def clip_embedder(components, text_memo=None):
-    """The pipeline's own text encoders, pooled as its family pools them (SDXL: the second encoder's projection;
-    SD3: both CLIPs' projections; Flux: CLIP's pooled output): the `clip` prompt embedder of the cache. The same
-    pass gives the prompt's conditioning: it goes into the node's text memo, so the device stage does not
-    encode again."""
-
-    @torch.no_grad()
-    def embed(prompt: str):
-        # No lock: inference only, and torch releases the GIL, so the lookups of several jobs run together.
-        conditioning, pooled = components.family.encode(components, prompt)
-        if text_memo is not None:
-            text_memo.put(components.fingerprint, prompt, conditioning)
-        return pooled[0].float().cpu().numpy()
-
-    return embed
-
-
-class LedgerSweeper(threading.Thread):
-    """Sends again an accepted job that no queue, no worker and no result holds any more.
-
-    The one way that happens: a worker SIGKILLed just after Redis' BRPOP handed it the message and
-    before kombu recorded it as unacknowledged (scheduler/app.py, ledger_key). A job is only suspected
-    once it is older than the visibility timeout, so a job still queued, running or being restored is
-    never touched. Every node runs one; a Redis lock lets one sweep at a time."""
-
-    def __init__(self, r, cluster: ClusterSettings):
-        super().__init__(name="reprise-ledger-sweeper", daemon=True)
-        self.r, self.cluster = r, cluster
-        self.every_s = max(2.0, min(60.0, cluster.visibility_timeout_s / 3))
-        self.grace_s = cluster.visibility_timeout_s + 3 * cluster.restore_interval_s + 5
-        self.stopped = threading.Event()
-        self.resent = 0
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every_s):
-            try:
-                if self.r.set(
-                    f"{self.cluster.queue_prefix}:ledger:sweeping", os.getpid(), nx=True, px=int(self.every_s * 1000)
-                ):
-                    self.sweep()
-            except Exception as exc:  # Redis restarting: next round
-                log.warning("ledger sweep failed: %s", exc)
-
-    def sweep(self) -> int:
-        import json
-
-        from scheduler.app import GENERATE_TASK, get_app, ledger_key
-
-        key = ledger_key(self.cluster.queue_prefix)
-        now = time.time()
-        suspects = {}
-        for job_id, raw in self.r.hgetall(key).items():
-            entry = json.loads(raw)
-            if now - float(entry.get("at", now)) > self.grace_s:
-                suspects[job_id.decode()] = entry
-        if not suspects:
-            return 0
-        held = b"".join(self.r.hvals("unacked"))  # kombu's unacknowledged messages
-        resent = 0
-        for job_id, entry in suspects.items():
-            meta = self.r.get(f"celery-task-meta-{job_id}")
-            if meta and json.loads(meta).get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
-                self.r.hdel(key, job_id)
-                continue
-            queue = entry.get("queue") or ""
-            queued = b"".join(
-                b"".join(self.r.lrange(q, 0, -1)) for q in [queue] + [f"{queue}:{p}" for p in range(1, 10)]
-            )
-            if (
-                job_id.encode() in held
-                or job_id.encode() in queued
-                or job_id.encode() in b"".join(self.r.hvals("unacked"))
-            ):
-                continue
-            log.warning("job %s was accepted but no queue, worker or result holds it: sending it again", job_id)
-            get_app().send_task(
-                GENERATE_TASK,
-                args=entry.get("args") or None,
-                kwargs=entry.get("kwargs") or None,
-                task_id=job_id,
-                queue=queue or None,
-                headers={"reprise_queued_at": entry.get("queued_at")},
-            )
-            self.r.hincrby(f"{self.cluster.queue_prefix}:ledger:resent", "jobs", 1)
-            resent += 1
-        self.resent += resent
-        return resent
-
-
-class Heartbeat(threading.Thread):
-    """Keeps the model's entry in the registry alive while this node serves it."""
-
-    def __init__(self, registry: ModelRegistry, model: str, info: dict, every_s: float):
-        super().__init__(name="reprise-heartbeat", daemon=True)
-        self.registry, self.model, self.info, self.every_s = registry, model, info, every_s
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.registry.announce(self.model, self.info, ttl_s=self.every_s * 3)
-                if self.info.get("node"):
-                    self.registry.announce_node(self.info["node"], self.info, ttl_s=self.every_s * 3)
-            except Exception as exc:  # Redis restarting: try again next beat
-                log.warning("heartbeat failed: %s", exc)
-            self.stopped.wait(self.every_s)
 
 
 def serve_metrics(service: GenerationService, worker: WorkerSettings, redis_client, prefix: str) -> int | None:

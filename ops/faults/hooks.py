@@ -60,9 +60,9 @@ def install_hooks(worker: bool = True) -> None:
     if not worker:
         return
     if env.get("REPRISE_FAULT_CLOCK_NAIVE"):
-        from workers import node
+        from workers import node_cache
 
-        node.RedisClock = lambda *args, **kwargs: lambda: time.time()  # the cache reads the node's wall clock
+        node_cache.RedisClock = lambda *args, **kwargs: lambda: time.time()  # the cache reads the node's wall clock
 
     from workers import service as service_mod
     from workers.artifacts import ArtifactStore
