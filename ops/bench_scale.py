@@ -61,7 +61,7 @@ def layout(n: int, per_process: int) -> list[int]:
 
 
 def run_point(cluster, n: int, args, rows, point_index: int) -> dict:
-    from ops.loadtest import LoadRun, percentiles
+    from ops.load_run import LoadRun, percentiles
     from ops.workload import Workload, WorkloadParams
     from scheduler.app import get_app
 

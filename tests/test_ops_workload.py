@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.loadtest import percentiles
+from ops.load_run import percentiles
 from ops.workload import PromptRow, Workload, WorkloadParams, parse_priorities, read_prompts
 
 PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts"
