@@ -63,3 +63,42 @@ def test_reprise_command_has_every_layers_commands():
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"schema", "submit", "flower", "models", "cache", "coordinator", "worker", "settings"} <= commands
     assert {"bench", "demo", "loadtest", "eval"} <= commands
+
+
+def import_cycles(package: str) -> list[list[str]]:
+    """Cycles among the modules of ``package`` (imports inside functions count too), each as a module path."""
+    import grimp
+
+    graph = grimp.build_graph(package)
+    edges = {m: {i for i in graph.find_modules_directly_imported_by(m) if i.startswith(package)} for m in graph.modules}
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for nxt in sorted(edges.get(module, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[module] = "done"
+
+    for module in sorted(graph.modules):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_circles_in_any_layer(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    found = {pkg: import_cycles(pkg) for pkg in PACKAGES}
+    assert not any(found.values()), found
+
+
+def test_an_import_circle_is_found(tmp_path, monkeypatch):
+    pkg = tmp_path / "circled"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from circled import b\n")
+    (pkg / "b.py").write_text("from circled import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("circled") == [["circled.a", "circled.b", "circled.a"]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from workers.node import log
+import logging
+
+log = logging.getLogger("reprise.worker")
 
 
 def keep_broker_channels_closable() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from scheduler.registry import ModelRegistry
-from workers.node import log
+
+log = logging.getLogger("reprise.worker")
 
 
 class Heartbeat(threading.Thread):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 
 from scheduler.settings import ClusterSettings
-from workers.node import log
+
+log = logging.getLogger("reprise.worker")
 
 
 class LedgerSweeper(threading.Thread):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from scheduler.settings import ClusterSettings
-from workers.node import log
 from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
 from workers.service import GenerationService
 from workers.settings import WorkerSettings
+
+log = logging.getLogger("reprise.worker")
 
 
 def text_memo_for(worker: WorkerSettings):

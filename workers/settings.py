@@ -135,8 +135,6 @@ def checked_settings(cls, **overrides):
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        from workers.settings_doc import env_names
-
         problems = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
@@ -155,3 +153,12 @@ def invalid_setting(field: str, value, problem: str, allowed: list | None = None
     detail = {"setting": f"{WorkerSettings.model_config['env_prefix']}{field.upper()}", "value": value}
     detail.update(problem=problem, **({"allowed": allowed} if allowed else {}))
     return InvalidWorkerSetting(_message([detail]), [detail])
+
+
+def env_names(cls, name: str, field) -> list[str]:
+    alias = field.validation_alias
+    if alias is not None and hasattr(alias, "choices"):
+        return [str(c) for c in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return [(cls.model_config.get("env_prefix") or "") + name.upper()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from workers.settings import env_names
+
 
 def settings_classes():
     from cache.settings import CacheSettings
@@ -20,15 +22,6 @@ def settings_classes():
         ("Latent cache", CacheSettings),
         ("Coordinator", CoordinatorSettings),
     ]
-
-
-def env_names(cls, name: str, field) -> list[str]:
-    alias = field.validation_alias
-    if alias is not None and hasattr(alias, "choices"):
-        return [str(c) for c in alias.choices]
-    if isinstance(alias, str):
-        return [alias]
-    return [(cls.model_config.get("env_prefix") or "") + name.upper()]
 
 
 def rows():
