@@ -153,15 +153,15 @@ def test_the_approximate_lookup_overlaps_the_first_steps_and_its_answer_alone_de
         assert quick[0].cache.hit == "approximate" and quick[0].cache.steps_computed == STEPS - 4
         assert quick[1].cache.hit == "miss"
 
-        embed = service.cache.embed
+        embed_many = service.cache.embedder.embed_many
         calls_when_answered = []
 
-        def slow_embed(text):
+        def slow_embed(texts):  # the lookup batch's one embedder call
             time.sleep(1.0)  # longer than 4 steps of the tiny model
             calls_when_answered.append(len(spy.calls))
-            return embed(text)
+            return embed_many(texts)
 
-        service.cache.embed = slow_embed
+        service.cache.embedder.embed_many = slow_embed
         for i, r in enumerate((near, alone)):
             spy.calls.clear()
             slow = service.run({**r, "seed": r["seed"]}, JobContext(job_id=f"slow-{i}"))

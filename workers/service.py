@@ -9,7 +9,6 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ from scheduler.schema import (
     with_model,
 )
 from workers.artifacts import ArtifactStore
+from workers.cache_path import CachePath
 from workers.engine import EngineRequest, NodeEngine
 from workers.families import Conditioning
 from workers.feature_cache import batches, feature_identity, make_unet_runner, methods_for, resolve_feature_options
@@ -198,8 +198,8 @@ class GenerationService:
         self._local = threading.local()
         self._engine: NodeEngine | None = None
         self._engine_lock = threading.Lock()
-        self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
-        self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
+        self.writeback_queue = writeback_queue
+        self._cache_path: CachePath | None = None  # the batched lookup stage and the writer (workers/cache_path.py)
         self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
         self.share_grants: frozenset[str] | None = None  # tenants that may set cache.share; None = all
         self.cache_note: str | None = None  # why there is no cache right now (it is being reopened)
@@ -355,16 +355,29 @@ class GenerationService:
         if request.cache.write:
             a.capture = list(self.cache.state_steps(request.steps))
 
-    def lookup_near(self, a: AdmittedJob, start: DeviceStart) -> DeviceStart | None:
-        """Prompt embedding, approximate lookup and state fetch, while the job's first steps run. Returns
-        the start resumed at K for a hit, None otherwise."""
+    @property
+    def cache_path(self) -> CachePath:
+        """The node's batched cache stages, started with the first request that uses the cache."""
+        with self._engine_lock:
+            if self._cache_path is None:
+                settings = getattr(self.cache, "settings", None)
+                self._cache_path = CachePath(
+                    lambda: self.cache,
+                    self.counters,
+                    writeback_queue=self.writeback_queue,
+                    batch_max=getattr(settings, "batch_max", 64),
+                    embed_threads=getattr(settings, "embed_threads", 1),
+                )
+            return self._cache_path
+
+    def lookup_near(self, a: AdmittedJob, start: DeviceStart, passed=lambda: False) -> DeviceStart | None:
+        """Prompt embedding, approximate lookup and state fetch, in the node's next lookup batch, while the
+        job's first steps run (skipped once ``passed()``: the job is held at its earliest resume step).
+        Returns the start resumed at K for a hit, None otherwise."""
         request, report = a.request, a.report
         t = time.perf_counter()
         try:
-            a.vector = self.cache.embed(request.prompt)
-            if not request.cache.approximate or a.vector is None:
-                return None
-            ahit = self.cache.lookup_approx(a.key, a.vector, allow_shared=request.cache.use_shared)
+            a.vector, ahit = self.cache_path.lookup(a.key, request.prompt, request.cache.use_shared, passed)
             if ahit is None or not 0 < ahit.k < request.steps:
                 return None
             a.near = ahit
@@ -398,8 +411,9 @@ class GenerationService:
             context,
             resolve_feature_options(request.cache.feature, self.feature_defaults),
         )
-        near = a.use_cache and (request.cache.approximate or request.cache.write)
-        ks = self.cache.state_steps(request.steps) if near and request.cache.approximate else []
+        # Only an approximate lookup is awaited here; a write-only request's prompt is embedded by the writer.
+        near = a.use_cache and request.cache.approximate
+        ks = self.cache.state_steps(request.steps) if near else []
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
@@ -418,7 +432,7 @@ class GenerationService:
         if near:
             resume = None
             try:
-                resume = self.lookup_near(a, start)
+                resume = self.lookup_near(a, start, lambda: entry.trajectory is not None and entry.held)
             except BaseException:
                 entry.stop = "lookup failed"  # the job fails with the lookup's error, as before; free its slot
                 raise
@@ -481,8 +495,8 @@ class GenerationService:
         # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
         other_s = time.time() - a.started - out.denoise_s - a.decode_s if report.hit == "miss" else None
         self.timer.observe(out.steps_computed, out.denoise_s, a.decode_s, other_s)
-        if a.use_cache and request.cache.write and out.captured and a.vector is not None:
-            self._schedule_writeback(a.key, a.vector, out.captured, a.uri, a.shareable)
+        if a.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
+            self.cache_path.write_back(a.key, a.vector, out.captured, a.uri, a.shareable)
 
     def _count(self, result: GenerationResult) -> None:
         self.counters["jobs"] += 1
@@ -538,28 +552,10 @@ class GenerationService:
         if remaining > 0:
             time.sleep(remaining)
 
-    def _schedule_writeback(self, key, vector, captured: dict, uri: str, shareable: bool) -> None:
-        if not self._writeback_slots.acquire(blocking=False):
-            self.counters["writeback_dropped"] += 1
-            log.warning("write-back queue full: dropping the states of %s", key.prompt[:40])
-            return
-        states = {k: v[0].float().cpu().numpy() for k, v in captured.items()}
-
-        def write() -> None:
-            try:
-                if not self.cache.write_back(key, vector, states, uri, shareable):
-                    self.counters["writeback_failed"] += 1
-            except Exception:  # a failed write-back never fails a job
-                self.counters["writeback_failed"] += 1
-                log.exception("cache write-back failed")
-            finally:
-                self._writeback_slots.release()
-
-        self._writeback.submit(write)
-
     def drain_writebacks(self, timeout: float = 30.0) -> None:
-        """Wait for pending write-backs (tests, shutdown)."""
-        self._writeback.submit(lambda: None).result(timeout=timeout)
+        """Wait for pending write-backs (tests, shutdown, the ``drain_writebacks`` cache op)."""
+        if self._cache_path is not None:
+            self._cache_path.drain(timeout)
 
     def _result(self, a: AdmittedJob) -> GenerationResult:
         total = time.time() - a.started
@@ -587,6 +583,7 @@ class GenerationService:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
-        self._writeback.shutdown(wait=True)
+        if self._cache_path is not None:
+            self._cache_path.close()
         if self.cache is not None:
             self.cache.close()
