@@ -25,6 +25,7 @@ Neither thread ever runs on a device thread; the device threads only step and de
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -74,10 +75,11 @@ class CachePath:
         batch_max: int = 64,
         embed_threads: int = 1,
         wait_s: float = 30.0,
+        nice: int = 10,
     ):
         # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
         self.cache_of, self.counters = cache_of, counters
-        self.batch_max, self.embed_threads, self.wait_s = batch_max, embed_threads, wait_s
+        self.batch_max, self.embed_threads, self.wait_s, self.nice = batch_max, embed_threads, wait_s, nice
         for name in ("writeback_dropped", "writeback_failed", "writeback_written", "lookup_skipped", "lookup_batches"):
             counters.setdefault(name, 0)
         self._count_lock = threading.Lock()
@@ -134,8 +136,18 @@ class CachePath:
             stop = stop or item is _STOP
         return [i for i in items if i is not _STOP], stop
 
+    def _background(self) -> None:
+        """This thread's share of the machine: ``embed_threads`` torch threads for its kernels, and a lower
+        CPU priority (Linux: nice is per thread) so that its work takes the cores the devices leave idle."""
+        torch.set_num_threads(self.embed_threads)
+        if self.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except (AttributeError, OSError) as exc:  # not Linux, or not permitted: full priority
+                log.debug("cannot lower the cache thread's priority: %s", exc)
+
     def _lookup_loop(self) -> None:
-        torch.set_num_threads(self.embed_threads)  # this thread's kernels only (the embedder's forward pass)
+        self._background()
         while True:
             items, stop = self._take(self._lookups, self._lookups.get())
             if items:
@@ -185,7 +197,7 @@ class CachePath:
         return True
 
     def _write_loop(self) -> None:
-        torch.set_num_threads(self.embed_threads)
+        self._background()
         while True:
             items, stop = self._take(self._writes, self._writes.get())
             if items:
