@@ -128,7 +128,7 @@ def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
 def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache):
     embed = Gate(cache.embedder.embed_many)
     cache.embedder.embed_many = embed
-    path = CachePath(lambda: cache, {})
+    path = CachePath(lambda: cache, {}, late_s=0.0)  # any wait is late here
     try:
         first = threading.Thread(target=path.lookup, args=(_key("a"), "a", True))
         first.start()
@@ -157,8 +157,8 @@ def tiny():
 @pytest.mark.parametrize("devices", [1, 2])
 def test_a_request_held_behind_a_slow_lookup_batch_runs_on_fresh_and_is_still_written(tiny, tmp_path, devices):
     """Request A's lookup batch is slow (its embedder call waits); B's lookup queues behind it while B's
-    device runs B to its earliest resume step and holds it there. B then stops waiting for its lookup
-    (skipped, counted; A as well, held the same way) and runs on: a miss whose image is B's fresh image, whose states the writer still
+    device runs B to its earliest resume step and holds it there. When the batch thread comes to B, it
+    skips B's lookup (counted) and B runs on: a miss whose image is B's fresh image, whose states the writer still
     stores (embedding its prompt), so the same request again is an exact hit."""
     settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
     pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(dataclasses.replace(tiny))) for i in range(devices)])
@@ -174,12 +174,17 @@ def test_a_request_held_behind_a_slow_lookup_batch_runs_on_fresh_and_is_still_wr
         result: list = []
         run_b = threading.Thread(target=lambda: result.append(service.run(b, JobContext("b1"))))
         run_b.start()
-        run_b.join(60)  # B finishes while A's lookup batch is still stuck in its embedder call
-        assert result and service.counters["lookup_batches"] == 0
+        deadline = time.monotonic() + 30
+        while not any(r.job_id == "b1" and r.held for s in service.engine.schedulers for r in s.active):
+            assert time.monotonic() < deadline, "B never reached its resume step"  # K = 4, behind A's batch
+            time.sleep(0.01)
+        assert not result and service.counters["lookup_batches"] == 0
+        time.sleep(2 * settings.lookup_timeout_ms / 1000)  # B's lookup is now late, beyond the time box
         embed.release.set()
+        run_b.join(60)
         a.join(60)
         (late,) = result
-        assert service.counters["lookup_skipped"] == 2  # A too went on once held at its own resume step
+        assert service.counters["lookup_skipped"] == 1 and service.counters["lookup_batches"] == 1  # A's
         assert late.cache.hit == "miss" and late.cache.steps_computed == STEPS and late.cache.steps_discarded == 0
         pixels = [np.asarray(Image.open(r.image_uri.removeprefix("file://"))).astype(int) for r in (fresh, late)]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1

@@ -9,11 +9,12 @@ its own:
 - **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
   lookup is taken at once: one embedder call for all their prompts (MiniLM in one forward pass, on
   ``embed_threads`` torch threads), one batched search (``EdgeShard.query_batch``), then the state of
-  each hit. A request whose device already reached the step its lookup could resume at (it is held
-  there, its batch slot idle, ``passed()``) stops waiting for its lookup: it runs on fresh, the skip is
-  counted (``lookup_skipped``), the batch leaves it out or its late answer is dropped, and the writer
-  embeds its prompt if it needs a write-back. A late lookup thus costs its request a hit, never the
-  device a slot for longer than one poll (``POLL_S``).
+  each hit; each request's answer goes to its ``answered`` callback (which resolves it in the engine),
+  so no request thread waits or polls. A lookup that waited longer than the lookup time box
+  (``late_s``: REPRISE_CACHE_LOOKUP_TIMEOUT_MS) and whose request's device already reached the step it
+  could resume at (held there, its batch slot idle: ``passed()``) is not looked up: it runs on fresh, the skip is counted (``lookup_skipped``) and the writer embeds its prompt if it
+  needs a write-back. A late lookup thus costs its request a hit, and its device a held slot for at
+  most the batch in progress.
 - **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
   ``REPRISE_WRITEBACK_QUEUE``; a full queue drops the new one (``writeback_dropped``) instead of
   delaying anyone. It takes every queued write-back at once, embeds the prompts the lookup stage did
@@ -30,7 +31,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -47,8 +48,8 @@ class Lookup:
     prompt: str
     allow_shared: bool
     passed: Callable[[], bool]  # True once the request no longer benefits from a hit (held at its step)
-    future: Future = field(default_factory=Future)  # -> (vector or None, cache.ApproxHit or None)
-    abandoned: bool = False  # its request went on without it (skipped): the batch leaves it out
+    answered: Callable[[Any, Any], None]  # (vector or None, cache.ApproxHit or None), on the lookup thread
+    queued_at: float = 0.0  # time.monotonic() of submit
 
 
 @dataclass
@@ -61,7 +62,6 @@ class WriteBack:
 
 
 _STOP = object()
-POLL_S = 0.02  # how often a request waiting for its lookup checks whether its device already holds it
 
 
 class CachePath:
@@ -74,12 +74,12 @@ class CachePath:
         writeback_queue: int = 64,
         batch_max: int = 64,
         embed_threads: int = 1,
-        wait_s: float = 30.0,
         nice: int = 10,
+        late_s: float = 0.05,
     ):
         # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
         self.cache_of, self.counters = cache_of, counters
-        self.batch_max, self.embed_threads, self.wait_s, self.nice = batch_max, embed_threads, wait_s, nice
+        self.batch_max, self.embed_threads, self.nice, self.late_s = batch_max, embed_threads, nice, late_s
         for name in ("writeback_dropped", "writeback_failed", "writeback_written", "lookup_skipped", "lookup_batches"):
             counters.setdefault(name, 0)
         self._count_lock = threading.Lock()
@@ -99,30 +99,16 @@ class CachePath:
             self.counters[name] = self.counters.get(name, 0) + n
 
     # --- the lookup stage ----------------------------------------------------------------------------
-    def lookup(self, key, prompt: str, allow_shared: bool, passed=lambda: False):
-        """(vector or None, ApproxHit or None) of one request, from the next batch; the caller waits."""
-        item = Lookup(key, prompt, allow_shared, passed)
-        self._lookups.put(item)
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                return item.future.result(timeout=POLL_S)
-            except TimeoutError:
-                if passed():  # held at its resume step: a later answer would only keep it waiting
-                    self._abandon(item)
-                    return None, None
-                if time.monotonic() > deadline:
-                    item.abandoned = True
-                    self._count("lookup_timeout")
-                    log.warning("approximate lookup not answered within %.0f s; generating fresh", self.wait_s)
-                    return None, None
+    def submit(self, key, prompt: str, allow_shared: bool, passed, answered) -> None:
+        """Queue one request's approximate lookup for the next batch; ``answered(vector, hit)`` gets the
+        answer on the lookup thread ((None, None) for a skip or a failure: the request runs fresh)."""
+        self._lookups.put(Lookup(key, prompt, allow_shared, passed, answered, time.monotonic()))
 
-    def _abandon(self, item: Lookup) -> None:
-        """Mark a lookup skipped, counted once whichever thread (its request's or the batch's) sees it first."""
-        with self._count_lock:
-            if not item.abandoned:
-                item.abandoned = True
-                self.counters["lookup_skipped"] = self.counters.get("lookup_skipped", 0) + 1
+    def lookup(self, key, prompt: str, allow_shared: bool, passed=lambda: False):
+        """``submit`` and wait: (vector or None, ApproxHit or None)."""
+        future: Future = Future()
+        self.submit(key, prompt, allow_shared, passed, lambda vector, hit: future.set_result((vector, hit)))
+        return future.result()
 
     def _take(self, q: queue.Queue, first) -> tuple[list, bool]:
         """``first`` and everything queued behind it (up to batch_max); whether a stop was among them."""
@@ -136,13 +122,14 @@ class CachePath:
             stop = stop or item is _STOP
         return [i for i in items if i is not _STOP], stop
 
-    def _background(self) -> None:
-        """This thread's share of the machine: ``embed_threads`` torch threads for its kernels, and a lower
-        CPU priority (Linux: nice is per thread) so that its work takes the cores the devices leave idle."""
+    def _background(self, nice: int = 0) -> None:
+        """This thread's share of the machine: ``embed_threads`` torch threads for its kernels, and for the
+        writer, whose work waits for nobody, a lower CPU priority (Linux: nice is per thread) so that it
+        takes the cores the devices leave idle. The lookup thread keeps its priority: requests wait on it."""
         torch.set_num_threads(self.embed_threads)
-        if self.nice:
+        if nice:
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             except (AttributeError, OSError) as exc:  # not Linux, or not permitted: full priority
                 log.debug("cannot lower the cache thread's priority: %s", exc)
 
@@ -155,31 +142,34 @@ class CachePath:
             if stop:
                 return
 
+    @staticmethod
+    def _answer(item: Lookup, vector, hit) -> None:
+        try:
+            item.answered(vector, hit)
+        except Exception:  # one request's callback never stops the others' answers
+            log.exception("cache lookup answer failed")
+
     def _lookup_batch(self, items: list[Lookup]) -> None:
-        live = []
+        live, now = [], time.monotonic()
         for item in items:
-            if item.abandoned:  # counted by its request, which went on without it
-                continue
-            if item.passed():
-                self._abandon(item)
-                item.future.set_result((None, None))
+            if now - item.queued_at > self.late_s and item.passed():
+                self._count("lookup_skipped")
+                self._answer(item, None, None)
             else:
                 live.append(item)
         cache = self.cache_of()
-        if not live or cache is None:
-            for item in live:
-                item.future.set_result((None, None))
-            return
+        answers: list = [(None, None)] * len(live)
         try:
-            vectors = cache.embedder.embed_many([i.prompt for i in live])
-            hits = cache.lookup_approx_many([(i.key, v, i.allow_shared) for i, v in zip(live, vectors)])
-            self._count("lookup_batches")
-            for item, vector, hit in zip(live, vectors, hits):
-                item.future.set_result((vector, hit))
-        except BaseException as exc:  # every waiter gets the error, none hangs
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            if live and cache is not None:
+                vectors = cache.embedder.embed_many([i.prompt for i in live])
+                hits = cache.lookup_approx_many([(i.key, v, i.allow_shared) for i, v in zip(live, vectors)])
+                answers = list(zip(vectors, hits))
+                self._count("lookup_batches")
+        except Exception:  # the cache is an optimisation: every request of the batch runs fresh
+            self._count("lookup_failed", len(live))
+            log.exception("cache lookup batch of %d failed; generating fresh", len(live))
+        for item, (vector, hit) in zip(live, answers):
+            self._answer(item, vector, hit)
 
     # --- the writer ----------------------------------------------------------------------------------
     def write_back(self, key, vector, captured: dict, uri: str, shareable: bool) -> bool:
@@ -197,7 +187,7 @@ class CachePath:
         return True
 
     def _write_loop(self) -> None:
-        self._background()
+        self._background(self.nice)
         while True:
             items, stop = self._take(self._writes, self._writes.get())
             if items:

@@ -367,30 +367,37 @@ class GenerationService:
                     writeback_queue=self.writeback_queue,
                     batch_max=getattr(settings, "batch_max", 64),
                     embed_threads=getattr(settings, "embed_threads", 1),
+                    late_s=getattr(settings, "lookup_timeout_ms", 50.0) / 1000,
                 )
             return self._cache_path
 
-    def lookup_near(self, a: AdmittedJob, start: DeviceStart, passed=lambda: False) -> DeviceStart | None:
-        """Prompt embedding, approximate lookup and state fetch, in the node's next lookup batch, while the
-        job's first steps run (skipped once ``passed()``: the job is held at its earliest resume step).
-        Returns the start resumed at K for a hit, None otherwise."""
+    def lookup_near(self, a: AdmittedJob, start: DeviceStart, entry: EngineRequest) -> None:
+        """Prompt embedding, approximate lookup and state fetch in the node's next lookup batch, while the
+        job's first steps run: the lookup thread resolves ``entry`` (resumed at K for a hit, None otherwise),
+        or skips the lookup if the device already holds the job at its earliest resume step."""
         request, report = a.request, a.report
         t = time.perf_counter()
-        try:
-            a.vector, ahit = self.cache_path.lookup(a.key, request.prompt, request.cache.use_shared, passed)
-            if ahit is None or not 0 < ahit.k < request.steps:
-                return None
-            a.near = ahit
-            return start.resumed(ahit.state, ahit.k)
-        finally:
-            report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+
+        def answered(vector, ahit) -> None:  # on the lookup thread, before the engine lets the job past K
+            resume = None
+            try:
+                a.vector = vector
+                if ahit is not None and 0 < ahit.k < request.steps:
+                    a.near = ahit
+                    resume = start.resumed(ahit.state, ahit.k)
+            finally:
+                report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+                self.engine.resolve(entry, resume)
+
+        held = lambda: entry.trajectory is not None and entry.held  # noqa: E731
+        self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, held, answered)
 
     def on_device(self, a: AdmittedJob):
         """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
-        the node engine, which steps it in batches with the other active jobs, while this thread finishes
-        the lookup (``lookup_near``); a hit is swapped in by the engine before the earliest step a stored
-        state can resume at, so the image never depends on which finished first. Decode follows, on the
-        device where decoding is device work, here otherwise."""
+        the node engine, which steps it in batches with the other active jobs, while the node's lookup
+        thread answers its approximate lookup (``lookup_near``); a hit is swapped in by the engine before
+        the earliest step a stored state can resume at, so the image never depends on which finished first.
+        Decode follows, on the device where decoding is device work, here otherwise."""
         loop, request, job = self.pool.devices[0].loop, a.request, a.job
         # The conditioning is the one device-free tensor computed here (text encoders are never patched);
         # the device thread that takes the request moves it onto its device and binds the rest.
@@ -411,9 +418,10 @@ class GenerationService:
             context,
             resolve_feature_options(request.cache.feature, self.feature_defaults),
         )
-        # Only an approximate lookup is awaited here; a write-only request's prompt is embedded by the writer.
-        near = a.use_cache and request.cache.approximate
-        ks = self.cache.state_steps(request.steps) if near else []
+        # Only an approximate lookup that can resume at some K is made (a write-only request's prompt is
+        # embedded by the writer); the engine holds the job at the earliest K until it is answered.
+        ks = self.cache.state_steps(request.steps) if a.use_cache and request.cache.approximate else []
+        near = bool(ks)
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
@@ -430,14 +438,7 @@ class GenerationService:
         )
         self.engine.submit(entry)
         if near:
-            resume = None
-            try:
-                resume = self.lookup_near(a, start, lambda: entry.trajectory is not None and entry.held)
-            except BaseException:
-                entry.stop = "lookup failed"  # the job fails with the lookup's error, as before; free its slot
-                raise
-            finally:
-                self.engine.resolve(entry, resume)
+            self.lookup_near(a, start, entry)
         try:
             out, image, a.decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
         except StopRequested as exc:
