@@ -5,6 +5,7 @@ image or state of a request whose feature cache changed its pixels."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -209,5 +210,24 @@ def test_fresh_and_resumed_requests_equal_their_alone_runs(tmp_path, blockcache,
             assert alone.cache.hit == result.cache.hit and alone.cache.k == result.cache.k
             diff = int(np.abs(_pixels(result) - _pixels(alone)).max())
             assert diff <= 1, (job["prompt"], job["scheduler"], result.device, diff)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_request_that_cannot_bind_fails_alone(pipelines, tmp_path, devices):
+    """A feature cache that refuses to start (here: a block calibration that names no block of this U-Net)
+    fails its request when the device thread binds it; the device goes on with the others."""
+    calibrations = tmp_path / "bad-blockcache"
+    calibrations.mkdir()
+    (calibrations / f"{pipelines[0].fingerprint}.json").write_text(
+        json.dumps({"steps": {str(STEPS): {"blocks": {"no.such.block": [0.0] * STEPS}}}})
+    )
+    service = _service(pipelines, tmp_path, devices, blockcache=str(calibrations))
+    try:
+        jobs = [_request("block", 0), _request("off", 1), _request("deepcache", 2)]
+        block, plain, deepcache = _at_once(service, jobs)
+        assert isinstance(block, ValueError) and "recalibrate" in str(block), block
+        assert plain.cache.steps_computed == STEPS and deepcache.cache.feature.method == "deepcache"
     finally:
         service.close()

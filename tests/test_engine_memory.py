@@ -30,7 +30,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_500_requests_leave_the_count_of_live_tensors_where_it_started(tmp_path, devices):
+def test_500_requests_leave_no_tensor_of_theirs_behind(tmp_path, devices):
     pipelines = [load_components("tiny") for _ in range(devices)]
     memo = TextEmbeddingMemo(max_entries=64)
     pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(p, text_memo=memo)) for i, p in enumerate(pipelines)])
@@ -64,7 +64,10 @@ def test_500_requests_leave_the_count_of_live_tensors_where_it_started(tmp_path,
         before = live_tensors()
         run(40, 500)
         after = live_tensors()
-        assert after <= before, (before, after)
+        # Anything of a request kept after it ends would add at least one tensor per request (500 here; a
+        # kept EngineRequest adds ~7 each: 740 -> 4490). A few made once by other threads of the test
+        # process (earlier tests' cache threads, torch's lazy state) are not a request's: allow 32.
+        assert after <= before + 32, (before, after)
         assert sum(s.requests_stepped for s in service.engine.stats().values()) >= 540 * 2
     finally:
         service.close()

@@ -52,6 +52,7 @@ def test_a_value_out_of_bounds_is_a_typed_error_naming_the_variable(monkeypatch)
         ({"REPRISE_FEATURE_PROFILE": "block"}, ["--model", "tiny-flux", "--devices", "cpu"], "first_block, taylorseer"),
         ({"REPRISE_MAX_BATCH": "0"}, ["--model", "tiny", "--devices", "cpu"], "REPRISE_MAX_BATCH"),
         ({}, ["--model", "tiny", "--devices", "cpu,tpu"], "auto, cpu, sim"),
+        ({"REPRISE_CACHE_POLICY": "newest"}, ["--model", "tiny", "--devices", "cpu"], "REPRISE_CACHE_POLICY"),
     ],
 )
 def test_the_worker_refuses_to_start_on_a_wrong_setting(env, args, named):

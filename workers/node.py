@@ -24,7 +24,7 @@ from workers.models import load_components
 from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
 from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService
-from workers.settings import WorkerSettings, invalid_setting
+from workers.settings import WorkerSettings, checked_settings, invalid_setting
 
 log = logging.getLogger("reprise.worker")
 
@@ -61,6 +61,13 @@ def build_service(
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
     guard_broker_consumer()
+    # Settings are checked before anything loads: a wrong value stops the node (only a cache that is away
+    # is retried in the background, below).
+    from cache import CacheSettings
+
+    if cache is None and open_cache and worker.cache_enabled:
+        checked_settings(CacheSettings)
+    checked_settings(ResilienceSettings)
     names = parse_devices(worker.devices)
     n_cpu = sum(1 for n in names if n == "cpu")
     if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them

@@ -98,23 +98,26 @@ def _message(problems: list[dict]) -> str:
     )
 
 
-def load_worker_settings(**overrides) -> WorkerSettings:
-    """The worker's settings from the environment (and the command line's ``overrides``); a value out of its
-    bounds raises InvalidWorkerSetting naming the variable, not pydantic's traceback."""
+def checked_settings(cls, **overrides):
+    """A settings class (``WorkerSettings``, ``CacheSettings``, ...) from the environment and ``overrides``; a
+    value out of its bounds raises InvalidWorkerSetting naming the variable and pydantic's reason (which lists
+    the allowed values of a choice), not a traceback."""
     try:
-        return WorkerSettings(**overrides)
+        return cls(**overrides)
     except ValidationError as exc:
+        from workers.settings_doc import env_names
+
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            problems.append(
-                {
-                    "setting": f"{WorkerSettings.model_config['env_prefix']}{field.upper()}",
-                    "value": error.get("input"),
-                    "problem": error["msg"],
-                }
-            )
+            field = str(error["loc"][0]) if error["loc"] else ""
+            info = cls.model_fields.get(field)
+            names = env_names(cls, field, info) if info is not None else [field or cls.__name__]
+            problems.append({"setting": " / ".join(names), "value": error.get("input"), "problem": error["msg"]})
         raise InvalidWorkerSetting(_message(problems), problems) from None
+
+
+def load_worker_settings(**overrides) -> WorkerSettings:
+    return checked_settings(WorkerSettings, **overrides)
 
 
 def invalid_setting(field: str, value, problem: str, allowed: list | None = None) -> InvalidWorkerSetting:
