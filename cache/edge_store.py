@@ -188,6 +188,27 @@ class EdgeStore(LatentStore):
             hits = shard.query(request)
         return [Record(str(h.id), h.payload or {}, score=h.score) for h in hits]
 
+    def search_many(self, queries, limit=1) -> list[list[Record]]:
+        """One planned batch (``EdgeShard.query_batch``): the searches share one pass over the segments, so
+        the interpreter lock the binding holds while it searches is taken once per batch, not per prompt."""
+        if not queries:
+            return []
+        batch = qe.QueryBatchRequest(
+            [
+                qe.QueryRequest(
+                    limit=limit,
+                    query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist(), using=PROMPT_VECTOR),
+                    filter=_filter(where),
+                    with_payload=True,
+                    with_vector=False,
+                )
+                for vector, where in queries
+            ]
+        )
+        with self._using() as shard:
+            results = shard.query_batch(batch)
+        return [[Record(str(h.id), h.payload or {}, score=h.score) for h in hits] for hits in results]
+
     def retrieve(self, ids, with_payload=True, slots=()) -> list[Record]:
         with self._using() as shard:
             records = shard.retrieve(list(ids), with_payload=with_payload, with_vector=list(slots) if slots else False)

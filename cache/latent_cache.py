@@ -335,12 +335,33 @@ class LatentCache:
             must.append(Cond("audience", [key.tenant, SHARED_AUDIENCE] if allow_shared else [key.tenant]))
         return Where(must=tuple(must))
 
+    def lookup_approx_many(self, queries: list[tuple[CacheKey, np.ndarray, bool]]) -> list[ApproxHit | None]:
+        """``lookup_approx`` for each (key, vector, allow_shared), searched in one batched store query (the
+        node's lookup stage batches the requests waiting for admission). Not time-boxed: the caller's
+        thread is the batch's own, never a request's or a device's. A failure misses the whole batch."""
+        if not queries:
+            return []
+        try:
+            now = self.clock()
+            found = self.store.search_many([(v, self._approx_where(k, shared, now)) for k, v, shared in queries])
+            return [self._approx_hit(hits[0], key) if hits else None for hits, (key, _, _) in zip(found, queries)]
+        except CacheUnavailableError:
+            self.health["approx_unavailable"] += len(queries)
+            log.debug("cache offline (optimising); %d approximate lookups skipped", len(queries))
+        except Exception as exc:
+            self.health["approx_error"] += len(queries)
+            log.warning(
+                "cache batched lookup of %d failed (%s: %s); generating fresh", len(queries), type(exc).__name__, exc
+            )
+        return [None] * len(queries)
+
     def _lookup_approx(self, key: CacheKey, vector: np.ndarray, allow_shared: bool) -> ApproxHit | None:
         now = self.clock()
         hits = self.store.search(vector, self._approx_where(key, allow_shared, now), limit=1)
-        if not hits:
-            return None
-        hit = hits[0]
+        return self._approx_hit(hits[0], key) if hits else None
+
+    def _approx_hit(self, hit, key: CacheKey) -> ApproxHit | None:
+        """The state to resume from for the nearest stored point ``hit``, if the table grants a K."""
         p = hit.payload
         try:
             slots = {int(k): s for k, s in p["state_slots"].items()}
@@ -430,12 +451,36 @@ class LatentCache:
             return False
 
     def _write_back(self, key, vector, states, image_uri, shareable) -> bool:
-        entry_id, prompt_vector, slot_rows, payload = self.build_entry(key, vector, states, image_uri, shareable)
-        self.store.insert(entry_id, prompt_vector, slot_rows, payload)
+        return self._write_back_many([(key, vector, states, image_uri, shareable)])[0]
+
+    def write_back_many(
+        self, items: list[tuple[CacheKey, np.ndarray, dict[int, np.ndarray], str | None, bool]]
+    ) -> list[bool]:
+        """``write_back`` for each (key, vector, states, image_uri, shareable) in one insert-only upsert and
+        one read of the writers: True where this call's entry is the stored one. A failure fails the batch."""
+        if not items:
+            return []
+        try:
+            return self._write_back_many(items)
+        except CacheUnavailableError:
+            self.health["write_unavailable"] += len(items)
+            log.info("cache offline (optimising): %d write-backs dropped", len(items))
+        except Exception as exc:
+            self.health["write_error"] += len(items)
+            log.warning("cache write-back of %d entries failed (%s: %s)", len(items), type(exc).__name__, exc)
+        return [False] * len(items)
+
+    def _write_back_many(self, items) -> list[bool]:
+        # Entries are built with numpy casts and hashlib digests, which release the interpreter lock on
+        # arrays this size; only the store's own conversion of the points holds it.
+        points = [self.build_entry(*item) for item in items]
+        self.store.insert_many(points)
         if self._optimizer is not None:
-            self._optimizer.note_write()
-        records = self.store.retrieve([entry_id], with_payload=["writer"])
-        return bool(records) and records[0].payload.get("writer") == payload["writer"]
+            for _ in points:
+                self._optimizer.note_write()
+        ids = list(dict.fromkeys(p[0] for p in points))
+        writers = {r.id: r.payload.get("writer") for r in self.store.retrieve(ids, with_payload=["writer"])}
+        return [writers.get(entry_id) == payload["writer"] for entry_id, _, _, payload in points]
 
     def build_entry(
         self, key: CacheKey, vector: np.ndarray, states: dict[int, np.ndarray], image_uri: str | None, shareable: bool

@@ -87,6 +87,16 @@ class CacheSettings(BaseSettings):
         description="Edge: optimise in a child process (the cache is offline meanwhile) instead of in-process, where it holds the GIL and freezes the worker.",
     )
     memo_entries: int = Field(50_000, ge=1, description="Prompt embeddings memoised per process.")
+    embed_threads: int = Field(
+        1,
+        ge=1,
+        description="Torch threads of a worker's cache threads (the batched prompt embedding, the write-back writer), so the embedder never takes the cores the devices compute on.",
+    )
+    batch_max: int = Field(
+        64,
+        ge=1,
+        description="Most requests a worker embeds and searches in one batched lookup, or writes in one upsert.",
+    )
 
     @field_validator("state_fractions", mode="before")
     @classmethod

@@ -141,6 +141,10 @@ class LatentStore(ABC):
     def search(self, vector: np.ndarray, where: Where | None, limit: int = 1) -> list[Record]:
         """Nearest points by the prompt vector, with payload."""
 
+    def search_many(self, queries: list[tuple[np.ndarray, Where | None]], limit: int = 1) -> list[list[Record]]:
+        """``search`` for each (vector, where), in order; backends override with one batched request."""
+        return [self.search(vector, where, limit) for vector, where in queries]
+
     @abstractmethod
     def retrieve(
         self, ids: list[str], with_payload: bool | list[str] = True, slots: list[str] = ()

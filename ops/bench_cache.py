@@ -102,6 +102,19 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
     }
 
 
+NODE_COUNTERS = ("lookup_skipped", "lookup_batches", "writeback_written", "writeback_dropped", "writeback_failed")
+
+
+def node_counters(app) -> dict[str, int]:
+    """The cache path's counters summed over the live nodes (`celery inspect stats`, as Flower reads them)."""
+    totals = dict.fromkeys(NODE_COUNTERS, 0)
+    for stats in (app.control.inspect(timeout=5).stats() or {}).values():
+        jobs = (stats.get("reprise") or {}).get("jobs") or {}
+        for name in NODE_COUNTERS:
+            totals[name] += int(jobs.get(name) or 0)
+    return totals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="reprise bench cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default="tiny")
     p.add_argument("--concurrency", type=int, default=2, help="closed-loop clients")
+    p.add_argument(
+        "--saturate",
+        action="store_true",
+        help="as many clients as the serving node batches at once (devices x REPRISE_MAX_BATCH, e.g. 32 for "
+        "4 devices at batch 8): every device's batch full, where a saved step frees a slot for another request",
+    )
     p.add_argument("--as-is", action="store_true", help="replay the file in order, no synthetic repeats")
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--session-p", type=float, default=0.5)
@@ -169,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"[red]no live worker serves {args.model!r}: start one (`reprise worker --model {args.model}`) or pass --embedded"
             )
             return 2
+        devices = len(served.get("devices") or []) or len(args.devices.split(","))
+        if args.saturate:
+            args.concurrency = devices * int(os.environ.get("REPRISE_MAX_BATCH", "8"))
+        console.print(f"{args.concurrency} clients, {devices} devices")
         console.print(f"pass 1/2: caches off, {len(stream)} requests ...")
         off = replay(stream, args.concurrency, CACHE_OFF)
         admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
         console.print(f"pass 2/2: caches on (cold), {len(stream)} requests ...")
+        before = node_counters(admin.app)
         on = replay(stream, args.concurrency, None)
+        after = node_counters(admin.app)
+        on["node_counters"] = {k: after[k] - before[k] for k in NODE_COUNTERS}
     finally:
         if cluster is not None:
             cluster.__exit__(None, None, None)
@@ -186,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_off": off["throughput"],
         "throughput_on": on["throughput"],
         "throughput_ratio": on["throughput"] / off["throughput"] if off["throughput"] else None,
+        "concurrency": args.concurrency,
+        "devices": devices,
+        # what one paid device-second yields: images ÷ (wall time × devices)
+        "images_per_device_s_off": off["throughput"] / devices,
+        "images_per_device_s_on": on["throughput"] / devices,
+        "node_counters_on": on["node_counters"],  # the cache path's batches, skips and drops in the on pass
         "hit_rate_exact": on["hit_rate_exact"],
         "hit_rate_approx": on["hit_rate_approx"],
         "approx_hits_by_k": on["approx_hits_by_k"],
@@ -209,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     table.add_row("throughput (jobs/s)", fmt(off["throughput"]), fmt(on["throughput"]))
     table.add_row(
+        "images per device-second",
+        fmt(off["throughput"] / devices, "{:.3f}"),
+        fmt(on["throughput"] / devices, "{:.3f}"),
+    )
+    table.add_row(
         "p50 / p95 latency (s)",
         f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}",
         f"{fmt(on['p50_latency'])} / {fmt(on['p95_latency'])}",
@@ -219,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     table.add_row("steps saved", "-", f"{on['steps_saved_fraction']:.1%}")
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
+    c = on["node_counters"]
+    table.add_row("lookup batches / skipped", "-", f"{c['lookup_batches']} / {c['lookup_skipped']}")
+    table.add_row(
+        "write-backs written / dropped / failed",
+        "-",
+        f"{c['writeback_written']} / {c['writeback_dropped']} / {c['writeback_failed']}",
+    )
     for stage in off["stages_p50_s"]:
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
         table.add_row(

@@ -15,7 +15,10 @@ admission, device, decode, PNG), measures:
 - exact resume in the device's dtype: a request resumed from its own stored state (real embedded Qdrant
   cache, float16 states) at K = 40 % of the steps gives the full run's image bit for bit (ddim and
   dpmpp_2m), the promise of ``tests/test_resume_exact.py`` checked on this device's kernels;
-- that the latents stay finite in the device's dtype (random fp16 weights can overflow).
+- that the latents stay finite in the device's dtype (random fp16 weights can overflow);
+- the images of every run it times and of the resume check: each decoded image finite (checked on the
+  decoder's output, since a PNG turns a NaN into some byte) and not one flat colour (checked on the stored
+  PNG). A speed measured on NaN or blank images is no speed, so any such image fails the check.
 
 It prints one table and writes every figure with ``--json``; it exits 1 when a check fails.
 """
@@ -50,13 +53,51 @@ class GpuCheckError(Exception):
     """The check cannot run as asked (no CUDA device, a bad argument)."""
 
 
+def checked_loop(components):
+    """The worker's denoising loop, counting the decoded images that are not finite (whichever thread decodes:
+    the device thread on CUDA, the request's thread on the CPU)."""
+    from workers.denoise_loop import DenoiseLoop
+
+    class CheckedLoop(DenoiseLoop):
+        def __init__(self, c):
+            super().__init__(c)
+            self.decoded = self.nonfinite = 0
+            self._lock = threading.Lock()
+
+        def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+            pixels = super().decode_pixels(latents)
+            finite = bool(torch.isfinite(pixels).all())
+            with self._lock:
+                self.decoded += 1
+                self.nonfinite += not finite
+            return pixels
+
+    return CheckedLoop(components)
+
+
 def _service(components, max_batch: int, artifacts: str, cache=None):
     from workers.artifacts import ArtifactStore
-    from workers.denoise_loop import DenoiseLoop
     from workers.service import Device, DevicePool, GenerationService
 
-    pool = DevicePool([Device(str(components.device), DenoiseLoop(components))])
-    return GenerationService(components.name, pool, ArtifactStore(artifacts), cache=cache, max_batch=max_batch)
+    loop = checked_loop(components)
+    pool = DevicePool([Device(str(components.device), loop)])
+    service = GenerationService(components.name, pool, ArtifactStore(artifacts), cache=cache, max_batch=max_batch)
+    return service, loop
+
+
+def _flat(uri: str) -> bool:
+    """One colour over the whole stored image (what a NaN or an overflow decodes to)."""
+    pixels = _pixels(uri)
+    return bool((pixels == pixels.reshape(-1, 3)[0]).all())
+
+
+def image_problems(loop, before: tuple[int, int], uris: list[str]) -> dict:
+    """What the images decoded since ``before`` (the loop's (decoded, nonfinite)) and stored at ``uris`` show."""
+    return {
+        "images_checked": loop.decoded - before[0],
+        "images_nonfinite": loop.nonfinite - before[1],
+        "images_flat": sum(_flat(u) for u in uris),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -64,8 +105,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batch_round(service, request: dict, batch: int, tag: str) -> dict:
-    """``batch`` requests submitted together to a node whose maximum batch is ``batch``; one round."""
+def batch_round(service, loop, request: dict, batch: int, tag: str) -> dict:
+    """``batch`` requests submitted together to a node whose maximum batch is ``batch``; one round, its images
+    checked after the clock stopped."""
     from workers.service import JobContext
 
     device = service.components.device
@@ -85,6 +127,7 @@ def batch_round(service, request: dict, batch: int, tag: str) -> dict:
         t.start()
     before = next(iter(service.engine.stats().values()))
     calls, stepped = before.calls, before.requests_stepped
+    decoded = (loop.decoded, loop.nonfinite)
     _sync(device)
     barrier.wait()
     t0 = time.perf_counter()
@@ -95,22 +138,32 @@ def batch_round(service, request: dict, batch: int, tag: str) -> dict:
     after = next(iter(service.engine.stats().values()))
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, Exception)]
     calls = after.calls - calls
+    done = [r for r in results if not isinstance(r, Exception)]
+    uris = [r.image_uri for r in done]
+    passes = {  # (full, partial) U-Net passes per request: a feature cache shows its partial ones
+        (r.cache.feature.full_unet_passes, r.cache.feature.partial_unet_passes)
+        if r.cache.feature and r.cache.feature.method != "off"
+        else (r.cache.steps_computed, 0)
+        for r in done
+    }
     return {
+        "unet_passes": sorted(passes),
         "wall_s": wall,
         "mean_batch": (after.requests_stepped - stepped) / calls if calls else 0.0,
         "errors": errors,
+        **image_problems(loop, decoded, uris),
     }
 
 
 def measure(components, request: dict, batch: int, rounds: int, label: str, artifacts: str) -> dict:
     """Median over ``rounds`` of one batch round (after one untimed round that warms the shapes up)."""
     cuda = components.device.type == "cuda"
-    service = _service(components, batch, artifacts)
+    service, loop = _service(components, batch, artifacts)
     try:
-        batch_round(service, request, batch, f"{label}-b{batch}-warm")
+        batch_round(service, loop, request, batch, f"{label}-b{batch}-warm")
         if cuda:
             torch.cuda.reset_peak_memory_stats(components.device)
-        runs = [batch_round(service, request, batch, f"{label}-b{batch}-r{r}") for r in range(rounds)]
+        runs = [batch_round(service, loop, request, batch, f"{label}-b{batch}-r{r}") for r in range(rounds)]
     finally:
         service.close()
     wall = statistics.median(r["wall_s"] for r in runs)
@@ -123,7 +176,13 @@ def measure(components, request: dict, batch: int, rounds: int, label: str, arti
         "peak_gib": torch.cuda.max_memory_allocated(components.device) / 2**30 if cuda else None,
         "rounds_s": [round(r["wall_s"], 4) for r in runs],
         "errors": sorted({e for r in runs for e in r["errors"]}),
+        "unet_passes": sorted({tuple(p) for r in runs for p in r["unet_passes"]}),
+        **{k: sum(r[k] for r in runs) for k in ("images_checked", "images_nonfinite", "images_flat")},
     }
+
+
+def images_ok(row: dict) -> bool:
+    return row["images_checked"] > 0 and row["images_nonfinite"] == 0 and row["images_flat"] == 0
 
 
 def _pixels(uri: str) -> np.ndarray:
@@ -151,7 +210,7 @@ def resume_exact(components, request: dict, scheduler: str, fraction: float, wor
     # The model's own pooled text encoding as the lookup vector: this checks the resume, not the embedder, and
     # a GPU host need not carry MiniLM's weights.
     embed = lambda prompt: components.family.encode(components, prompt)[1][0].float().cpu().numpy()  # noqa: E731
-    service = _service(components, 1, str(folder / "artifacts"), cache=LatentCache.open(settings, embedder=embed))
+    service, loop = _service(components, 1, str(folder / "artifacts"), cache=LatentCache.open(settings, embedder=embed))
     payload = {**request, "cache": {}, "scheduler": scheduler, "prompt": PROMPTS[0], "seed": 7, "deterministic": True}
     try:
         full = service.run(payload, JobContext(job_id=f"resume-{scheduler}-full"))
@@ -160,6 +219,7 @@ def resume_exact(components, request: dict, scheduler: str, fraction: float, wor
     finally:
         service.close()
     diff = np.abs(_pixels(full.image_uri) - _pixels(resumed.image_uri))
+    images = image_problems(loop, (0, 0), [full.image_uri, resumed.image_uri])
     return {
         "run": f"exact resume, {scheduler}",
         "scheduler": scheduler,
@@ -171,6 +231,7 @@ def resume_exact(components, request: dict, scheduler: str, fraction: float, wor
         "pixels_differing": float((diff > 0).mean()),
         "s_full": full.timings.denoise_s + full.timings.decode_s,
         "s_resumed": resumed.timings.denoise_s + resumed.timings.decode_s,
+        **images,
     }
 
 
@@ -253,7 +314,11 @@ def run(args) -> dict:
         print(f"  {label}, batch {b}: {row['s_per_image']:.3f} s/image, {row['speedup_vs_plain']:.2f}x", flush=True)
     resumes = [resume_exact(components, request, s, 0.4, workdir) for s in ("ddim", "dpmpp_2m")]
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    ok = finite["finite"] and all(r["bit_identical"] for r in resumes) and not any(r["errors"] for r in rows)
+    ok = (
+        finite["finite"]
+        and all(r["bit_identical"] and images_ok(r) for r in resumes)
+        and all(not r["errors"] and images_ok(r) for r in rows)
+    )
     return {
         "environment": env,
         "finite": finite,
@@ -276,6 +341,8 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         result = f"{r['speedup_vs_plain']:.2f}x plain" if "speedup_vs_plain" in r else ""
+        if not images_ok(r):
+            result = _image_note(r)
         if r["errors"]:
             result = "ERRORS: " + "; ".join(r["errors"])[:80]
         print(
@@ -288,6 +355,8 @@ def print_table(report: dict) -> None:
             if r["bit_identical"]
             else f"DIFFERS (hit {r['hit']}, K={r['k']}, max |diff| {r['max_abs_diff']}, {r['pixels_differing']:.2%} of pixels)"
         )
+        if not images_ok(r):
+            result = _image_note(r)
         print(f"{r['run']:<26}{1:>6}{'':>10}{r['s_resumed']:>9.3f}{'':>11}{'':>10}  {result}")
     finite = report["finite"]
     print(
@@ -296,6 +365,10 @@ def print_table(report: dict) -> None:
     print(
         f"process peak RSS {report['process_peak_rss_gib']:.2f} GiB; {'all checks passed' if report['ok'] else 'A CHECK FAILED'}"
     )
+
+
+def _image_note(r: dict) -> str:
+    return f"BAD IMAGES: {r['images_nonfinite']} not finite, {r['images_flat']} flat of {r['images_checked']} decoded"
 
 
 def main(argv: list[str] | None = None) -> int:

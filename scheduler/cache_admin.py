@@ -23,11 +23,18 @@ import redis
 from celery import Celery
 
 from scheduler.app import get_app
+from scheduler.errors import RepriseError
 from scheduler.redis_conn import redis_client as make_redis_client
 from scheduler.registry import ModelRegistry
 from scheduler.settings import get_settings
 
 CONTROL_COMMAND = "reprise_cache"
+
+
+class WritebacksNotDrained(RepriseError):
+    """A node did not confirm, within the time asked, that its queued cache write-backs have landed."""
+
+    code = "writebacks_not_drained"
 
 
 class CacheAdmin:
@@ -109,6 +116,19 @@ class CacheAdmin:
 
     def apply_rules_now(self) -> dict:
         return self.broadcast("apply_invalidations")
+
+    def drain_writebacks(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait until every live node's queued write-backs have landed in its cache; {node: reply}. Raises
+        WritebacksNotDrained naming the nodes that did not answer drained within ``timeout_s``."""
+        nodes = set(self.registry.live_nodes())
+        replies = self.broadcast("drain_writebacks", {"timeout_s": timeout_s}, timeout=timeout_s + 2)
+        drained = {n for n, r in replies.items() if isinstance(r, dict) and r.get("drained")}
+        missing = sorted(nodes - drained) if nodes else ([] if drained else ["any node"])
+        if missing:
+            raise WritebacksNotDrained(
+                f"write-backs not drained on {', '.join(missing)} within {timeout_s:.0f} s", {"replies": replies}
+            )
+        return replies
 
     def stats(self) -> dict:
         nodes = self.broadcast("stats")

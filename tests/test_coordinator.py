@@ -131,6 +131,28 @@ def test_tenants_are_isolated_unless_shared(node):
     assert "/bob/" in shared.image_uri  # bob gets his own copy, never alice's path
 
 
+def test_drain_writebacks_answers_once_the_nodes_write_backs_landed(node, redis_client):
+    """The node answers the drain after its queued write-backs: the next identical request is an exact hit
+    with no sleep in between. A live node that does not answer makes the drain raise, naming it."""
+    from scheduler.cache_admin import WritebacksNotDrained
+    from scheduler.settings import get_settings
+
+    (before,) = CacheAdmin().drain_writebacks(timeout_s=30).values()
+    first = _job("a heron standing in a misty river", seed=5)
+    (after,) = CacheAdmin().drain_writebacks(timeout_s=30).values()
+    assert after["drained"] and after["writeback_written"] == before["writeback_written"] + 1, (before, after)
+    second = _job("a heron standing in a misty river", seed=5)
+    assert first.cache.hit == "miss" and second.cache.hit == "exact"
+
+    ghost = f"{get_settings().queue_prefix}:node:ghost@nowhere"  # registered, but no process answers for it
+    redis_client.set(ghost, json.dumps({"model": "coordmodel"}), ex=30)
+    try:
+        with pytest.raises(WritebacksNotDrained, match="ghost@nowhere"):
+            CacheAdmin().drain_writebacks(timeout_s=1)
+    finally:
+        redis_client.delete(ghost)
+
+
 def test_stats_json(node):
     out = json.loads(_cli("cache", "stats", "--json"))
     assert out["totals"]["entries"] >= 1 and "coordmodel" in out["generations"]

@@ -64,9 +64,12 @@ def _pixels(result) -> np.ndarray:
     return np.asarray(Image.open(result.image_uri.removeprefix("file://")).convert("RGB")).astype(np.int16)
 
 
-def _together(service, spy, jobs: list[tuple[dict, JobContext]]) -> list:
-    """Run jobs so that all but the first join the engine while its first call is held: they then share calls."""
+def _together(service, spy, jobs: list[tuple[dict, JobContext]], ended: list | None = None) -> list:
+    """Run jobs so that all but the first join the engine while its first call is held: they then share calls.
+    ``ended``, if given, receives the time.time() at which each job returned or raised."""
     results: list = [None] * len(jobs)
+    ended = [None] * len(jobs) if ended is None else ended
+    ended.extend([None] * (len(jobs) - len(ended)))
     spy.gate.clear()
 
     def run(i):
@@ -74,6 +77,7 @@ def _together(service, spy, jobs: list[tuple[dict, JobContext]]) -> list:
             results[i] = service.run(*jobs[i])
         except Exception as exc:
             results[i] = exc
+        ended[i] = time.time()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     threads[0].start()
@@ -149,15 +153,15 @@ def test_the_approximate_lookup_overlaps_the_first_steps_and_its_answer_alone_de
         assert quick[0].cache.hit == "approximate" and quick[0].cache.steps_computed == STEPS - 4
         assert quick[1].cache.hit == "miss"
 
-        embed = service.cache.embed
+        embed_many = service.cache.embedder.embed_many
         calls_when_answered = []
 
-        def slow_embed(text):
+        def slow_embed(texts):  # the lookup batch's one embedder call
             time.sleep(1.0)  # longer than 4 steps of the tiny model
             calls_when_answered.append(len(spy.calls))
-            return embed(text)
+            return embed_many(texts)
 
-        service.cache.embed = slow_embed
+        service.cache.embedder.embed_many = slow_embed
         for i, r in enumerate((near, alone)):
             spy.calls.clear()
             slow = service.run({**r, "seed": r["seed"]}, JobContext(job_id=f"slow-{i}"))
@@ -226,30 +230,34 @@ def test_the_engine_records_which_jobs_share_the_call_in_flight(tiny, tmp_path):
 
 
 def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
+    """The cancel, raised while the request's 4th call is in flight, stops it before its 5th step; the time
+    limit stops its request at the first step after the deadline; their batch-mate finishes whole."""
     service, spy = _service(tiny, tmp_path)
     spy.delay = 0.01  # 200 calls take at least 2 s, so the 1 s time limit falls inside the long request
     try:
         cancel = threading.Event()
         seen = []
-
-        def progress(step, total):
-            seen.append(step)
-            if step >= 3:
-                cancel.set()
-
+        # "c" joins the first call and every call after it until it stops: its step is the number of calls
+        spy.before_call = lambda: cancel.set() if len(spy.calls) == 3 else None
         long = {"steps": 200, "guidance_scale": 1.0, "cache": NOCACHE}
+        deadline = time.time() + 1.0
         jobs = [
             (
                 {**long, "prompt": "cancel me", "seed": 1},
-                JobContext("c", on_progress=progress, is_cancelled=cancel.is_set),
+                JobContext("c", on_progress=lambda step, total: seen.append(step), is_cancelled=cancel.is_set),
             ),
-            ({**long, "prompt": "too slow", "seed": 2}, JobContext("t", deadline=time.time() + 1.0)),
+            ({**long, "prompt": "too slow", "seed": 2}, JobContext("t", deadline=deadline)),
             ({"prompt": "finish me", "seed": 3, "steps": STEPS, "cache": NOCACHE}, JobContext("f")),
         ]
-        cancelled, timed_out, finished = _together(service, spy, jobs)
+        ended: list = []
+        cancelled, timed_out, finished = _together(service, spy, jobs, ended)
         assert isinstance(cancelled, JobCancelled) and isinstance(timed_out, JobTimeout), (cancelled, timed_out)
-        assert cancelled.details["step"] < 200 and timed_out.details["step"] < 200
-        assert seen and max(seen) < 200 and finished.cache.steps_computed == STEPS
+        assert cancelled.details == {"step": 5, "steps": 200}  # 4 steps done; the 5th never ran
+        assert seen and max(seen) <= 4  # no step of "c" after the one in flight at the cancel
+        # the time limit: not before the deadline, and within a few steps of it (the rest would take >= 1 s)
+        assert deadline <= ended[1] < deadline + 0.5, ended[1] - deadline
+        assert 5 < timed_out.details["step"] < 200
+        assert finished.cache.steps_computed == STEPS
     finally:
         service.close()
 

@@ -128,6 +128,9 @@ def run_op(op: str, params: dict, token: int) -> dict:
         out["applied_invalidations"] = _follower.applied
     elif op == "apply_invalidations":
         out = {"deleted": _follower.catch_up(), "applied": _follower.applied}
+    elif op == "drain_writebacks":  # every write-back queued so far has landed (or failed) when this answers
+        service.drain_writebacks(timeout=float(params.get("timeout_s", 30.0)))
+        out = {"drained": True, **{k: v for k, v in service.counters.items() if k.startswith("writeback")}}
     elif op in ("expire", "gc", "evict", "fold"):
         _check_token(token)
         if op == "expire":

@@ -268,12 +268,17 @@ class DenoiseLoop:
 
     # 4. decode --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoder's output, about [-1, 1], before it is clamped and cast to bytes (a NaN is still visible
+        here; in the PNG it becomes some byte)."""
         vae = self.c.vae
         if vae is None:  # pixel-space model: the latents are the image in [-1, 1]
-            image = latents
-        else:  # SD3's and Flux's VAEs also shift their latents
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            image = vae.decode(latents / vae.config.scaling_factor + shift).sample
+            return latents
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and Flux's VAEs also shift their latents
+        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        image = self.decode_pixels(latents)
         array = (image[0].float().clamp(-1, 1) / 2 + 0.5).permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.round(array * 255).astype(np.uint8))

@@ -13,7 +13,9 @@ The names are fixed (the dashboards use them):
   time shared by the requests it stepped, so at batch B a step costs about 1/B of a call),
   ``reprise_cache_lookup_seconds{model}``.
 - ``reprise_cache_writeback_failures_total{model}``: write-backs that failed or were dropped
-  because the write-back queue was full.
+  because the write-back queue was full; ``reprise_cache_writeback_dropped_total{model}`` the dropped
+  ones alone, and ``reprise_cache_lookups_skipped_total{model}`` approximate lookups not made because
+  the request had reached its earliest resume step before its lookup batch (workers/cache_path.py).
 - ``reprise_queue_depth{queue}``: messages waiting in each ``<prefix>.*`` queue, read from Redis at
   scrape time; the priority sub-queues (``reprise.tiny:3``) are summed into their queue. Flower has
   no queue-length metric, so this fills that gap.
@@ -208,6 +210,18 @@ class NodeCollector:
         counters = self.service.counters
         failures.add_metric([model], counters.get("writeback_failed", 0) + counters.get("writeback_dropped", 0))
         yield failures
+        # The bounds of the batched cache path (workers/cache_path.py), each on its own
+        for name, what, help_text in (
+            ("reprise_cache_writeback_dropped", "writeback_dropped", "Write-backs dropped: the writer was behind."),
+            (
+                "reprise_cache_lookups_skipped",
+                "lookup_skipped",
+                "Approximate lookups skipped: the request had reached its earliest resume step first.",
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["model"])
+            family.add_metric([model], counters.get(what, 0))
+            yield family
 
     def engine_metrics(self):
         """The engine's batching and failures, per device: mean batch = rate(requests) ÷ rate(calls)."""

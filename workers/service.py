@@ -9,7 +9,6 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ from scheduler.schema import (
     with_model,
 )
 from workers.artifacts import ArtifactStore
+from workers.cache_path import CachePath
 from workers.denoise_loop import DenoiseLoop, StopRequested
 from workers.engine import EngineRequest, NodeEngine
 from workers.families import Conditioning
@@ -201,8 +201,8 @@ class GenerationService:
         self._local = threading.local()
         self._engine: NodeEngine | None = None
         self._engine_lock = threading.Lock()
-        self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reprise-writeback")
-        self._writeback_slots = threading.BoundedSemaphore(writeback_queue)
+        self.writeback_queue = writeback_queue
+        self._cache_path: CachePath | None = None  # the batched lookup stage and the writer (workers/cache_path.py)
         self.before_lookup: Callable[[], object] | None = None  # e.g. apply pending invalidation rules
         self.share_grants: frozenset[str] | None = None  # tenants that may set cache.share; None = all
         self.cache_note: str | None = None  # why there is no cache right now (it is being reopened)
@@ -359,29 +359,50 @@ class GenerationService:
         if request.cache.write:
             a.capture = list(self.cache.state_steps(request.steps))
 
-    def lookup_near(self, a: AdmittedJob, start: DeviceStart) -> DeviceStart | None:
-        """Prompt embedding, approximate lookup and state fetch, while the job's first steps run. Returns
-        the start resumed at K for a hit, None otherwise."""
+    @property
+    def cache_path(self) -> CachePath:
+        """The node's batched cache stages, started with the first request that uses the cache."""
+        with self._engine_lock:
+            if self._cache_path is None:
+                settings = getattr(self.cache, "settings", None)
+                self._cache_path = CachePath(
+                    lambda: self.cache,
+                    self.counters,
+                    writeback_queue=self.writeback_queue,
+                    batch_max=getattr(settings, "batch_max", 64),
+                    embed_threads=getattr(settings, "embed_threads", 1),
+                    late_s=getattr(settings, "lookup_timeout_ms", 50.0) / 1000,
+                )
+            return self._cache_path
+
+    def lookup_near(self, a: AdmittedJob, start: DeviceStart, entry: EngineRequest) -> None:
+        """Prompt embedding, approximate lookup and state fetch in the node's next lookup batch, while the
+        job's first steps run: the lookup thread resolves ``entry`` (resumed at K for a hit, None otherwise),
+        or skips the lookup if the device already holds the job at its earliest resume step."""
         request, report = a.request, a.report
         t = time.perf_counter()
-        try:
-            a.vector = self.cache.embed(request.prompt)
-            if not request.cache.approximate or a.vector is None:
-                return None
-            ahit = self.cache.lookup_approx(a.key, a.vector, allow_shared=request.cache.use_shared)
-            if ahit is None or not 0 < ahit.k < request.steps:
-                return None
-            a.near = ahit
-            return start.resumed(ahit.state, ahit.k)
-        finally:
-            report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+
+        def answered(vector, ahit) -> None:  # on the lookup thread, before the engine lets the job past K
+            resume = None
+            try:
+                a.vector = vector
+                if ahit is not None and 0 < ahit.k < request.steps:
+                    a.near = ahit
+                    resume = start.resumed(ahit.state, ahit.k)
+            finally:
+                report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+                self.engine.resolve(entry, resume)
+
+        held = lambda: entry.trajectory is not None and entry.held  # noqa: E731
+        self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, held, answered)
 
     def on_device(self, a: AdmittedJob):
         """The device stage: the job's start (its conditioning computed here, off the device) goes to the
         node engine, whose device thread that takes it binds it to its device and steps it in batches with
-        the other active jobs, while this thread finishes the lookup (``lookup_near``); a hit is bound and
-        swapped in by the engine before the earliest step a stored state can resume at, so the image never
-        depends on which finished first. Returns (LoopOutput, the image where the device decoded it)."""
+        the other active jobs, while the node's lookup thread answers its approximate lookup
+        (``lookup_near``); a hit is bound and swapped in by the engine before the earliest step a stored
+        state can resume at, so the image never depends on which finished first. Returns (LoopOutput, the
+        image where the device decoded it)."""
         loop, request, job = self.pool.devices[0].loop, a.request, a.job
         # The conditioning is the one device-free tensor computed here (text encoders are never patched);
         # the device thread that takes the request moves it onto its device and binds the rest.
@@ -402,8 +423,10 @@ class GenerationService:
             context,
             resolve_feature_options(request.cache.feature, self.feature_defaults),
         )
-        near = a.use_cache and (request.cache.approximate or request.cache.write)
-        ks = self.cache.state_steps(request.steps) if near and request.cache.approximate else []
+        # Only an approximate lookup that can resume at some K is made (a write-only request's prompt is
+        # embedded by the writer); the engine holds the job at the earliest K until it is answered.
+        ks = self.cache.state_steps(request.steps) if a.use_cache and request.cache.approximate else []
+        near = bool(ks)
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
@@ -420,14 +443,7 @@ class GenerationService:
         )
         self.engine.submit(entry)
         if near:
-            resume = None
-            try:
-                resume = self.lookup_near(a, start)
-            except BaseException:
-                entry.stop = "lookup failed"  # the job fails with the lookup's error, as before; free its slot
-                raise
-            finally:
-                self.engine.resolve(entry, resume)
+            self.lookup_near(a, start, entry)
         try:
             out, image, a.decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
         except StopRequested as exc:
@@ -493,8 +509,8 @@ class GenerationService:
         # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
         other_s = time.time() - a.started - out.denoise_s - a.decode_s if report.hit == "miss" else None
         self.timer.observe(out.steps_computed, out.denoise_s, a.decode_s, other_s)
-        if a.use_cache and request.cache.write and out.captured and a.vector is not None:
-            self._schedule_writeback(a.key, a.vector, out.captured, a.uri, a.shareable)
+        if a.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
+            self.cache_path.write_back(a.key, a.vector, out.captured, a.uri, a.shareable)
 
     def _count(self, result: GenerationResult) -> None:
         self.counters["jobs"] += 1
@@ -550,28 +566,10 @@ class GenerationService:
         if remaining > 0:
             time.sleep(remaining)
 
-    def _schedule_writeback(self, key, vector, captured: dict, uri: str, shareable: bool) -> None:
-        if not self._writeback_slots.acquire(blocking=False):
-            self.counters["writeback_dropped"] += 1
-            log.warning("write-back queue full: dropping the states of %s", key.prompt[:40])
-            return
-        states = {k: v[0].float().cpu().numpy() for k, v in captured.items()}
-
-        def write() -> None:
-            try:
-                if not self.cache.write_back(key, vector, states, uri, shareable):
-                    self.counters["writeback_failed"] += 1
-            except Exception:  # a failed write-back never fails a job
-                self.counters["writeback_failed"] += 1
-                log.exception("cache write-back failed")
-            finally:
-                self._writeback_slots.release()
-
-        self._writeback.submit(write)
-
     def drain_writebacks(self, timeout: float = 30.0) -> None:
-        """Wait for pending write-backs (tests, shutdown)."""
-        self._writeback.submit(lambda: None).result(timeout=timeout)
+        """Wait for pending write-backs (tests, shutdown, the ``drain_writebacks`` cache op)."""
+        if self._cache_path is not None:
+            self._cache_path.drain(timeout)
 
     def _result(self, a: AdmittedJob) -> GenerationResult:
         total = time.time() - a.started
@@ -599,6 +597,7 @@ class GenerationService:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
-        self._writeback.shutdown(wait=True)
+        if self._cache_path is not None:
+            self._cache_path.close()
         if self.cache is not None:
             self.cache.close()

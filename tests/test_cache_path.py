@@ -1,0 +1,195 @@
+"""The node's batched cache path (workers/cache_path.py), in process on a real embedded Qdrant (qdrant-edge)
+and the tiny model: waiting lookups share one embedder call and one batched search, write-backs share one
+upsert, a writer that falls behind drops (counted), and a lookup that would come after its request reached
+its earliest resume step is skipped (counted) while the request runs on, unharmed, on one device and two."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cache import CacheSettings, LatentCache
+from cache.keys import CacheKey
+from workers.artifacts import ArtifactStore
+from workers.cache_path import CachePath
+from workers.denoise_loop import DenoiseLoop
+from workers.model_loading import load_components
+from workers.service import Device, DevicePool, GenerationService, JobContext
+
+STEPS = 10
+
+
+def _key(prompt: str, seed: int = 1) -> CacheKey:
+    return CacheKey("tiny", "v1", 0, prompt, "", seed, STEPS, 5.0, 64, 64, "ddim", tenant="t")
+
+
+def _states(seed: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((4, 8, 8)).astype(np.float32) for k in (2, 4)}
+
+
+def _captured(seed: int) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(v)[None] for k, v in _states(seed).items()}  # as the trajectory captures: (1, ...)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = LatentCache.open(
+        CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.2, 0.4], skip_table=[(0.5, 0.4)])
+    )
+    yield c
+    c.close()
+
+
+class Gate:
+    """Wraps a callable: its first call waits on ``release`` (and says it started); every call is recorded."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, items, *args, **kwargs):
+        self.calls.append(list(items))
+        if len(self.calls) == 1:
+            self.started.set()
+            assert self.release.wait(30)
+        return self.fn(items, *args, **kwargs)
+
+
+def test_waiting_lookups_share_one_embedder_call_and_one_batched_search(cache):
+    prompts = [f"a red fox number {i} in the snow" for i in range(6)]
+    cache.write_back_many([(_key(p), cache.embed(p), _states(i), None, False) for i, p in enumerate(prompts[:3])])
+    expected = [cache.lookup_approx(_key(p, seed=9), cache.embed(p)) for p in prompts]
+    cache.embedder.drop_memos()  # the batch embeds them again
+    embed, search = Gate(cache.embedder.embed_many), Gate(cache.store.search_many)
+    search.release.set()  # recorded only
+    cache.embedder.embed_many, cache.store.search_many = embed, search
+    path = CachePath(lambda: cache, {})
+    try:
+        results: dict = {}
+
+        def look(i):
+            results[i] = path.lookup(_key(prompts[i], seed=9), prompts[i], allow_shared=True)
+
+        first = threading.Thread(target=look, args=(0,))
+        first.start()
+        assert embed.started.wait(10)  # the first lookup's batch is in its embedder call
+        rest = [threading.Thread(target=look, args=(i,)) for i in range(1, 6)]
+        for t in rest:
+            t.start()
+        while path._lookups.qsize() < 5:  # the five others wait for the next batch
+            time.sleep(0.01)
+        embed.release.set()
+        for t in [first, *rest]:
+            t.join(30)
+        assert embed.calls == [prompts[:1], prompts[1:]]  # one embedder call for the five that waited
+        assert [len(q) for q in search.calls] == [1, 5]  # and one batched search
+        assert path.counters["lookup_batches"] == 2 and path.counters["lookup_skipped"] == 0
+        for i, want in enumerate(expected):
+            vector, hit = results[i]
+            assert np.allclose(vector, cache.embed(prompts[i]), atol=1e-6)
+            assert (hit is None) == (want is None), i
+            if want is not None:  # the same entry, K and state as one lookup at a time finds
+                assert (hit.entry_id, hit.k) == (want.entry_id, want.k) and np.array_equal(hit.state, want.state)
+        assert any(r[1] is not None for r in results.values())
+    finally:
+        path.close()
+
+
+def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
+    write = Gate(cache.write_back_many)
+    cache.write_back_many = write
+    path = CachePath(lambda: cache, {}, writeback_queue=2)
+    try:
+        keys = [_key(f"a lighthouse number {i}") for i in range(5)]
+        assert path.write_back(keys[0], None, _captured(0), "file:///x0.png", False)
+        assert write.started.wait(10)  # the writer is inside its upsert of the first
+        queued = [path.write_back(k, None, _captured(i), f"file:///x{i}.png", False) for i, k in enumerate(keys[1:], 1)]
+        assert queued == [True, True, False, False]  # a queue of 2: the writer is behind, the rest dropped
+        assert path.counters["writeback_dropped"] == 2
+        write.release.set()
+        path.drain(10)
+        assert [len(batch) for batch in write.calls] == [1, 2]  # the two that waited went in one upsert
+        assert path.counters["writeback_written"] == 3 and path.counters["writeback_failed"] == 0
+        for i, k in enumerate(keys):  # the written ones are found (their prompts embedded by the writer)
+            hit = cache.lookup_exact(k)
+            assert (hit is not None) == (i < 3), i
+    finally:
+        path.close()
+
+
+def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache):
+    embed = Gate(cache.embedder.embed_many)
+    cache.embedder.embed_many = embed
+    path = CachePath(lambda: cache, {}, late_s=0.0)  # any wait is late here
+    try:
+        first = threading.Thread(target=path.lookup, args=(_key("a"), "a", True))
+        first.start()
+        assert embed.started.wait(10)
+        passed = threading.Event()
+        out: list = []
+        late = threading.Thread(target=lambda: out.append(path.lookup(_key("b"), "b", True, passed.is_set)))
+        late.start()
+        while path._lookups.qsize() < 1:
+            time.sleep(0.01)
+        passed.set()  # its request reached the step it could resume at before the batch took it
+        embed.release.set()
+        first.join(30)
+        late.join(30)
+        assert out == [(None, None)] and path.counters["lookup_skipped"] == 1
+        assert embed.calls == [["a"]]  # never embedded nor searched
+    finally:
+        path.close()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny")
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_request_held_behind_a_slow_lookup_batch_runs_on_fresh_and_is_still_written(tiny, tmp_path, devices):
+    """Request A's lookup batch is slow (its embedder call waits); B's lookup queues behind it while B's
+    device runs B to its earliest resume step and holds it there. When the batch thread comes to B, it
+    skips B's lookup (counted) and B runs on: a miss whose image is B's fresh image, whose states the writer still
+    stores (embedding its prompt), so the same request again is an exact hit."""
+    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
+    pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(dataclasses.replace(tiny))) for i in range(devices)])
+    service = GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=LatentCache.open(settings))
+    try:
+        b = {"prompt": "a blue heron in a pond", "seed": 4, "steps": STEPS, "cache": {"exact": False}}
+        fresh = service.run({**b, "cache": {"exact": False, "approximate": False, "write": False}}, JobContext("b0"))
+        embed = Gate(service.cache.embedder.embed_many)
+        service.cache.embedder.embed_many = embed
+        a = threading.Thread(target=service.run, args=({**b, "prompt": "a red fox", "seed": 1}, JobContext("a")))
+        a.start()
+        assert embed.started.wait(30)
+        result: list = []
+        run_b = threading.Thread(target=lambda: result.append(service.run(b, JobContext("b1"))))
+        run_b.start()
+        deadline = time.monotonic() + 30
+        while not any(r.job_id == "b1" and r.held for s in service.engine.schedulers for r in s.active):
+            assert time.monotonic() < deadline, "B never reached its resume step"  # K = 4, behind A's batch
+            time.sleep(0.01)
+        assert not result and service.counters["lookup_batches"] == 0
+        time.sleep(2 * settings.lookup_timeout_ms / 1000)  # B's lookup is now late, beyond the time box
+        embed.release.set()
+        run_b.join(60)
+        a.join(60)
+        (late,) = result
+        assert service.counters["lookup_skipped"] == 1 and service.counters["lookup_batches"] == 1  # A's
+        assert late.cache.hit == "miss" and late.cache.steps_computed == STEPS and late.cache.steps_discarded == 0
+        pixels = [np.asarray(Image.open(r.image_uri.removeprefix("file://"))).astype(int) for r in (fresh, late)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+        service.drain_writebacks(30)
+        again = service.run({**b, "cache": {}}, JobContext("b2"))
+        assert again.cache.hit == "exact"
+    finally:
+        service.close()

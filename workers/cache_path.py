@@ -1,0 +1,236 @@
+"""The cache's CPU work of a node, batched off the request and device threads (issue 26).
+
+At saturation every request's cache work used to run on its own thread, one at a time: a prompt
+embedding, a Qdrant search (qdrant-edge holds the interpreter lock while it searches), a state
+conversion and an upsert per captured state. They competed with the device threads for the cores and
+the interpreter lock. Here the same work runs as the device path does, in batches, on two threads of
+its own:
+
+- **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
+  lookup is taken at once: one embedder call for all their prompts (MiniLM in one forward pass, on
+  ``embed_threads`` torch threads), one batched search (``EdgeShard.query_batch``), then the state of
+  each hit; each request's answer goes to its ``answered`` callback (which resolves it in the engine),
+  so no request thread waits or polls. A lookup that waited longer than the lookup time box
+  (``late_s``: REPRISE_CACHE_LOOKUP_TIMEOUT_MS) and whose request's device already reached the step it
+  could resume at (held there, its batch slot idle: ``passed()``) is not looked up: it runs on fresh, the skip is counted (``lookup_skipped``) and the writer embeds its prompt if it
+  needs a write-back. A late lookup thus costs its request a hit, and its device a held slot for at
+  most the batch in progress.
+- **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
+  ``REPRISE_WRITEBACK_QUEUE``; a full queue drops the new one (``writeback_dropped``) instead of
+  delaying anyone. It takes every queued write-back at once, embeds the prompts the lookup stage did
+  not, and stores them in one insert-only upsert (``LatentCache.write_back_many``).
+
+Neither thread ever runs on a device thread; the device threads only step and decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger("reprise.worker")
+
+
+@dataclass
+class Lookup:
+    """One request's approximate lookup, waiting for the next batch."""
+
+    key: Any  # cache.CacheKey
+    prompt: str
+    allow_shared: bool
+    passed: Callable[[], bool]  # True once the request no longer benefits from a hit (held at its step)
+    answered: Callable[[Any, Any], None]  # (vector or None, cache.ApproxHit or None), on the lookup thread
+    queued_at: float = 0.0  # time.monotonic() of submit
+
+
+@dataclass
+class WriteBack:
+    key: Any
+    vector: np.ndarray | None  # None: the writer embeds the prompt
+    states: dict[int, np.ndarray]
+    uri: str
+    shareable: bool
+
+
+_STOP = object()
+
+
+class CachePath:
+    """The batched lookup stage and the write-back writer of one node's cache (module docstring)."""
+
+    def __init__(
+        self,
+        cache_of: Callable[[], Any],
+        counters: dict[str, int],
+        writeback_queue: int = 64,
+        batch_max: int = 64,
+        embed_threads: int = 1,
+        nice: int = 10,
+        late_s: float = 0.05,
+    ):
+        # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
+        self.cache_of, self.counters = cache_of, counters
+        self.batch_max, self.embed_threads, self.nice, self.late_s = batch_max, embed_threads, nice, late_s
+        for name in ("writeback_dropped", "writeback_failed", "writeback_written", "lookup_skipped", "lookup_batches"):
+            counters.setdefault(name, 0)
+        self._count_lock = threading.Lock()
+        self._lookups: queue.Queue = queue.Queue()
+        self._writes: queue.Queue = queue.Queue(maxsize=writeback_queue)
+        self._pending_writes = 0  # queued or being written: drain() waits for zero
+        self._idle = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._lookup_loop, name="reprise-cache-lookup-batch", daemon=True),
+            threading.Thread(target=self._write_loop, name="reprise-cache-writer", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    # --- the lookup stage ----------------------------------------------------------------------------
+    def submit(self, key, prompt: str, allow_shared: bool, passed, answered) -> None:
+        """Queue one request's approximate lookup for the next batch; ``answered(vector, hit)`` gets the
+        answer on the lookup thread ((None, None) for a skip or a failure: the request runs fresh)."""
+        self._lookups.put(Lookup(key, prompt, allow_shared, passed, answered, time.monotonic()))
+
+    def lookup(self, key, prompt: str, allow_shared: bool, passed=lambda: False):
+        """``submit`` and wait: (vector or None, ApproxHit or None)."""
+        future: Future = Future()
+        self.submit(key, prompt, allow_shared, passed, lambda vector, hit: future.set_result((vector, hit)))
+        return future.result()
+
+    def _take(self, q: queue.Queue, first) -> tuple[list, bool]:
+        """``first`` and everything queued behind it (up to batch_max); whether a stop was among them."""
+        items, stop = [first], first is _STOP
+        while len(items) < self.batch_max:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+            items.append(item)
+            stop = stop or item is _STOP
+        return [i for i in items if i is not _STOP], stop
+
+    def _background(self, nice: int = 0) -> None:
+        """This thread's share of the machine: ``embed_threads`` torch threads for its kernels, and for the
+        writer, whose work waits for nobody, a lower CPU priority (Linux: nice is per thread) so that it
+        takes the cores the devices leave idle. The lookup thread keeps its priority: requests wait on it."""
+        torch.set_num_threads(self.embed_threads)
+        if nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except (AttributeError, OSError) as exc:  # not Linux, or not permitted: full priority
+                log.debug("cannot lower the cache thread's priority: %s", exc)
+
+    def _lookup_loop(self) -> None:
+        self._background()
+        while True:
+            items, stop = self._take(self._lookups, self._lookups.get())
+            if items:
+                self._lookup_batch(items)
+            if stop:
+                return
+
+    @staticmethod
+    def _answer(item: Lookup, vector, hit) -> None:
+        try:
+            item.answered(vector, hit)
+        except Exception:  # one request's callback never stops the others' answers
+            log.exception("cache lookup answer failed")
+
+    def _lookup_batch(self, items: list[Lookup]) -> None:
+        live, now = [], time.monotonic()
+        for item in items:
+            if now - item.queued_at > self.late_s and item.passed():
+                self._count("lookup_skipped")
+                self._answer(item, None, None)
+            else:
+                live.append(item)
+        cache = self.cache_of()
+        answers: list = [(None, None)] * len(live)
+        try:
+            if live and cache is not None:
+                vectors = cache.embedder.embed_many([i.prompt for i in live])
+                hits = cache.lookup_approx_many([(i.key, v, i.allow_shared) for i, v in zip(live, vectors)])
+                answers = list(zip(vectors, hits))
+                self._count("lookup_batches")
+        except Exception:  # the cache is an optimisation: every request of the batch runs fresh
+            self._count("lookup_failed", len(live))
+            log.exception("cache lookup batch of %d failed; generating fresh", len(live))
+        for item, (vector, hit) in zip(live, answers):
+            self._answer(item, vector, hit)
+
+    # --- the writer ----------------------------------------------------------------------------------
+    def write_back(self, key, vector, captured: dict, uri: str, shareable: bool) -> bool:
+        """Queue the states captured by a request (tensors; converted here, where torch releases the lock);
+        False when the writer is behind and the write-back was dropped (counted)."""
+        states = {k: v[0].float().cpu().numpy() for k, v in captured.items()}
+        with self._idle:
+            try:
+                self._writes.put_nowait(WriteBack(key, vector, states, uri, shareable))
+            except queue.Full:
+                self._count("writeback_dropped")
+                log.warning("write-back queue full: dropping the states of %s", key.prompt[:40])
+                return False
+            self._pending_writes += 1
+        return True
+
+    def _write_loop(self) -> None:
+        self._background(self.nice)
+        while True:
+            items, stop = self._take(self._writes, self._writes.get())
+            if items:
+                try:
+                    self._write_batch(items)
+                except Exception:  # a failed write-back never fails a job
+                    self._count("writeback_failed", len(items))
+                    log.exception("cache write-back of %d entries failed", len(items))
+                finally:
+                    with self._idle:
+                        self._pending_writes -= len(items)
+                        self._idle.notify_all()
+            if stop:
+                return
+
+    def _write_batch(self, items: list[WriteBack]) -> None:
+        cache = self.cache_of()
+        if cache is None:
+            self._count("writeback_failed", len(items))
+            return
+        missing = [w for w in items if w.vector is None]
+        if missing:
+            for w, v in zip(missing, cache.embedder.embed_many([w.key.prompt for w in missing])):
+                w.vector = v
+        stored = cache.write_back_many([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
+        self._count("writeback_written", sum(stored))
+        self._count("writeback_failed", len(stored) - sum(stored))
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every write-back queued so far has landed or failed."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending_writes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._pending_writes} cache write-backs still pending after {timeout:.0f} s")
+                self._idle.wait(left)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._lookups.put(_STOP)
+        try:
+            self._writes.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.warning("cache writer still full at shutdown")
+        for t in self._threads:
+            t.join(timeout)
