@@ -184,9 +184,10 @@ def test_random_raw_messages_never_crash_a_worker(cluster, payload):
 
 
 def test_cancel_stops_within_one_step_and_frees_the_worker(cluster):
-    """Workers here report every step (REPRISE_PROGRESS_INTERVAL_S=0), so the job's stored progress at the
-    instant the cancel flag appears is exactly the steps done then. From that instant at most the step in
-    progress may complete: the loop checks the flag before each step."""
+    """Workers here report every step (REPRISE_PROGRESS_INTERVAL_S=0); the node's publisher thread stores
+    each step off the device thread, so the stored progress at the instant the cancel flag appears may trail
+    the device by one step. From that instant the job's thread sees the flag at the next step's event and
+    the device stops before the step after: at most two steps past the stored progress."""
     job = submit(prompt="a very long job", steps=500, seed=1, **_nocache())
     deadline = time.monotonic() + 60
     while (job.progress().get("step") or 0) < 10:
@@ -205,7 +206,7 @@ def test_cancel_stops_within_one_step_and_frees_the_worker(cluster):
     assert job.status() == "REVOKED"
     reason = str(job._ar.backend.get_task_meta(job.id)["result"])
     done_at_stop = int(reason.split("before step ")[1].split()[0]) - 1  # "...stopped before step N of 500"
-    assert done_at_stop - done_at_cancel in (0, 1), (done_at_cancel, done_at_stop)
+    assert done_at_stop - done_at_cancel in (0, 1, 2), (done_at_cancel, done_at_stop)
     assert submit(prompt="next job", steps=3).wait(30).steps == 3
 
 

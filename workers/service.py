@@ -213,6 +213,7 @@ class GenerationService:
             "miss": 0,
             "writeback_failed": 0,
             "writeback_dropped": 0,
+            "writeback_written": 0,  # the cache path counts these three once it runs; a drain reads them before
         }
 
     @property
