@@ -62,8 +62,7 @@ def measure(
 ) -> dict:
     """Direct and cluster runs interleaved (direct i, job i, direct i+1, ...): on a machine shared with other
     work, both sides see the same background load."""
-    from ops.loadtest import _reset_producer
-    from ops.localcluster import LocalCluster
+    from ops.localcluster import LocalCluster, point_producer_at
 
     workdir = tempfile.mkdtemp(prefix="reprise-bench-overhead-")
     Path(workdir, "redis").mkdir()
@@ -72,7 +71,7 @@ def measure(
         if _USER_REDIS_URL:
             os.environ[name] = _USER_REDIS_URL
     with LocalCluster(workdir=workdir) as cluster:
-        _reset_producer(cluster.redis_url)
+        point_producer_at(cluster.redis_url)
         from scheduler.client import submit
 
         cluster.start_worker(model, "cpu", timeout=600, REPRISE_METRICS_PORT=0, REPRISE_TORCH_THREADS=threads)

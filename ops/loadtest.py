@@ -104,24 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reset_producer(redis_url: str) -> None:
-    """Point this process's producer at ``redis_url`` (settings and app are made on first use)."""
-    os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = redis_url
-    from scheduler import app as app_module
-    from scheduler.settings import get_settings
-
-    get_settings.cache_clear()
-    app_module._default = None
-
-
 def start_embedded(args, model: str):
-    from ops.localcluster import LocalCluster
+    from ops.localcluster import LocalCluster, point_producer_at
 
     workdir = tempfile.mkdtemp(prefix="reprise-loadtest-")
     Path(workdir, "redis").mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(workdir=workdir, env={"REPRISE_SIM_STEP_MS": args.step_ms})
     cluster.ensure_redis()
-    _reset_producer(cluster.redis_url)
+    point_producer_at(cluster.redis_url)
     devices = args.devices or ("sim:0,sim:1,sim:2,sim:3" if model == "sim" else "cpu")
     for i in range(args.workers):
         cluster.start_worker(model, devices, wait=False, REPRISE_CACHE_PATH=f"{workdir}/qdrant-w{i}")

@@ -127,6 +127,16 @@ class WorkerProcess:
                 self.kill()
 
 
+def point_producer_at(redis_url: str) -> None:
+    """Point this process's producer at ``redis_url`` (settings and app are made on first use)."""
+    os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = redis_url
+    from scheduler import app as app_module
+    from scheduler.settings import get_settings
+
+    get_settings.cache_clear()
+    app_module._default = None
+
+
 @dataclass
 class LocalCluster:
     """Start with ``with LocalCluster(...) as c:``; everything started is stopped on exit."""
