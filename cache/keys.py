@@ -13,7 +13,15 @@ REPRISE_NAMESPACE = uuid.UUID("6f1c1a52-3a0e-5b55-9d0e-7e1f2b8c4a10")
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that determines a generation's output, plus who asked for it."""
+    """Everything that determines a generation's output, plus who asked for it.
+
+    Beyond the sampler's arguments, whatever else changes the pixels is a field too, so that neither the
+    exact key nor the approximate lookup's filter (``cache.latent_cache``) ever hands one generation's
+    image or state to another: ``feature`` names the feature cache with its parameters ("off" for the
+    plain denoiser; ``workers.feature_cache.feature_identity``). Adapters (LoRA: name, version and scale of
+    each) join the same way: a field here with its plain default, in ``content_key``, in the entry's
+    payload and in the approximate filter.
+    """
 
     model: str
     model_version: str
@@ -27,6 +35,7 @@ class CacheKey:
     height: int
     scheduler: str
     tenant: str = ""
+    feature: str = "off"
 
     def content_key(self) -> str:
         """sha256 over what fixes the image (tenant excluded): the `exact_key` payload field."""
@@ -42,6 +51,7 @@ class CacheKey:
             "width": int(self.width),
             "height": int(self.height),
             "scheduler": self.scheduler,
+            "feature": self.feature,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 

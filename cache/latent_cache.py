@@ -321,6 +321,7 @@ class LatentCache:
             Cond("model_version", key.model_version),
             Cond("generation", int(key.generation)),
             Cond("scheduler", key.scheduler),
+            Cond("feature", key.feature),  # never resume from a state another feature cache made
             Cond("steps", int(key.steps)),
             Cond("guidance", gte=float(key.guidance), lte=float(key.guidance)),
             Cond("width", int(key.width)),
@@ -463,6 +464,7 @@ class LatentCache:
             "model_version": key.model_version,
             "generation": int(key.generation),
             "scheduler": key.scheduler,
+            "feature": key.feature,
             "steps": int(key.steps),
             "guidance": float(key.guidance),
             "width": int(key.width),

@@ -38,6 +38,7 @@ INDEXED_FIELDS: dict[str, str] = {
     "model_version": "keyword",
     "generation": "integer",
     "scheduler": "keyword",
+    "feature": "keyword",
     "steps": "integer",
     "guidance": "float",
     "width": "integer",

@@ -79,6 +79,7 @@ def test_exact_id_is_deterministic_and_tenant_scoped():
         ("guidance", 7.0),
         ("generation", 1),
         ("negative_prompt", "x"),
+        ("feature", "block{}"),
     ]:
         assert CacheKey(**{**a.as_dict(), field: value}).exact_id() != a.exact_id()
 

@@ -211,6 +211,7 @@ def test_flux_and_sd3_sized_latent_round_trips(cache):
         dict(width=768),
         dict(scheduler="euler"),
         dict(model="sdxl"),
+        dict(feature='deepcache{"deepcache_interval": 5}'),
     ],
 )
 def test_filters_keep_other_configurations_apart(cache, change):
@@ -219,6 +220,16 @@ def test_filters_keep_other_configurations_apart(cache, change):
     assert cache.lookup_approx(key("other", **change), v) is None
     assert cache.lookup_exact(key(**change)) is None
     assert cache.lookup_approx(key("other"), v) is not None
+
+
+def test_a_plain_request_never_meets_a_feature_cache_entry(cache):
+    """A lossy feature cache's image and states are another generation's: a plain key finds neither."""
+    v = unit(4)
+    lossy = key(feature='deepcache{"deepcache_interval": 5}')
+    cache.write_back(lossy, v, latent_states([5, 10, 15]), "file:///lossy.png", shareable=True)
+    assert cache.lookup_exact(key()) is None and cache.lookup_approx(key("other"), v) is None
+    assert cache.lookup_exact(lossy).image_uri == "file:///lossy.png"
+    assert cache.lookup_approx(key("other", feature=lossy.feature), v) is not None
 
 
 def test_tenant_isolation(cache):

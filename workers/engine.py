@@ -7,6 +7,13 @@ own diffusers scheduler then steps its slice of the output. A fresh request at s
 from the cache at step K share a call. New requests join at the next iteration; finished ones leave to
 decode. Admission and lookups happen before (workers/service.py), on the callers' threads.
 
+A request reaches the engine free of any device (its ``start``: the arguments of its trajectory, its
+conditioning, its feature cache's settings). The device thread that takes it binds it: the trajectory
+(latents, its own scheduler with any multistep state, the conditioning moved onto the device) and the
+feature-cache runner, made on that device's own modules, which only that thread calls. A resume found by
+the lookup is bound the same way when it is swapped in. So nothing of a request is ever made for one
+device and run on another, and no runner touches a module another device is running.
+
 Requests share a call when they have the same size and feature cache. DeepCache requests share a call
 with those whose runner makes the same kind of pass at this step (all full, or all partial around their
 own kept features); a block-caching request (its runner patches the U-Net's blocks per request) or one
@@ -49,10 +56,12 @@ log = logging.getLogger("reprise.engine")
 class EngineRequest:
     """One request inside the engine: its trajectory, whom it may share a call with, and its way back."""
 
-    trajectory: Trajectory
+    start: Any  # the request's start, free of any device: ``start.bind(loop)`` -> (Trajectory, runner or None)
     group: tuple  # requests share a U-Net call only within one group
     job_id: str = ""  # whose request it is (logs, DeviceStats.last_call)
-    runner: Any = None  # a feature-cache runner: the request runs alone, through it
+    # Bound by the device thread that takes the request (``start.bind``), on its own device and modules:
+    trajectory: Trajectory | None = None
+    runner: Any = None  # a feature-cache runner, or None for the plain denoiser
     priority: int = 5
     deadline: float | None = None  # time.time() past which it stops before its next step
     decode_on_device: bool = False
@@ -64,10 +73,10 @@ class EngineRequest:
     first_step_at: float | None = None
     last_stepped: int = -1  # the iteration that last stepped it (fair turns between groups)
     # The overlapped lookup (NodeEngine.resolve): while ``lookup_pending``, the device steps the request
-    # no further than ``hold_at``; ``resume`` is the (trajectory, runner) of a hit, swapped in by the device.
+    # no further than ``hold_at``; ``resume`` is the start of a hit at K, bound and swapped in by the device.
     lookup_pending: bool = False
     hold_at: int | None = None
-    resume: tuple | None = None
+    resume: Any = None
     resumed: bool = False
     steps_discarded: int = 0  # steps run before a swap to a resumed trajectory
 
@@ -150,9 +159,16 @@ class DeviceScheduler(threading.Thread):
             if request is None:  # shutdown
                 self.stopped.set()
                 return
+            if request.resume is not None:  # the lookup answered before a device took it: start from the hit
+                request.start, request.resume, request.resumed = request.resume, None, True
+            try:  # everything device-specific is made here, by the thread that will step it
+                request.trajectory, request.runner = request.start.bind(self.device.loop)
+            except Exception as exc:  # this request cannot start (e.g. a feature cache refused): it alone fails
+                log.exception("request %s cannot start on %s", request.job_id, self.device.name)
+                request.events.put(("error", exc))
+                continue
             request.device = self.device
             self.active.append(request)
-            request.trajectory.to(self.device.loop.c.device)
 
     def _next_group(self) -> list[EngineRequest]:
         """The group of the request that waited longest since its last step; stopped requests leave."""
@@ -162,7 +178,7 @@ class DeviceScheduler(threading.Thread):
                 self._leave(request)
                 t = request.trajectory
                 request.events.put(("error", StopRequested(reason, t.i + 1, t.steps)))
-        for request in self.active:
+        for request in list(self.active):
             if request.resume is not None:
                 self._swap_in(request)
         ready = [r for r in self.active if not r.held]
@@ -174,12 +190,17 @@ class DeviceScheduler(threading.Thread):
 
     def _swap_in(self, request: EngineRequest) -> None:
         """A cache hit resolved while the request ran fresh: continue from the resumed trajectory."""
-        trajectory, runner = request.resume
-        request.resume = None
-        if request.trajectory.i > trajectory.i:  # cannot happen under hold_at; never go back
-            log.warning("a resume at step %d came after step %d: ignored", trajectory.i, request.trajectory.i)
+        start, request.resume = request.resume, None
+        if request.trajectory.i > start.start_step:  # cannot happen under hold_at; never go back
+            log.warning("a resume at step %d came after step %d: ignored", start.start_step, request.trajectory.i)
             return
-        trajectory.to(self.device.loop.c.device)
+        try:
+            trajectory, runner = start.bind(self.device.loop)
+        except Exception as exc:
+            log.exception("request %s cannot resume on %s", request.job_id, self.device.name)
+            self._leave(request)
+            request.events.put(("error", exc))
+            return
         request.steps_discarded = request.trajectory.steps_computed
         request.trajectory, request.runner, request.resumed = trajectory, runner, True
 
@@ -285,9 +306,9 @@ class NodeEngine:
     def submit(self, request: EngineRequest) -> None:
         self.waiting.put((request.priority, next(self._order), request))
 
-    def resolve(self, request: EngineRequest, resume: tuple | None = None) -> None:
-        """The request's lookup is answered: ``resume`` = (trajectory resumed at K, its runner) for a hit,
-        None for a miss. The device swaps the trajectory in before its next step of the request."""
+    def resolve(self, request: EngineRequest, resume: Any = None) -> None:
+        """The request's lookup is answered: ``resume`` = the start resumed at K for a hit, None for a miss.
+        The device binds it and swaps it in before its next step of the request."""
         request.resume = resume
         request.lookup_pending = False
         self.kick.set()

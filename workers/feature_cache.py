@@ -555,6 +555,35 @@ def resolve_feature_options(options: Any = None, defaults: dict | None = None) -
     return settings
 
 
+def batches(method: str) -> bool:
+    """Whether requests with this feature cache may share a denoiser call (the engine's groups): the plain
+    denoiser and DeepCache (``DeepCacheUNet.run_batch``); block caching and diffusers' hooks keep one
+    request's state in the call itself and run alone."""
+    return method in ("off", "deepcache")
+
+
+# The resolved settings that change a method's pixels (the cache key names them; workers/service.py).
+PIXEL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "deepcache": ("deepcache_interval", "deepcache_branch", "deepcache_schedule"),
+    "block": ("block_delta", "calibration_prompts", "calibration_size"),
+    "first_block": ("first_block_threshold",),
+    "taylorseer": ("taylorseer_interval", "taylorseer_order", "taylorseer_lite"),
+}
+
+
+def feature_identity(settings: dict[str, Any]) -> str:
+    """The feature cache of resolved ``settings`` (``resolve_feature_options``) as one stable string:
+    "off", or the method with every setting that changes its pixels, e.g. ``deepcache{"deepcache_branch": 0, ...}``.
+    Two requests with the same identity get the same pixels from the same start."""
+    method = settings.get("method") or "off"
+    if method == "off":
+        return "off"
+    names = PIXEL_SETTINGS.get(method, ())
+    if method == "deepcache" and settings.get("deepcache_schedule") == "nonuniform":
+        names += ("deepcache_center", "deepcache_power")
+    return method + json.dumps({name: settings.get(name) for name in names}, sort_keys=True)
+
+
 def methods_for(components: Components) -> list[str]:
     """The feature cache methods this model's family runs, besides off."""
     methods = list(components.family.feature_methods)

@@ -92,11 +92,6 @@ class Trajectory:
         self.captured: dict[int, torch.Tensor] = {}
         self.steps_computed = 0
 
-    def to(self, device: torch.device) -> None:
-        """Onto the device that will step it (a no-op where admission ran on the same device)."""
-        self.latents, self.context = self.latents.to(device), self.context.to(device)
-        self.sched.timesteps = self.sched.timesteps.to(device)
-
     @property
     def done(self) -> bool:
         return self.i >= self.steps

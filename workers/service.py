@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +29,8 @@ from scheduler.schema import (
 )
 from workers.artifacts import ArtifactStore
 from workers.engine import EngineRequest, NodeEngine
-from workers.feature_cache import methods_for
+from workers.families import Conditioning
+from workers.feature_cache import batches, feature_identity, make_unet_runner, methods_for, resolve_feature_options
 from workers.models import Components
 from workers.sampler import DenoiseLoop, StopRequested
 
@@ -115,6 +116,54 @@ class AdmittedJob:
     load_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
+
+
+@dataclass
+class DeviceStart:
+    """Where a request's denoising starts, free of any device: the engine's device thread that takes the
+    request binds it (``bind``) to its own device, so the trajectory, the scheduler's state and the
+    feature-cache runner are made where they run. A cache hit is another start (``state`` at ``start_step``)."""
+
+    request: GenerationRequest
+    seed: int
+    width: int
+    height: int
+    capture: list[int]  # the steps after which states are kept for the write-back
+    context: Conditioning  # the prompt's conditioning, computed off the device; moved onto it by ``bind``
+    feature: dict  # the feature cache's resolved settings (workers.feature_cache.resolve_feature_options)
+    state: torch.Tensor | None = None  # a stored state (float32, CPU), or None for fresh noise
+    start_step: int = 0
+
+    @property
+    def method(self) -> str:
+        return self.feature.get("method") or "off"
+
+    def resumed(self, state: np.ndarray, k: int) -> DeviceStart:
+        return replace(self, state=torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)), start_step=k)
+
+    def bind(self, loop: DenoiseLoop):
+        """(Trajectory, runner or None) on ``loop``'s device: called by the device thread that will step it."""
+        request = self.request
+        capture = [k for k in self.capture if k > self.start_step]
+        trajectory = loop.trajectory(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=self.seed,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=self.width,
+            height=self.height,
+            scheduler=request.scheduler,
+            start_latents=self.state,
+            start_step=self.start_step,
+            capture_at=capture,
+            snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
+            context=self.context.to(loop.c.device),
+        )
+        runner = None
+        if self.method != "off":
+            runner = make_unet_runner(loop.c, None, self.feature, steps=request.steps, start_step=self.start_step)
+        return trajectory, runner
 
 
 class GenerationService:
@@ -306,9 +355,9 @@ class GenerationService:
         if request.cache.write:
             a.capture = list(self.cache.state_steps(request.steps))
 
-    def lookup_near(self, a: AdmittedJob, loop: DenoiseLoop, context: torch.Tensor):
+    def lookup_near(self, a: AdmittedJob, start: DeviceStart) -> DeviceStart | None:
         """Prompt embedding, approximate lookup and state fetch, while the job's first steps run. Returns
-        (the trajectory resumed at K, its feature-cache runner) for a hit, None otherwise."""
+        the start resumed at K for a hit, None otherwise."""
         request, report = a.request, a.report
         t = time.perf_counter()
         try:
@@ -319,31 +368,9 @@ class GenerationService:
             if ahit is None or not 0 < ahit.k < request.steps:
                 return None
             a.near = ahit
-            start = torch.from_numpy(np.ascontiguousarray(ahit.state, dtype=np.float32))
-            capture = [k for k in a.capture if k > ahit.k]
-            runner = self._unet_runner(loop.c, request, request.steps, ahit.k)
-            return self._trajectory(loop, a, start, ahit.k, capture, context), runner
+            return start.resumed(ahit.state, ahit.k)
         finally:
             report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
-
-    def _trajectory(self, loop: DenoiseLoop, a: AdmittedJob, start_latents, start_step: int, capture, context=None):
-        request = a.request
-        return loop.trajectory(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            seed=a.seed,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            width=a.width,
-            height=a.height,
-            scheduler=request.scheduler,
-            start_latents=start_latents,
-            start_step=start_step,
-            capture_at=capture,
-            snap_dtype=torch.float16 if capture else None,  # the cache stores float16 states
-            context=context,
-            use_text_memo=request.cache.feature.text_memo,
-        )
 
     def on_device(self, a: AdmittedJob):
         """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
@@ -352,17 +379,33 @@ class GenerationService:
         state can resume at, so the image never depends on which finished first. Decode follows, on the
         device where decoding is device work, here otherwise."""
         loop, request, job = self.pool.devices[0].loop, a.request, a.job
-        a.runner = self._unet_runner(loop.c, request, request.steps, 0)
-        trajectory = self._trajectory(loop, a, None, 0, a.capture)
+        # The conditioning is the one device-free tensor computed here (text encoders are never patched);
+        # the device thread that takes the request moves it onto its device and binds the rest.
+        context = loop.conditioning(
+            request.prompt,
+            request.negative_prompt,
+            request.guidance_scale,
+            request.cache.feature.text_memo,
+            a.width,
+            a.height,
+        )
+        start = DeviceStart(
+            request,
+            a.seed,
+            a.width,
+            a.height,
+            a.capture,
+            context,
+            resolve_feature_options(request.cache.feature, self.feature_defaults),
+        )
         near = a.use_cache and (request.cache.approximate or request.cache.write)
         ks = self.cache.state_steps(request.steps) if near and request.cache.approximate else []
-        # A feature cache whose runner cannot batch (block caching) runs alone, as a deterministic request does.
-        alone = request.deterministic or (a.runner is not None and not hasattr(a.runner, "run_batch"))
+        # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
+        alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
-            trajectory,
-            group=("solo", job.job_id) if alone else ("shared", a.width, a.height, getattr(a.runner, "method", "off")),
+            start,
+            group=("solo", job.job_id) if alone else ("shared", a.width, a.height, start.method),
             job_id=job.job_id,
-            runner=a.runner,
             priority=request.priority,
             deadline=job.deadline,
             decode_on_device=loop.c.device.type == "cuda",
@@ -375,7 +418,7 @@ class GenerationService:
         if near:
             resume = None
             try:
-                resume = self.lookup_near(a, loop, trajectory.context)
+                resume = self.lookup_near(a, start)
             except BaseException:
                 entry.stop = "lookup failed"  # the job fails with the lookup's error, as before; free its slot
                 raise
@@ -387,7 +430,7 @@ class GenerationService:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
         self._report_near(a, entry)
-        a.runner = entry.runner  # a hit swapped in its own runner: the feature report is that one's
+        a.runner = entry.runner  # made by the device thread (a hit's own, where one was swapped in)
         a.device = entry.device.name
         a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
         if image is None:
@@ -483,17 +526,9 @@ class GenerationService:
             height=height,
             scheduler=request.scheduler,
             tenant=request.tenant,
+            feature=feature_identity(resolve_feature_options(request.cache.feature, self.feature_defaults)),
         )
         return key, generation
-
-    def _unet_runner(self, components, request: GenerationRequest, steps: int, start_step: int):
-        options = request.cache.feature.model_dump()
-        method = options.get("method") or self.feature_defaults.get("method", "off")
-        if method == "off":
-            return None
-        from workers.feature_cache import make_unet_runner
-
-        return make_unet_runner(components, options, self.feature_defaults, steps=steps, start_step=start_step)
 
     def _pad_for_isolation(self, a: AdmittedJob) -> None:
         """A hit answers no sooner than a miss would (off the device: the padding holds no device)."""
