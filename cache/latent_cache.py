@@ -322,6 +322,7 @@ class LatentCache:
             Cond("generation", int(key.generation)),
             Cond("scheduler", key.scheduler),
             Cond("feature", key.feature),  # never resume from a state another feature cache made
+            Cond("adapters", key.adapters),  # nor from one made with other LoRA adapters (or none)
             Cond("steps", int(key.steps)),
             Cond("guidance", gte=float(key.guidance), lte=float(key.guidance)),
             Cond("width", int(key.width)),
@@ -465,6 +466,8 @@ class LatentCache:
             "generation": int(key.generation),
             "scheduler": key.scheduler,
             "feature": key.feature,
+            "adapters": key.adapters,
+            "lora_names": key.adapter_names,
             "steps": int(key.steps),
             "guidance": float(key.guidance),
             "width": int(key.width),
@@ -596,6 +599,7 @@ class LatentCache:
         tenant: str | None = None,
         prompt_prefix: str | None = None,
         created_before: float | None = None,
+        lora: str | None = None,
     ) -> int:
         """Delete every entry matching all given criteria; returns how many went."""
         must: list[Cond] = []
@@ -604,6 +608,7 @@ class LatentCache:
             ("model_version", model_version),
             ("generation", generation),
             ("tenant", tenant),
+            ("lora_names", lora),  # entries made with this adapter (any of their adapters)
         ):
             if value is not None:
                 must.append(Cond(name, value))

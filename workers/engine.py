@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from workers.families import Conditioning
+from workers.lora import compatible
 from workers.sampler import LoopOutput, PlainUNet, StopRequested, Trajectory
 
 log = logging.getLogger("reprise.engine")
@@ -79,6 +80,7 @@ class EngineRequest:
     resume: Any = None
     resumed: bool = False
     steps_discarded: int = 0  # steps run before a swap to a resumed trajectory
+    adapters: tuple = ()  # the request's LoRA adapters (workers.lora.ActiveLora), made active for its calls
 
     @property
     def held(self) -> bool:
@@ -186,7 +188,12 @@ class DeviceScheduler(threading.Thread):
             return []
         first = min(ready, key=lambda r: (r.last_stepped, r.priority))
         key = first.turn_key()
-        return [r for r in ready if r.turn_key() == key]
+        group = [r for r in ready if r.turn_key() == key]
+        if any(r.adapters for r in group):  # one scale per adapter in a call: the longest waiting keep theirs
+            turns = sorted(group, key=lambda r: (r.last_stepped, r.priority))
+            kept = {id(turns[i]) for i in compatible([r.adapters for r in turns])}
+            group = [r for r in group if id(r) in kept]
+        return group
 
     def _swap_in(self, request: EngineRequest) -> None:
         """A cache hit resolved while the request ran fresh: continue from the resumed trajectory."""
@@ -223,8 +230,29 @@ class DeviceScheduler(threading.Thread):
         self.active.remove(request)
 
     # --- one iteration -----------------------------------------------------------------------------
+    def _load_adapters(self, group: list[EngineRequest]) -> list[EngineRequest]:
+        """The requests of ``group`` whose adapters are loaded on this device now (a request whose adapter
+        cannot load fails alone); the adapters of every active request stay loaded meanwhile."""
+        adapters = self.device.loop.c.adapters
+        if adapters is None or not any(r.adapters for r in group):
+            return group
+        pinned = {a.key for r in self.active for a in r.adapters}
+        ready = []
+        for request in group:
+            try:
+                adapters.prepare(request.adapters, pinned)
+                ready.append(request)
+            except Exception as exc:
+                log.exception("adapters of %s cannot load on %s", request.job_id, self.device.name)
+                self._leave(request)
+                request.events.put(("error", exc))
+        return ready
+
     def _step(self, group: list[EngineRequest]) -> None:
         c = self.device.loop.c
+        group = self._load_adapters(group)
+        if not group:
+            return
         self.iteration += 1
         try:
             inputs = [r.trajectory.model_input() for r in group]
@@ -233,6 +261,8 @@ class DeviceScheduler(threading.Thread):
             self.stats.last_call = tuple(r.job_id for r in group)
             t0 = time.perf_counter()
             rows = [r.trajectory.rows for r in group]
+            if c.adapters is not None:  # this call's adapters (none: LoRA off), by this device thread only
+                c.adapters.activate([r.adapters for r in group], rows)
             if len(group) == 1:  # alone, exactly as DenoiseLoop.denoise runs it
                 request, (model_in, t) = group[0], inputs[0]
                 runner = request.runner or PlainUNet()
@@ -248,6 +278,8 @@ class DeviceScheduler(threading.Thread):
                 else:
                     noise = context.call(c.unet, sample, timesteps)
                 outputs = noise.split(rows)
+            if c.adapters is not None:
+                c.adapters.release()
             self.stats.call_s += time.perf_counter() - t0
             self.stats.calls += 1
             self.stats.requests_stepped += len(group)

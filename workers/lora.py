@@ -8,7 +8,7 @@ added with diffusers' ``load_lora_weights`` and removed with ``delete_adapters``
 device thread activates the batch's adapters with ``set_adapters`` (or turns LoRA off for plain requests).
 
 Who touches what: the denoiser's adapters are loaded, activated and deleted only by the device thread that
-runs the denoiser (``prepare`` and ``applied``, called by the engine between denoiser calls), so no module
+runs the denoiser (``prepare``, ``activate`` and ``release``, called by the engine between denoiser calls), so no module
 is patched while another thread runs it. Text-encoder weights (SD 1.5's and SDXL's adapters may carry
 them) change the conditioning, which is computed off the device on the job's thread: the text encoders
 are shared by every job thread of the node (and the `clip` prompt embedder), so a text encoder is used
@@ -72,13 +72,6 @@ def adapter_identity(adapters: AdapterSet) -> str:
     return ",".join(f"{a.name}@{a.version}*{a.scale:g}" for a in sorted(adapters, key=lambda a: a.name))
 
 
-def resolve(registry, model: str, loras) -> AdapterSet:
-    """A request's ``loras`` as the registry holds them now (typed errors for unknown or foreign ones)."""
-    return tuple(
-        ActiveLora(a.name, a.version, scale, a.uri, a.text_encoder) for a, scale in registry.resolve(model, loras)
-    )
-
-
 def batch_key(adapters: AdapterSet, mode: str) -> tuple:
     """Whom a request may share a denoiser call with, as far as adapters go: in ``grouped`` mode the same set;
     in ``mixed`` mode any request with at most one adapter (per-sample adapters), a larger set only its own."""
@@ -109,17 +102,22 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
 
 class SharedLock:
     """Many holders in shared mode, one in exclusive mode (a reader-writer lock, which the standard library
-    lacks): plain text encodes run together; loading or applying a text encoder's adapters runs alone."""
+    lacks): plain text encodes run together; loading or applying a text encoder's adapters runs alone. The
+    exclusive holder's own thread passes ``shared`` (its encode runs inside its exclusive section)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._shared = 0
-        self._exclusive = False
+        self._owner: int | None = None  # the thread holding it exclusively
 
     @contextmanager
     def shared(self):
+        me = threading.get_ident()
+        if self._owner == me:
+            yield
+            return
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
+            self._cond.wait_for(lambda: self._owner is None)
             self._shared += 1
         try:
             yield
@@ -131,14 +129,14 @@ class SharedLock:
     @contextmanager
     def exclusive(self):
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
+            self._cond.wait_for(lambda: self._owner is None)
+            self._owner = threading.get_ident()
             self._cond.wait_for(lambda: self._shared == 0)
         try:
             yield
         finally:
             with self._cond:
-                self._exclusive = False
+                self._owner = None
                 self._cond.notify_all()
 
 
@@ -160,6 +158,9 @@ def _lora_host(components):
     }[components.family.name]
     host = type(f"Reprise{mixin.__name__}", (mixin,), {})()
     setattr(host, components.family.denoiser, components.unet)
+    # what diffusers' loader asks a pipeline about offloading: nothing offloaded, one module
+    host.hf_device_map = None
+    host.components = {components.family.denoiser: components.unet}
     for name in mixin._lora_loadable_modules:
         if name != components.family.denoiser:
             setattr(host, name, None)
@@ -175,11 +176,15 @@ def _load_text_encoder(host, text_encoder, state: dict[str, torch.Tensor], prefi
     it goes through transformers' ``load_adapter``, which transformers 5 refuses below PEFT 0.22 (not
     released). Same steps as diffusers' ``_load_lora_into_text_encoder``: the file's format converted by
     diffusers (kohya's too), PEFT's config from diffusers' helper, PEFT's injection and state-dict load."""
+    import inspect
+
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    converted, alphas, _ = host.lora_state_dict(dict(state), return_lora_metadata=True)
+    # the family's own format conversion (kohya's key names, alphas); Flux's loader returns alphas on request
+    extra = {"return_alphas": True} if "return_alphas" in inspect.signature(host.lora_state_dict).parameters else {}
+    converted, alphas, _ = host.lora_state_dict(dict(state), return_lora_metadata=True, **extra)
     part = {k.removeprefix(prefix): v for k, v in converted.items() if k.startswith(prefix)}
     if not part:
         return False
@@ -208,6 +213,8 @@ class DeviceAdapters:
         self.loads = 0  # adapters loaded into the denoiser since start (a reload after eviction counts)
         self.evictions = 0
         self._active: tuple | None = None  # what set_adapters last made active (skips repeats)
+        self._hooks: list = []
+        self.mixed_calls = 0  # calls with per-sample adapters
 
     # --- the denoiser: the device thread only -----------------------------------------------------------
     def prepare(self, adapters: AdapterSet, pinned: set[str]) -> None:
@@ -246,24 +253,22 @@ class DeviceAdapters:
     def _peft(self) -> bool:
         return bool(getattr(self.c.unet, "_hf_peft_config_loaded", False))
 
-    @contextmanager
-    def applied(self, sets: list[AdapterSet], rows: list[int]):
-        """The denoiser with each request's adapters active for one call: one set for all (``set_adapters``),
-        none (LoRA off), or one adapter or none per request (per-sample ``adapter_names``)."""
+    def activate(self, sets: list[AdapterSet], rows: list[int]) -> None:
+        """Make each request's adapters active for the next call (``rows`` samples each): one set for all
+        (``set_adapters``), none (LoRA off), or one adapter or none per request (per-sample ``adapter_names``,
+        until ``release``). A call that failed before its ``release`` leaves nothing behind: this starts by
+        removing what the previous call hooked."""
+        self.release()
         unet = self.c.unet
         if not self._peft():  # nothing was ever loaded: the plain denoiser
-            yield
             return
         keys = {a.key: a.scale for adapters in sets for a in adapters if self.loaded.get(a.key)}
-        uniform = all(s == sets[0] for s in sets)
         if not keys:
             self._set(("off",), unet.disable_lora)
-            yield
             return
         active = (tuple(keys), tuple(keys.values()))
         self._set(("on",) + active, lambda: (unet.enable_lora(), unet.set_adapters(list(keys), list(keys.values()))))
-        if uniform:
-            yield
+        if all(s == sets[0] for s in sets):
             return
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora.model import _adapter_names_pre_forward_hook
@@ -274,14 +279,16 @@ class DeviceAdapters:
             for _ in range(n)
         ]
         hook = partial(_adapter_names_pre_forward_hook, adapter_names=names)
-        handles = [
+        self._hooks = [
             m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)
         ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.mixed_calls += 1
+
+    def release(self) -> None:
+        """Remove the per-sample adapter hooks of the last call, if it had any."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _set(self, state: tuple, apply) -> None:
         if self._active != state:
@@ -292,7 +299,11 @@ class DeviceAdapters:
     def encode(self, adapters: AdapterSet, fn):
         """``fn()`` (the request's conditioning) with the text-encoder weights of ``adapters`` applied, alone on
         the text encoders; they are turned off again before anyone else encodes."""
-        from diffusers.loaders.lora_base import disable_lora_for_text_encoder, set_adapters_for_text_encoder
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
 
         with self.text_lock.exclusive():
             used: dict[str, list[tuple[str, float]]] = {}
@@ -307,6 +318,7 @@ class DeviceAdapters:
             try:
                 for encoder, pairs in used.items():
                     module = getattr(self.c, encoder)
+                    enable_lora_for_text_encoder(module)  # turned off after the previous request's encode
                     set_adapters_for_text_encoder([k for k, _ in pairs], module, [s for _, s in pairs])
                 return fn()
             finally:
@@ -340,6 +352,7 @@ class DeviceAdapters:
             "budget_bytes": self.budget_bytes,
             "loads": self.loads,
             "evictions": self.evictions,
+            "mixed_calls": self.mixed_calls,
         }
 
 
@@ -353,8 +366,9 @@ class SimAdapters(DeviceAdapters):
         self.loaded = OrderedDict()
         self.text_loaded = OrderedDict()
         self.text_lock = components.text_lock
-        self.loads = self.evictions = 0
+        self.loads = self.evictions = self.mixed_calls = 0
         self._active = None
+        self._hooks = []
 
     def prepare(self, adapters: AdapterSet, pinned: set[str]) -> None:
         for a in adapters:
@@ -363,9 +377,9 @@ class SimAdapters(DeviceAdapters):
                 self.loads += 1
             self.loaded.move_to_end(a.key)
 
-    @contextmanager
-    def applied(self, sets, rows):
-        yield
+    def activate(self, sets: list[AdapterSet], rows: list[int]) -> None:
+        if len({adapter_identity(x) for x in sets}) > 1:
+            self.mixed_calls += 1
 
     def encode(self, adapters, fn):
         return fn()

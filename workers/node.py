@@ -17,9 +17,11 @@ import time
 
 import torch
 
+from scheduler.adapters import AdapterRegistry
 from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
 from workers.artifacts import ArtifactStore
+from workers.lora import device_adapters
 from workers.models import load_components
 from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
 from workers.sampler import DenoiseLoop
@@ -82,6 +84,7 @@ def build_service(
             time.perf_counter() - t,
             components.fingerprint,
         )
+        components.adapters = device_adapters(components, int(worker.lora_cache_mb * 2**20))
         devices.append(Device(name=name, loop=DenoiseLoop(components, text_memo=memo)))
     model_name = devices[0].loop.c.name
     registry = ModelRegistry(redis_client, cluster.queue_prefix) if redis_client is not None else None
@@ -103,6 +106,10 @@ def build_service(
         writeback_queue=worker.writeback_queue,
         max_batch=worker.max_batch,
         job_threads=1,  # the device threads keep every core; see GenerationService
+        adapter_registry=AdapterRegistry(redis_client, cluster.queue_prefix, cluster.artifact_url)
+        if redis_client is not None
+        else None,
+        lora_batching=worker.lora_batching,
     )
     service.text_memo = memo
     if redis_client is not None:
