@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ logging.getLogger("diffusers.loaders.peft").setLevel(logging.ERROR)
 logging.getLogger("diffusers.loaders.lora_base").setLevel(logging.ERROR)
 logging.getLogger("diffusers.loaders.lora_pipeline").setLevel(logging.ERROR)
 logging.getLogger("diffusers.utils.peft_utils").setLevel(logging.ERROR)
+
+# PEFT's notes on a model holding several adapters, which is the point here
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 TEXT_ENCODERS = (("text_encoder", "text_encoder."), ("text_encoder_2", "text_encoder_2."))
