@@ -61,6 +61,14 @@ class UnsupportedModelFamily(RepriseError):
     code = "unsupported_model_family"
 
 
+class InvalidWorkerSetting(RepriseError):
+    """A worker setting (``REPRISE_*``) that the worker cannot serve with, e.g. a feature profile its model's
+    family does not run; ``details`` names each setting, its value and the allowed values. Raised at start,
+    so the node refuses to start."""
+
+    code = "invalid_worker_setting"
+
+
 class JobCancelled(RepriseError):
     """The job was cancelled (revoked) before it finished."""
 

@@ -228,10 +228,29 @@ def test_text_memo_is_a_bounded_lru_with_counters():
     assert memo.get("m1", "b") is None
     assert memo.get("m2", "a") is None  # another model version
     assert len(memo) == 2
-    assert memo.stats() == {"entries": 2, "max_entries": 2, "hits": 1, "misses": 2}
+    assert memo.stats() == {"entries": 2, "max_entries": 2, "bytes": 16, "max_bytes": None, "hits": 1, "misses": 2}
     memo.clear()
     assert len(memo) == 0 and memo.get("m1", "a") is None
     assert (memo.hits, memo.misses) == (0, 1)
+
+
+def test_text_memo_is_bounded_in_bytes(tiny):
+    """A byte bound drops the least recently used entries (Flux's T5 states are ~4 MB each)."""
+    memo = TextEmbeddingMemo(max_entries=1024, max_bytes=1000)
+    for i in range(5):
+        memo.put("m", f"p{i}", torch.zeros(100))  # 400 bytes each
+    assert len(memo) == 2 and memo.bytes == 800 and memo.get("m", "p4") is not None
+    assert memo.get("m", "p2") is None
+    memo.put("m", "huge", torch.zeros(1000))  # larger than the whole memo: not kept, nothing dropped for it
+    assert len(memo) == 2 and memo.get("m", "huge") is None
+    memo.put("m", "p4", torch.zeros(10))  # a replaced entry gives its bytes back
+    assert memo.bytes == 440
+    conditioning = DenoiseLoop(tiny).encode_text("a harbour")  # a family's Conditioning counts its tensors
+    sized = TextEmbeddingMemo(max_bytes=10**9)
+    sized.put("m", "a harbour", conditioning)
+    assert sized.bytes == sum(t.nelement() * t.element_size() for t in conditioning.tensors.values()) > 0
+    with pytest.raises(ValueError):
+        TextEmbeddingMemo(max_bytes=0)
 
 
 def test_text_memo_hands_out_copies():
@@ -264,7 +283,7 @@ def test_request_text_memo_false_bypasses_the_memo(tiny, tmp_path):
     request = {"prompt": "a lighthouse at dusk", "seed": 7, "steps": 2, "guidance_scale": 7.5}
     try:
         fresh = service.run({**request, "cache": {"feature": {"text_memo": False}}}, JobContext(job_id="fresh"))
-        assert memo.stats() == {"entries": 0, "max_entries": 1024, "hits": 0, "misses": 0}  # neither read nor filled
+        assert (len(memo), memo.hits, memo.misses) == (0, 0, 0)  # neither read nor filled
         memoised = service.run(request, JobContext(job_id="memoised"))
         assert (len(memo), memo.hits, memo.misses) == (2, 0, 2)  # prompt and negative prompt
         assert memoised.seed == fresh.seed == 7

@@ -17,7 +17,7 @@ def _cmd_worker(args) -> int:
     from scheduler.schema import queue_for
     from scheduler.settings import get_settings
     from workers.node import Heartbeat, build_service, node_info, serve_metrics
-    from workers.settings import WorkerSettings
+    from workers.settings import load_worker_settings
 
     logging.basicConfig(
         level=getattr(logging, args.loglevel.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -25,7 +25,7 @@ def _cmd_worker(args) -> int:
     overrides = {k: v for k, v in {"model": args.model, "devices": args.devices}.items() if v}
     if args.no_cache:
         overrides["cache_enabled"] = False
-    wsettings = WorkerSettings(**overrides)
+    wsettings = load_worker_settings(**overrides)
     cluster = get_settings()
     client = redis.Redis.from_url(cluster.redis_url)
     print(f"reprise worker: loading {wsettings.model} on {wsettings.devices} ...", flush=True)

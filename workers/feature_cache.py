@@ -8,8 +8,10 @@ Two training-free methods, each a ``UNetRunner`` the sampler calls once per step
 - ``BlockCacheUNet`` (Wimbauer et al., CVPR 2024, the schedule only): each attention block is
   recomputed when its calibrated change since its last recompute passes δ, reused otherwise.
 
-Runners are made per job by ``make_unet_runner``; they hold their caches, and patch nothing beyond
-the single U-Net call they are running.
+Runners are made per job by ``make_unet_runner``, by the device thread that runs the job, on that
+device's modules; they hold their caches (per-request state), and what they change or record in a module
+is applied per call and scoped to the calling thread, so no other request's call meets it, even where
+two devices share one pipeline.
 """
 
 from __future__ import annotations
@@ -127,28 +129,65 @@ def attention_blocks(unet) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
 
 
+# A module's forward is shared by every thread that calls the module: where two devices share one pipeline
+# (``sim:N``, or a test), another device thread may be inside the same block while this one runs its call.
+# So what a runner changes or records is scoped to the calling thread: other threads' calls meet the
+# module's own forward and leave nothing in this runner's state.
+_SCOPE_LOCK = threading.Lock()
+
+
+class _ThreadScopedForward:
+    """A module's forward while some threads replace its output: each of those threads gets its own stored
+    output, every other thread the module's own forward. Removed when the last such thread is done."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.previous = module.__dict__.get("forward")  # an instance-level forward put there before (or None)
+        self.original = module.forward
+        self.values: dict[int, Any] = {}
+
+    def __call__(self, *args, **kwargs):
+        value = self.values.get(threading.get_ident(), _OWN)
+        return self.original(*args, **kwargs) if value is _OWN else value
+
+
+_OWN = object()
+
+
 @contextmanager
 def _outputs_replaced(outputs: dict[torch.nn.Module, Any]) -> Iterator[None]:
-    """For one U-Net call, the given modules return their stored output instead of computing."""
-    saved = {m: m.__dict__.get("forward") for m in outputs}
-    for module, value in outputs.items():
-        module.forward = lambda *args, _value=value, **kwargs: _value
+    """For one U-Net call on this thread, the given modules return their stored output instead of computing."""
+    me = threading.get_ident()
+    with _SCOPE_LOCK:
+        for module, value in outputs.items():
+            scoped = module.__dict__.get("forward")
+            if not isinstance(scoped, _ThreadScopedForward):
+                scoped = _ThreadScopedForward(module)
+                module.forward = scoped
+            scoped.values[me] = value
     try:
         yield
     finally:
-        for module, previous in saved.items():
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+        with _SCOPE_LOCK:
+            for module in outputs:
+                scoped = module.__dict__["forward"]
+                del scoped.values[me]
+                if not scoped.values:
+                    if scoped.previous is None:
+                        del module.forward
+                    else:
+                        module.forward = scoped.previous
 
 
 @contextmanager
 def _outputs_recorded(modules: dict[str, torch.nn.Module], into: dict[str, Any]) -> Iterator[None]:
-    """For one U-Net call, ``into[name]`` receives each module's output."""
-    handles = [
-        m.register_forward_hook(lambda _m, _a, out, _n=name: into.__setitem__(_n, out)) for name, m in modules.items()
-    ]
+    """For one U-Net call on this thread, ``into[name]`` receives each module's output."""
+    me = threading.get_ident()
+
+    def record(name: str, out) -> None:
+        if threading.get_ident() == me:
+            into[name] = out
+
+    handles = [m.register_forward_hook(lambda _m, _a, out, _n=name: record(_n, out)) for name, m in modules.items()]
     try:
         yield
     finally:
@@ -293,9 +332,11 @@ class DeepCacheUNet(PassCounts):
     def _full(self, unet, sample, t, context):
         branch_resnet = self.up_layers[self.branch][0]
         kept = []
+        me = threading.get_ident()
 
         def keep_input(_module, args):
-            kept.append(args[0])
+            if threading.get_ident() == me:  # another thread's call of a shared module is not this request's
+                kept.append(args[0])
 
         handle = branch_resnet.register_forward_pre_hook(keep_input)
         try:
@@ -664,6 +705,9 @@ class DiffusersCacheRunner(PassCounts):
     other caches or none, so this runner applies its hooks (``apply_*``) at its first call, then takes the
     same hook objects off after each of its calls and puts them back before the next: their state stays
     with them, and other requests' calls never meet them. It does not batch (its state is one request's).
+    diffusers' hooks sit on the model for the whole call: a device thread is the only caller of its own
+    pipeline (one per device, workers/node.py), so no other request's call meets them there; on a pipeline
+    that two device threads share (``sim:N``), they would.
     """
 
     def __init__(self, model, method: str, params: dict, *, steps: int, start_step: int = 0) -> None:
@@ -750,11 +794,13 @@ class _ComputedBlocks:
         self.handles: list = []
 
     def __enter__(self):
+        self.thread = threading.get_ident()
         self.handles = [m.register_forward_hook(self._ran) for m in self.modules]
         return self
 
     def _ran(self, *_args) -> None:
-        self.ran += 1
+        if threading.get_ident() == self.thread:
+            self.ran += 1
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:

@@ -129,14 +129,20 @@ class _BusyTracker:
 
     def observe(self, device: str, start: float, end: float) -> None:
         with self.lock:
-            self.intervals[device].append((start, end))
+            q = self.intervals[device]
+            q.append((start, end))
+            self._prune(q, end - self.window_s)  # bounded by the window whether or not anyone scrapes
+
+    @staticmethod
+    def _prune(q: collections.deque, lo: float) -> None:
+        while q and q[0][1] < lo:
+            q.popleft()
 
     def ratio(self, device: str, slots: int, now: float) -> float:
         lo = now - self.window_s
         with self.lock:
             q = self.intervals.get(device, collections.deque())
-            while q and q[0][1] < lo:
-                q.popleft()
+            self._prune(q, lo)
             busy = sum(min(end, now) - max(start, lo) for start, end in q if end > lo)
         return min(1.0, busy / (self.window_s * max(1, slots)))
 

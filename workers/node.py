@@ -26,7 +26,7 @@ from workers.models import load_components
 from workers.resilient_cache import CacheReopener, RedisClock, ResilienceSettings
 from workers.sampler import DenoiseLoop
 from workers.service import Device, DevicePool, GenerationService
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, checked_settings, invalid_setting
 
 log = logging.getLogger("reprise.worker")
 
@@ -38,17 +38,19 @@ def parse_devices(spec: str) -> list[str]:
             return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         return ["cpu"]
     names = [d.strip() for d in spec.split(",") if d.strip()]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    allowed = ["auto", "cpu", "sim", "sim:N", *(f"cuda:{i}" for i in range(count))]
     for name in names:
         if name == "cpu" or name == "sim" or name.startswith("sim:"):
             continue
         if name.startswith("cuda"):
-            index = int(name.split(":")[1]) if ":" in name else 0
-            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-                raise ValueError(f"device {name} is not available here (CUDA devices: {torch.cuda.device_count()})")
+            index = name.split(":")[1] if ":" in name else "0"
+            if not index.isdigit() or int(index) >= count:
+                raise invalid_setting("devices", spec, f"device {name} is not available here", allowed)
             continue
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, sim or cuda:N")
+        raise invalid_setting("devices", spec, f"unknown device {name!r}", allowed)
     if not names:
-        raise ValueError("no devices given")
+        raise invalid_setting("devices", spec, "no devices given", allowed)
     return names
 
 
@@ -61,6 +63,13 @@ def build_service(
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
     guard_broker_consumer()
+    # Settings are checked before anything loads: a wrong value stops the node (only a cache that is away
+    # is retried in the background, below).
+    from cache import CacheSettings
+
+    if cache is None and open_cache and worker.cache_enabled:
+        checked_settings(CacheSettings)
+    checked_settings(ResilienceSettings)
     names = parse_devices(worker.devices)
     n_cpu = sum(1 for n in names if n == "cpu")
     if n_cpu:  # several CPU "devices" in one process share the cores instead of oversubscribing them
@@ -77,6 +86,8 @@ def build_service(
             )
         else:
             components = load_components(worker.model, name)
+        if not devices:  # the family is known: check the settings that depend on it before loading more
+            worker.check_for(components)
         log.info(
             "loaded %s on %s in %.1fs (version %s)",
             components.name,
@@ -187,7 +198,7 @@ def _text_memo(worker: WorkerSettings):
         return None
     from workers.text_memo import TextEmbeddingMemo
 
-    return TextEmbeddingMemo(max_entries=worker.text_memo_entries)
+    return TextEmbeddingMemo(max_entries=worker.text_memo_entries, max_bytes=worker.text_memo_bytes)
 
 
 def _open_cache(redis_client, components, key_prefix: str, text_memo=None):

@@ -122,6 +122,7 @@ class AdmittedJob:
     near: Any = None  # the approximate hit the lookup found (cache.ApproxHit)
     runner: Any = None
     device: str = ""  # the device that ran it; "" when it never needed one
+    loop: DenoiseLoop | None = None  # that device's loop (its VAE decodes the image)
     load_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
@@ -292,7 +293,7 @@ class GenerationService:
             raise SizeOverLimit("; ".join(p["field"] + ": " + p["problem"] for p in problems), problems)
         return request, width, height
 
-    # --- one job: admission → lookup → device → store -----------------------------------------
+    # --- one job: admit → lookup → device → decode → store -------------------------------------
     def run(self, payload: Any, job: JobContext) -> GenerationResult:
         """Serve one job. Only the device stage holds a device: admission, lookups, the artifact write
         and the write-back run on the caller's thread, so a cache miss costs the device nothing."""
@@ -303,6 +304,7 @@ class GenerationService:
         self.lookup(admitted)
         if admitted.uri is None:
             out, image = self.on_device(admitted)
+            image = self.decode(admitted, out, image)
             self.store(admitted, out, image)
         self._pad_for_isolation(admitted)
         result = self._result(admitted)
@@ -409,11 +411,11 @@ class GenerationService:
             report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
 
     def on_device(self, a: AdmittedJob):
-        """The device stage: the job's trajectory (its conditioning computed here, off the device) goes to
-        the node engine, which steps it in batches with the other active jobs, while this thread finishes
-        the lookup (``lookup_near``); a hit is swapped in by the engine before the earliest step a stored
-        state can resume at, so the image never depends on which finished first. Decode follows, on the
-        device where decoding is device work, here otherwise."""
+        """The device stage: the job's start (its conditioning computed here, off the device) goes to the
+        node engine, whose device thread that takes it binds it to its device and steps it in batches with
+        the other active jobs, while this thread finishes the lookup (``lookup_near``); a hit is bound and
+        swapped in by the engine before the earliest step a stored state can resume at, so the image never
+        depends on which finished first. Returns (LoopOutput, the image where the device decoded it)."""
         loop, request, job = self.pool.devices[0].loop, a.request, a.job
         # The conditioning is the one device-free tensor computed here; the device thread that takes the
         # request moves it onto its device and binds the rest. Adapters with text-encoder weights apply them
@@ -477,12 +479,18 @@ class GenerationService:
         self._report_near(a, entry)
         a.runner = entry.runner  # made by the device thread (a hit's own, where one was swapped in)
         a.device = entry.device.name
+        a.loop = entry.device.loop
         a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
+        return out, image
+
+    def decode(self, a: AdmittedJob, out, image):
+        """The image: decoded by the device thread where decoding is device work (CUDA: ``image`` is given),
+        here otherwise, on this thread with the VAE of the device that ran the job (off the device)."""
         if image is None:
             t = time.perf_counter()
-            image = entry.device.loop.decode(out.latents)
+            image = a.loop.decode(out.latents)
             a.decode_s = time.perf_counter() - t
-        return out, image
+        return image
 
     def _report_near(self, a: AdmittedJob, entry: EngineRequest) -> None:
         ahit, report = a.near, a.report

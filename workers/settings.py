@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from scheduler.errors import InvalidWorkerSetting
 
 
 class WorkerSettings(BaseSettings):
@@ -17,7 +19,8 @@ class WorkerSettings(BaseSettings):
         True, description="Use the latent cache (exact and approximate); off = plain generation only."
     )
     feature_profile: str = Field(
-        "off", description="Default feature cache when a request names none: off | recommended | deepcache | block."
+        "off",
+        description="Default feature cache when a request names none: off, or one the family runs (checked at start).",
     )
     lora_cache_mb: float = Field(
         512.0,
@@ -33,6 +36,11 @@ class WorkerSettings(BaseSettings):
         "grouped = one call per adapter set, the sets taking turns.",
     )
     text_memo_entries: int = Field(1024, ge=0, description="Bound of the text-encoder memo (0 disables it).")
+    text_memo_bytes: int = Field(
+        256 * 2**20,
+        ge=1,
+        description="Bound of the text-encoder memo in bytes of its tensors (on the device; a Flux T5 state is ~4 MB).",
+    )
     writeback_queue: int = Field(
         64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
     )
@@ -68,3 +76,64 @@ class WorkerSettings(BaseSettings):
     metrics_addr: str = Field(
         "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 to let another host scrape)."
     )
+
+    def env_name(self, field: str) -> str:
+        return f"{self.model_config['env_prefix']}{field.upper()}"
+
+    def check_for(self, components) -> None:
+        """Every setting that depends on the served model, checked against its family at start (before the
+        other devices load): a wrong value raises InvalidWorkerSetting naming the allowed values."""
+        from workers.feature_cache import methods_for
+
+        family = components.family
+        problems = []
+        allowed = ["off", *methods_for(components)]
+        if self.feature_profile not in allowed:
+            problems.append(
+                {
+                    "setting": self.env_name("feature_profile"),
+                    "value": self.feature_profile,
+                    "allowed": allowed,
+                    "problem": f"{self.feature_profile!r} does not run on {components.name} ({family.name})",
+                }
+            )
+        if problems:
+            raise InvalidWorkerSetting(_message(problems), problems)
+
+
+def _message(problems: list[dict]) -> str:
+    return "; ".join(
+        f"{p['setting']}={p['value']!r}: {p['problem']}; allowed: {', '.join(map(str, p['allowed']))}"
+        if p.get("allowed")
+        else f"{p['setting']}={p['value']!r}: {p['problem']}"
+        for p in problems
+    )
+
+
+def checked_settings(cls, **overrides):
+    """A settings class (``WorkerSettings``, ``CacheSettings``, ...) from the environment and ``overrides``; a
+    value out of its bounds raises InvalidWorkerSetting naming the variable and pydantic's reason (which lists
+    the allowed values of a choice), not a traceback."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        from workers.settings_doc import env_names
+
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            info = cls.model_fields.get(field)
+            names = env_names(cls, field, info) if info is not None else [field or cls.__name__]
+            problems.append({"setting": " / ".join(names), "value": error.get("input"), "problem": error["msg"]})
+        raise InvalidWorkerSetting(_message(problems), problems) from None
+
+
+def load_worker_settings(**overrides) -> WorkerSettings:
+    return checked_settings(WorkerSettings, **overrides)
+
+
+def invalid_setting(field: str, value, problem: str, allowed: list | None = None) -> InvalidWorkerSetting:
+    """One setting's typed error (e.g. ``REPRISE_DEVICES`` naming a device this machine lacks)."""
+    detail = {"setting": f"{WorkerSettings.model_config['env_prefix']}{field.upper()}", "value": value}
+    detail.update(problem=problem, **({"allowed": allowed} if allowed else {}))
+    return InvalidWorkerSetting(_message([detail]), [detail])
