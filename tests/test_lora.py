@@ -86,7 +86,7 @@ def test_adapters_on_a_device_both_formats_mixed_calls_and_families(folder, mode
     (plain,) = _noise(loop, [()])
     (with_a,) = _noise(loop, [(a,)])
     (with_b,) = _noise(loop, [(b,)])
-    assert (with_a - plain).abs().max() > 0.05 and (with_b - with_a).abs().max() > 0.05  # adapters change it
+    assert (with_a - plain).abs().max() > 0.01 and (with_b - with_a).abs().max() > 0.01  # adapters change it
     if model != "tiny-flux":  # the same weights as kohya/A1111 publish them load to the same adapter
         kohya = _lora("k", write_adapter(model, folder / f"{model}-k.safetensors", seed=1, fmt="kohya"))
         (with_k,) = _noise(loop, [(kohya,)])
@@ -97,7 +97,7 @@ def test_adapters_on_a_device_both_formats_mixed_calls_and_families(folder, mode
     for got, alone in zip(mixed, [with_a, plain, with_b]):
         assert torch.allclose(got, alone, atol=1e-4)
     (both,) = _noise(loop, [(a, b)])  # one request with two adapters: its own set
-    assert (both - with_a).abs().max() > 0.01
+    assert (both - with_a).abs().max() > 0.005
     (again,) = _noise(loop, [()])
     assert torch.equal(again, plain)  # LoRA off for a plain request: the base model, never reloaded
 
