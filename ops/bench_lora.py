@@ -12,6 +12,7 @@ resolved by an in-memory registry (the same ``resolve`` as the Redis one, so no 
 
     reprise bench lora --devices sim --json out.json
     reprise bench lora --devices cpu --model tiny --steps 6 --json out.json
+    reprise bench lora --devices cpu --model sd15-small --size 128 --steps 6 --adapters 0,4,16 --json out.json
 
 On `sim` a call costs what its batch costs (the cost model) and adapters cost nothing: the figure shows what
 batching across adapters keeps. On the CPU the adapters' own work is real (a mixed call runs each adapter's
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="mixed,grouped")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring window per point")
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "cache": {"exact": False, "approximate": False, "write": False},
     }
+    if args.size:
+        request["width"] = request["height"] = args.size
     report: dict = {"devices": args.devices, "max_batch": args.max_batch, "steps": args.steps, "points": []}
     for k in counts:
         for mode in args.modes.split(","):
