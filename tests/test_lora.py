@@ -169,6 +169,65 @@ def test_registry_versions_formats_errors_and_invalidation(redis_client, folder)
     assert registry.remove("tiny", "oil").name == "oil" and registry.get("tiny", "oil") is None
 
 
+# --- through the node engine, in this process --------------------------------------------------------------
+
+
+class _Registry:
+    """The registry's ``resolve`` over files written here (no Redis needed for the engine's own test)."""
+
+    def __init__(self, files: dict[str, Path]):
+        from ops.bench_lora import MemoryAdapters
+
+        self.inner = MemoryAdapters("tiny", files)
+
+    def resolve(self, model, loras):
+        return self.inner.resolve(model, loras)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("mode", ["mixed", "grouped"])
+def test_engine_serves_adapter_sets_together_as_alone(folder, mode, devices):
+    """None, one adapter, another at another scale and two together, eight requests at once on one device
+    and on two: each image within 1 level of the same request alone; mixed mode shares calls across
+    adapters, grouped mode never does."""
+    from workers.artifacts import ArtifactStore
+    from workers.lora import device_adapters
+    from workers.service import Device, DevicePool, GenerationService, JobContext
+
+    files = {
+        "ink": write_adapter("tiny", folder / "eng-ink", seed=31) / DIFFUSERS_FILE,
+        "oil": write_adapter("tiny", folder / "eng-oil.safetensors", seed=32, fmt="kohya"),
+    }
+    pool = []
+    for i in range(devices):
+        c = load_components("tiny")
+        c.adapters = device_adapters(c, 1 << 30)
+        pool.append(Device(f"cpu{i}", DenoiseLoop(c)))
+    store = ArtifactStore(str(folder / f"eng-{mode}-{devices}"))
+    service = GenerationService("tiny", DevicePool(pool), store, adapter_registry=_Registry(files), lora_batching=mode)
+    off = {"exact": False, "approximate": False, "write": False}
+    base = dict(prompt="a garden", seed=7, steps=6, cache=off)
+    requests = [
+        base,
+        {**base, "loras": [{"name": "ink"}]},
+        {**base, "loras": [{"name": "oil", "scale": 0.8}]},
+        {**base, "loras": [{"name": "ink"}, {"name": "oil"}]},
+    ]
+    try:
+        alone = [
+            service.run({**r, "deterministic": True}, JobContext(job_id=f"alone{i}")) for i, r in enumerate(requests)
+        ]
+        with ThreadPoolExecutor(8) as threads:
+            together = list(threads.map(lambda i: service.run(requests[i % 4], JobContext(job_id=f"t{i}")), range(8)))
+        for i, result in enumerate(together):
+            assert np.abs(_pixels(result) - _pixels(alone[i % 4])).max() <= 1, i
+        assert np.abs(_pixels(alone[1]) - _pixels(alone[0])).max() > 10  # the adapters do change the picture
+        mixed_calls = sum(d.loop.c.adapters.mixed_calls for d in pool)
+        assert (mixed_calls > 0) if mode == "mixed" else (mixed_calls == 0)
+    finally:
+        service.close()
+
+
 # --- through real worker processes ---------------------------------------------------------------------------
 
 STEPS = 6
