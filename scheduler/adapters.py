@@ -62,8 +62,11 @@ def read_source(source: str) -> tuple[bytes, str]:
         return path.read_bytes(), str(path.resolve())
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise AdapterSourceError(f"{source}: no such file or folder, and not a hub id (owner/name)")
-    offline = (os.environ.get("HF_HUB_OFFLINE") or "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline:
+    from huggingface_hub import constants
+
+    # read as huggingface_hub reads it (workers.models.hub_offline does the same on the worker side)
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if value.upper() in constants.ENV_VARS_TRUE_VALUES:
         raise AdapterSourceError(
             f"{source} looks like a hub id, but HF_HUB_OFFLINE is set: download it elsewhere and add the file"
         )
