@@ -279,6 +279,11 @@ def test_adapters_through_workers_one_and_two_devices(lora_cluster, folder, mode
     assert sorted(x["name"] for x in models[model]["loras"]) == ["ink", "oil"]
     with pytest.raises(UnknownAdapter):  # refused before queueing
         submit(prompt="a cat", model=model, loras=[{"name": "nope"}])
+    with pytest.raises(UnknownAdapter):  # and by the worker, for a producer that did not check
+        submit(prompt="a cat", model=model, loras=[{"name": "nope"}], check_model=False).wait(60)
+    _cli(lora_cluster, "lora", "add", "elsewhere", str(ink), "--model", "some-other-model")
+    with pytest.raises(AdapterModelMismatch):
+        submit(prompt="a cat", model=model, loras=[{"name": "elsewhere"}], check_model=False).wait(60)
 
     base = dict(prompt="a blue house by a lake", seed=7, steps=STEPS, model=model)
     ink_req = {**base, "loras": [{"name": "ink", "scale": 0.9}]}
