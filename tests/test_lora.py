@@ -172,24 +172,13 @@ def test_registry_versions_formats_errors_and_invalidation(redis_client, folder)
 # --- through the node engine, in this process --------------------------------------------------------------
 
 
-class _Registry:
-    """The registry's ``resolve`` over files written here (no Redis needed for the engine's own test)."""
-
-    def __init__(self, files: dict[str, Path]):
-        from ops.bench_lora import MemoryAdapters
-
-        self.inner = MemoryAdapters("tiny", files)
-
-    def resolve(self, model, loras):
-        return self.inner.resolve(model, loras)
-
-
 @pytest.mark.parametrize("devices", [1, 2])
 @pytest.mark.parametrize("mode", ["mixed", "grouped"])
 def test_engine_serves_adapter_sets_together_as_alone(folder, mode, devices):
     """None, one adapter, another at another scale and two together, eight requests at once on one device
     and on two: each image within 1 level of the same request alone; mixed mode shares calls across
     adapters, grouped mode never does."""
+    from ops.bench_lora import MemoryAdapters
     from workers.artifacts import ArtifactStore
     from workers.lora import device_adapters
     from workers.service import Device, DevicePool, GenerationService, JobContext
@@ -204,7 +193,9 @@ def test_engine_serves_adapter_sets_together_as_alone(folder, mode, devices):
         c.adapters = device_adapters(c, 1 << 30)
         pool.append(Device(f"cpu{i}", DenoiseLoop(c)))
     store = ArtifactStore(str(folder / f"eng-{mode}-{devices}"))
-    service = GenerationService("tiny", DevicePool(pool), store, adapter_registry=_Registry(files), lora_batching=mode)
+    service = GenerationService(
+        "tiny", DevicePool(pool), store, adapter_registry=MemoryAdapters("tiny", files), lora_batching=mode
+    )
     off = {"exact": False, "approximate": False, "write": False}
     base = dict(prompt="a garden", seed=7, steps=6, cache=off)
     requests = [

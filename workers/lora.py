@@ -35,6 +35,9 @@ from functools import partial
 
 import torch
 
+# raw key prefixes of a file's text-encoder weights (diffusers' and kohya's), as the registry reads them
+from scheduler.adapters import TEXT_ENCODER_PREFIXES as RAW_TEXT_PREFIXES
+
 log = logging.getLogger("reprise.lora")
 # Loading an adapter beside others makes PEFT list the others' keys as "missing" from the new file: noise.
 logging.getLogger("peft").setLevel(logging.ERROR)
@@ -49,7 +52,6 @@ warnings.filterwarnings("ignore", message="Adapter .* was active which is now de
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 TEXT_ENCODERS = (("text_encoder", "text_encoder."), ("text_encoder_2", "text_encoder_2."))
-RAW_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te")  # diffusers' and kohya's raw key prefixes
 
 
 @dataclass(frozen=True)
