@@ -36,6 +36,8 @@ class CacheKey:
     scheduler: str
     tenant: str = ""
     feature: str = "off"
+    # LoRA adapters: "name@version*scale" of each, in name order, comma-separated; "" for none
+    adapters: str = ""
 
     def content_key(self) -> str:
         """sha256 over what fixes the image (tenant excluded): the `exact_key` payload field."""
@@ -52,6 +54,7 @@ class CacheKey:
             "height": int(self.height),
             "scheduler": self.scheduler,
             "feature": self.feature,
+            "adapters": self.adapters,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -65,6 +68,11 @@ class CacheKey:
         """
         scope = self.tenant if isolate_by_tenant else ""
         return str(uuid.uuid5(REPRISE_NAMESPACE, f"{self.content_key()}/{scope}"))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters' names (an invalidation deletes a replaced adapter's entries by name)."""
+        return [part.split("@", 1)[0] for part in self.adapters.split(",") if part]
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -324,6 +324,7 @@ class LatentCache:
             # A plain request never resumes from a state a (lossy) feature cache made; a feature-cached request
             # may resume from its own kind's states and from plain ones (exact up to K, then its own cache).
             Cond("feature", key.feature if key.feature == "off" else [key.feature, "off"]),
+            Cond("adapters", key.adapters),  # nor from one made with other LoRA adapters (or none)
             Cond("steps", int(key.steps)),
             Cond("guidance", gte=float(key.guidance), lte=float(key.guidance)),
             Cond("width", int(key.width)),
@@ -512,6 +513,8 @@ class LatentCache:
             "generation": int(key.generation),
             "scheduler": key.scheduler,
             "feature": key.feature,
+            "adapters": key.adapters,
+            "lora_names": key.adapter_names,
             "steps": int(key.steps),
             "guidance": float(key.guidance),
             "width": int(key.width),
@@ -643,6 +646,7 @@ class LatentCache:
         tenant: str | None = None,
         prompt_prefix: str | None = None,
         created_before: float | None = None,
+        lora: str | None = None,
     ) -> int:
         """Delete every entry matching all given criteria; returns how many went."""
         must: list[Cond] = []
@@ -651,6 +655,7 @@ class LatentCache:
             ("model_version", model_version),
             ("generation", generation),
             ("tenant", tenant),
+            ("lora_names", lora),  # entries made with this adapter (any of their adapters)
         ):
             if value is not None:
                 must.append(Cond(name, value))

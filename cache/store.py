@@ -50,6 +50,8 @@ INDEXED_FIELDS: dict[str, str] = {
     "exact_key": "keyword",
     "created_at": "float",
     "n_states": "integer",
+    "adapters": "keyword",
+    "lora_names": "keyword",
 }
 
 

@@ -58,8 +58,9 @@ def build_service(devices: str, model: str, max_batch: int, sim_devices: int):
     return GenerationService(components.name, pool, store, max_batch=max_batch), components
 
 
-def closed_loop(service, request: dict, clients: int, seconds: float) -> dict:
-    """Clients submit and wait until ``seconds`` have passed; stats over [first completion, end]."""
+def closed_loop(service, request: dict, clients: int, seconds: float, vary=None) -> dict:
+    """Clients submit and wait until ``seconds`` have passed; stats over [first completion, end].
+    ``vary(n)``: fields that request number ``n`` adds (e.g. its adapters)."""
     from workers.service import JobContext
 
     stop = threading.Event()
@@ -73,7 +74,8 @@ def closed_loop(service, request: dict, clients: int, seconds: float) -> dict:
             with lock:
                 n = next(counter)
             try:
-                service.run({**request, "prompt": f"{request['prompt']} #{n}", "seed": n}, JobContext(job_id=f"b{n}"))
+                own = {**request, "prompt": f"{request['prompt']} #{n}", "seed": n, **(vary(n) if vary else {})}
+                service.run(own, JobContext(job_id=f"b{n}"))
             except Exception as exc:  # counted, never hidden
                 errors.append(f"{type(exc).__name__}: {exc}")
             first_done.set()

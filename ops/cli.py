@@ -22,6 +22,7 @@ BENCHES = {
     "cache": "ops.bench_cache",
     "scale": "ops.bench_scale",
     "batching": "ops.bench_batching",
+    "lora": "ops.bench_lora",
 }
 
 

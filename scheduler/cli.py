@@ -14,7 +14,7 @@ import os
 import secrets
 import sys
 
-from scheduler.errors import RepriseError, error_payload
+from scheduler.errors import InvalidRequest, RepriseError, UnknownAdapter, error_payload
 
 
 def _cmd_schema(args) -> int:
@@ -108,6 +108,7 @@ def _cmd_flower(args) -> int:
 
 
 def _cmd_models(args) -> int:
+    from scheduler.adapters import AdapterRegistry
     from scheduler.redis_conn import redis_client
     from scheduler.registry import ModelRegistry
     from scheduler.settings import get_settings
@@ -116,8 +117,10 @@ def _cmd_models(args) -> int:
     reg = ModelRegistry(redis_client(s.redis_url), s.queue_prefix)
     served = reg.all_served()
     gens = reg.generations()
+    adapters = AdapterRegistry(reg.r, s.queue_prefix)
     for name, info in served.items():
         info["generation"] = gens.get(name, 0)
+        info["loras"] = [_adapter_row(a) for a in adapters.list(name)]
         # per node: the skip table it serves with, and whether it was calibrated for this model version
         info["nodes"] = {
             node: {k: v for k, v in entry.items() if k == "model_version" or k.startswith("skip_table")}
@@ -125,6 +128,51 @@ def _cmd_models(args) -> int:
             if entry.get("model") == name
         }
     print(json.dumps(served, indent=2))
+    return 0
+
+
+def _adapter_row(adapter) -> dict:
+    return {
+        k: adapter.as_dict()[k] for k in ("name", "model", "version", "bytes", "format", "text_encoder", "denoiser")
+    }
+
+
+def _cmd_lora(args) -> int:
+    """`reprise lora add | list | remove`: the adapter registry (scheduler/adapters.py)."""
+    from scheduler.adapters import AdapterRegistry
+    from scheduler.cache_admin import CacheAdmin
+    from scheduler.redis_conn import redis_client
+    from scheduler.settings import get_settings
+
+    s = get_settings()
+    client = redis_client(s.redis_url)
+    registry = AdapterRegistry(client, s.queue_prefix, s.artifact_url)
+    if args.op == "list":
+        rows = [_adapter_row(a) for a in registry.list(args.model)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            te = " +text encoder" if row["text_encoder"] else ""
+            print(f"{row['model']:<16} {row['name']:<24} {row['version']}  {row['bytes']:>10} B  {row['format']}{te}")
+        return 0
+    if not args.name or not args.model:
+        raise InvalidRequest(f"reprise lora {args.op} needs NAME and --model", [])
+    if args.op == "add":
+        if not args.source:
+            raise InvalidRequest("reprise lora add needs NAME SOURCE --model MODEL", [])
+        adapter, old = registry.add(args.name, args.source, args.model)
+        out = {"added": _adapter_row(adapter), "replaced": old.version if old else None}
+    else:
+        old = registry.remove(args.model, args.name)
+        if old is None:
+            raise UnknownAdapter(f"no adapter {args.name!r} is registered for {args.model}", [])
+        adapter, out = None, {"removed": _adapter_row(old)}
+    if old is not None and (adapter is None or adapter.version != old.version):
+        # the old version's cache entries go from every node (their keys already differ from the new version's)
+        out["invalidation"] = CacheAdmin(redis_client=client, prefix=s.queue_prefix).add_rule(
+            model=args.model, lora=args.name
+        )
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -183,6 +231,15 @@ def add_commands(sub) -> None:
     from scheduler.api import cli as api_cli
 
     api_cli.add_commands(sub)
+
+    s = sub.add_parser("lora", help="LoRA adapters: add NAME SOURCE --model MODEL | list | remove NAME --model MODEL")
+    s.add_argument("op", choices=["add", "list", "remove"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("source", nargs="?", help="a diffusers LoRA folder or file, a kohya/A1111 .safetensors, or a hub id")
+    s.add_argument("--model", help="the base model the adapter was made for")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_lora)
+
     passthrough(sub, "cache", "scheduler.cache_cli", "cache operations: invalidate | purge | evict | stats")
     passthrough(sub, "coordinator", "scheduler.coordinator", "run the coordinator (or: coordinator status)")
 

@@ -19,6 +19,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from scheduler import errors  # noqa: F401  (imported so Celery can rebuild our typed errors)
+from scheduler.adapters import AdapterRegistry
 from scheduler.app import GENERATE_TASK, cancel_key, get_app
 from scheduler.errors import (
     InvalidRequest,
@@ -175,6 +176,8 @@ def submit(
     client = redis_client(app.conf.broker_url)
     if check_model:
         check_served(req, ModelRegistry(client, settings.queue_prefix))
+        if req.loras:  # an unknown adapter, or one made for another model, never reaches a queue
+            AdapterRegistry(client, settings.queue_prefix).resolve(req.model, req.loras)
     ar = app.send_task(
         GENERATE_TASK,
         kwargs=req.model_dump(mode="json", exclude_none=True),

@@ -36,6 +36,24 @@ class SizeOverLimit(InvalidRequest):
     code = "size_over_limit"
 
 
+class UnknownAdapter(InvalidRequest):
+    """A request names a LoRA adapter the registry does not hold (`reprise lora list`)."""
+
+    code = "unknown_adapter"
+
+
+class AdapterModelMismatch(InvalidRequest):
+    """A request names a LoRA adapter registered for another base model."""
+
+    code = "adapter_model_mismatch"
+
+
+class AdapterSourceError(RepriseError):
+    """`reprise lora add` could not read the adapter: no such file, not LoRA weights, or a hub id offline."""
+
+    code = "adapter_source"
+
+
 class UnsupportedModelFamily(RepriseError):
     """A model directory of a pipeline class Reprise does not serve; ``details`` names it and the supported ones.
     Raised when a worker loads the model, so the node refuses to start."""

@@ -87,6 +87,38 @@ class CacheOptions(BaseModel):
     feature: FeatureCacheOptions = Field(default_factory=FeatureCacheOptions)
 
 
+MAX_LORAS = 4
+MAX_LORA_SCALE = 2.0
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter applied to this request (registered with `reprise lora add`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=_NAME, description="Adapter name (see `reprise lora list`).")
+    scale: float = Field(
+        1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="How strongly the adapter applies (0 = not at all, 1 = as trained).",
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("scale must be finite")
+        return value
+
+
+def check_adapter_name(name: str) -> str:
+    """An adapter name as requests spell it (the registry refuses others)."""
+    if not re.match(_NAME, name):
+        raise InvalidRequest(f"bad adapter name {name!r}", [{"field": "name", "problem": f"must match {_NAME}"}])
+    return name
+
+
 class GenerationRequest(BaseModel):
     """One text-to-image job."""
 
@@ -121,6 +153,11 @@ class GenerationRequest(BaseModel):
         pattern=_NAME,
         description="Model name a worker serves (see `reprise models`); absent: the cluster's default model "
         "(REPRISE_DEFAULT_MODEL).",
+    )
+    loras: list[LoraRef] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters for this request (at most {MAX_LORAS}, each named once), registered for its model.",
     )
     priority: int = Field(5, ge=0, le=9, description="0 runs first, 9 last.")
     tenant: str = Field("public", pattern=_NAME, description="Who asked; cache entries are scoped to it.")
@@ -165,6 +202,9 @@ class GenerationRequest(BaseModel):
     def _sizes_together(self) -> "GenerationRequest":
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError("loras: each adapter may be named once")
         return self
 
 

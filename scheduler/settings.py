@@ -54,6 +54,11 @@ class ClusterSettings(BaseSettings):
         description="A job running past this is stopped by the loop at its next step (JobTimeout); 0 = no limit. "
         "A message's own soft_time_limit / time_limit (the smaller) overrides it.",
     )
+    artifact_url: str = Field(
+        "./var/artifacts",
+        description="Artifact store: a directory or any fsspec URL. Images go there, and the LoRA adapters "
+        "`reprise lora add` registers (loras/<model>/<version>.safetensors), so every node must read it.",
+    )
     result_expires_s: int = Field(86400, description="How long results stay in Redis.")
     default_model: str = Field(
         "tiny", description="Model that serves a request naming none: it is routed to <prefix>.<default_model>."

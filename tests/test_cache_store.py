@@ -211,6 +211,7 @@ def test_flux_and_sd3_sized_latent_round_trips(cache):
         dict(width=768),
         dict(scheduler="euler"),
         dict(model="sdxl"),
+        dict(adapters="ink@1a2b*1"),
     ],
 )
 def test_filters_keep_other_configurations_apart(cache, change):
@@ -245,6 +246,23 @@ def test_a_feature_cached_request_resumes_from_plain_states_but_never_from_anoth
         hit = cache.lookup_approx(deepcache, v)
         assert hit is not None and hit.source_prompt != "block"
     assert cache.lookup_approx(key("other", feature=block.feature), v) is not None
+
+
+def test_adapters_are_part_of_the_key_and_filter_and_a_rule_deletes_them_by_name(cache):
+    """A LoRA's image and states are found only by the same adapters at the same versions and scales; an
+    invalidation rule naming the adapter deletes its entries and no others."""
+    v = unit(4)
+    inked = key(adapters="ink@1a2b*1,oil@3c4d*0.5")
+    cache.write_back(inked, v, latent_states([5, 10, 15]), "file:///ink.png", shareable=True)
+    cache.write_back(key(), v, latent_states([5, 10, 15]), "file:///plain.png", shareable=True)
+    for other in ("", "ink@1a2b*1", "ink@9999*1,oil@3c4d*0.5", "ink@1a2b*0.8,oil@3c4d*0.5"):
+        assert cache.lookup_exact(key(adapters=other)) is None or other == ""
+        hit = cache.lookup_approx(key("other", adapters=other), v)
+        assert hit is None or (other == "" and hit.entry_id == key().exact_id())
+    assert cache.lookup_exact(inked).image_uri == "file:///ink.png"
+    assert cache.lookup_approx(key("other", adapters=inked.adapters), v).entry_id == inked.exact_id()
+    assert cache.delete_by_filter(lora="oil") == 1
+    assert cache.lookup_exact(inked) is None and cache.lookup_exact(key()).image_uri == "file:///plain.png"
 
 
 def test_tenant_isolation(cache):

@@ -55,6 +55,7 @@ class InvalidationFollower:
                     model=rule.get("model"),
                     tenant=rule.get("tenant"),
                     prompt_prefix=rule.get("prompt_prefix"),
+                    lora=rule.get("lora"),
                     # a rule covers what existed when it was made, never later entries
                     created_before=min(float(rule.get("created_before", rule["at"])), float(rule["at"])),
                 )

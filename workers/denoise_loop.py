@@ -144,7 +144,8 @@ class DenoiseLoop:
             cached = memo.get(self.c.fingerprint, text)
             if cached is not None:
                 return cached.to(self.c.device)
-        embeds, _ = self.c.family.encode(self.c, text)
+        with self.c.text_lock.shared():  # a request's LoRA may be applying its text-encoder weights
+            embeds, _ = self.c.family.encode(self.c, text)
         if memo is not None:
             memo.put(self.c.fingerprint, text, embeds)
         return embeds

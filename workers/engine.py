@@ -64,6 +64,7 @@ import torch
 from scheduler.errors import DenoiserFailed, DeviceFailed
 from workers.denoise_loop import LoopOutput, PlainUNet, StopRequested, Trajectory
 from workers.families import Conditioning
+from workers.lora import compatible
 
 log = logging.getLogger("reprise.engine")
 
@@ -96,6 +97,7 @@ class EngineRequest:
     resume: Any = None
     resumed: bool = False
     steps_discarded: int = 0  # steps run before a swap to a resumed trajectory
+    adapters: tuple = ()  # the request's LoRA adapters (workers.lora.ActiveLora), made active for its calls
 
     @property
     def held(self) -> bool:
@@ -348,9 +350,13 @@ class DeviceScheduler(threading.Thread):
         ready = [r for r in self.active if not r.held]
         if not ready:
             return []
-        turn = sorted(ready, key=lambda r: (r.last_stepped, r.priority))
-        key = turn[0].turn_key()
-        return [r for r in turn if r.turn_key() == key][: self.limit]
+        first = min(ready, key=lambda r: (r.last_stepped, r.priority))
+        key = first.turn_key()
+        group = [r for r in sorted(ready, key=lambda r: (r.last_stepped, r.priority)) if r.turn_key() == key]
+        if any(r.adapters for r in group):  # one scale per adapter in a call: the longest waiting keep theirs
+            kept = {id(group[i]) for i in compatible([r.adapters for r in group])}
+            group = [r for r in group if id(r) in kept]
+        return group[: self.limit]
 
     def _swap_in(self, request: EngineRequest) -> None:
         """A cache hit resolved while the request ran fresh: continue from the resumed trajectory."""
@@ -381,7 +387,28 @@ class DeviceScheduler(threading.Thread):
         self.active.remove(request)
 
     # --- one iteration -----------------------------------------------------------------------------
+    def _load_adapters(self, group: list[EngineRequest]) -> list[EngineRequest]:
+        """The requests of ``group`` whose adapters are loaded on this device now (a request whose adapter
+        cannot load fails alone); the adapters of every active request stay loaded meanwhile."""
+        adapters = self.device.loop.c.adapters
+        if adapters is None or not any(r.adapters for r in group):
+            return group
+        pinned = {a.key for r in self.active for a in r.adapters}
+        ready = []
+        for request in group:
+            try:
+                adapters.prepare(request.adapters, pinned)
+                ready.append(request)
+            except Exception as exc:
+                log.exception("adapters of %s cannot load on %s", request.job_id, self.device.name)
+                self._leave(request)
+                request.events.put(("error", exc))
+        return ready
+
     def _step(self, group: list[EngineRequest]) -> None:
+        group = self._load_adapters(group)
+        if not group:
+            return
         self.iteration += 1
         now = time.time()
         for request in group:
@@ -482,20 +509,26 @@ class DeviceScheduler(threading.Thread):
         c = self.device.loop.c
         inputs = [r.trajectory.model_input() for r in group]
         rows = [r.trajectory.rows for r in group]
-        if len(group) == 1:  # alone, exactly as DenoiseLoop.denoise runs it
-            request, (model_in, t) = group[0], inputs[0]
-            runner = request.runner or PlainUNet()
-            return [runner(c.unet, model_in, t, request.trajectory.i, request.trajectory.context)]
-        sample = torch.cat([x for x, _ in inputs])
-        timesteps = torch.cat([t.reshape(1).float().expand(n) for n, (_, t) in zip(rows, inputs)])
-        context = Conditioning.cat([r.trajectory.context for r in group])
-        if group[0].runner is not None:  # a feature cache that batches (same turn key)
-            runners = [r.runner for r in group]
-            steps = [r.trajectory.i for r in group]
-            noise = type(runners[0]).run_batch(runners, c.unet, sample, timesteps, context, rows, steps)
-        else:
-            noise = context.call(c.unet, sample, timesteps)
-        return list(noise.split(rows))
+        if c.adapters is not None:  # this call's adapters (none: LoRA off), by this device thread only
+            c.adapters.activate([r.adapters for r in group], rows)
+        try:
+            if len(group) == 1:  # alone, exactly as DenoiseLoop.denoise runs it
+                request, (model_in, t) = group[0], inputs[0]
+                runner = request.runner or PlainUNet()
+                return [runner(c.unet, model_in, t, request.trajectory.i, request.trajectory.context)]
+            sample = torch.cat([x for x, _ in inputs])
+            timesteps = torch.cat([t.reshape(1).float().expand(n) for n, (_, t) in zip(rows, inputs)])
+            context = Conditioning.cat([r.trajectory.context for r in group])
+            if group[0].runner is not None:  # a feature cache that batches (same turn key)
+                runners = [r.runner for r in group]
+                steps = [r.trajectory.i for r in group]
+                noise = type(runners[0]).run_batch(runners, c.unet, sample, timesteps, context, rows, steps)
+            else:
+                noise = context.call(c.unet, sample, timesteps)
+            return list(noise.split(rows))
+        finally:
+            if c.adapters is not None:
+                c.adapters.release()
 
     def _finish(self, request: EngineRequest) -> None:
         t = request.trajectory

@@ -27,6 +27,7 @@ import torch
 
 from scheduler.errors import UnsupportedModelFamily
 from workers.families import FAMILIES, SD15, Family, family_for_pipeline
+from workers.lora import SharedLock
 
 log = logging.getLogger("reprise.models")
 # .to(dtype) on a model built in-process prints a float32-modules notice on every load: not useful here.
@@ -72,6 +73,10 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_3: Any = None
     text_encoder_3: Any = None
+    # LoRA (workers/lora.py): the device's loaded adapters, and the lock every text-encoder use takes (shared;
+    # exclusive while a request's adapters are applied to the text encoders)
+    adapters: Any = None
+    text_lock: Any = field(default_factory=lambda: SharedLock())
 
     def __post_init__(self) -> None:
         spec, family = self.spec, self.family

@@ -16,12 +16,14 @@ import time
 
 import torch
 
+from scheduler.adapters import AdapterRegistry
 from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
 from workers.artifacts import ArtifactStore
 from workers.broker_guard import guard_broker_consumer, keep_broker_channels_closable, keep_running_jobs_on_reconnect
 from workers.denoise_loop import DenoiseLoop
 from workers.ledger_sweeper import LedgerSweeper
+from workers.lora import device_adapters
 from workers.model_loading import load_components
 from workers.node_cache import open_cache_or_defer, reopen_later, text_memo_for
 from workers.resilient_cache import ResilienceSettings
@@ -103,6 +105,7 @@ def build_service(
             time.perf_counter() - t,
             components.fingerprint,
         )
+        components.adapters = device_adapters(components, int(worker.lora_cache_mb * 2**20))
         devices.append(Device(name=name, loop=DenoiseLoop(components, text_memo=memo)))
     model_name = devices[0].loop.c.name
     registry = ModelRegistry(redis_client, cluster.queue_prefix) if redis_client is not None else None
@@ -117,7 +120,7 @@ def build_service(
     service = GenerationService(
         model_name,
         DevicePool(devices),
-        ArtifactStore(worker.artifact_url),
+        ArtifactStore(cluster.artifact_url),
         cache=cache,
         registry=registry,
         feature_defaults=defaults,
@@ -125,6 +128,10 @@ def build_service(
         max_batch=worker.max_batch,
         job_threads=1,  # the device threads keep every core; see GenerationService
         engine_options={"stall_s": worker.device_stall_s, "oom_recover_s": worker.oom_recover_s},
+        adapter_registry=AdapterRegistry(redis_client, cluster.queue_prefix, cluster.artifact_url)
+        if redis_client is not None
+        else None,
+        lora_batching=worker.lora_batching,
     )
     service.text_memo = memo
     if redis_client is not None:

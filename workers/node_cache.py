@@ -96,7 +96,8 @@ def clip_embedder(components, text_memo=None):
     @torch.no_grad()
     def embed(prompt: str):
         # No lock: inference only, and torch releases the GIL, so the lookups of several jobs run together.
-        conditioning, pooled = components.family.encode(components, prompt)
+        with components.text_lock.shared():  # never while a request's LoRA changes the text encoder
+            conditioning, pooled = components.family.encode(components, prompt)
         if text_memo is not None:
             text_memo.put(components.fingerprint, prompt, conditioning)
         return pooled[0].float().cpu().numpy()

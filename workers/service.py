@@ -15,7 +15,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from scheduler.errors import InvalidRequest, JobCancelled, JobTimeout, SizeOverLimit, UnknownModel
+from scheduler.errors import (
+    AdapterModelMismatch,
+    InvalidRequest,
+    JobCancelled,
+    JobTimeout,
+    SizeOverLimit,
+    UnknownAdapter,
+    UnknownModel,
+)
 from scheduler.registry import count_outcome
 from scheduler.schema import (
     CacheReport,
@@ -32,6 +40,7 @@ from workers.denoise_loop import DenoiseLoop, StopRequested
 from workers.engine import EngineRequest, NodeEngine
 from workers.families import Conditioning
 from workers.feature_cache import batches, feature_identity, make_unet_runner, methods_for, resolve_feature_options
+from workers.lora import ActiveLora, adapter_identity, batch_key
 from workers.model_loading import Components
 
 log = logging.getLogger("reprise.worker")
@@ -117,6 +126,7 @@ class AdmittedJob:
     load_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
+    adapters: tuple = ()  # the request's LoRA adapters as the registry held them at admission (workers.lora)
 
 
 @dataclass
@@ -181,6 +191,8 @@ class GenerationService:
         max_batch: int = 8,
         job_threads: int | None = None,
         engine_options: dict | None = None,  # NodeEngine's stall_s and oom_recover_s (WorkerSettings)
+        adapter_registry=None,  # scheduler.adapters.AdapterRegistry, or None: requests naming adapters are refused
+        lora_batching: str = "mixed",
     ):
         self.model_name = model_name
         self.pool = pool
@@ -192,6 +204,8 @@ class GenerationService:
         self.timer = StepTimer()
         self.max_batch = max_batch
         self.engine_options = engine_options or {}
+        self.adapter_registry = adapter_registry
+        self.lora_batching = lora_batching
         # Torch's intra-op threads: the device threads keep what the process has now; a job's own CPU work
         # (conditioning, embedding, decode on the CPU) uses ``job_threads`` where set. Where the device is
         # the CPU itself, jobs running at once with 2-thread kernels each oversubscribe the cores the device
@@ -319,7 +333,8 @@ class GenerationService:
             queue_wait=max(0.0, started - job.queued_at) if job.queued_at else 0.0,
             report=report,
         )
-        done = self._already_stored(request, seed, width, height, job)
+        a.adapters = self.resolve_adapters(request)
+        done = self._already_stored(request, seed, width, height, job, a.adapters)
         if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
             report.hit, report.steps_saved = "exact", request.steps
             report.note = "redelivered job: its image was already stored"
@@ -334,6 +349,27 @@ class GenerationService:
         )
         return a
 
+    def resolve_adapters(self, request: GenerationRequest) -> tuple:
+        """The request's adapters, resolved again here (the producer checked them before queueing, but an
+        adapter may have been removed or replaced since): typed errors for unknown or foreign ones."""
+        if not request.loras:
+            return ()
+        if self.adapter_registry is None:
+            raise UnknownAdapter(
+                f"this worker serves no LoRA adapters (no registry): {', '.join(x.name for x in request.loras)}",
+                [{"field": "loras", "problem": "no adapter registry on this worker"}],
+            )
+        resolved = self.adapter_registry.resolve(self.model_name, request.loras)
+        family = self.components.family
+        for i, (adapter, _) in enumerate(resolved):
+            if adapter.denoiser != family.denoiser:  # e.g. a Flux adapter registered for an SD 1.5 model
+                raise AdapterModelMismatch(
+                    f"adapter {adapter.name!r} targets a {adapter.denoiser}; {self.model_name} ({family.name}) "
+                    f"has a {family.denoiser}",
+                    [{"field": f"loras.{i}.name", "problem": f"made for a {adapter.denoiser}"}],
+                )
+        return tuple(ActiveLora(a.name, a.version, scale, a.uri, a.text_encoder) for a, scale in resolved)
+
     def lookup(self, a: AdmittedJob) -> None:
         """The exact lookup, before any device: a hit ends the job here. The rest of the lookup (prompt
         embedding, approximate lookup, state fetch) overlaps the job's first steps (``on_device``)."""
@@ -342,7 +378,7 @@ class GenerationService:
         request, report = a.request, a.report
         if self.before_lookup is not None:
             self.before_lookup()
-        a.key, report.generation = self._cache_key(request, a.seed, a.width, a.height)
+        a.key, report.generation = self._cache_key(request, a.seed, a.width, a.height, a.adapters)
         t = time.perf_counter()
         if request.cache.exact:
             hit = self.cache.lookup_exact(a.key, allow_shared=request.cache.use_shared)
@@ -405,16 +441,22 @@ class GenerationService:
         state can resume at, so the image never depends on which finished first. Returns (LoopOutput, the
         image where the device decoded it)."""
         loop, request, job = self.pool.devices[0].loop, a.request, a.job
-        # The conditioning is the one device-free tensor computed here (text encoders are never patched);
-        # the device thread that takes the request moves it onto its device and binds the rest.
-        context = loop.conditioning(
-            request.prompt,
-            request.negative_prompt,
-            request.guidance_scale,
-            request.cache.feature.text_memo,
-            a.width,
-            a.height,
-        )
+        # The conditioning is the one device-free tensor computed here; the device thread that takes the
+        # request moves it onto its device and binds the rest. Adapters with text-encoder weights apply them
+        # for this encode only, alone on the text encoders (workers/lora.py), and bypass the text memo.
+        text_adapters = any(x.text_encoder for x in a.adapters)
+
+        def conditioning():
+            return loop.conditioning(
+                request.prompt,
+                request.negative_prompt,
+                request.guidance_scale,
+                request.cache.feature.text_memo and not text_adapters,
+                a.width,
+                a.height,
+            )
+
+        context = loop.c.adapters.encode(a.adapters, conditioning) if text_adapters else conditioning()
         start = DeviceStart(
             request,
             a.seed,
@@ -432,8 +474,11 @@ class GenerationService:
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
             start,
-            group=("solo", job.job_id) if alone else ("shared", a.width, a.height, start.method),
+            group=("solo", job.job_id)
+            if alone
+            else ("shared", a.width, a.height, start.method, *batch_key(a.adapters, self.lora_batching)),
             job_id=job.job_id,
+            adapters=a.adapters,
             priority=request.priority,
             deadline=job.deadline,
             decode_on_device=loop.c.device.type == "cuda",
@@ -504,6 +549,7 @@ class GenerationService:
             "request": request.model_dump(mode="json"),
             "seed": a.seed,
             "model_version": self.components.fingerprint,
+            "adapters": adapter_identity(a.adapters),
             "job_id": a.job.job_id,
         }
         a.uri = self.artifacts.write_png(image, request.tenant, a.job.job_id, metadata)
@@ -524,7 +570,7 @@ class GenerationService:
 
     # --- helpers ------------------------------------------------------------------------------
     def _already_stored(
-        self, request: GenerationRequest, seed: int, width: int, height: int, job: JobContext
+        self, request: GenerationRequest, seed: int, width: int, height: int, job: JobContext, adapters: tuple = ()
     ) -> str | None:
         """The URI of this job's own image if an earlier delivery of it already stored it (same request)."""
         meta = self.artifacts.read_metadata(request.tenant, job.job_id)
@@ -534,11 +580,12 @@ class GenerationService:
             and meta.get("seed") == seed
             and meta.get("model_version") == self.components.fingerprint
             and meta.get("request") == request.model_dump(mode="json")
+            and meta.get("adapters", "") == adapter_identity(adapters)  # an adapter replaced since: redo
         ):
             return self.artifacts.uri_for(request.tenant, job.job_id)
         return None
 
-    def _cache_key(self, request: GenerationRequest, seed: int, width: int, height: int):
+    def _cache_key(self, request: GenerationRequest, seed: int, width: int, height: int, adapters: tuple = ()):
         from cache import CacheKey
 
         generation = self.registry.generation(self.model_name) if self.registry is not None else 0
@@ -556,6 +603,7 @@ class GenerationService:
             scheduler=request.scheduler,
             tenant=request.tenant,
             feature=feature_identity(resolve_feature_options(request.cache.feature, self.feature_defaults)),
+            adapters=adapter_identity(adapters),
         )
         return key, generation
 

@@ -15,13 +15,25 @@ class WorkerSettings(BaseSettings):
     devices: str = Field(
         "auto", description="auto | cpu | sim | cuda:0,cuda:1 — one pipeline per device, all in one process."
     )
-    artifact_url: str = Field("./var/artifacts", description="Artifact store: a directory or any fsspec URL.")
     cache_enabled: bool = Field(
         True, description="Use the latent cache (exact and approximate); off = plain generation only."
     )
     feature_profile: str = Field(
         "off",
         description="Default feature cache when a request names none: off, or one the family runs (checked at start).",
+    )
+    lora_cache_mb: float = Field(
+        512.0,
+        gt=0,
+        description="LoRA adapters a device keeps loaded, in MB of weights; past it the least recently used goes "
+        "(an adapter in use on the device stays).",
+    )
+    lora_batching: str = Field(
+        "mixed",
+        pattern="^(mixed|grouped)$",
+        description="Requests with different LoRA adapters: mixed = one denoiser call, each sample with its own "
+        "adapter (PEFT's mixed-adapter batches; a request with several adapters still runs with its own set); "
+        "grouped = one call per adapter set, the sets taking turns.",
     )
     text_memo_entries: int = Field(1024, ge=0, description="Bound of the text-encoder memo (0 disables it).")
     text_memo_bytes: int = Field(

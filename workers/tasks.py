@@ -149,7 +149,14 @@ class NodeInfo(bootsteps.StartStopStep):
             "reprise": {
                 "model": _service.model_name,
                 "model_version": _service.components.fingerprint,
-                "devices": {d.name: {"jobs_done": d.jobs_done} for d in _service.pool.devices},
+                "devices": {
+                    d.name: {
+                        "jobs_done": d.jobs_done,
+                        # the device's LoRA cache: loaded adapters, bytes, loads, evictions, mixed calls
+                        "loras": d.loop.c.adapters.stats() if d.loop.c.adapters is not None else None,
+                    }
+                    for d in _service.pool.devices
+                },
                 "queue": getattr(_service, "queue", None),
                 "jobs": dict(_service.counters),
             }
