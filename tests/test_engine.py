@@ -140,7 +140,13 @@ def test_the_approximate_lookup_overlaps_the_first_steps_and_its_answer_alone_de
     up to the earliest resume step (K = 4 here) and holds it there until the lookup answers. A hit then
     swaps in the state resumed at K (the 4 steps run meanwhile are discarded and reported), a miss runs on:
     the same images as when the lookup answers before the first step."""
-    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
+    settings = CacheSettings(  # a time box longer than the slow lookup: this checks the overlap, not the box
+        backend="edge",
+        path=str(tmp_path / "q"),
+        state_fractions=[0.4],
+        skip_table=[(0.0, 0.4)],
+        lookup_timeout_ms=30_000,
+    )
     service, spy = _service(tiny, tmp_path, cache=LatentCache.open(settings))
     try:
         first = {"prompt": "a red fox in the snow", "seed": 3, "steps": STEPS, "guidance_scale": 4.0}

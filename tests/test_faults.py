@@ -66,6 +66,23 @@ def faulty(redis_server, tmp_path_factory):
     c.stop()
 
 
+def test_the_writeback_kill_point_fires_in_the_nodes_writer(faulty, tmp_path):
+    """`make faults`' writeback point: the node's writer (batched, workers/cache_path.py) dies right after
+    its insert; the job is answered once, by the node or (acknowledged late) by the next one."""
+    victim = _start_hooked_worker(
+        faulty, faulty.model_dir, REPRISE_FAULT_KILL_AT="writeback", REPRISE_CACHE_PATH=str(tmp_path / "q")
+    )
+    job = submit(prompt="a job whose write-back kills its node", model="fmodel", steps=6, seed=2)
+    deadline = time.monotonic() + 60
+    while victim.alive():
+        assert time.monotonic() < deadline, "the writeback hook did not kill the worker"
+        time.sleep(0.1)
+    assert victim.proc.returncode == -signal.SIGKILL
+    faulty.workers.remove(victim)
+    faulty.start_worker(faulty.model_dir, "cpu", REPRISE_CACHE_PATH=str(tmp_path / "q2"))
+    assert job.wait(90).steps == 6
+
+
 def test_sigkill_mid_artifact_write_redelivers_and_one_whole_image_remains(faulty):
     """The worker dies with half the PNG in its temporary file; the job comes back (visibility timeout) on
     a node that starts while the cache folder is locked by someone else: it serves uncached, then the cache

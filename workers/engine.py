@@ -94,6 +94,11 @@ class EngineRequest:
     # no further than ``hold_at``; ``resume`` is the start of a hit at K, bound and swapped in by the device.
     lookup_pending: bool = False
     hold_at: int | None = None
+    # The lookup's time box (REPRISE_CACHE_LOOKUP_TIMEOUT_MS): held longer than this, the request runs on
+    # fresh and a later answer is ignored, so a slow cache never holds a device slot.
+    hold_limit_s: float | None = None
+    held_since: float | None = None
+    lookup_expired: bool = False
     resume: Any = None
     resumed: bool = False
     steps_discarded: int = 0  # steps run before a swap to a resumed trajectory
@@ -347,6 +352,12 @@ class DeviceScheduler(threading.Thread):
         for request in list(self.active):
             if request.resume is not None:
                 self._swap_in(request)
+        now = time.monotonic()
+        for request in self.active:
+            if request.lookup_pending and request.hold_limit_s is not None and request.held:
+                request.held_since = request.held_since or now
+                if now - request.held_since > request.hold_limit_s:  # the lookup is late: run on fresh
+                    request.lookup_pending, request.lookup_expired = False, True
         ready = [r for r in self.active if not r.held]
         if not ready:
             return []
@@ -590,6 +601,8 @@ class NodeEngine:
     def resolve(self, request: EngineRequest, resume: Any = None) -> None:
         """The request's lookup is answered: ``resume`` = the start resumed at K for a hit, None for a miss.
         The device binds it and swaps it in before its next step of the request."""
+        if request.lookup_expired:  # answered after the hold's time box: the request ran on fresh meanwhile
+            return
         request.resume = resume
         request.lookup_pending = False
         self.kick.set()

@@ -430,7 +430,8 @@ class GenerationService:
                 report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
                 self.engine.resolve(entry, resume)
 
-        held = lambda: entry.trajectory is not None and entry.held  # noqa: E731
+        # past its useful step: held at it now, or held there beyond the time box and run on fresh
+        held = lambda: entry.lookup_expired or (entry.trajectory is not None and entry.held)  # noqa: E731
         self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, held, answered)
 
     def on_device(self, a: AdmittedJob):
@@ -486,6 +487,7 @@ class GenerationService:
             on_progress=job.on_progress,
             lookup_pending=near,
             hold_at=min(ks) if ks else None,
+            hold_limit_s=getattr(getattr(self.cache, "settings", None), "lookup_timeout_ms", 50.0) / 1000,
         )
         self.engine.submit(entry)
         if near:

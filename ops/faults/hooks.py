@@ -185,21 +185,21 @@ def install_hooks(worker: bool = True) -> None:
 
     from cache import latent_cache
 
-    write_back = latent_cache.LatentCache._write_back
+    write_back_many = latent_cache.LatentCache._write_back_many
 
-    def write_back_hooked(self, key, vector, states, image_uri, shareable):
+    def write_back_hooked(self, items):
+        """Every write-back (the node's writer stores them in batches): die right after the insert."""
         if kill_at == "writeback" and due("writeback"):
-            entry_id, prompt_vector, slot_rows, payload = self.build_entry(key, vector, states, image_uri, shareable)
-            self.store.insert(entry_id, prompt_vector, slot_rows, payload)
+            self.store.insert_many([self.build_entry(*item) for item in items])
             _die("writeback")
-        return write_back(self, key, vector, states, image_uri, shareable)
+        return write_back_many(self, items)
 
-    latent_cache.LatentCache._write_back = write_back_hooked
+    latent_cache.LatentCache._write_back_many = write_back_hooked
 
     delay_ms = float(env.get("REPRISE_FAULT_CACHE_DELAY_MS") or 0)
     delay_flag = env.get("REPRISE_FAULT_CACHE_DELAY_FILE")
     if delay_ms:
-        for name in ("_lookup_exact", "_lookup_approx"):
+        for name in ("_lookup_exact", "_lookup_approx", "lookup_approx_many"):
             original = getattr(latent_cache.LatentCache, name)
 
             def slow(self, *args, _original=original, **kwargs):
