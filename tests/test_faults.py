@@ -79,8 +79,12 @@ def test_the_writeback_kill_point_fires_in_the_nodes_writer(faulty, tmp_path):
         time.sleep(0.1)
     assert victim.proc.returncode == -signal.SIGKILL
     faulty.workers.remove(victim)
-    faulty.start_worker(faulty.model_dir, "cpu", REPRISE_CACHE_PATH=str(tmp_path / "q2"))
-    assert job.wait(90).steps == 6
+    rescuer = faulty.start_worker(faulty.model_dir, "cpu", REPRISE_CACHE_PATH=str(tmp_path / "q2"))
+    try:
+        assert job.wait(90).steps == 6
+    finally:  # the module's other tests expect the nodes they started, with their caches, and no other
+        rescuer.stop()
+        faulty.workers.remove(rescuer)
 
 
 def test_sigkill_mid_artifact_write_redelivers_and_one_whole_image_remains(faulty):
