@@ -242,7 +242,9 @@ class LatentCache:
         if embedder is None:
             if settings.embedder == "clip":
                 raise ValueError("embedder=clip needs the pipeline's text encoder: LatentCache.open(..., embedder=fn)")
-            embedder = PromptEmbedder(settings.memo_entries)
+            embedder = PromptEmbedder(
+                settings.memo_entries, child_threads=settings.embed_threads if settings.embed_process else None
+            )
         elif not hasattr(embedder, "embed"):
             embedder = CallableEmbedder(
                 embedder, version="clip", dim=settings.clip_dim, memo_entries=settings.memo_entries

@@ -92,6 +92,10 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Torch threads of a worker's cache threads (the batched prompt embedding, the write-back writer), so the embedder never takes the cores the devices compute on.",
     )
+    embed_process: bool = Field(
+        True,
+        description="Run the MiniLM prompt embedder in a child process of the worker (one per worker, on embed_threads torch threads), so that its many small torch calls never wait for, nor hold, the interpreter lock of the worker's device and job threads.",
+    )
     batch_max: int = Field(
         64,
         ge=1,

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ops.workload import Workload, WorkloadParams, read_prompts
+from workers.cache_path import COUNTERS
 
 CACHE_OFF = {"exact": False, "approximate": False, "write": False}
 
@@ -35,11 +36,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: float = 600) -> dict:
-    """Closed loop: ``concurrency`` clients each submit and wait, until the stream is done."""
+def replay_pass(requests: list[dict], concurrency: int, cache: dict | None, timeout: float = 600) -> dict:
+    """One closed-loop pass of the stream (``concurrency`` clients each submit and wait, until the stream is
+    done): each request's (latency, result) and stream index, the errors, the wall time."""
     from scheduler.client import submit
 
-    results, errors, lock = [], [], threading.Lock()
+    results, errors, lock, order = [], [], threading.Lock(), []
     queue = list(enumerate(requests))
 
     def client() -> None:
@@ -47,13 +49,14 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
             with lock:
                 if not queue:
                     return
-                _, req = queue.pop(0)
+                index, req = queue.pop(0)
             req = dict(req, cache=dict(cache)) if cache is not None else dict(req)
             t0 = time.perf_counter()
             try:
                 result = submit(req, check_model=False).wait(timeout)
                 with lock:
                     results.append((time.perf_counter() - t0, result))
+                    order.append(index)
             except Exception as exc:  # counted and reported, never hidden
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -64,7 +67,16 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - started
+    return {"results": results, "order": order, "errors": errors, "wall_s": time.perf_counter() - started}
+
+
+def summarise(passes: list[dict]) -> dict:
+    """The figures of one or more passes of the same stream taken together (throughput: all the requests
+    over all the passes' wall time)."""
+    results = [row for p in passes for row in p["results"]]
+    order = [(r, i) for r, p in enumerate(passes) for i in p["order"]]
+    errors = [e for p in passes for e in p["errors"]]
+    wall = sum(p["wall_s"] for p in passes)
     latencies = [lat for lat, _ in results]
     hits = [r.cache.hit for _, r in results]
     steps = [r.steps for _, r in results]
@@ -75,7 +87,23 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
     for _, r in results:
         if r.cache.hit == "approximate":
             by_k[str(r.cache.k)] = by_k.get(str(r.cache.k), 0) + 1
+    per_request = sorted(
+        (
+            {
+                "round": round_,
+                "i": i,  # its place in the stream: the first ``concurrency`` were submitted at once
+                "latency_s": round(lat, 4),
+                "hit": r.cache.hit,
+                "k": r.cache.k,
+                "lookup_ms": None if r.cache.lookup_ms is None else round(r.cache.lookup_ms, 1),
+                "steps_computed": r.cache.steps_computed + r.cache.steps_discarded,
+            }
+            for (round_, i), (lat, r) in zip(order, results)
+        ),
+        key=lambda row: (row["round"], row["i"]),
+    )
     return {
+        "per_request": per_request,
         "completed": n,
         "errors": errors,
         "wall_s": wall,
@@ -102,7 +130,7 @@ def replay(requests: list[dict], concurrency: int, cache: dict | None, timeout: 
     }
 
 
-NODE_COUNTERS = ("lookup_skipped", "lookup_batches", "writeback_written", "writeback_dropped", "writeback_failed")
+NODE_COUNTERS = COUNTERS
 
 
 def node_counters(app) -> dict[str, int]:
@@ -129,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="as many clients as the serving node batches at once (devices x REPRISE_MAX_BATCH, e.g. 32 for "
         "4 devices at batch 8): every device's batch full, where a saved step frees a slot for another request",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="replay the stream this many times each way (off/on, then on/off, ...; every caches-on pass cold); "
+        "the figures pool the rounds, and each round's on/off ratio is printed beside",
     )
     p.add_argument("--as-is", action="store_true", help="replay the file in order, no synthetic repeats")
     p.add_argument("--zipf", type=float, default=1.0)
@@ -192,14 +227,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.saturate:
             args.concurrency = devices * int(os.environ.get("REPRISE_MAX_BATCH", "8"))
         console.print(f"{args.concurrency} clients, {devices} devices")
-        console.print(f"pass 1/2: caches off, {len(stream)} requests ...")
-        off = replay(stream, args.concurrency, CACHE_OFF)
-        admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
-        console.print(f"pass 2/2: caches on (cold), {len(stream)} requests ...")
-        before = node_counters(admin.app)
-        on = replay(stream, args.concurrency, None)
-        after = node_counters(admin.app)
-        on["node_counters"] = {k: after[k] - before[k] for k in NODE_COUNTERS}
+        offs, ons, counted = [], [], dict.fromkeys(NODE_COUNTERS, 0)
+        for r in range(args.rounds):
+            # off then on, then on then off, ...: a drift of the machine over the run weighs on both alike
+            for kind in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                n_pass = 2 * r + (len(offs) + len(ons)) % 2 + 1
+                if kind == "off":
+                    console.print(f"pass {n_pass}/{2 * args.rounds}: caches off, {len(stream)} requests ...")
+                    offs.append(replay_pass(stream, args.concurrency, CACHE_OFF))
+                    continue
+                admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
+                console.print(f"pass {n_pass}/{2 * args.rounds}: caches on (cold), {len(stream)} requests ...")
+                before = node_counters(admin.app)
+                ons.append(replay_pass(stream, args.concurrency, None))
+                after = node_counters(admin.app)
+                counted = {k: counted[k] + after[k] - before[k] for k in NODE_COUNTERS}
+        round_ratios = [
+            (len(on["results"]) / on["wall_s"]) / (len(off["results"]) / off["wall_s"]) for off, on in zip(offs, ons)
+        ]
+        off, on = summarise(offs), summarise(ons)
+        on["node_counters"] = counted
     finally:
         if cluster is not None:
             cluster.__exit__(None, None, None)
@@ -212,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_off": off["throughput"],
         "throughput_on": on["throughput"],
         "throughput_ratio": on["throughput"] / off["throughput"] if off["throughput"] else None,
+        "rounds": args.rounds,
+        "round_ratios": round_ratios,  # each round's on/off
         "concurrency": args.concurrency,
         "devices": devices,
         # what one paid device-second yields: images ÷ (wall time × devices)
@@ -231,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "lookup_p99_ms": on["lookup_p99_ms"],
         "stages_p50_s": {"off": off["stages_p50_s"], "on": on["stages_p50_s"]},
         "errors": {"off": off["errors"], "on": on["errors"]},
+        "per_request": {"off": off["per_request"], "on": on["per_request"]},  # in stream order
         "skip_table": served.get("skip_table"),  # as the serving worker reported it
         "workload": workload.describe(),
     }
@@ -258,6 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
     c = on["node_counters"]
     table.add_row("lookup batches / skipped", "-", f"{c['lookup_batches']} / {c['lookup_skipped']}")
+    per = lambda name: "-" if not c["lookups"] else f"{c[name] / c['lookups']:.0f}"  # noqa: E731
+    table.add_row(
+        "lookup queue wait / embed / search (mean ms)",
+        "-",
+        f"{per('lookup_wait_ms')} / {per('lookup_embed_ms')} / {per('lookup_search_ms')}",
+    )
+    holds = c["lookup_holds"]
+    table.add_row(
+        "held for the lookup: requests / mean ms",
+        "-",
+        f"{holds} / {c['lookup_held_ms'] / holds:.0f}" if holds else "0 / -",
+    )
     table.add_row(
         "write-backs written / dropped / failed",
         "-",
@@ -270,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     table.add_row("errors", str(len(off["errors"])), str(len(on["errors"])))
     console.print(table)
-    console.print(f"throughput ratio (on/off): {fmt(report['throughput_ratio'])}x")
+    each = ", ".join(f"{x:.3f}" for x in round_ratios)
+    console.print(
+        f"throughput ratio (on/off): {fmt(report['throughput_ratio'])}x"
+        + (f" (rounds: {each})" if args.rounds > 1 else "")
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
         console.print(f"wrote {args.json_out}")

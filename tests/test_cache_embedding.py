@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +118,40 @@ def test_clip_embedder_is_passed_in_by_the_worker(tmp_path):
     with LatentCache.open(settings, embedder=lambda prompt: np.ones(8) * len(prompt)) as cache:
         assert cache.embed("abc").shape == (8,) and cache.embedder.version == "clip"
         assert cache._table == settings.table()  # NIRVANA's CLIP thresholds
+
+
+def test_the_child_process_embedder_gives_the_same_vectors_and_outlives_a_killed_child(minilm):
+    """REPRISE_CACHE_EMBED_PROCESS (the default): MiniLM runs in a child process of its own, off the worker's
+    interpreter lock. Its vectors are the in-process ones; a child that dies fails the call in flight with a
+    typed error, and the next call starts a new child."""
+    from cache.embedding import ChildEncoder, EmbedderError
+
+    prompts = ["a red fox in the snow", "a lighthouse at dusk, oil painting", "a bowl of ramen"]
+    child = ChildEncoder(threads=1)
+    try:
+        vectors = child(prompts)
+        assert np.abs(vectors - minilm.embed_many(prompts)).max() < 1e-5
+        first = child._proc.pid
+        child._proc.kill()  # dies while idle: the next call starts a new child
+        child._proc.wait(10)
+        assert np.abs(child(prompts) - vectors).max() < 1e-6 and child._proc.pid != first
+        second, out = child._proc, []
+        long_call = threading.Thread(target=lambda: out.append(_raised(child, [f"prompt {i}" for i in range(2000)])))
+        long_call.start()
+        time.sleep(1.0)
+        second.kill()  # dies in the middle of a call
+        long_call.join(30)
+        assert len(out) == 1 and isinstance(out[0], EmbedderError) and "died" in str(out[0]), out
+        again = child(prompts)  # a new child
+        assert child._proc.pid not in (first, second.pid) and np.abs(again - vectors).max() < 1e-6
+    finally:
+        child.close()
+    assert child._proc is None
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None

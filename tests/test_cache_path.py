@@ -128,7 +128,7 @@ def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
 def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache):
     embed = Gate(cache.embedder.embed_many)
     cache.embedder.embed_many = embed
-    path = CachePath(lambda: cache, {}, late_s=0.0)  # any wait is late here
+    path = CachePath(lambda: cache, {})
     try:
         first = threading.Thread(target=path.lookup, args=(_key("a"), "a", True))
         first.start()
@@ -139,7 +139,7 @@ def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache)
         late.start()
         while path._lookups.qsize() < 1:
             time.sleep(0.01)
-        passed.set()  # its request reached the step it could resume at before the batch took it
+        passed.set()  # its request was held past the lookup's time box and ran on fresh before the batch took it
         embed.release.set()
         first.join(30)
         late.join(30)

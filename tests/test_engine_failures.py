@@ -302,6 +302,43 @@ def test_wait_has_a_deadline(tmp_path):
 
 
 @pytest.mark.parametrize("devices", [1, 2])
+def test_a_request_held_for_its_lookup_leaves_its_batch_slot_to_another(tmp_path, devices):
+    """At a full node a request held at its resume step (its lookup not answered) would leave a slot of its
+    device's calls empty; the device takes another request meanwhile, so its calls stay full (issue 26)."""
+    service, gates = _service(tmp_path, devices, max_batch=2, step_ms=10.0)
+    try:
+        engine = service.engine
+        held = [
+            EngineRequest(_Start(f"held {i}", i), group=("shared",), job_id=f"h{i}", lookup_pending=True, hold_at=1)
+            for i in range(devices)
+        ]
+        for r in held:
+            engine.submit(r)
+        deadline = time.monotonic() + 30
+        while not all(r.trajectory is not None and r.held for r in held):
+            assert time.monotonic() < deadline, "the requests never reached their hold"
+            time.sleep(0.01)
+        holding = [i for i, s in enumerate(engine.schedulers) if any(r in s.active for r in held)]
+        marks = [len(g.calls) for g in gates]
+        plain = [
+            EngineRequest(_Start(f"plain {i}", 10 + i), group=("shared",), job_id=f"p{i}") for i in range(4 * devices)
+        ]
+        for r in plain:
+            engine.submit(r)
+        for r in plain:
+            engine.wait(r)
+        assert all(r.held for r in held)  # still held: every plain request ran while they waited
+        for i in holding:  # a device holding a request made full calls of two meanwhile
+            sizes = [n for n, _ in gates[i].calls[marks[i] :]]
+            assert sizes and max(sizes) == 2, (i, sizes)
+        for r in held:
+            engine.resolve(r, None)
+            engine.wait(r)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
 def test_busy_ratio_is_the_devices_call_time_not_the_jobs_wall_time(tmp_path, devices):
     """A job runs through the whole window while its device idles (held for its lookup): the old formula
     (the job's service interval) read 100 %; the device's own call times read what it did."""

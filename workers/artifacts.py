@@ -6,6 +6,7 @@ idempotent (the name is the job id) so a redelivered job overwrites its own file
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -95,9 +96,18 @@ class ArtifactStore:
         """Temporary files of this name left by a delivery that died mid-write. Only old ones: a
         concurrent duplicate delivery's file, seconds old, is left alone."""
         try:
-            for part in self.fs.glob(f"{path}.*.part"):
+            for part in self._parts_of(path):
                 mtime = self.fs.info(part).get("mtime") or self.fs.info(part).get("created")
                 if mtime is not None and time.time() - float(mtime) > STALE_PART_S:
                     self.fs.rm(part)
         except (OSError, ValueError, TypeError):
             pass
+
+    def _parts_of(self, path: str) -> list[str]:
+        """The temporary files of ``path``. On a local disk the standard library's glob: it lists the folder
+        in C and matches names with one compiled pattern, where fsspec's glob builds an info dict per file
+        of the folder, a cost that grows with every image a tenant has (measured: 15 ms at 2,000 files, ten
+        times the standard library's), paid on every write."""
+        if isinstance(self.fs, LocalFileSystem):
+            return glob.glob(glob.escape(path) + ".*.part")
+        return self.fs.glob(f"{path}.*.part")

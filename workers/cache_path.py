@@ -7,14 +7,16 @@ the interpreter lock. Here the same work runs as the device path does, in batche
 its own:
 
 - **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
-  lookup is taken at once: one embedder call for all their prompts (MiniLM in one forward pass, on
-  ``embed_threads`` torch threads), one batched search (``EdgeShard.query_batch``), then the state of
-  each hit; each request's answer goes to its ``answered`` callback (which resolves it in the engine),
-  so no request thread waits or polls. A lookup that waited longer than the lookup time box
-  (``late_s``: REPRISE_CACHE_LOOKUP_TIMEOUT_MS) and whose request's device already reached the step it
-  could resume at (held there, its batch slot idle: ``passed()``) is not looked up: it runs on fresh, the skip is counted (``lookup_skipped``) and the writer embeds its prompt if it
-  needs a write-back. A late lookup thus costs its request a hit, and its device a held slot for at
-  most the batch in progress.
+  lookup is taken at once and answered in chunks of ``ANSWER_CHUNK``, the longest waiting first: one
+  embedder call for a chunk's prompts (MiniLM in its own child process by default, so its many small
+  torch calls neither wait for nor hold this process's interpreter lock: cache/embedding.py), one
+  batched search (``EdgeShard.query_batch``), then the state of each hit; each request's answer goes to
+  its ``answered`` callback (which resolves it in the engine), so no request thread waits or polls. A lookup whose request no longer waits for it (``passed()``: the
+  engine held it at its earliest resume step for the lookup's time box, REPRISE_CACHE_LOOKUP_TIMEOUT_MS,
+  and then ran it on fresh) is not looked up: the skip is counted (``lookup_skipped``) and the writer
+  embeds its prompt if it needs a write-back. The engine's hold is the one time box of a lookup, and a
+  held request leaves its batch slot to another meanwhile, so a late lookup costs its request a hit and
+  some latency, never its device a call's slot.
 - **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
   ``REPRISE_WRITEBACK_QUEUE``; a full queue drops the new one (``writeback_dropped``) instead of
   delaying anyone. It takes every queued write-back at once, embeds the prompts the lookup stage did
@@ -47,7 +49,7 @@ class Lookup:
     key: Any  # cache.CacheKey
     prompt: str
     allow_shared: bool
-    passed: Callable[[], bool]  # True once the request no longer benefits from a hit (held at its step)
+    passed: Callable[[], bool]  # True once the request no longer waits for the answer (ran on fresh)
     answered: Callable[[Any, Any], None]  # (vector or None, cache.ApproxHit or None), on the lookup thread
     queued_at: float = 0.0  # time.monotonic() of submit
 
@@ -62,6 +64,24 @@ class WriteBack:
 
 
 _STOP = object()
+ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath._lookup_batch)
+
+# The node's cache-path counters (``celery inspect stats`` → reprise.jobs; `reprise bench cache` prints them).
+# lookup_wait/embed/search_ms are sums over looked-up requests: the wait in the queue before their batch started, and
+# their batch's embedding and search (state fetch included), so their means say where a lookup's time goes.
+COUNTERS = (
+    "writeback_dropped",
+    "writeback_failed",
+    "writeback_written",
+    "lookup_skipped",
+    "lookup_batches",
+    "lookups",
+    "lookup_wait_ms",
+    "lookup_embed_ms",
+    "lookup_search_ms",
+    "lookup_holds",  # requests their device held at the resume step for their lookup (note_hold)
+    "lookup_held_ms",
+)
 
 
 class CachePath:
@@ -75,12 +95,11 @@ class CachePath:
         batch_max: int = 64,
         embed_threads: int = 1,
         nice: int = 10,
-        late_s: float = 0.05,
     ):
         # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
         self.cache_of, self.counters = cache_of, counters
-        self.batch_max, self.embed_threads, self.nice, self.late_s = batch_max, embed_threads, nice, late_s
-        for name in ("writeback_dropped", "writeback_failed", "writeback_written", "lookup_skipped", "lookup_batches"):
+        self.batch_max, self.embed_threads, self.nice = batch_max, embed_threads, nice
+        for name in COUNTERS:
             counters.setdefault(name, 0)
         self._count_lock = threading.Lock()
         self._lookups: queue.Queue = queue.Queue()
@@ -150,9 +169,15 @@ class CachePath:
             log.exception("cache lookup answer failed")
 
     def _lookup_batch(self, items: list[Lookup]) -> None:
-        live, now = [], time.monotonic()
+        # A burst (every client of a full node at once) is answered in chunks, the longest waiting first, so
+        # the first answers come after one chunk's embedding rather than after the whole burst's.
+        for start in range(0, len(items), ANSWER_CHUNK):
+            self._lookup_chunk(items[start : start + ANSWER_CHUNK])
+
+    def _lookup_chunk(self, items: list[Lookup]) -> None:
+        live = []
         for item in items:
-            if now - item.queued_at > self.late_s and item.passed():
+            if item.passed():
                 self._count("lookup_skipped")
                 self._answer(item, None, None)
             else:
@@ -161,15 +186,28 @@ class CachePath:
         answers: list = [(None, None)] * len(live)
         try:
             if live and cache is not None:
+                t0 = time.monotonic()
                 vectors = cache.embedder.embed_many([i.prompt for i in live])
+                t1 = time.monotonic()
                 hits = cache.lookup_approx_many([(i.key, v, i.allow_shared) for i, v in zip(live, vectors)])
+                t2 = time.monotonic()
                 answers = list(zip(vectors, hits))
                 self._count("lookup_batches")
+                self._count("lookups", len(live))
+                self._count("lookup_wait_ms", round(sum(t0 - i.queued_at for i in live) * 1000))
+                self._count("lookup_embed_ms", round((t1 - t0) * 1000 * len(live)))
+                self._count("lookup_search_ms", round((t2 - t1) * 1000 * len(live)))
         except Exception:  # the cache is an optimisation: every request of the batch runs fresh
             self._count("lookup_failed", len(live))
             log.exception("cache lookup batch of %d failed; generating fresh", len(live))
         for item, (vector, hit) in zip(live, answers):
             self._answer(item, vector, hit)
+
+    def note_hold(self, held_s: float) -> None:
+        """A request was held at its resume step for ``held_s`` waiting for its lookup (its device's
+        call went on without it)."""
+        self._count("lookup_holds")
+        self._count("lookup_held_ms", round(held_s * 1000))
 
     # --- the writer ----------------------------------------------------------------------------------
     def write_back(self, key, vector, captured: dict, uri: str, shareable: bool) -> bool:

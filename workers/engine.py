@@ -98,6 +98,7 @@ class EngineRequest:
     # fresh and a later answer is ignored, so a slow cache never holds a device slot.
     hold_limit_s: float | None = None
     held_since: float | None = None
+    held_s: float = 0.0  # how long its device held it for the lookup (set when the hold ends)
     lookup_expired: bool = False
     resume: Any = None
     resumed: bool = False
@@ -304,7 +305,11 @@ class DeviceScheduler(threading.Thread):
 
     # --- scheduling --------------------------------------------------------------------------------
     def _take_waiting(self) -> None:
-        while len(self.active) < self.limit:
+        # A request held at its resume step for its lookup takes no part in the calls, so it does not count
+        # against the batch limit: another request takes its place in the calls meanwhile (its latents are
+        # all it keeps on the device). Held requests leave the hold within the lookup's time box; the bound
+        # of twice the limit only guards a cache whose time box was set very long.
+        while len(self.active) - sum(r.held for r in self.active) < self.limit and len(self.active) < 2 * self.limit:
             try:
                 _, _, request = self.waiting.get(timeout=0.2) if not self.active else self.waiting.get_nowait()
             except queue.Empty:
@@ -358,6 +363,7 @@ class DeviceScheduler(threading.Thread):
                 request.held_since = request.held_since or now
                 if now - request.held_since > request.hold_limit_s:  # the lookup is late: run on fresh
                     request.lookup_pending, request.lookup_expired = False, True
+                    request.held_s = now - request.held_since
         ready = [r for r in self.active if not r.held]
         if not ready:
             return []
@@ -603,6 +609,8 @@ class NodeEngine:
         The device binds it and swaps it in before its next step of the request."""
         if request.lookup_expired:  # answered after the hold's time box: the request ran on fresh meanwhile
             return
+        if request.held_since is not None:
+            request.held_s = time.monotonic() - request.held_since
         request.resume = resume
         request.lookup_pending = False
         self.kick.set()

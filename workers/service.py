@@ -408,14 +408,13 @@ class GenerationService:
                     writeback_queue=self.writeback_queue,
                     batch_max=getattr(settings, "batch_max", 64),
                     embed_threads=getattr(settings, "embed_threads", 1),
-                    late_s=getattr(settings, "lookup_timeout_ms", 50.0) / 1000,
                 )
             return self._cache_path
 
     def lookup_near(self, a: AdmittedJob, start: DeviceStart, entry: EngineRequest) -> None:
         """Prompt embedding, approximate lookup and state fetch in the node's next lookup batch, while the
         job's first steps run: the lookup thread resolves ``entry`` (resumed at K for a hit, None otherwise),
-        or skips the lookup if the device already holds the job at its earliest resume step."""
+        or skips the lookup if the engine already ran the job on fresh (held past the lookup's time box)."""
         request, report = a.request, a.report
         t = time.perf_counter()
 
@@ -430,9 +429,8 @@ class GenerationService:
                 report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
                 self.engine.resolve(entry, resume)
 
-        # past its useful step: held at it now, or held there beyond the time box and run on fresh
-        held = lambda: entry.lookup_expired or (entry.trajectory is not None and entry.held)  # noqa: E731
-        self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, held, answered)
+        # past its useful step: held there beyond the lookup's time box, the job runs on fresh
+        self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, lambda: entry.lookup_expired, answered)
 
     def on_device(self, a: AdmittedJob):
         """The device stage: the job's start (its conditioning computed here, off the device) goes to the
@@ -497,6 +495,8 @@ class GenerationService:
         except StopRequested as exc:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
+        if entry.held_s:
+            self.cache_path.note_hold(entry.held_s)
         self._report_near(a, entry)
         a.runner = entry.runner  # made by the device thread (a hit's own, where one was swapped in)
         a.device = entry.device.name
