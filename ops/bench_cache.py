@@ -203,12 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = None
     if args.embedded:
-        from ops.localcluster import LocalCluster, point_producer_at
+        from ops.localcluster import LocalCluster
 
         workdir = Path("var/bench-cache").resolve()
         shutil.rmtree(workdir, ignore_errors=True)  # its own Redis starts at generation 0: old entries would match
         cluster = LocalCluster(workdir=str(workdir)).__enter__()
-        point_producer_at(cluster.redis_url)  # settings read before (the cluster's own Redis client) are dropped
         console.print(f"{cluster.how_redis}; starting a {args.model} worker on {args.devices} ...")
         env = {"REPRISE_CACHE_SKIP_TABLE": args.skip_table} if args.skip_table else {}
         cluster.start_worker(args.model, args.devices, timeout=300, **env)

@@ -62,7 +62,7 @@ def measure(
 ) -> dict:
     """Direct and cluster runs interleaved (direct i, job i, direct i+1, ...): on a machine shared with other
     work, both sides see the same background load."""
-    from ops.localcluster import LocalCluster, point_producer_at
+    from ops.localcluster import LocalCluster
 
     workdir = tempfile.mkdtemp(prefix="reprise-bench-overhead-")
     Path(workdir, "redis").mkdir()
@@ -71,7 +71,6 @@ def measure(
         if _USER_REDIS_URL:
             os.environ[name] = _USER_REDIS_URL
     with LocalCluster(workdir=workdir) as cluster:
-        point_producer_at(cluster.redis_url)
         from scheduler.client import submit
 
         cluster.start_worker(model, "cpu", timeout=600, REPRISE_METRICS_PORT=0, REPRISE_TORCH_THREADS=threads)

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    from ops.localcluster import LocalCluster, point_producer_at
+    from ops.localcluster import LocalCluster
     from ops.workload import PromptRow, read_prompts
 
     counts = [int(x) for x in args.workers.split(",") if x.strip()]
@@ -256,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     points = []
     with LocalCluster(workdir=workdir) as cluster:
-        point_producer_at(cluster.redis_url)
         for i, n in enumerate(counts):
             point = run_point(cluster, n, args, rows, i)
             points.append(point)

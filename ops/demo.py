@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops.localcluster import LocalCluster, point_producer_at
+from ops.localcluster import LocalCluster
 from workers.model_loading import model_extra
 
 # (prompt, seed): a first wave of three scenes, then a second wave that reuses the cache
@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             f"REPRISE_CACHE_EMBEDDER={embedder} (loads the model once per device) ..."
         )
         cluster.start_worker(model, args.devices, timeout=300, REPRISE_CACHE_EMBEDDER=embedder)
-        point_producer_at(cluster.redis_url)  # settings read before (the cluster's own Redis client) are dropped
         from scheduler.cache_admin import CacheAdmin
         from scheduler.client import submit
 

@@ -105,13 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def start_embedded(args, model: str):
-    from ops.localcluster import LocalCluster, point_producer_at
+    from ops.localcluster import LocalCluster
 
     workdir = tempfile.mkdtemp(prefix="reprise-loadtest-")
     Path(workdir, "redis").mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(workdir=workdir, env={"REPRISE_SIM_STEP_MS": args.step_ms})
     cluster.ensure_redis()
-    point_producer_at(cluster.redis_url)
     devices = args.devices or ("sim:0,sim:1,sim:2,sim:3" if model == "sim" else "cpu")
     for i in range(args.workers):
         cluster.start_worker(model, devices, wait=False, REPRISE_CACHE_PATH=f"{workdir}/qdrant-w{i}")

@@ -127,9 +127,11 @@ class WorkerProcess:
                 self.kill()
 
 
-def point_producer_at(redis_url: str) -> None:
-    """Point this process's producer at ``redis_url`` (settings and app are made on first use)."""
-    os.environ["REDIS_URL"] = os.environ["REPRISE_REDIS_URL"] = redis_url
+_PRODUCER_ENV = ("REDIS_URL", "REPRISE_REDIS_URL")
+
+
+def _drop_producer_caches() -> None:
+    """The cluster settings and the Celery app of this process are made again on their next use."""
     from scheduler import app as app_module
     from scheduler.settings import get_settings
 
@@ -151,6 +153,7 @@ class LocalCluster:
     flower_port: int | None = None
     flower_auth: tuple[str, str] = ("reprise", "")
     how_redis: str = ""
+    producer_env: dict | None = None  # REDIS_URL and REPRISE_REDIS_URL before the cluster pointed them at itself
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="reprise-cluster-")
@@ -158,6 +161,11 @@ class LocalCluster:
 
     # --- Redis --------------------------------------------------------------------------------
     def ensure_redis(self) -> str:
+        """The cluster's Redis: ``redis_url``, else REDIS_URL, else a redis-server of its own. Where the
+        caller named none, the cluster is this process's cluster: its producer (``scheduler.client``, the
+        cache admin, ...) talks to that Redis until ``stop`` (the settings any earlier client read are made
+        again), so an embedded command submits where its workers listen."""
+        chosen_here = self.redis_url is None
         url = self.redis_url or os.environ.get("REDIS_URL")
         if url and redis_reachable(url):
             self.redis_url, self.how_redis = url, f"using REDIS_URL={url}"
@@ -167,6 +175,11 @@ class LocalCluster:
             self.own_redis = RedisServer(directory=str(Path(self.workdir) / "redis")).start()
             self.redis_url = self.own_redis.url
             self.how_redis = f"started redis-server on 127.0.0.1:{self.own_redis.port} (REDIS_URL not set)"
+        if chosen_here and self.producer_env is None:
+            self.producer_env = {name: os.environ.get(name) for name in _PRODUCER_ENV}
+            for name in _PRODUCER_ENV:
+                os.environ[name] = self.redis_url
+            _drop_producer_caches()
         return self.redis_url
 
     def process_env(self, **overrides) -> dict:
@@ -309,6 +322,14 @@ class LocalCluster:
                 self.flower.kill()
         if self.own_redis:
             self.own_redis.stop()
+        if self.producer_env is not None:  # the producer's Redis as it was before the cluster
+            for name, value in self.producer_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            self.producer_env = None
+            _drop_producer_caches()
 
     def __enter__(self) -> "LocalCluster":
         self.ensure_redis()

@@ -177,3 +177,29 @@ def test_locust_run_reports_each_job_as_a_request(sim_worker, cluster, tmp_path)
     assert {r["Name"].split()[1] for r in ours} <= {"miss", "exact", "approximate"}, rows
     assert int(total["Request Count"]) >= 2 and int(total["Failure Count"]) == 0, total
     assert float(total["Average Response Time"]) > 0
+
+
+def test_an_embedded_cluster_points_this_process_producer_at_its_own_redis_until_it_stops(tmp_path):
+    """`reprise demo`, `bench cache --embedded`, `loadtest --embedded`: with no REDIS_URL the cluster starts a
+    redis-server of its own, and this process's producer (settings read earlier included) submits there
+    while the cluster runs; afterwards the producer's environment is as it was."""
+    import os
+
+    from ops.localcluster import LocalCluster
+    from scheduler.settings import get_settings
+
+    saved = {name: os.environ.pop(name) for name in ("REDIS_URL", "REPRISE_REDIS_URL") if name in os.environ}
+    try:
+        get_settings.cache_clear()
+        before = get_settings().redis_url  # read (and cached) before the cluster starts: the default
+        with LocalCluster(workdir=str(tmp_path)) as c:
+            assert c.own_redis is not None and c.redis_url != before
+            assert get_settings().redis_url == c.redis_url == os.environ["REDIS_URL"]
+            assert get_app().conf.broker_url.startswith(c.redis_url.rsplit("/", 1)[0])
+        assert "REDIS_URL" not in os.environ and get_settings().redis_url == before
+    finally:
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        from scheduler import app as app_module
+
+        app_module._default = None
