@@ -92,9 +92,9 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Torch threads of a worker's cache threads (the batched prompt embedding, the write-back writer), so the embedder never takes the cores the devices compute on.",
     )
-    embed_process: bool = Field(
-        True,
-        description="Run the MiniLM prompt embedder in a child process of the worker (one per worker, on embed_threads torch threads), so that its many small torch calls never wait for, nor hold, the interpreter lock of the worker's device and job threads.",
+    embed_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Where MiniLM embeds prompts. on: in a child process of the worker (on embed_threads torch threads), so that its many small torch calls never wait for, nor hold, the interpreter lock of the device and job threads; off: in the process. auto: on for a worker whose devices are accelerators (or sim), off for one that computes on the CPU (a child would oversubscribe the cores the device's own threads use) and outside a worker.",
     )
     batch_max: int = Field(
         64,

@@ -155,3 +155,24 @@ def _raised(fn, *args):
     except Exception as exc:
         return exc
     return None
+
+
+@pytest.mark.parametrize("cpu_node", [False, True])
+def test_a_worker_embeds_in_a_child_unless_its_devices_are_the_cpu(tmp_path, monkeypatch, cpu_node):
+    """REPRISE_CACHE_EMBED_PROCESS=auto: a node of accelerators (or sim) embeds in the child process, a CPU
+    node in its own process; on and off are kept as given."""
+    from cache.embedding import ChildEncoder, encode_minilm
+    from workers.model_loading import load_components
+    from workers.node_cache import open_cache
+
+    components = load_components("tiny")
+    for setting, child in (("auto", not cpu_node), ("on", True), ("off", False)):
+        monkeypatch.setenv("REPRISE_CACHE_PATH", str(tmp_path / f"{setting}-{cpu_node}"))
+        monkeypatch.setenv("REPRISE_CACHE_EMBED_PROCESS", setting)
+        monkeypatch.setenv("REPRISE_CACHE_EMBEDDER", "minilm")
+        cache = open_cache(None, components, "reprise-test", cpu_node=cpu_node)
+        try:
+            encode = cache.embedder._encode_fn
+            assert isinstance(encode, ChildEncoder) == child and (encode is encode_minilm) == (not child), setting
+        finally:
+            cache.close()

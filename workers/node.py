@@ -113,7 +113,7 @@ def build_service(
         registry.ensure_fingerprint(model_name, devices[0].loop.c.fingerprint)
     reopen = None
     if cache is None and open_cache and worker.cache_enabled:
-        cache, reopen = open_cache_or_defer(redis_client, devices[0].loop.c, cluster, memo)
+        cache, reopen = open_cache_or_defer(redis_client, devices[0].loop.c, cluster, memo, cpu_node=n_cpu > 0)
     defaults = {"method": worker.feature_profile}
     if worker.blockcache_dir:
         defaults["calibration_dir"] = worker.blockcache_dir
@@ -140,7 +140,7 @@ def build_service(
     service.share_grants = resilience.share_grants()
     if reopen is not None:  # the cache could not open: serve uncached, keep trying in the background
         service.cache_note = f"cache unavailable ({reopen}); retrying every {resilience.cache_reopen_s:g}s"
-        reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s, memo)
+        reopen_later(service, redis_client, cluster, devices[0].loop.c, resilience.cache_reopen_s, memo, n_cpu > 0)
     if worker.warmup:
         if cache is not None:
             cache.embed("warm-up")  # loads the prompt embedder now, not on the first job

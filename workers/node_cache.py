@@ -23,13 +23,17 @@ def text_memo_for(worker: WorkerSettings):
     return TextEmbeddingMemo(max_entries=worker.text_memo_entries, max_bytes=worker.text_memo_bytes)
 
 
-def open_cache(redis_client, components, key_prefix: str, text_memo=None):
+def open_cache(redis_client, components, key_prefix: str, text_memo=None, cpu_node: bool = False):
+    """The node's cache. ``cpu_node``: some device of the node is the CPU, so REPRISE_CACHE_EMBED_PROCESS=auto
+    embeds in this process (a child would take the cores the device's threads compute on), else in a child."""
     from cache import CacheSettings, LatentCache
     from workers.skip_table_choice import stored_clip_calibration
 
     settings, embedder = cache_settings_for(
         CacheSettings(), components, text_memo, clip_calibrated=stored_clip_calibration(redis_client)
     )
+    if settings.embed_process == "auto":
+        settings = settings.model_copy(update={"embed_process": "off" if cpu_node else "on"})
     # Expiry by the Redis server's clock: nodes with skewed wall clocks agree on every entry's TTL.
     clock = (
         RedisClock(redis_client, ResilienceSettings().redis_clock_refresh_s) if redis_client is not None else time.time
@@ -37,10 +41,10 @@ def open_cache(redis_client, components, key_prefix: str, text_memo=None):
     return LatentCache.open(settings, redis=redis_client, embedder=embedder, clock=clock, key_prefix=key_prefix)
 
 
-def open_cache_or_defer(redis_client, components, cluster, text_memo=None):
+def open_cache_or_defer(redis_client, components, cluster, text_memo=None, cpu_node: bool = False):
     """(cache, None), or (None, why) when the cache cannot open now: a node never needs its cache to serve."""
     try:
-        return open_cache(redis_client, components, cluster.queue_prefix, text_memo), None
+        return open_cache(redis_client, components, cluster.queue_prefix, text_memo, cpu_node), None
     except Exception as exc:
         log.error(
             "CACHE UNAVAILABLE at start (%s: %s): serving every job uncached and retrying in the background",
@@ -51,7 +55,13 @@ def open_cache_or_defer(redis_client, components, cluster, text_memo=None):
 
 
 def reopen_later(
-    service: GenerationService, redis_client, cluster: ClusterSettings, components, every_s: float, text_memo=None
+    service: GenerationService,
+    redis_client,
+    cluster: ClusterSettings,
+    components,
+    every_s: float,
+    text_memo=None,
+    cpu_node: bool = False,
 ) -> None:
     def on_open(cache) -> None:
         from workers import cache_control as control
@@ -61,7 +71,7 @@ def reopen_later(
         control.start_control(service, redis_client, cluster)
 
     CacheReopener(
-        lambda: open_cache(redis_client, components, cluster.queue_prefix, text_memo), on_open, every_s
+        lambda: open_cache(redis_client, components, cluster.queue_prefix, text_memo, cpu_node), on_open, every_s
     ).start()
 
 
