@@ -20,7 +20,7 @@ import numpy as np
 
 MINILM_VERSION = "all-MiniLM-L6-v2"
 MINILM_DIM = 384
-ENCODE_BATCH = 4  # prompts per forward pass of MiniLM (PromptEmbedder._encode_batch)
+ENCODE_BATCH = 4  # prompts per forward pass of MiniLM (encode_minilm)
 
 
 class Embedder(Protocol):
@@ -103,7 +103,15 @@ def encode_minilm(prompts: list[str]) -> np.ndarray:
     return normalise(out).copy()
 
 
-def _read_frame(stream) -> bytes | None:
+def _read_frame(stream, timeout_s: float | None = None) -> bytes | None:
+    """One frame, or None at the end of the stream; with ``timeout_s``, TimeoutError when none began by then
+    (the child writes each frame whole, so once it begins the rest follows)."""
+    if timeout_s is not None:
+        import select
+
+        ready, _, _ = select.select([stream], [], [], timeout_s)
+        if not ready:
+            raise TimeoutError(f"no answer in {timeout_s:g} s")
     head = stream.read(8)
     if len(head) < 8:
         return None
@@ -148,11 +156,13 @@ class ChildEncoder:
 
     Why a plain subprocess over pipes, not multiprocessing: a spawned multiprocessing child imports the
     parent's main module again, which breaks any script that uses the cache without a main guard. A child
-    that dies fails the call in flight (the lookups it serves miss) and the next call starts a new one; a
-    child whose parent dies reads the end of its pipe and exits."""
+    that dies, or does not answer within ``timeout_s`` (then it is killed), fails the call in flight (the
+    lookups it serves miss) and the next call starts a new one; a child whose parent dies reads the end of
+    its pipe and exits."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, timeout_s: float = 60.0) -> None:
         self.threads = threads
+        self.timeout_s = timeout_s  # a call's answer; a child silent this long is hung: killed, the call fails
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # one call at a time on the pipe
 
@@ -168,7 +178,10 @@ class ChildEncoder:
             stdout=subprocess.PIPE,
             env=env,
         )
-        ready = _read_frame(proc.stdout)
+        try:
+            ready = _read_frame(proc.stdout, max(self.timeout_s, 120.0))  # imports torch, loads the model
+        except TimeoutError:
+            ready = None
         if ready is None or pickle.loads(ready) != "ready":
             proc.kill()
             raise EmbedderError(f"the prompt embedder's child process did not start (exit code {proc.wait()})")
@@ -180,15 +193,19 @@ class ChildEncoder:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
+            hung = False
             try:
                 _write_frame(self._proc.stdin, pickle.dumps(list(prompts)))
-                frame = _read_frame(self._proc.stdout)
-            except (BrokenPipeError, OSError):
+                frame = _read_frame(self._proc.stdout, self.timeout_s)
+            except TimeoutError:
+                frame, hung = None, True
+            except OSError:  # BrokenPipeError: it died before the call
                 frame = None
             if frame is None:
                 self._proc.kill()
                 self._proc = None
-                raise EmbedderError("the prompt embedder's child process died; the next call starts another")
+                what = f"did not answer in {self.timeout_s:g} s (killed)" if hung else "died"
+                raise EmbedderError(f"the prompt embedder's child process {what}; the next call starts another")
         answer = pickle.loads(frame)
         if isinstance(answer, str):
             raise EmbedderError(f"the prompt embedder failed: {answer}")

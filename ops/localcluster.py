@@ -42,16 +42,19 @@ def redis_reachable(url: str, timeout: float = 1.0) -> bool:
 
 @dataclass
 class RedisServer:
-    """A redis-server of our own on a spare port (optionally with append-only persistence)."""
+    """A redis-server of our own on a spare port (optionally with append-only persistence and a password),
+    restartable on the same port and folder."""
 
     port: int = 0
     appendonly: bool = False
     directory: str | None = None
     proc: subprocess.Popen | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         if shutil.which("redis-server") is None:
@@ -76,8 +79,10 @@ class RedisServer:
         ]
         if self.appendonly:
             args += ["--appendfsync", "always"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: redis_reachable(self.url, 0.2), 10, f"redis-server on port {self.port}", self.proc)
+        _wait(lambda: redis_reachable(self.url, 0.2), 20, f"redis-server on port {self.port}", self.proc)
         return self
 
     def stop(self, hard: bool = False) -> None:
@@ -105,6 +110,7 @@ class WorkerProcess:
     log: Path
     model: str
     hostname: str
+    env: dict = field(default_factory=dict)  # what start_worker set beside the cluster's environment
 
     @property
     def pid(self) -> int:
@@ -210,8 +216,11 @@ class LocalCluster:
         wait: bool = True,
         timeout: float = 120,
         extra_args: tuple[str, ...] = (),
+        hooks: bool = False,
         **env,
     ) -> WorkerProcess:
+        """A `reprise worker` process; ``hooks``: run under ops.faults' injection hooks (they do nothing unless
+        a REPRISE_FAULT_* setting asks)."""
         self._started = getattr(self, "_started", 0) + 1
         n = self._started - 1
         hostname = f"reprise-{model.replace('/', '-')}-w{n}-{os.getpid()}@{socket.gethostname()}"
@@ -219,7 +228,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-m",
-            "ops.cli",
+            *(("ops.faults", "--with-hooks") if hooks else ("ops.cli",)),
             "worker",
             "--model",
             model,
@@ -233,7 +242,7 @@ class LocalCluster:
         proc = subprocess.Popen(
             cmd, env=self.process_env(**env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
-        worker = WorkerProcess(proc, log, model, hostname)
+        worker = WorkerProcess(proc, log, model, hostname, env)
         self.workers.append(worker)
         if wait:
             self.wait_worker_ready(worker, timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -121,9 +122,9 @@ def test_clip_embedder_is_passed_in_by_the_worker(tmp_path):
 
 
 def test_the_child_process_embedder_gives_the_same_vectors_and_outlives_a_killed_child(minilm):
-    """REPRISE_CACHE_EMBED_PROCESS (the default): MiniLM runs in a child process of its own, off the worker's
-    interpreter lock. Its vectors are the in-process ones; a child that dies fails the call in flight with a
-    typed error, and the next call starts a new child."""
+    """REPRISE_CACHE_EMBED_PROCESS=on (auto on accelerator nodes): MiniLM runs in a child process of its own,
+    off the worker's interpreter lock. Its vectors are the in-process ones; a child that dies, or hangs past
+    the call's timeout, fails the call in flight with a typed error, and the next call starts a new child."""
     from cache.embedding import ChildEncoder, EmbedderError
 
     prompts = ["a red fox in the snow", "a lighthouse at dusk, oil painting", "a bowl of ramen"]
@@ -144,6 +145,12 @@ def test_the_child_process_embedder_gives_the_same_vectors_and_outlives_a_killed
         assert len(out) == 1 and isinstance(out[0], EmbedderError) and "died" in str(out[0]), out
         again = child(prompts)  # a new child
         assert child._proc.pid not in (first, second.pid) and np.abs(again - vectors).max() < 1e-6
+        third, child.timeout_s = child._proc, 1.0
+        os.kill(third.pid, signal.SIGSTOP)  # hangs: the call fails after the timeout, the child is killed
+        with pytest.raises(EmbedderError, match="did not answer"):
+            child(prompts)
+        assert third.wait(10) == -signal.SIGKILL
+        assert np.abs(child(prompts) - vectors).max() < 1e-6  # and the next call starts a new one
     finally:
         child.close()
     assert child._proc is None

@@ -21,32 +21,9 @@ from scheduler.errors import ArtifactWriteError
 pytestmark = pytest.mark.integration
 
 
-def _start_hooked_worker(c: LocalCluster, model: str, wait: bool = True, **env) -> WorkerProcess:
-    """`reprise worker` under ops.faults' injection hooks (they do nothing unless REPRISE_FAULT_* asks)."""
-    n = len(c.workers)
-    hostname = f"reprise-faulty-w{n}-{os.getpid()}@test"
-    log = Path(c.workdir) / f"faulty{n}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ops.faults",
-        "--with-hooks",
-        "worker",
-        "--model",
-        model,
-        "--devices",
-        "cpu",
-        "--hostname",
-        hostname,
-    ]
-    proc = subprocess.Popen(
-        cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    worker = WorkerProcess(proc, log, model, hostname)
-    c.workers.append(worker)
-    if wait:
-        c.wait_worker_ready(worker, 180)
-    return worker
+def _start_hooked_worker(c: LocalCluster, model: str, **env) -> WorkerProcess:
+    """`reprise worker` on the CPU under ops.faults' injection hooks (they do nothing unless REPRISE_FAULT_* asks)."""
+    return c.start_worker(model, "cpu", timeout=180, hooks=True, **env)
 
 
 @pytest.fixture(scope="module")

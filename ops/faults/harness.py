@@ -7,61 +7,12 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-
-@dataclass
-class SecretRedis:
-    """redis-server with append-only persistence and a password, restartable on the same port and folder."""
-
-    directory: str
-    port: int = 0
-    password: str = field(default_factory=lambda: "faults-" + secrets.token_hex(8))
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> "SecretRedis":
-        from ops.localcluster import _wait, free_port, redis_reachable
-
-        self.port = self.port or free_port()
-        Path(self.directory).mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.directory,
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--requirepass",
-                self.password,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait(lambda: redis_reachable(self.url, 0.2), 20, f"redis-server on port {self.port}")
-        return self
-
-    def stop(self, hard: bool = False) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-            self.proc.wait(20)
 
 
 @dataclass
@@ -91,7 +42,12 @@ class Harness:
 
         self.workdir = Path(workdir)
         self.quick = quick
-        self.redis = SecretRedis(str(self.workdir / "redis")).start()
+        from ops.localcluster import RedisServer
+
+        # append-only with fsync on every write, and a password: the restart rows restart it in place
+        self.redis = RedisServer(
+            directory=str(self.workdir / "redis"), appendonly=True, password="faults-" + secrets.token_hex(8)
+        ).start()
         url = self.redis.url
         self.env = {
             "REDIS_URL": url,
@@ -117,37 +73,11 @@ class Harness:
 
     # --- processes ------------------------------------------------------------------------------
     def start_worker(self, model: str = "tiny", devices: str = "cpu", wait: bool = True, **env):
-        """A real `reprise worker`, run under the fault hooks (which do nothing unless REPRISE_FAULT_* asks)."""
-        from ops.localcluster import WorkerProcess
-
-        c = self.cluster
-        c._started = getattr(c, "_started", 0) + 1
-        n = c._started - 1
-        hostname = f"reprise-{Path(model).name}-w{n}-{os.getpid()}@faults"
-        log = self.workdir / f"worker{n}.log"
+        """A real `reprise worker`, run under the fault hooks (which do nothing unless REPRISE_FAULT_* asks),
+        with a cache folder of its own unless ``env`` names one."""
+        n = getattr(self.cluster, "_started", 0)  # the index start_worker gives it
         env.setdefault("REPRISE_CACHE_PATH", str(self.workdir / f"qdrant-w{n}"))
-        cmd = [
-            sys.executable,
-            "-m",
-            "ops.faults",
-            "--with-hooks",
-            "worker",
-            "--model",
-            model,
-            "--devices",
-            devices,
-            "--hostname",
-            hostname,
-        ]
-        proc = subprocess.Popen(
-            cmd, env=c.process_env(**env), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        worker = WorkerProcess(proc, log, model, hostname)
-        worker.env = env
-        c.workers.append(worker)
-        if wait:
-            c.wait_worker_ready(worker, 180)
-        return worker
+        return self.cluster.start_worker(model, devices, wait=wait, timeout=180, hooks=True, **env)
 
     def start_coordinator(self, name: str, **env) -> subprocess.Popen:
         from ops.localcluster import free_port
