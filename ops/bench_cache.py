@@ -130,15 +130,12 @@ def summarise(passes: list[dict]) -> dict:
     }
 
 
-NODE_COUNTERS = COUNTERS
-
-
 def node_counters(app) -> dict[str, int]:
     """The cache path's counters summed over the live nodes (`celery inspect stats`, as Flower reads them)."""
-    totals = dict.fromkeys(NODE_COUNTERS, 0)
+    totals = dict.fromkeys(COUNTERS, 0)
     for stats in (app.control.inspect(timeout=5).stats() or {}).values():
         jobs = (stats.get("reprise") or {}).get("jobs") or {}
-        for name in NODE_COUNTERS:
+        for name in COUNTERS:
             totals[name] += int(jobs.get(name) or 0)
     return totals
 
@@ -226,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.saturate:
             args.concurrency = devices * int(os.environ.get("REPRISE_MAX_BATCH", "8"))
         console.print(f"{args.concurrency} clients, {devices} devices")
-        offs, ons, counted = [], [], dict.fromkeys(NODE_COUNTERS, 0)
+        offs, ons, counted = [], [], dict.fromkeys(COUNTERS, 0)
         for r in range(args.rounds):
             # off then on, then on then off, ...: a drift of the machine over the run weighs on both alike
             for kind in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                n_pass = 2 * r + (len(offs) + len(ons)) % 2 + 1
+                n_pass = len(offs) + len(ons) + 1
                 if kind == "off":
                     console.print(f"pass {n_pass}/{2 * args.rounds}: caches off, {len(stream)} requests ...")
                     offs.append(replay_pass(stream, args.concurrency, CACHE_OFF))
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = node_counters(admin.app)
                 ons.append(replay_pass(stream, args.concurrency, None))
                 after = node_counters(admin.app)
-                counted = {k: counted[k] + after[k] - before[k] for k in NODE_COUNTERS}
+                counted = {k: counted[k] + after[k] - before[k] for k in COUNTERS}
         round_ratios = [
             (len(on["results"]) / on["wall_s"]) / (len(off["results"]) / off["wall_s"]) for off, on in zip(offs, ons)
         ]

@@ -8,13 +8,14 @@ its own:
 
 - **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
   lookup is taken at once and answered in chunks of ``ANSWER_CHUNK``, the longest waiting first: one
-  embedder call for a chunk's prompts (MiniLM in its own child process by default, so its many small
-  torch calls neither wait for nor hold this process's interpreter lock: cache/embedding.py), one
-  batched search (``EdgeShard.query_batch``), then the state of each hit; each request's answer goes to
-  its ``answered`` callback (which resolves it in the engine), so no request thread waits or polls. A lookup whose request no longer waits for it (``passed()``: the
-  engine held it at its earliest resume step for the lookup's time box, REPRISE_CACHE_LOOKUP_TIMEOUT_MS,
-  and then ran it on fresh) is not looked up: the skip is counted (``lookup_skipped``) and the writer
-  embeds its prompt if it needs a write-back. The engine's hold is the one time box of a lookup, and a
+  embedder call for a chunk's prompts (on a node of accelerators or ``sim``, MiniLM in a child process of
+  its own, so its many small torch calls neither wait for nor hold this process's interpreter lock:
+  REPRISE_CACHE_EMBED_PROCESS, cache/embedding.py), one batched search (``EdgeShard.query_batch``), then
+  the state of each hit; each request's answer goes to its ``answered`` callback (which resolves it in
+  the engine), so no request thread waits or polls. A lookup whose request no longer waits for it
+  (``passed()``: the engine held it at its earliest resume step for the lookup's time box,
+  REPRISE_CACHE_LOOKUP_TIMEOUT_MS, and then ran it on fresh) is not looked up: the skip is counted
+  (``lookup_skipped``) and the writer embeds its prompt if it needs a write-back. The engine's hold is the one time box of a lookup, and a
   held request leaves its batch slot to another meanwhile, so a late lookup costs its request a hit and
   some latency, never its device a call's slot.
 - **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
