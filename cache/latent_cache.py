@@ -461,17 +461,24 @@ class LatentCache:
     ) -> list[bool]:
         """``write_back`` for each (key, vector, states, image_uri, shareable) in one insert-only upsert and
         one read of the writers: True where this call's entry is the stored one. A failure fails the batch."""
+        return [outcome == "stored" for outcome in self.write_back_outcomes(items)]
+
+    def write_back_outcomes(
+        self, items: list[tuple[CacheKey, np.ndarray, dict[int, np.ndarray], str | None, bool]]
+    ) -> list[str]:
+        """``write_back_many``, telling apart why an entry is not this call's: "stored", "raced" (another
+        writer's entry with that id was there first, which is no error) or "failed" (the whole batch)."""
         if not items:
             return []
         try:
-            return self._write_back_many(items)
+            return ["stored" if mine else "raced" for mine in self._write_back_many(items)]
         except CacheUnavailableError:
             self.health["write_unavailable"] += len(items)
             log.info("cache offline (optimising): %d write-backs dropped", len(items))
         except Exception as exc:
             self.health["write_error"] += len(items)
             log.warning("cache write-back of %d entries failed (%s: %s)", len(items), type(exc).__name__, exc)
-        return [False] * len(items)
+        return ["failed"] * len(items)
 
     def _write_back_many(self, items) -> list[bool]:
         # Entries are built with numpy casts and hashlib digests, which release the interpreter lock on

@@ -78,6 +78,7 @@ def summarise(passes: list[dict]) -> dict:
     errors = [e for p in passes for e in p["errors"]]
     wall = sum(p["wall_s"] for p in passes)
     latencies = [lat for lat, _ in results]
+    counted = {k: sum(p["counted"][k] for p in passes) for k in passes[0]["counted"]} if passes else {}
     hits = [r.cache.hit for _, r in results]
     steps = [r.steps for _, r in results]
     computed = [r.cache.steps_computed + r.cache.steps_discarded for _, r in results]  # all device steps run
@@ -113,6 +114,11 @@ def summarise(passes: list[dict]) -> dict:
         "approx_hits_by_k": by_k,
         "mean_steps_computed": statistics.fmean(computed) if computed else 0.0,
         "steps_saved_fraction": 1 - sum(computed) / sum(steps) if steps else 0.0,
+        "node_counters": counted,
+        # the device side: mean requests per denoiser call, and the devices' time inside calls per second
+        "mean_batch": counted["requests_stepped"] / counted["calls"] if counted.get("calls") else None,
+        "device_busy_s_per_s": counted["call_s"] / wall if counted and wall else None,
+        "mean_latency": statistics.fmean(latencies) if latencies else None,
         "p50_latency": _pct(latencies, 0.5),
         "p95_latency": _pct(latencies, 0.95),
         "lookup_p50_ms": _pct(lookups, 0.5),
@@ -130,13 +136,19 @@ def summarise(passes: list[dict]) -> dict:
     }
 
 
-def node_counters(app) -> dict[str, int]:
-    """The cache path's counters summed over the live nodes (`celery inspect stats`, as Flower reads them)."""
-    totals = dict.fromkeys(COUNTERS, 0)
+ENGINE = ("calls", "requests_stepped", "call_s")  # the engine's denoiser calls (workers/tasks.py, NodeInfo)
+
+
+def node_counters(app) -> dict[str, float]:
+    """The cache path's counters and the engine's call totals, summed over the live nodes (`celery inspect
+    stats`, as Flower reads them)."""
+    totals: dict[str, float] = dict.fromkeys((*COUNTERS, *ENGINE), 0)
     for stats in (app.control.inspect(timeout=5).stats() or {}).values():
-        jobs = (stats.get("reprise") or {}).get("jobs") or {}
+        node = stats.get("reprise") or {}
         for name in COUNTERS:
-            totals[name] += int(jobs.get(name) or 0)
+            totals[name] += int((node.get("jobs") or {}).get(name) or 0)
+        for name in ENGINE:
+            totals[name] += float((node.get("engine") or {}).get(name) or 0)
     return totals
 
 
@@ -223,26 +235,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.saturate:
             args.concurrency = devices * int(os.environ.get("REPRISE_MAX_BATCH", "8"))
         console.print(f"{args.concurrency} clients, {devices} devices")
-        offs, ons, counted = [], [], dict.fromkeys(COUNTERS, 0)
+        offs, ons = [], []
         for r in range(args.rounds):
             # off then on, then on then off, ...: a drift of the machine over the run weighs on both alike
             for kind in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 n_pass = len(offs) + len(ons) + 1
                 if kind == "off":
                     console.print(f"pass {n_pass}/{2 * args.rounds}: caches off, {len(stream)} requests ...")
-                    offs.append(replay_pass(stream, args.concurrency, CACHE_OFF))
-                    continue
-                admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
-                console.print(f"pass {n_pass}/{2 * args.rounds}: caches on (cold), {len(stream)} requests ...")
+                else:
+                    admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
+                    console.print(f"pass {n_pass}/{2 * args.rounds}: caches on (cold), {len(stream)} requests ...")
                 before = node_counters(admin.app)
-                ons.append(replay_pass(stream, args.concurrency, None))
+                done = replay_pass(stream, args.concurrency, CACHE_OFF if kind == "off" else None)
                 after = node_counters(admin.app)
-                counted = {k: counted[k] + after[k] - before[k] for k in COUNTERS}
+                done["counted"] = {k: after[k] - before[k] for k in after}
+                (offs if kind == "off" else ons).append(done)
         round_ratios = [
             (len(on["results"]) / on["wall_s"]) / (len(off["results"]) / off["wall_s"]) for off, on in zip(offs, ons)
         ]
         off, on = summarise(offs), summarise(ons)
-        on["node_counters"] = counted
     finally:
         if cluster is not None:
             cluster.__exit__(None, None, None)
@@ -263,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_device_s_off": off["throughput"] / devices,
         "images_per_device_s_on": on["throughput"] / devices,
         "node_counters_on": on["node_counters"],  # the cache path's batches, skips and drops in the on pass
+        "node_counters_off": off["node_counters"],
+        "mean_batch_off": off["mean_batch"],
+        "mean_batch_on": on["mean_batch"],
+        # the devices' share of the wall time inside denoiser calls (busy ÷ devices)
+        "device_busy_off": off["device_busy_s_per_s"] / devices if off["device_busy_s_per_s"] is not None else None,
+        "device_busy_on": on["device_busy_s_per_s"] / devices if on["device_busy_s_per_s"] is not None else None,
+        "mean_latency_off": off["mean_latency"],
+        "mean_latency_on": on["mean_latency"],
         "hit_rate_exact": on["hit_rate_exact"],
         "hit_rate_approx": on["hit_rate_approx"],
         "approx_hits_by_k": on["approx_hits_by_k"],
@@ -292,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         fmt(on["throughput"] / devices, "{:.3f}"),
     )
     table.add_row(
+        "device: mean batch / busy",
+        f"{fmt(report['mean_batch_off'])} / {fmt(report['device_busy_off'], '{:.1%}')}",
+        f"{fmt(report['mean_batch_on'])} / {fmt(report['device_busy_on'], '{:.1%}')}",
+    )
+    table.add_row("mean latency (s)", fmt(off["mean_latency"], "{:.3f}"), fmt(on["mean_latency"], "{:.3f}"))
+    table.add_row(
         "p50 / p95 latency (s)",
         f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}",
         f"{fmt(on['p50_latency'])} / {fmt(on['p95_latency'])}",
@@ -317,9 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{holds} / {c['lookup_held_ms'] / holds:.0f}" if holds else "0 / -",
     )
     table.add_row(
-        "write-backs written / dropped / failed",
+        "before the device: cache (mean ms)",
         "-",
-        f"{c['writeback_written']} / {c['writeback_dropped']} / {c['writeback_failed']}",
+        f"{c['exact_lookup_ms'] / c['exact_lookups']:.1f}" if c["exact_lookups"] else "-",
+    )
+    table.add_row(
+        "write-backs written / raced / dropped / failed",
+        "-",
+        f"{c['writeback_written']} / {c['writeback_raced']} / {c['writeback_dropped']} / {c['writeback_failed']}",
     )
     for stage in off["stages_p50_s"]:
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731

@@ -104,8 +104,8 @@ def test_waiting_lookups_share_one_embedder_call_and_one_batched_search(cache):
 
 
 def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
-    write = Gate(cache.write_back_many)
-    cache.write_back_many = write
+    write = Gate(cache.write_back_outcomes)
+    cache.write_back_outcomes = write
     path = CachePath(lambda: cache, {}, writeback_queue=2)
     try:
         keys = [_key(f"a lighthouse number {i}") for i in range(5)]
@@ -121,6 +121,29 @@ def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
         for i, k in enumerate(keys):  # the written ones are found (their prompts embedded by the writer)
             hit = cache.lookup_exact(k)
             assert (hit is not None) == (i < 3), i
+    finally:
+        path.close()
+
+
+def test_a_write_back_that_lost_the_race_is_counted_apart_from_a_failed_one(cache):
+    path = CachePath(lambda: cache, {})
+    try:
+        key = _key("a lighthouse at dusk")
+        assert path.write_back(key, None, _captured(0), "file:///first.png", False)
+        path.drain(10)
+        assert path.write_back(key, None, _captured(1), "file:///second.png", False)  # same entry: first writer wins
+        path.drain(10)
+        assert (path.counters["writeback_written"], path.counters["writeback_raced"]) == (1, 1)
+        assert path.counters["writeback_failed"] == 0
+        assert cache.lookup_exact(key).image_uri == "file:///first.png"
+        real = cache.store
+        cache.store = None  # the store away: every entry of the batch fails
+        try:
+            assert path.write_back(_key("a harbour at noon"), None, _captured(2), "file:///third.png", False)
+            path.drain(10)
+        finally:
+            cache.store = real
+        assert path.counters["writeback_failed"] == 1 and path.counters["writeback_raced"] == 1
     finally:
         path.close()
 

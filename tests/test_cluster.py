@@ -255,6 +255,12 @@ def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
         time.sleep(1)
     stats = next(workers[w]["stats"] for w in ours)
     assert stats["reprise"]["model"] == "tiny" and "cpu" in stats["reprise"]["devices"]
+    # `celery inspect stats` itself, now (Flower's copy may be from before these jobs): the engine's denoiser
+    # calls so far on the tiny nodes, these two jobs' 3 + 4 steps among them
+    live = get_app().control.inspect(timeout=10).stats() or {}
+    engines = [v["reprise"]["engine"] for k, v in live.items() if k.startswith("reprise-tiny")]
+    stepped, calls = sum(e["requests_stepped"] for e in engines), sum(e["calls"] for e in engines)
+    assert stepped >= 3 + 4 and 0 < calls <= stepped and sum(e["call_s"] for e in engines) > 0
 
 
 def test_feature_cache_options_reach_the_worker_and_are_reported(cluster):

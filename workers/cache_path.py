@@ -72,7 +72,8 @@ ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath.
 # their batch's embedding and search (state fetch included), so their means say where a lookup's time goes.
 COUNTERS = (
     "writeback_dropped",
-    "writeback_failed",
+    "writeback_failed",  # an error: the store refused or was away
+    "writeback_raced",  # another node or job stored the same entry first (insert-only: first writer wins)
     "writeback_written",
     "lookup_skipped",
     "lookup_batches",
@@ -82,6 +83,8 @@ COUNTERS = (
     "lookup_search_ms",
     "lookup_holds",  # requests their device held at the resume step for their lookup (note_hold)
     "lookup_held_ms",
+    "exact_lookups",  # the cache's part of a request before its device (invalidation catch-up, generation, exact
+    "exact_lookup_ms",  # lookup), on the request's thread: note_exact
 )
 
 
@@ -210,6 +213,11 @@ class CachePath:
         self._count("lookup_holds")
         self._count("lookup_held_ms", round(held_s * 1000))
 
+    def note_exact(self, seconds: float) -> None:
+        """A request spent ``seconds`` in the cache before its device: rules, generation, exact lookup."""
+        self._count("exact_lookups")
+        self._count("exact_lookup_ms", round(seconds * 1000))
+
     # --- the writer ----------------------------------------------------------------------------------
     def write_back(self, key, vector, captured: dict, uri: str, shareable: bool) -> bool:
         """Queue the states captured by a request (tensors; converted here, where torch releases the lock);
@@ -251,9 +259,13 @@ class CachePath:
         if missing:
             for w, v in zip(missing, cache.embedder.embed_many([w.key.prompt for w in missing])):
                 w.vector = v
-        stored = cache.write_back_many([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
-        self._count("writeback_written", sum(stored))
-        self._count("writeback_failed", len(stored) - sum(stored))
+        outcomes = cache.write_back_outcomes([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
+        for outcome, counter in (
+            ("stored", "writeback_written"),
+            ("raced", "writeback_raced"),
+            ("failed", "writeback_failed"),
+        ):
+            self._count(counter, outcomes.count(outcome))
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until every write-back queued so far has landed or failed."""

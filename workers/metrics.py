@@ -214,6 +214,11 @@ class NodeCollector:
         for name, what, help_text in (
             ("reprise_cache_writeback_dropped", "writeback_dropped", "Write-backs dropped: the writer was behind."),
             (
+                "reprise_cache_writeback_raced",
+                "writeback_raced",
+                "Write-backs not stored because the same entry was stored first (first writer wins; no error).",
+            ),
+            (
                 "reprise_cache_lookups_skipped",
                 "lookup_skipped",
                 "Approximate lookups skipped: the request had reached its earliest resume step first.",

@@ -226,8 +226,9 @@ class GenerationService:
             "approximate": 0,
             "miss": 0,
             "writeback_failed": 0,
+            "writeback_raced": 0,
             "writeback_dropped": 0,
-            "writeback_written": 0,  # the cache path counts these three once it runs; a drain reads them before
+            "writeback_written": 0,  # the cache path counts these four once it runs; a drain reads them before
         }
 
     @property
@@ -376,6 +377,7 @@ class GenerationService:
         if a.uri is not None or not a.use_cache:
             return
         request, report = a.request, a.report
+        began = time.perf_counter()
         if self.before_lookup is not None:
             self.before_lookup()
         a.key, report.generation = self._cache_key(request, a.seed, a.width, a.height, a.adapters)
@@ -393,6 +395,7 @@ class GenerationService:
                 report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, request.steps
                 a.uri = uri
         report.lookup_ms = (time.perf_counter() - t) * 1000
+        self.cache_path.note_exact(time.perf_counter() - began)
         if request.cache.write:
             a.capture = list(self.cache.state_steps(request.steps))
 

@@ -159,8 +159,19 @@ class NodeInfo(bootsteps.StartStopStep):
                 },
                 "queue": getattr(_service, "queue", None),
                 "jobs": dict(_service.counters),
+                # the engine's denoiser calls so far, summed over its devices (mean batch, busy time)
+                "engine": _engine_totals(),
             }
         }
+
+
+def _engine_totals() -> dict[str, float]:
+    stats = [s for _, s in metrics._engine_stats(_service)]
+    return {
+        "calls": sum(s.calls for s in stats),
+        "requests_stepped": sum(s.requests_stepped for s in stats),
+        "call_s": round(sum(s.call_s for s in stats), 3),
+    }
 
 
 app.steps["worker"].add(NodeInfo)
