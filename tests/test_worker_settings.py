@@ -39,11 +39,24 @@ def test_feature_profile_is_checked_against_the_family(model, profile, ok):
     assert "REPRISE_FEATURE_PROFILE" in str(err.value) and ", ".join(err.value.details[0]["allowed"]) in str(err.value)
 
 
-def test_a_value_out_of_bounds_is_a_typed_error_naming_the_variable(monkeypatch):
-    monkeypatch.setenv("REPRISE_MAX_BATCH", "0")
+@pytest.mark.parametrize("name", ["REPRISE_MAX_BATCH", "REPRISE_SWITCH_INTERVAL_MS"])
+def test_a_value_out_of_bounds_is_a_typed_error_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(name, "0")
     with pytest.raises(InvalidWorkerSetting) as err:
         load_worker_settings()
-    assert err.value.details[0]["setting"] == "REPRISE_MAX_BATCH" and "REPRISE_MAX_BATCH" in str(err.value)
+    assert err.value.details[0]["setting"] == name and name in str(err.value)
+
+
+def test_the_switch_interval_setting_is_the_process_interpreter_lock_interval(monkeypatch):
+    from workers.node import use_switch_interval
+
+    before = sys.getswitchinterval()
+    monkeypatch.setenv("REPRISE_SWITCH_INTERVAL_MS", "2.5")
+    try:
+        use_switch_interval(load_worker_settings())
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+    finally:
+        sys.setswitchinterval(before)
 
 
 @pytest.mark.parametrize(

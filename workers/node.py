@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -56,6 +57,16 @@ def parse_devices(spec: str) -> list[str]:
     return names
 
 
+def use_switch_interval(worker: WorkerSettings) -> None:
+    """REPRISE_SWITCH_INTERVAL_MS for this process: how long a thread running Python keeps the interpreter
+    lock while another waits for it. A device thread gives the lock up and takes it back around each of the
+    small torch calls of a step's guidance and scheduler step (some hundreds per call of eight); behind a
+    thread that runs Python meanwhile (the cache's lookup and writer, Celery's, the publisher) each take
+    waited up to Python's default 5 ms, which is what made a full `sim` node's devices idle longer between
+    calls with the caches on (docs/measured.md, issue 26's third round)."""
+    sys.setswitchinterval(worker.switch_interval_ms / 1000)
+
+
 def build_service(
     worker: WorkerSettings,
     cluster: ClusterSettings,
@@ -65,6 +76,7 @@ def build_service(
 ) -> GenerationService:
     """Load one pipeline per device (once), open the node's cache, register the model's fingerprint."""
     guard_broker_consumer()
+    use_switch_interval(worker)
     # Settings are checked before anything loads: a wrong value stops the node (only a cache that is away
     # is retried in the background, below).
     from cache import CacheSettings

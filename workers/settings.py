@@ -100,6 +100,12 @@ class WorkerSettings(BaseSettings):
         "", description="Where block-caching calibrations are kept (default ~/.cache/reprise/blockcache)."
     )
     warmup: bool = Field(True, description="Run one short generation per device at start.")
+    switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="How long a thread running Python may keep the interpreter lock while another waits for it (sys.setswitchinterval; Python's own default is 5 ms). Device threads take the lock back after every small torch call of a step, so a shorter interval keeps the devices from idling behind the node's other threads.",
+    )
     metrics_port: int = Field(
         9101, ge=0, le=65535, description="Prometheus metrics port of a worker; the next free one if taken; 0 disables."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from celery import bootsteps
@@ -161,6 +162,7 @@ class NodeInfo(bootsteps.StartStopStep):
                 "jobs": dict(_service.counters),
                 # the engine's denoiser calls so far, summed over its devices (mean batch, busy time)
                 "engine": _engine_totals(),
+                "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # REPRISE_SWITCH_INTERVAL_MS
             }
         }
 
