@@ -226,26 +226,30 @@ class EmbedderError(RuntimeError):
     """The prompt embedder could not embed (its child process failed)."""
 
 
-_children: dict[int, ChildEncoder] = {}
+_children: dict[tuple[int, float], ChildEncoder] = {}
 _children_lock = threading.Lock()
 
 
-def child_encoder(threads: int = 1) -> ChildEncoder:
-    """This process's MiniLM child for ``threads`` torch threads (started on its first call)."""
+def child_encoder(threads: int = 1, timeout_s: float = 60.0) -> ChildEncoder:
+    """This process's MiniLM child for ``threads`` torch threads and a call timeout of ``timeout_s`` (started
+    on its first call)."""
     with _children_lock:
-        return _children.setdefault(threads, ChildEncoder(threads))
+        return _children.setdefault((threads, timeout_s), ChildEncoder(threads, timeout_s))
 
 
 class PromptEmbedder:
     """all-MiniLM-L6-v2 sentence embeddings, unit-normalised float32, memoised per prompt. With
-    ``child_threads`` the model runs in a child process on that many torch threads (``ChildEncoder``)."""
+    ``child_threads`` the model runs in a child process on that many torch threads (``ChildEncoder``), which
+    is killed when a call goes unanswered for ``child_timeout_s``."""
 
     version = MINILM_VERSION
     dim = MINILM_DIM
 
-    def __init__(self, memo_entries: int = 50_000, child_threads: int | None = None) -> None:
+    def __init__(
+        self, memo_entries: int = 50_000, child_threads: int | None = None, child_timeout_s: float = 60.0
+    ) -> None:
         self._memo = _Memo(memo_entries)
-        self._encode_fn = encode_minilm if child_threads is None else child_encoder(child_threads)
+        self._encode_fn = encode_minilm if child_threads is None else child_encoder(child_threads, child_timeout_s)
         # One encode at a time (torch already uses every core), but the prompts that arrive meanwhile
         # join the next batch instead of queueing behind a lock one by one.
         self._batched = CoalescedEncode(self._encode_batch)

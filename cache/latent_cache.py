@@ -243,7 +243,9 @@ class LatentCache:
             if settings.embedder == "clip":
                 raise ValueError("embedder=clip needs the pipeline's text encoder: LatentCache.open(..., embedder=fn)")
             embedder = PromptEmbedder(
-                settings.memo_entries, child_threads=settings.embed_threads if settings.embed_process == "on" else None
+                settings.memo_entries,
+                child_threads=settings.embed_threads if settings.embed_process == "on" else None,
+                child_timeout_s=settings.embed_timeout_s,
             )
         elif not hasattr(embedder, "embed"):
             embedder = CallableEmbedder(

@@ -96,6 +96,11 @@ class CacheSettings(BaseSettings):
         "auto",
         description="Where MiniLM embeds prompts. on: in a child process of the worker (on embed_threads torch threads), so that its many small torch calls never wait for, nor hold, the interpreter lock of the device and job threads; off: in the process. auto: on for a worker whose devices are accelerators (or sim), off for one that computes on the CPU (a child would oversubscribe the cores the device's own threads use) and outside a worker.",
     )
+    embed_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="With embed_process on: a call the child process leaves unanswered this long means it hangs: it is killed, the call fails (its lookups miss) and the next call starts a new child.",
+    )
     batch_max: int = Field(
         64,
         ge=1,

@@ -167,7 +167,7 @@ def _raised(fn, *args):
 @pytest.mark.parametrize("cpu_node", [False, True])
 def test_a_worker_embeds_in_a_child_unless_its_devices_are_the_cpu(tmp_path, monkeypatch, cpu_node):
     """REPRISE_CACHE_EMBED_PROCESS=auto: a node of accelerators (or sim) embeds in the child process, a CPU
-    node in its own process; on and off are kept as given."""
+    node in its own process; on and off are kept as given; the child gets REPRISE_CACHE_EMBED_TIMEOUT_S."""
     from cache.embedding import ChildEncoder, encode_minilm
     from workers.model_loading import load_components
     from workers.node_cache import open_cache
@@ -177,9 +177,11 @@ def test_a_worker_embeds_in_a_child_unless_its_devices_are_the_cpu(tmp_path, mon
         monkeypatch.setenv("REPRISE_CACHE_PATH", str(tmp_path / f"{setting}-{cpu_node}"))
         monkeypatch.setenv("REPRISE_CACHE_EMBED_PROCESS", setting)
         monkeypatch.setenv("REPRISE_CACHE_EMBEDDER", "minilm")
+        monkeypatch.setenv("REPRISE_CACHE_EMBED_TIMEOUT_S", "7.5")
         cache = open_cache(None, components, "reprise-test", cpu_node=cpu_node)
         try:
             encode = cache.embedder._encode_fn
             assert isinstance(encode, ChildEncoder) == child and (encode is encode_minilm) == (not child), setting
+            assert not child or encode.timeout_s == 7.5  # REPRISE_CACHE_EMBED_TIMEOUT_S reaches the child
         finally:
             cache.close()
