@@ -116,12 +116,22 @@ def _engine_stats(service) -> list:
     return [(s.device.name, s.stats) for s in engine.schedulers] if engine is not None else []
 
 
+def engine_totals(service) -> dict[str, float]:
+    """The engine's denoiser calls so far, summed over the node's devices (`celery inspect stats` carries
+    them: mean batch = requests_stepped ÷ calls, busy time = call_s)."""
+    stats = [s for _, s in _engine_stats(service)]
+    return {
+        "calls": sum(s.calls for s in stats),
+        "requests_stepped": sum(s.requests_stepped for s in stats),
+        "call_s": sum(s.call_s for s in stats),
+    }
+
+
 def request_step_s(service) -> float:
     """Device seconds one request's denoising step costs on this node: the engine's time inside denoiser
     calls over the request-steps those calls made (a call of B requests: each step costs 1/B of it)."""
-    stats = [s for _, s in _engine_stats(service)]
-    stepped = sum(s.requests_stepped for s in stats)
-    return sum(s.call_s for s in stats) / stepped if stepped else 0.0
+    totals = engine_totals(service)
+    return totals["call_s"] / totals["requests_stepped"] if totals["requests_stepped"] else 0.0
 
 
 def busy_ratios(service) -> dict[str, float]:

@@ -160,20 +160,10 @@ class NodeInfo(bootsteps.StartStopStep):
                 },
                 "queue": getattr(_service, "queue", None),
                 "jobs": dict(_service.counters),
-                # the engine's denoiser calls so far, summed over its devices (mean batch, busy time)
-                "engine": _engine_totals(),
+                "engine": metrics.engine_totals(_service),
                 "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # REPRISE_SWITCH_INTERVAL_MS
             }
         }
-
-
-def _engine_totals() -> dict[str, float]:
-    stats = [s for _, s in metrics._engine_stats(_service)]
-    return {
-        "calls": sum(s.calls for s in stats),
-        "requests_stepped": sum(s.requests_stepped for s in stats),
-        "call_s": round(sum(s.call_s for s in stats), 3),
-    }
 
 
 app.steps["worker"].add(NodeInfo)
