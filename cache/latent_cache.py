@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from cache.embedding import CallableEmbedder, Embedder, PromptEmbedder
+from cache.embedding import CallableEmbedder, Embedder, PromptEmbedder, minilm_dtype
 from cache.keys import CacheKey
 from cache.open_store import open_store
 from cache.policies import EntryStats, make_policy, plan_eviction
@@ -246,6 +246,7 @@ class LatentCache:
                 settings.memo_entries,
                 child_threads=settings.embed_threads if settings.embed_process == "on" else None,
                 child_timeout_s=settings.embed_timeout_s,
+                dtype=minilm_dtype(settings.embed_dtype),
             )
         elif not hasattr(embedder, "embed"):
             embedder = CallableEmbedder(
@@ -339,6 +340,29 @@ class LatentCache:
         if self.settings.isolate_by_tenant:
             must.append(Cond("audience", [key.tenant, SHARED_AUDIENCE] if allow_shared else [key.tenant]))
         return Where(must=tuple(must))
+
+    def could_resume_many(self, queries: list[tuple[CacheKey, bool]]) -> list[bool]:
+        """For each (key, allow_shared): whether the store holds any entry an approximate lookup of that key
+        could resume from (same model, generation, steps, guidance, size, adapters, audience; unexpired;
+        with a state). One exact count per distinct filter, no vector: the lookup stage answers a request
+        that nothing could match at once, without waiting for its prompt's embedding. When the count
+        fails, True (the lookup decides, as before)."""
+        if not queries:
+            return []
+        now = self.clock()
+        found: dict[str, bool] = {}  # by the filter's repr: its conditions may hold lists
+        out = []
+        for key, shared in queries:
+            where = self._approx_where(key, shared, now)
+            seen = repr(where)
+            if seen not in found:
+                try:
+                    found[seen] = self.store.count(where) > 0
+                except Exception as exc:  # the lookup itself will count the failure, if it fails too
+                    log.debug("cache count failed (%s: %s); looking up", type(exc).__name__, exc)
+                    found[seen] = True
+            out.append(found[seen])
+        return out
 
     def lookup_approx_many(self, queries: list[tuple[CacheKey, np.ndarray, bool]]) -> list[ApproxHit | None]:
         """``lookup_approx`` for each (key, vector, allow_shared), searched in one batched store query (the

@@ -328,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("steps saved", "-", f"{on['steps_saved_fraction']:.1%}")
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
     c = on["node_counters"]
-    table.add_row("lookup batches / skipped", "-", f"{c['lookup_batches']} / {c['lookup_skipped']}")
+    table.add_row(
+        "lookup batches / skipped / nothing to match",
+        "-",
+        f"{c['lookup_batches']} / {c['lookup_skipped']} / {c['lookup_empty']}",
+    )
     per = lambda name: "-" if not c["lookups"] else f"{c[name] / c['lookups']:.0f}"  # noqa: E731
     table.add_row(
         "lookup queue wait / embed / search (mean ms)",

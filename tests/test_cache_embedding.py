@@ -167,7 +167,8 @@ def _raised(fn, *args):
 @pytest.mark.parametrize("cpu_node", [False, True])
 def test_a_worker_embeds_in_a_child_unless_its_devices_are_the_cpu(tmp_path, monkeypatch, cpu_node):
     """REPRISE_CACHE_EMBED_PROCESS=auto: a node of accelerators (or sim) embeds in the child process, a CPU
-    node in its own process; on and off are kept as given; the child gets REPRISE_CACHE_EMBED_TIMEOUT_S."""
+    node in its own process; on and off are kept as given; the child gets REPRISE_CACHE_EMBED_TIMEOUT_S, and
+    either gets REPRISE_CACHE_EMBED_DTYPE."""
     from cache.embedding import ChildEncoder, encode_minilm
     from workers.model_loading import load_components
     from workers.node_cache import open_cache
@@ -178,10 +179,39 @@ def test_a_worker_embeds_in_a_child_unless_its_devices_are_the_cpu(tmp_path, mon
         monkeypatch.setenv("REPRISE_CACHE_EMBED_PROCESS", setting)
         monkeypatch.setenv("REPRISE_CACHE_EMBEDDER", "minilm")
         monkeypatch.setenv("REPRISE_CACHE_EMBED_TIMEOUT_S", "7.5")
+        monkeypatch.setenv("REPRISE_CACHE_EMBED_DTYPE", "bfloat16")
         cache = open_cache(None, components, "reprise-test", cpu_node=cpu_node)
         try:
             encode = cache.embedder._encode_fn
-            assert isinstance(encode, ChildEncoder) == child and (encode is encode_minilm) == (not child), setting
+            assert isinstance(encode, ChildEncoder) == child, setting
+            assert child or (encode.func is encode_minilm and encode.keywords == {"dtype": "bfloat16"}), setting
             assert not child or encode.timeout_s == 7.5  # REPRISE_CACHE_EMBED_TIMEOUT_S reaches the child
+            assert not child or encode.dtype == "bfloat16"  # and REPRISE_CACHE_EMBED_DTYPE
         finally:
             cache.close()
+
+
+def test_minilm_in_bfloat16_agrees_with_float32_in_process_and_in_a_child(minilm, monkeypatch):
+    """REPRISE_CACHE_EMBED_DTYPE: auto is bfloat16 exactly where the CPU multiplies it natively; its vectors,
+    in this process and in a child, are float32 and within a cosine of 1e-3 of float32's (so the embedder's
+    version and every stored vector stay valid)."""
+    import torch
+
+    from cache.embedding import ChildEncoder, minilm_dtype
+
+    for avx512_bf16, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert minilm_dtype("auto") == want
+    assert minilm_dtype("float32") == "float32" and minilm_dtype("bfloat16") == "bfloat16"
+    prompts = ["a red fox in the snow", "a lighthouse at dusk, oil painting, trending on artstation", "ramen"]
+    full = minilm.embed_many(prompts)
+    half = PromptEmbedder(memo_entries=10, dtype="bfloat16").embed_many(prompts)
+    child = ChildEncoder(threads=1, dtype="bfloat16")
+    try:
+        for vectors in (half, child(prompts)):
+            assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+            cosines = (vectors * full).sum(axis=1)
+            assert cosines.min() > 0.999 and np.abs(vectors - full).max() > 0  # close, yet computed in bfloat16
+    finally:
+        child.close()

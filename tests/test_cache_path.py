@@ -148,7 +148,37 @@ def test_a_write_back_that_lost_the_race_is_counted_apart_from_a_failed_one(cach
         path.close()
 
 
+def test_lookups_that_nothing_stored_could_match_are_answered_at_once_and_embedded_ahead(cache):
+    encoded: list[list[str]] = []  # what MiniLM itself encodes (the memo's misses)
+    real_encode = cache.embedder._encode_fn
+    cache.embedder._encode_fn = lambda prompts: encoded.append(list(prompts)) or real_encode(prompts)
+    path = CachePath(lambda: cache, {})
+    try:
+        assert path.lookup(_key("a red fox"), "a red fox", True) == (None, None)  # a cold cache: answered at once
+        assert path.counters["lookups"] == 0
+        deadline = time.monotonic() + 10
+        memo = cache.embedder._memo
+        while memo.get((cache.embedder.version, "a red fox")) is None:  # then embedded ahead, no lookup waiting
+            assert time.monotonic() < deadline, encoded
+            time.sleep(0.01)
+        assert encoded == [["a red fox"]]
+        wide = dataclasses.replace(_key("a red fox"), width=128)
+        path.write_back(wide, None, _captured(0), "file:///x0.png", False)
+        path.drain(10)
+        assert encoded == [["a red fox"]]  # the writer found the vector embedded ahead
+        assert path.lookup(_key("a lynx"), "a lynx", True) == (None, None)  # only a 128-wide entry is stored
+        assert (path.counters["lookup_empty"], path.counters["lookups"]) == (2, 0)
+        vector, hit = path.lookup(dataclasses.replace(wide, seed=5), "a red fox", True)  # one could match now
+        assert hit is not None and hit.k > 0 and np.allclose(vector, cache.embed("a red fox"))
+        assert (path.counters["lookup_empty"], path.counters["lookups"]) == (2, 1)
+        assert cache.could_resume_many([(wide, True), (_key("b"), True)]) == [True, False]
+    finally:
+        path.close()
+
+
 def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache):
+    cache.write_back_many([(_key("x"), cache.embed("x"), _states(0), None, False)])  # "a" and "b" could match it
+    cache.embedder.drop_memos()
     embed = Gate(cache.embedder.embed_many)
     cache.embedder.embed_many = embed
     path = CachePath(lambda: cache, {})
@@ -192,6 +222,10 @@ def test_a_request_held_behind_a_slow_lookup_batch_runs_on_fresh_and_is_still_wr
     try:
         b = {"prompt": "a blue heron in a pond", "seed": 4, "steps": STEPS, "cache": {"exact": False}}
         fresh = service.run({**b, "cache": {"exact": False, "approximate": False, "write": False}}, JobContext("b0"))
+        # an entry A's and B's lookups could match (else they are answered at once, unembedded)
+        service.run({**b, "prompt": "a cat", "cache": {"exact": False, "approximate": False}}, JobContext("c"))
+        service.drain_writebacks(30)
+        service.cache.embedder.drop_memos()
         embed = Gate(service.cache.embedder.embed_many)
         service.cache.embedder.embed_many = embed
         a = threading.Thread(target=service.run, args=({**b, "prompt": "a red fox", "seed": 1}, JobContext("a")))

@@ -76,6 +76,7 @@ COUNTERS = (
     "writeback_raced",  # another node or job stored the same entry first (insert-only: first writer wins)
     "writeback_written",
     "lookup_skipped",
+    "lookup_empty",  # answered at once: no stored entry matched their filter, so no embedding was waited for
     "lookup_batches",
     "lookups",
     "lookup_wait_ms",
@@ -158,12 +159,31 @@ class CachePath:
 
     def _lookup_loop(self) -> None:
         self._background()
+        later: list[str] = []  # prompts answered unembedded, to embed while no lookup waits
         while True:
-            items, stop = self._take(self._lookups, self._lookups.get())
+            try:
+                first = self._lookups.get(block=not later)
+            except queue.Empty:
+                self._embed_ahead(later[:ANSWER_CHUNK])
+                del later[:ANSWER_CHUNK]
+                continue
+            items, stop = self._take(self._lookups, first)
             if items:
-                self._lookup_batch(items)
+                later.extend(self._lookup_batch(items))
             if stop:
                 return
+
+    def _embed_ahead(self, prompts: list[str]) -> None:
+        """Embed prompts whose lookups were answered without it, into the embedder's memo, where their
+        write-backs find them: else the writer embeds a whole wave of them when the wave's requests finish
+        together, just when the next wave's lookups need the embedder."""
+        cache = self.cache_of()
+        if cache is None or not prompts:
+            return
+        try:
+            cache.embedder.embed_many(prompts)
+        except Exception as exc:  # the writer embeds them then
+            log.debug("embedding %d prompts ahead failed: %s", len(prompts), exc)
 
     @staticmethod
     def _answer(item: Lookup, vector, hit) -> None:
@@ -172,11 +192,38 @@ class CachePath:
         except Exception:  # one request's callback never stops the others' answers
             log.exception("cache lookup answer failed")
 
-    def _lookup_batch(self, items: list[Lookup]) -> None:
-        # A burst (every client of a full node at once) is answered in chunks, the longest waiting first, so
-        # the first answers come after one chunk's embedding rather than after the whole burst's.
+    def _lookup_batch(self, items: list[Lookup]) -> list[str]:
+        # First the requests that nothing stored could serve (a cold cache, or a size, step count or guidance
+        # no entry has): one count per distinct filter answers them at once, without their embedding (the
+        # writer embeds their prompts for the write-back). Then the rest, in chunks, the longest waiting
+        # first, so that in a burst (every client of a full node at once) the first answers come after one
+        # chunk's embedding rather than after the whole burst's.
+        # Returns the prompts answered unembedded: the loop embeds them once no lookup waits.
+        items, unembedded = self._answer_unmatchable(items)
         for start in range(0, len(items), ANSWER_CHUNK):
             self._lookup_chunk(items[start : start + ANSWER_CHUNK])
+        return unembedded
+
+    def _answer_unmatchable(self, items: list[Lookup]) -> tuple[list[Lookup], list[str]]:
+        """Answer (None, None) at once to the lookups whose filter no stored entry matches (``lookup_empty``):
+        (the others, to look up; the prompts of the answered ones)."""
+        cache = self.cache_of()
+        if cache is None or not items:
+            return items, []
+        try:
+            could = cache.could_resume_many([(i.key, i.allow_shared) for i in items])
+        except Exception:  # the lookups decide, as without the check
+            log.exception("cache pre-check of %d lookups failed; looking them up", len(items))
+            return items, []
+        rest, answered = [], []
+        for item, possible in zip(items, could):
+            if possible:
+                rest.append(item)
+            else:
+                self._count("lookup_empty")
+                self._answer(item, None, None)
+                answered.append(item.prompt)
+        return rest, answered
 
     def _lookup_chunk(self, items: list[Lookup]) -> None:
         live = []

@@ -15,7 +15,9 @@ The names are fixed (the dashboards use them):
 - ``reprise_cache_writeback_failures_total{model}``: write-backs that failed or were dropped
   because the write-back queue was full; ``reprise_cache_writeback_dropped_total{model}`` the dropped
   ones alone, and ``reprise_cache_lookups_skipped_total{model}`` approximate lookups not made because
-  the request had reached its earliest resume step before its lookup batch (workers/cache_path.py).
+  the request had reached its earliest resume step before its lookup batch (workers/cache_path.py);
+  ``reprise_cache_lookups_unmatched_total{model}`` lookups answered at once because no stored entry
+  matched their filter (their prompts were not embedded for them).
 - ``reprise_queue_depth{queue}``: messages waiting in each ``<prefix>.*`` queue, read from Redis at
   scrape time; the priority sub-queues (``reprise.tiny:3``) are summed into their queue. Flower has
   no queue-length metric, so this fills that gap.
@@ -232,6 +234,11 @@ class NodeCollector:
                 "reprise_cache_lookups_skipped",
                 "lookup_skipped",
                 "Approximate lookups skipped: the request had reached its earliest resume step first.",
+            ),
+            (
+                "reprise_cache_lookups_unmatched",
+                "lookup_empty",
+                "Approximate lookups answered at once, unembedded: no stored entry matched their filter.",
             ),
         ):
             family = CounterMetricFamily(name, help_text, labels=["model"])
