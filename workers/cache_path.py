@@ -7,7 +7,10 @@ the interpreter lock. Here the same work runs as the device path does, in batche
 its own:
 
 - **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
-  lookup is taken at once and answered in chunks of ``ANSWER_CHUNK``, the longest waiting first: one
+  lookup is taken at once. Those that no stored entry could match (``LatentCache.could_resume_many``: one
+  count per distinct filter) are answered at once, unembedded (``lookup_empty``); their prompts are embedded
+  ahead whenever no lookup waits, into the embedder's memo where their write-backs find them. The rest are
+  answered in chunks of ``ANSWER_CHUNK``, the longest waiting first: one
   embedder call for a chunk's prompts (on a node of accelerators or ``sim``, MiniLM in a child process of
   its own, so its many small torch calls neither wait for nor hold this process's interpreter lock:
   REPRISE_CACHE_EMBED_PROCESS, cache/embedding.py), one batched search (``EdgeShard.query_batch``), then
@@ -66,6 +69,7 @@ class WriteBack:
 
 _STOP = object()
 ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath._lookup_batch)
+AHEAD_MAX = 256  # prompts answered unembedded kept to embed ahead (CachePath._embed_ahead)
 
 # The node's cache-path counters (``celery inspect stats`` → reprise.jobs; `reprise bench cache` prints them).
 # lookup_wait/embed/search_ms are sums over looked-up requests: the wait in the queue before their batch started, and
@@ -170,6 +174,7 @@ class CachePath:
             items, stop = self._take(self._lookups, first)
             if items:
                 later.extend(self._lookup_batch(items))
+                del later[:-AHEAD_MAX]  # a node never idle: the writer embeds the oldest ones itself
             if stop:
                 return
 
@@ -194,8 +199,8 @@ class CachePath:
 
     def _lookup_batch(self, items: list[Lookup]) -> list[str]:
         # First the requests that nothing stored could serve (a cold cache, or a size, step count or guidance
-        # no entry has): one count per distinct filter answers them at once, without their embedding (the
-        # writer embeds their prompts for the write-back). Then the rest, in chunks, the longest waiting
+        # no entry has): one count per distinct filter answers them at once, without their embedding (their
+        # prompts are embedded later, for their write-backs). Then the rest, in chunks, the longest waiting
         # first, so that in a burst (every client of a full node at once) the first answers come after one
         # chunk's embedding rather than after the whole burst's.
         # Returns the prompts answered unembedded: the loop embeds them once no lookup waits.
