@@ -493,14 +493,17 @@ class LatentCache:
         self, items: list[tuple[CacheKey, np.ndarray, dict[int, np.ndarray], str | None, bool]]
     ) -> list[str]:
         """``write_back_many``, telling apart why an entry is not this call's: "stored", "raced" (another
-        writer's entry with that id was there first, which is no error) or "failed" (the whole batch)."""
+        writer's entry with that id was there first, which is no error), "offline" (the whole batch: the
+        store is briefly closed, e.g. for its optimiser; the caller may try again in a moment) or "failed"
+        (the whole batch: an error)."""
         if not items:
             return []
         try:
             return ["stored" if mine else "raced" for mine in self._write_back_many(items)]
         except CacheUnavailableError:
             self.health["write_unavailable"] += len(items)
-            log.info("cache offline (optimising): %d write-backs dropped", len(items))
+            log.info("cache offline (optimising): %d write-backs not stored now", len(items))
+            return ["offline"] * len(items)
         except Exception as exc:
             self.health["write_error"] += len(items)
             log.warning("cache write-back of %d entries failed (%s: %s)", len(items), type(exc).__name__, exc)

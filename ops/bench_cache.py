@@ -351,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{c['exact_lookup_ms'] / c['exact_lookups']:.1f}" if c["exact_lookups"] else "-",
     )
     table.add_row(
-        "write-backs written / raced / dropped / failed",
+        "write-backs written / raced / dropped / failed (retried)",
         "-",
-        f"{c['writeback_written']} / {c['writeback_raced']} / {c['writeback_dropped']} / {c['writeback_failed']}",
+        f"{c['writeback_written']} / {c['writeback_raced']} / {c['writeback_dropped']} / {c['writeback_failed']}"
+        f" ({c['writeback_retried']})",
     )
     for stage in off["stages_p50_s"]:
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731

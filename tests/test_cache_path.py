@@ -125,6 +125,38 @@ def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
         path.close()
 
 
+def test_a_write_back_that_meets_the_store_optimising_is_stored_once_it_is_back(cache, monkeypatch):
+    """The Edge shard is closed while its optimiser runs: a write-back then is tried again until the store
+    is back (counted in writeback_retried), and counted failed only past OFFLINE_RETRY_S."""
+    import workers.cache_path as cache_path
+    from cache.store import CacheUnavailableError
+
+    real_insert, offline = cache.store.insert_many, {"calls": 2}
+
+    def insert_many(points):
+        if offline["calls"]:
+            offline["calls"] -= 1
+            raise CacheUnavailableError("cache shard is being optimised")
+        return real_insert(points)
+
+    monkeypatch.setattr(cache.store, "insert_many", insert_many)
+    path = CachePath(lambda: cache, {})
+    try:
+        key = _key("a lighthouse at dusk")
+        assert path.write_back(key, None, _captured(0), "file:///first.png", False)
+        path.drain(10)
+        assert (path.counters["writeback_written"], path.counters["writeback_retried"]) == (1, 2)
+        assert path.counters["writeback_failed"] == 0 and cache.lookup_exact(key).image_uri == "file:///first.png"
+        monkeypatch.setattr(cache_path, "OFFLINE_RETRY_S", 0.6)
+        offline["calls"] = 1000  # offline past the bound: failed, counted
+        assert path.write_back(_key("a harbour at noon"), None, _captured(1), "file:///second.png", False)
+        path.drain(10)
+        assert path.counters["writeback_failed"] == 1 and path.counters["writeback_written"] == 1
+        assert 2 < path.counters["writeback_retried"] < 10
+    finally:
+        path.close()
+
+
 def test_a_write_back_that_lost_the_race_is_counted_apart_from_a_failed_one(cache):
     path = CachePath(lambda: cache, {})
     try:

@@ -70,6 +70,8 @@ class WriteBack:
 _STOP = object()
 ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath._lookup_batch)
 AHEAD_MAX = 256  # prompts answered unembedded kept to embed ahead (CachePath._embed_ahead)
+OFFLINE_RETRY_S = 30.0  # how long the writer tries a store that is offline (optimising) again (_write_batch)
+OFFLINE_RETRY_PAUSE_S = 0.25
 
 # The node's cache-path counters (``celery inspect stats`` → reprise.jobs; `reprise bench cache` prints them).
 # lookup_wait/embed/search_ms are sums over looked-up requests: the wait in the queue before their batch started, and
@@ -78,6 +80,7 @@ COUNTERS = (
     "writeback_dropped",
     "writeback_failed",  # an error: the store refused or was away
     "writeback_raced",  # another node or job stored the same entry first (insert-only: first writer wins)
+    "writeback_retried",  # write-backs tried again because the store was offline (optimising) at the time
     "writeback_written",
     "lookup_skipped",
     "lookup_empty",  # answered at once: no stored entry matched their filter, so no embedding was waited for
@@ -311,13 +314,27 @@ class CachePath:
         if missing:
             for w, v in zip(missing, cache.embedder.embed_many([w.key.prompt for w in missing])):
                 w.vector = v
-        outcomes = cache.write_back_outcomes([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
-        for outcome, counter in (
-            ("stored", "writeback_written"),
-            ("raced", "writeback_raced"),
-            ("failed", "writeback_failed"),
-        ):
-            self._count(counter, outcomes.count(outcome))
+        # A store closed for its optimiser (a few seconds after every REPRISE_CACHE_OPTIMIZE_AFTER_WRITES writes)
+        # is tried again until it is back, for OFFLINE_RETRY_S at most; write-backs queued meanwhile wait in
+        # the bounded queue as behind any slow write.
+        deadline = time.monotonic() + OFFLINE_RETRY_S
+        while True:
+            outcomes = cache.write_back_outcomes([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
+            for outcome, counter in (
+                ("stored", "writeback_written"),
+                ("raced", "writeback_raced"),
+                ("failed", "writeback_failed"),
+            ):
+                self._count(counter, outcomes.count(outcome))
+            items = [w for w, outcome in zip(items, outcomes) if outcome == "offline"]
+            if not items:
+                return
+            if time.monotonic() >= deadline or (cache := self.cache_of()) is None:
+                self._count("writeback_failed", len(items))
+                log.warning("cache still offline: %d write-backs not stored", len(items))
+                return
+            self._count("writeback_retried", len(items))
+            time.sleep(OFFLINE_RETRY_PAUSE_S)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until every write-back queued so far has landed or failed."""

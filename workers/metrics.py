@@ -236,6 +236,11 @@ class NodeCollector:
                 "Approximate lookups skipped: the request had reached its earliest resume step first.",
             ),
             (
+                "reprise_cache_writeback_retried",
+                "writeback_retried",
+                "Write-backs tried again because the store was offline (its optimiser running) at the time.",
+            ),
+            (
                 "reprise_cache_lookups_unmatched",
                 "lookup_empty",
                 "Approximate lookups answered at once, unembedded: no stored entry matched their filter.",
