@@ -279,7 +279,6 @@ class PromptEmbedder:
         dtype: str = "float32",
     ) -> None:
         self._memo = _Memo(memo_entries)
-        self.dtype = dtype
         if child_threads is None:
             self._encode_fn = functools.partial(encode_minilm, dtype=dtype)
         else:
