@@ -188,10 +188,9 @@ def test_a_fold_round_folds_the_node_hit_counters(node):
         assert folded() >= 1
         # Nothing new, nothing folded: within a few rounds (a hit still being counted under load may land in
         # a later one), and never again after that: a fold that kept rewriting the same counts never gets here.
-        settled = time.monotonic() + 20
-        while folded() != 0:
-            assert time.monotonic() < settled, "the fold never settled: it rewrites counts it already folded"
-            time.sleep(0.5)
+        # Counted in rounds, not seconds: on a loaded machine one broadcast round can take most of its timeout.
+        rounds = [folded() for _ in range(6)]
+        assert 0 in rounds, f"the fold never settled: it rewrites counts it already folded ({rounds})"
         assert folded() == 0
         assert _job(prompt, seed=21).cache.hit == "exact"
         assert folded() == 1
