@@ -24,7 +24,8 @@ its own:
 - **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
   ``REPRISE_WRITEBACK_QUEUE``; a full queue drops the new one (``writeback_dropped``) instead of
   delaying anyone. It takes every queued write-back at once, embeds the prompts the lookup stage did
-  not, and stores them in one insert-only upsert (``LatentCache.write_back_many``).
+  not, and stores them in one insert-only write (``LatentCache.write_back_many``; the embedded store
+  upserts them entry by entry, so the binding never holds the interpreter lock for a whole wave).
 
 Neither thread ever runs on a device thread; the device threads only step and decode.
 """
