@@ -486,7 +486,8 @@ class LatentCache:
         self, items: list[tuple[CacheKey, np.ndarray, dict[int, np.ndarray], str | None, bool]]
     ) -> list[bool]:
         """``write_back`` for each (key, vector, states, image_uri, shareable) in one insert-only write
-        (``LatentStore.insert_many``) and one read of the writers: True where this call's entry is the stored one. A failure fails the batch."""
+        (``LatentStore.insert_many``) and one read of the writers: True where this call's entry is the stored
+        one. A failure fails the batch."""
         return [outcome == "stored" for outcome in self.write_back_outcomes(items)]
 
     def write_back_outcomes(
