@@ -627,3 +627,15 @@ def test_edge_optimize_keeps_the_process_responsive(open_cache, backend):
     assert "optimize_error" not in cache.health
     assert cache.lookup_exact(key("p3")).image_uri == "file:///3.png"
     assert cache.stats()["entries"] == 20
+
+
+def test_a_fold_settles_when_the_store_reads_a_time_back_one_unit_off():
+    """A fold writes what merge_hits gives; the store may read the time back one unit in the last place
+    lower. The next fold must see nothing new, or it rewrites the same counts every round."""
+    from cache.latent_cache import merge_hits
+
+    counted = ({5: 1}, 1796444516.9040165)
+    for drift in (-np.inf, np.inf):
+        hits, last = merge_hits({}, *counted)
+        read_back = {"hits": {str(k): n for k, n in hits.items()}, "last_hit_at": float(np.nextafter(last, drift))}
+        assert merge_hits(read_back, *counted) == merge_hits(read_back, {}, None)
