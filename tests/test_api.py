@@ -303,7 +303,8 @@ def test_sync_timeout_names_the_job_and_any_replica_answers_for_it(api):
     api.api_url = first
     short = openai.OpenAI(api_key=creds["key"], base_url=second + "/v1", max_retries=2, timeout=60)
     with pytest.raises(openai.InternalServerError) as late:
-        short.images.generate(model="tiny", prompt="a slow one", size="64x64", extra_body={"steps": 60})
+        # 500 steps (the most a request may ask): at 60 a fast machine finished within the 0.3 s wait
+        short.images.generate(model="tiny", prompt="a slow one", size="64x64", extra_body={"steps": 500})
     assert late.value.status_code == 504 and late.value.body["code"] == "timeout"
     assert late.value.body["param"] == "job_id"
     job_id = re.search(r"\bjob_[0-9a-f]{32}\b", late.value.body["message"]).group()
@@ -315,7 +316,7 @@ def test_sync_timeout_names_the_job_and_any_replica_answers_for_it(api):
     ):
         assert time.monotonic() < deadline and state["status"] in ("queued", "running"), state
         time.sleep(0.2)
-    assert state["results"][0]["steps"] == 60
+    assert state["results"][0]["steps"] == 500
 
 
 def test_openapi_and_docs_in_headless_chromium(api, tmp_path):

@@ -185,14 +185,17 @@ def test_random_raw_messages_never_crash_a_worker(cluster, payload):
 
 def test_cancel_stops_within_one_step_and_frees_the_worker(cluster):
     """Workers here report every step (REPRISE_PROGRESS_INTERVAL_S=0); the node's publisher thread stores
-    each step off the device thread, so the stored progress at the instant the cancel flag appears may trail
-    the device by one step. From that instant the job's thread sees the flag at the next step's event and
-    the device stops before the step after: at most two steps past the stored progress."""
-    job = submit(prompt="a very long job", steps=500, seed=1, **_nocache())
-    deadline = time.monotonic() + 60
-    while (job.progress().get("step") or 0) < 10:
+    each step off the device thread. The flag goes up just after a step's report lands (the test watches
+    the stored progress change), while the device is inside the next step: the job's thread sees the flag
+    at that step's event, when the device has begun the step after, and the device stops before the one
+    after that: at most two steps past the stored progress. (Raised at any instant, the flag can meet a
+    report still being written, and the stored progress trails the device by one more step.)"""
+    job = submit(prompt="a very long job", steps=500, seed=1, width=128, height=128, **_nocache())
+    deadline, seen = time.monotonic() + 60, None
+    while (step := job.progress().get("step") or 0) < 10 or seen is None or step == seen:
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        seen = step if step >= 10 else None
+        time.sleep(0.0005)
     with cluster.redis.pipeline(transaction=True) as tx:  # MULTI/EXEC: read the progress and raise the flag at once
         tx.get(job._ar.backend.get_key_for_task(job.id))
         tx.set(f"reprise:cancel:{job.id}", 1, ex=3600)  # the flag Job.cancel() raises

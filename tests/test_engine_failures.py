@@ -76,7 +76,9 @@ def _pixels(result) -> np.ndarray:
 
 def _together(service, gates, jobs):
     """Hold the devices inside their first calls until every job is on a device or queued behind one, then let
-    all go: the jobs queued share the next calls."""
+    all go: the jobs queued share the next calls. The first jobs start one at a time, each after the one before
+    holds its device, so that every device is inside a call before the rest arrive (started together, one
+    device could take them all while the other, idle, took the last one alone)."""
     results: list = [None] * len(jobs)
     for g in gates:
         g.gate.clear()
@@ -99,7 +101,17 @@ def _together(service, gates, jobs):
                 assert not any(isinstance(r, Exception) for r in results), results
                 time.sleep(0.01)
 
-        for t in threads[:-1]:
+        def holding(n):  # n devices held inside a call
+            while sum(1 for g in gates if g.held) < n:
+                assert time.monotonic() < deadline, "the devices never took the first jobs"
+                assert not any(isinstance(r, Exception) for r in results), results
+                time.sleep(0.01)
+
+        first = min(len(gates), len(jobs) - 1)
+        for k in range(first):
+            threads[k].start()
+            holding(k + 1)
+        for t in threads[first:-1]:
             t.start()
         arrived(len(jobs) - 1)
         threads[-1].start()  # the last job queues behind the others, never first on a device
