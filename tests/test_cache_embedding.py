@@ -137,7 +137,7 @@ def test_the_child_process_embedder_gives_the_same_vectors_and_outlives_a_killed
         child._proc.wait(10)
         assert np.abs(child(prompts) - vectors).max() < 1e-6 and child._proc.pid != first
         second, out = child._proc, []
-        long_call = threading.Thread(target=lambda: out.append(_raised(child, [f"prompt {i}" for i in range(2000)])))
+        long_call = threading.Thread(target=lambda: out.append(_raised(child, [f"prompt {i}" for i in range(20_000)])))
         long_call.start()
         time.sleep(1.0)
         second.kill()  # dies in the middle of a call

@@ -33,7 +33,7 @@ def _nocache(**kw):
 def test_submit_wait_progress_and_png(cluster):
     job = submit(prompt="a cute puppy playing in a garden", steps=30, seed=7)
     seen = []
-    result = job.wait(60, on_progress=lambda p: seen.append(p.get("step") or 0))
+    result = job.wait(60, on_progress=lambda p: seen.append(p.get("step") or 0), poll_s=0.01)  # 30 steps: ~0.3 s
     assert result.seed == 7 and result.steps == 30 and result.model == "tiny"
     assert max(seen) == 30 and any(0 < s < 30 for s in seen), seen  # per-step progress was visible
     path = Path(result.image_uri.removeprefix("file://"))

@@ -44,6 +44,7 @@ def family_cluster(redis_server):
                 REPRISE_CACHE_PATH=str(workdir / f"qdrant-{family}"),
                 REPRISE_CACHE_EMBEDDER="clip",  # the family's own pooled text output
                 REPRISE_CACHE_SKIP_TABLE="-1.0:0.5",  # any neighbour resumes at half the steps
+                REPRISE_CACHE_LOOKUP_TIMEOUT_MS="10000",  # a generous time box: the resume must not fall back
             )
         )
     for worker in workers:  # started together, so their loading overlaps

@@ -45,6 +45,14 @@ def _job(prompt, seed=11, **kw):
     return submit(prompt=prompt, model="coordmodel", steps=10, seed=seed, **kw).wait(60)
 
 
+def _landed(model: str = "coordmodel"):
+    """Wait until the write-backs queued on ``model``'s nodes are stored (they run after the result is
+    answered). Only theirs: a worker another test stopped stays registered, silent, for a few seconds."""
+    replies = CacheAdmin().broadcast("drain_writebacks", {"timeout_s": 30}, timeout=32)
+    mine = [r for name, r in replies.items() if model in name]
+    assert mine and all(isinstance(r, dict) and r.get("drained") for r in mine), replies
+
+
 def _cli(*args):
     out = subprocess.run(
         [sys.executable, "-m", "scheduler.cli", *args], capture_output=True, text=True, timeout=60, env=os.environ
@@ -55,7 +63,7 @@ def _cli(*args):
 
 def test_identical_request_is_an_exact_hit_with_zero_steps(node):
     first = _job("an owl reading a book by candlelight")
-    time.sleep(0.5)  # write-back runs after the result
+    _landed()  # write-back runs after the result
     second = _job("an owl reading a book by candlelight")
     assert first.cache.hit == "miss" and first.cache.steps_computed == 10
     assert second.cache.hit == "exact" and second.cache.steps_computed == 0 and second.cache.steps_saved == 10
@@ -64,7 +72,7 @@ def test_identical_request_is_an_exact_hit_with_zero_steps(node):
 def test_invalidate_model_under_load_never_serves_the_old_generation(node, redis_client):
     registry = ModelRegistry(redis_client)
     _job("a steady stream prompt")
-    time.sleep(0.5)
+    _landed()
     stop = threading.Event()
     seen = []
 
@@ -95,7 +103,7 @@ def test_invalidate_model_under_load_never_serves_the_old_generation(node, redis
 
 def test_worker_without_pubsub_still_serves_nothing_stale(node, redis_client):
     _job("a prompt before the cut")
-    time.sleep(0.5)
+    _landed()
     assert _job("a prompt before the cut").cache.hit == "exact"
     killed = redis_client.client_kill_filter(_type="pubsub")
     assert killed >= 1
@@ -106,7 +114,7 @@ def test_worker_without_pubsub_still_serves_nothing_stale(node, redis_client):
 def test_invalidate_tenant_and_prompt_prefix(node):
     _job("tenant scoped prompt", tenant="acme")
     _job("prefix one: a red car", tenant="other")
-    time.sleep(0.5)
+    _landed()
     assert _job("tenant scoped prompt", tenant="acme").cache.hit == "exact"
     out = json.loads(_cli("cache", "invalidate", "--tenant", "acme", "--json"))
     assert out["seq"] >= 1 and any(v.get("deleted", 0) >= 1 for v in out["nodes"].values())
@@ -118,14 +126,14 @@ def test_invalidate_tenant_and_prompt_prefix(node):
 
 def test_tenants_are_isolated_unless_shared(node):
     _job("a private dragon sketch", tenant="alice", seed=3)
-    time.sleep(0.5)
+    _landed()
     assert _job("a private dragon sketch", tenant="bob", seed=3).cache.hit == "miss"
     _job("a shared dragon sketch", tenant="alice", seed=3, cache={"share": True})
-    time.sleep(0.5)
+    _landed()
     shared = _job("a shared dragon sketch", tenant="bob", seed=3)
     assert shared.cache.hit == "exact"
     _job("bob tries to share", tenant="bob", seed=3, cache={"share": True})  # bob holds no grant
-    time.sleep(0.5)
+    _landed()
     refused = _job("bob tries to share", tenant="carol", seed=3)
     assert refused.cache.hit != "exact"
     assert "/bob/" in shared.image_uri  # bob gets his own copy, never alice's path
@@ -170,7 +178,7 @@ def test_a_fold_round_folds_the_node_hit_counters(node):
 
     prompt = "a lighthouse counting its visitors"
     _job(prompt, seed=21)
-    time.sleep(0.5)
+    _landed()
     assert _job(prompt, seed=21).cache.hit == "exact"
     coordinator = Coordinator(CoordinatorSettings(lease_s=3, metrics_port=0, broadcast_timeout_s=10))
     deadline = time.monotonic() + 15  # a coordinator process of an earlier test may still hold the lease
@@ -247,11 +255,13 @@ def test_leader_killed_during_duties_standby_takes_over_and_stale_tokens_are_ref
         assert takeover_s < 6
         replies = CacheAdmin().broadcast("gc", token=old_token)
         assert replies and all("refused" in r for r in replies.values()), replies
-        time.sleep(1.5)  # the new leader's GC round
+        deadline = time.monotonic() + 30
+        while _status()["sweeps"].get("gc", 0) < 1:  # the new leader's GC round
+            assert time.monotonic() < deadline, _status()
+            time.sleep(0.2)
         stats = CacheAdmin().broadcast("stats")
         for reply in stats.values():
             assert reply["states"] == sum(reply["per_k"].values())
-        assert _status()["sweeps"].get("gc", 0) >= 1
     finally:
         for p in (a, b):
             if p.poll() is None:
@@ -263,7 +273,7 @@ def test_replaced_weights_never_hit_the_old_entries(node, redis_client):
     from workers.model_loading import save_builtin
 
     _job("a prompt cached under old weights", seed=5)
-    time.sleep(0.5)
+    _landed()
     assert _job("a prompt cached under old weights", seed=5).cache.hit == "exact"
     registry = ModelRegistry(redis_client)
     before = registry.generation("coordmodel")
@@ -301,7 +311,7 @@ def test_capacity_enforcement_and_coordinator_metrics(redis_server, tmp_path):
         run = lambda p: submit(prompt=p, model="capmodel", steps=10, seed=1).wait(60)  # noqa: E731
         for i in range(9):
             run(f"distinct prompt number {i} about {['cats', 'ships', 'trees'][i % 3]}")
-        time.sleep(0.5)
+        _landed("capmodel")
         for _ in range(3):  # the most used entry: three exact hits
             assert run("distinct prompt number 0 about cats").cache.hit == "exact"
 
@@ -334,7 +344,7 @@ def test_cache_operations_as_celery_tasks(node):
     from scheduler.app import get_app
 
     _job("a prompt for the task api")
-    time.sleep(0.5)
+    _landed()
     app = get_app()
     stats = app.send_task("reprise.cache.stats").get(timeout=60)
     assert stats["totals"]["entries"] >= 1 and "coordmodel" in stats["generations"]

@@ -102,7 +102,13 @@ NOCACHE = {"exact": False, "approximate": False, "write": False}
 
 
 def test_fresh_and_resumed_requests_share_a_call_with_their_own_timesteps(tiny, tmp_path):
-    settings = CacheSettings(backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.0, 0.4)])
+    settings = CacheSettings(  # a generous lookup time box: the resume must not fall back to fresh
+        backend="edge",
+        path=str(tmp_path / "q"),
+        state_fractions=[0.4],
+        skip_table=[(0.0, 0.4)],
+        lookup_timeout_ms=30_000,
+    )
     service, spy = _service(tiny, tmp_path, cache=LatentCache.open(settings))
     try:
         first = {"prompt": "a red fox in the snow", "seed": 3, "steps": STEPS, "guidance_scale": 4.0}
@@ -243,8 +249,19 @@ def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
     try:
         cancel = threading.Event()
         seen = []
-        # "c" joins the first call and every call after it until it stops: its step is the number of calls
-        spy.before_call = lambda: cancel.set() if len(spy.calls) == 3 else None
+
+        # "c" joins the first call and every call after it until it stops: its step is the number of calls.
+        # The 4th call raises the flag and, in flight, waits for c's job thread to see it (that thread wakes
+        # at least every 0.1 s): else the device may begin the 5th call first on a fast or busy machine.
+        def before_call():
+            if len(spy.calls) == 3:
+                cancel.set()
+                until = time.monotonic() + 5
+                while not any(r.job_id == "c" and r.stop for r in service.engine.schedulers[0].active):
+                    assert time.monotonic() < until, "the cancel flag was not seen"
+                    time.sleep(0.001)
+
+        spy.before_call = before_call
         long = {"steps": 200, "guidance_scale": 1.0, "cache": NOCACHE}
         deadline = time.time() + 1.0
         jobs = [

@@ -267,7 +267,8 @@ def test_a_progress_sink_that_blocks_does_not_slow_the_device(tmp_path, devices)
 def test_a_stalled_device_is_found_and_its_requests_released(tmp_path, devices):
     service, gates = _service(tmp_path, devices, engine={"stall_s": 0.5})
     try:
-        gates[0].gate.clear()  # device 0 hangs inside its next call
+        for g in gates:  # device 0 hangs inside its first call; the others are held until each device has a job
+            g.gate.clear()
         results: list = [None] * (devices + 1)
 
         def run(i):
@@ -280,9 +281,14 @@ def test_a_stalled_device_is_found_and_its_requests_released(tmp_path, devices):
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(devices + 1)]
         start = time.monotonic()
-        for t in threads:
+        for k, t in enumerate(threads[:devices]):  # one job a device (started together, one could take all)
             t.start()
-            time.sleep(0.05)
+            while sum(1 for g in gates if g.held) < k + 1:
+                assert time.monotonic() - start < 10, "the devices never took the first jobs"
+                time.sleep(0.01)
+        for g in gates[1:]:
+            g.gate.set()
+        threads[-1].start()
         for t in threads:
             t.join(30)
         assert time.monotonic() - start < 10
@@ -384,7 +390,9 @@ def test_gpu_seconds_saved_share_each_call_among_its_batch(tmp_path, devices):
     """At batch B a step costs 1/B of a call: the seconds saved are about 1/B of the old figure (steps saved x
     the job's wall-clock seconds per step)."""
     batch = 4
-    service, gates = _service(tmp_path, devices, step_ms=40.0)  # every call 40 ms whatever its batch
+    # every call 200 ms whatever its batch: the first calls also hold while _together gathers the jobs (tens of
+    # ms, and more on a busy machine), which the engine times as part of them
+    service, gates = _service(tmp_path, devices, step_ms=200.0)
     try:
         payloads = [
             {"prompt": f"a shared call {i}", "steps": STEPS, "cache": NOCACHE, "guidance_scale": 1.0}
@@ -398,7 +406,7 @@ def test_gpu_seconds_saved_share_each_call_among_its_batch(tmp_path, devices):
         mean_batch = sum(s.requests_stepped for s in stats) / sum(s.calls for s in stats)
         assert mean_batch > 2.5, mean_batch
         per_step = metrics.request_step_s(service)
-        assert per_step == pytest.approx(0.040 / mean_batch, rel=0.35), (per_step, mean_batch)
+        assert per_step == pytest.approx(0.200 / mean_batch, rel=0.35), (per_step, mean_batch)
         result = results[-1]
         old_per_step = result.timings.denoise_s / result.cache.steps_computed  # the old formula's price
         saved = result.model_copy(update={"cache": result.cache.model_copy(update={"steps_saved": 5})})

@@ -66,8 +66,12 @@ def _service(components, tmp_path, cache=None, name="m"):
 
 
 def _cache(tmp_path, fraction=0.5):
-    settings = CacheSettings(
-        backend="edge", path=str(tmp_path / "q"), state_fractions=FRACTIONS, skip_table=[(0.0, fraction)]
+    settings = CacheSettings(  # a generous lookup time box: these check the images, not the lookup's latency
+        backend="edge",
+        path=str(tmp_path / "q"),
+        state_fractions=FRACTIONS,
+        skip_table=[(0.0, fraction)],
+        lookup_timeout_ms=30_000,
     )
     return LatentCache.open(settings)
 

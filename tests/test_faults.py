@@ -114,8 +114,12 @@ def test_share_needs_a_grant_and_shared_hits_are_copies(faulty):
     assert submit(prompt="a poisoned lighthouse", tenant="alice", **fields).wait(60).cache.hit == "miss"
     shared = submit(prompt="a granted castle", tenant="studio", cache={"share": True}, **fields).wait(60)
     assert shared.cache.note is None
-    time.sleep(0.5)
-    bob = submit(prompt="a granted castle", tenant="bob", **fields).wait(60)
+    deadline = time.monotonic() + 30  # the write-back runs after the result: ask (writing nothing) until it landed
+    while (
+        bob := submit(prompt="a granted castle", tenant="bob", cache={"write": False}, **fields).wait(60)
+    ).cache.hit != "exact":
+        assert time.monotonic() < deadline, bob.cache
+        time.sleep(0.2)
     assert bob.cache.hit == "exact" and "/bob/" in bob.image_uri and bob.image_uri != shared.image_uri
 
 
@@ -276,7 +280,9 @@ def test_sigkill_mid_batch_redelivers_every_request_of_the_batch_once(faulty, tm
     journal = tmp_path / "journal.jsonl"
     env = dict(REPRISE_FAULT_JOURNAL=str(journal), REPRISE_CACHE_PATH=str(tmp_path / "qdrant"))
     victim = _start_hooked_worker(faulty, model, REPRISE_FAULT_KILL_AT="denoise", REPRISE_FAULT_KILL_ON="1", **env)
-    jobs = [submit(prompt=f"a batch killed mid-call {i}", model="bmodel", steps=24, seed=i) for i in range(3)]
+    # 60 steps: the first job dies at its 30th, by when the other two have joined its calls (at 24 steps a fast
+    # machine could reach the 12th, about 0.1 s, before they arrived)
+    jobs = [submit(prompt=f"a batch killed mid-call {i}", model="bmodel", steps=60, seed=i) for i in range(3)]
     deadline = time.monotonic() + 60
     while victim.alive():
         assert time.monotonic() < deadline, "the hook did not kill the worker"

@@ -23,8 +23,12 @@ def components():
 
 
 def _service(components, tmp_path, fraction):
-    settings = CacheSettings(
-        backend="edge", path=str(tmp_path / "q"), state_fractions=FRACTIONS, skip_table=[(0.0, fraction)]
+    settings = CacheSettings(  # a generous lookup time box: these check the images, not the lookup's latency
+        backend="edge",
+        path=str(tmp_path / "q"),
+        state_fractions=FRACTIONS,
+        skip_table=[(0.0, fraction)],
+        lookup_timeout_ms=30_000,
     )
     cache = LatentCache.open(settings)
     pool = DevicePool([Device("cpu", DenoiseLoop(components))])
