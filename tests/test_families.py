@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from cache_helpers import resume_cache
 from PIL import Image
 
-from cache import CacheSettings, LatentCache
 from scheduler.errors import InvalidRequest, UnsupportedModelFamily
 from workers.artifacts import ArtifactStore
 from workers.denoise_loop import DenoiseLoop
@@ -66,14 +66,7 @@ def _service(components, tmp_path, cache=None, name="m"):
 
 
 def _cache(tmp_path, fraction=0.5):
-    settings = CacheSettings(  # a generous lookup time box: these check the images, not the lookup's latency
-        backend="edge",
-        path=str(tmp_path / "q"),
-        state_fractions=FRACTIONS,
-        skip_table=[(0.0, fraction)],
-        lookup_timeout_ms=30_000,
-    )
-    return LatentCache.open(settings)
+    return resume_cache(tmp_path / "q", FRACTIONS, fraction)
 
 
 def _pixels(result) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cache_helpers import resume_cache
 from PIL import Image
 
 from cache import CacheSettings, LatentCache
@@ -23,14 +24,7 @@ def components():
 
 
 def _service(components, tmp_path, fraction):
-    settings = CacheSettings(  # a generous lookup time box: these check the images, not the lookup's latency
-        backend="edge",
-        path=str(tmp_path / "q"),
-        state_fractions=FRACTIONS,
-        skip_table=[(0.0, fraction)],
-        lookup_timeout_ms=30_000,
-    )
-    cache = LatentCache.open(settings)
+    cache = resume_cache(tmp_path / "q", FRACTIONS, fraction)
     pool = DevicePool([Device("cpu", DenoiseLoop(components))])
     return GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=cache)
 
