@@ -74,6 +74,17 @@ def _pixels(result) -> np.ndarray:
     return np.asarray(Image.open(result.image_uri.removeprefix("file://")).convert("RGB")).astype(np.int16)
 
 
+def _one_job_a_device(gates, threads, results, deadline) -> None:
+    """Start ``threads`` one at a time, each after the one before holds a device inside a call (its gate
+    closed): started together, one device could take them all while another stayed idle."""
+    for k, t in enumerate(threads):
+        t.start()
+        while sum(1 for g in gates if g.held) < k + 1:
+            assert time.monotonic() < deadline, "the devices never took the first jobs"
+            assert not any(isinstance(r, Exception) for r in results), results
+            time.sleep(0.01)
+
+
 def _together(service, gates, jobs):
     """Hold the devices inside their first calls until every job is on a device or queued behind one, then let
     all go: the jobs queued share the next calls. The first jobs start one at a time, each after the one before
@@ -101,16 +112,8 @@ def _together(service, gates, jobs):
                 assert not any(isinstance(r, Exception) for r in results), results
                 time.sleep(0.01)
 
-        def holding(n):  # n devices held inside a call
-            while sum(1 for g in gates if g.held) < n:
-                assert time.monotonic() < deadline, "the devices never took the first jobs"
-                assert not any(isinstance(r, Exception) for r in results), results
-                time.sleep(0.01)
-
         first = min(len(gates), len(jobs) - 1)
-        for k in range(first):
-            threads[k].start()
-            holding(k + 1)
+        _one_job_a_device(gates, threads[:first], results, deadline)
         for t in threads[first:-1]:
             t.start()
         arrived(len(jobs) - 1)
@@ -281,11 +284,7 @@ def test_a_stalled_device_is_found_and_its_requests_released(tmp_path, devices):
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(devices + 1)]
         start = time.monotonic()
-        for k, t in enumerate(threads[:devices]):  # one job a device (started together, one could take all)
-            t.start()
-            while sum(1 for g in gates if g.held) < k + 1:
-                assert time.monotonic() - start < 10, "the devices never took the first jobs"
-                time.sleep(0.01)
+        _one_job_a_device(gates, threads[:devices], results, start + 10)
         for g in gates[1:]:
             g.gate.set()
         threads[-1].start()
