@@ -24,6 +24,7 @@ from cache.store import (
     LatentStore,
     Record,
     Where,
+    prompt_vector_of,
 )
 
 _INDEX_TYPES = {
@@ -142,7 +143,7 @@ class ClientStore(LatentStore):
     def insert_many(self, points) -> None:
         structs = []
         for point_id, prompt_vector, states, payload in points:
-            vector = {PROMPT_VECTOR: np.asarray(prompt_vector, dtype=np.float32).tolist()}
+            vector = prompt_vector_of(prompt_vector)
             vector.update({slot: np.asarray(rows, dtype=np.float32).tolist() for slot, rows in states.items()})
             structs.append(models.PointStruct(id=point_id, vector=vector, payload=payload))
         with self._lock:

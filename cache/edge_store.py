@@ -38,6 +38,7 @@ from cache.store import (
     LatentStore,
     Record,
     Where,
+    prompt_vector_of,
 )
 
 _INDEX_TYPES = {
@@ -170,7 +171,7 @@ class EdgeStore(LatentStore):
     def insert_many(self, points) -> None:
         built = []
         for point_id, prompt_vector, states, payload in points:
-            vector: dict[str, Any] = {PROMPT_VECTOR: np.asarray(prompt_vector, dtype=np.float32).tolist()}
+            vector: dict[str, Any] = prompt_vector_of(prompt_vector)
             vector.update({slot: _rows(rows) for slot, rows in states.items()})
             built.append(qe.Point(point_id, vector, payload))
         # One upsert per point, inside one ``_using`` (the optimiser cannot close the shard between them):

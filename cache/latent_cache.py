@@ -584,7 +584,8 @@ class LatentCache:
             "writer": uuid.uuid4().hex,  # tells this write from a concurrent one of the same key
         }
         entry_id = key.exact_id(self.settings.isolate_by_tenant)
-        return entry_id, np.asarray(vector, dtype=np.float32), {slots[k]: state_to_rows(good[k]) for k in ks}, payload
+        vector = None if vector is None else np.asarray(vector, dtype=np.float32)  # None: stored unembedded
+        return entry_id, vector, {slots[k]: state_to_rows(good[k]) for k in ks}, payload
 
     def record_hit(self, entry_id: str, k: int) -> None:
         """Count a hit on (entry, K) for eviction; never raises."""

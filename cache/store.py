@@ -32,6 +32,14 @@ def state_slot_names(n: int) -> tuple[str, ...]:
 
 PROMPT_VECTOR = "prompt"
 
+
+def prompt_vector_of(vector) -> dict[str, list[float]]:
+    """A point's prompt vector as the stores take it: none for an entry stored unembedded (a node whose
+    approximate lookups do not pay stores its write-backs so, workers/approx_gate.py); exact lookups find
+    such an entry, approximate searches do not (Qdrant searches a named vector only where a point has it)."""
+    return {} if vector is None else {PROMPT_VECTOR: np.asarray(vector, dtype=np.float32).tolist()}
+
+
 # payload field -> index type
 INDEXED_FIELDS: dict[str, str] = {
     "model": "keyword",

@@ -190,8 +190,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="with --embedded: the worker's similarity->fraction table 's:f,s:f' (default: the shipped one for its embedder)",
     )
+    p.add_argument(
+        "--on-cache",
+        default=None,
+        help="the caches-on pass's request cache options as JSON, e.g. '{\"approximate\": false}' to measure what "
+        "the exact tier and the write-backs cost alone (default: the request defaults, every tier on)",
+    )
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
+    try:
+        on_cache = json.loads(args.on_cache) if args.on_cache else None
+        if on_cache is not None and not isinstance(on_cache, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        p.error(f"--on-cache: {exc}")
 
     rows = read_prompts(args.prompts)
     params = WorkloadParams(
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
                     console.print(f"pass {n_pass}/{2 * args.rounds}: caches on (cold), {len(stream)} requests ...")
                 before = node_counters(admin.app)
-                done = replay_pass(stream, args.concurrency, CACHE_OFF if kind == "off" else None)
+                done = replay_pass(stream, args.concurrency, CACHE_OFF if kind == "off" else on_cache)
                 after = node_counters(admin.app)
                 done["counted"] = {k: after[k] - before[k] for k in after}
                 (offs if kind == "off" else ons).append(done)
@@ -268,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_ratio": on["throughput"] / off["throughput"] if off["throughput"] else None,
         "rounds": args.rounds,
         "round_ratios": round_ratios,  # each round's on/off
+        # on a machine whose speed flips for minutes at a time, one round can be off by 15 % either way with
+        # no change at all between its passes (docs/measured.md): the median of many short rounds resists that
+        "median_round_ratio": statistics.median(round_ratios) if round_ratios else None,
         "concurrency": args.concurrency,
         "devices": devices,
         # what one paid device-second yields: images ÷ (wall time × devices)
@@ -329,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("lookup p99 (ms)", "-", fmt(on["lookup_p99_ms"], "{:.1f}"))
     c = on["node_counters"]
     table.add_row(
-        "lookup batches / skipped / nothing to match",
+        "lookup batches / skipped / nothing to match / gated",
         "-",
-        f"{c['lookup_batches']} / {c['lookup_skipped']} / {c['lookup_empty']}",
+        f"{c['lookup_batches']} / {c['lookup_skipped']} / {c['lookup_empty']} / {c['lookup_gated']}",
     )
     per = lambda name: "-" if not c["lookups"] else f"{c[name] / c['lookups']:.0f}"  # noqa: E731
     table.add_row(
@@ -366,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     each = ", ".join(f"{x:.3f}" for x in round_ratios)
     console.print(
         f"throughput ratio (on/off): {fmt(report['throughput_ratio'])}x"
-        + (f" (rounds: {each})" if args.rounds > 1 else "")
+        + (f" (rounds: {each}; median {report['median_round_ratio']:.3f})" if args.rounds > 1 else "")
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

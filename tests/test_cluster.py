@@ -261,6 +261,7 @@ def test_flower_sees_workers_and_jobs_and_takes_http_jobs(cluster):
     stats = next(workers[w]["stats"] for w in ours)
     assert stats["reprise"]["model"] == "tiny" and "cpu" in stats["reprise"]["devices"]
     assert stats["reprise"]["switch_interval_ms"] == 1.0  # the worker applied REPRISE_SWITCH_INTERVAL_MS's default
+    assert stats["reprise"]["approx_gate"]["enabled"] is True  # a CPU node gates its lookups (REPRISE_APPROX_GATE=auto)
     # `celery inspect stats` itself, now (Flower's copy may be from before these jobs): the engine's denoiser
     # calls so far on the tiny nodes, these two jobs' 3 + 4 steps among them
     live = get_app().control.inspect(timeout=10).stats() or {}

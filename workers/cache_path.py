@@ -44,6 +44,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from workers.approx_gate import ApproxGate
+
 log = logging.getLogger("reprise.worker")
 
 
@@ -62,10 +64,11 @@ class Lookup:
 @dataclass
 class WriteBack:
     key: Any
-    vector: np.ndarray | None  # None: the writer embeds the prompt
+    vector: np.ndarray | None  # None: the writer embeds the prompt, if ``embed``
     states: dict[int, np.ndarray]
     uri: str
     shareable: bool
+    embed: bool = True  # False: stored without a prompt vector (the gate was closed for its lookup)
 
 
 _STOP = object()
@@ -84,6 +87,7 @@ COUNTERS = (
     "writeback_retried",  # write-backs tried again because the store was offline (optimising) at the time
     "writeback_written",
     "lookup_skipped",
+    "lookup_gated",  # not made: this node's approximate lookups did not pay (workers/approx_gate.py)
     "lookup_empty",  # answered at once: no stored entry matched their filter, so no embedding was waited for
     "lookup_batches",
     "lookups",
@@ -108,9 +112,11 @@ class CachePath:
         batch_max: int = 64,
         embed_threads: int = 1,
         nice: int = 10,
+        gate: ApproxGate | None = None,
     ):
         # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
         self.cache_of, self.counters = cache_of, counters
+        self.gate = gate or ApproxGate(enabled=False)
         self.batch_max, self.embed_threads, self.nice = batch_max, embed_threads, nice
         for name in COUNTERS:
             counters.setdefault(name, 0)
@@ -177,7 +183,10 @@ class CachePath:
                 continue
             items, stop = self._take(self._lookups, first)
             if items:
+                self.gate.note_lookups(len(items))
+                t0 = time.monotonic()
                 later.extend(self._lookup_batch(items))
+                self.gate.note_cost(time.monotonic() - t0)
                 del later[:-AHEAD_MAX]  # a node never idle: the writer embeds the oldest ones itself
             if stop:
                 return
@@ -189,8 +198,10 @@ class CachePath:
         cache = self.cache_of()
         if cache is None or not prompts:
             return
+        t0 = time.monotonic()
         try:
             cache.embedder.embed_many(prompts)
+            self.gate.note_cost(time.monotonic() - t0)
         except Exception as exc:  # the writer embeds them then
             log.debug("embedding %d prompts ahead failed: %s", len(prompts), exc)
 
@@ -269,19 +280,24 @@ class CachePath:
         self._count("lookup_holds")
         self._count("lookup_held_ms", round(held_s * 1000))
 
+    def note_gated(self) -> None:
+        """A request's approximate lookup was not made: the node's lookups do not pay (workers/approx_gate.py)."""
+        self._count("lookup_gated")
+
     def note_exact(self, seconds: float) -> None:
         """A request spent ``seconds`` in the cache before its device: rules, generation, exact lookup."""
         self._count("exact_lookups")
         self._count("exact_lookup_ms", round(seconds * 1000))
 
     # --- the writer ----------------------------------------------------------------------------------
-    def write_back(self, key, vector, captured: dict, uri: str, shareable: bool) -> bool:
+    def write_back(self, key, vector, captured: dict, uri: str, shareable: bool, embed: bool = True) -> bool:
         """Queue the states captured by a request (tensors; converted here, where torch releases the lock);
-        False when the writer is behind and the write-back was dropped (counted)."""
+        False when the writer is behind and the write-back was dropped (counted). ``embed=False`` with no
+        ``vector``: stored without a prompt vector (its lookup was gated, so nothing embeds its prompt)."""
         states = {k: v[0].float().cpu().numpy() for k, v in captured.items()}
         with self._idle:
             try:
-                self._writes.put_nowait(WriteBack(key, vector, states, uri, shareable))
+                self._writes.put_nowait(WriteBack(key, vector, states, uri, shareable, embed))
             except queue.Full:
                 self._count("writeback_dropped")
                 log.warning("write-back queue full: dropping the states of %s", key.prompt[:40])
@@ -311,10 +327,14 @@ class CachePath:
         if cache is None:
             self._count("writeback_failed", len(items))
             return
-        missing = [w for w in items if w.vector is None]
+        missing = [w for w in items if w.vector is None and w.embed]
         if missing:
+            t0 = time.monotonic()
             for w, v in zip(missing, cache.embedder.embed_many([w.key.prompt for w in missing])):
                 w.vector = v
+            self.gate.note_cost(time.monotonic() - t0)  # the approximate tier's cost, as a lookup's
+        for w in items:
+            self.gate.note_write(w.vector is not None)
         # A store closed for its optimiser (a few seconds after every REPRISE_CACHE_OPTIMIZE_AFTER_WRITES writes)
         # is tried again until it is back, for OFFLINE_RETRY_S at most; write-backs queued meanwhile wait in
         # the bounded queue as behind any slow write.

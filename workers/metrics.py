@@ -245,6 +245,11 @@ class NodeCollector:
                 "lookup_empty",
                 "Approximate lookups answered at once, unembedded: no stored entry matched their filter.",
             ),
+            (
+                "reprise_cache_lookups_gated",
+                "lookup_gated",
+                "Approximate lookups not made: on this node they cost more device time than their hits saved.",
+            ),
         ):
             family = CounterMetricFamily(name, help_text, labels=["model"])
             family.add_metric([model], counters.get(what, 0))

@@ -144,6 +144,7 @@ def build_service(
         if redis_client is not None
         else None,
         lora_batching=worker.lora_batching,
+        approx_gate=worker.approx_gate == "on" or (worker.approx_gate == "auto" and n_cpu > 0),
     )
     service.text_memo = memo
     if redis_client is not None:

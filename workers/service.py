@@ -34,6 +34,7 @@ from scheduler.schema import (
     parse_request,
     with_model,
 )
+from workers.approx_gate import ApproxGate
 from workers.artifacts import ArtifactStore
 from workers.cache_path import CachePath
 from workers.denoise_loop import DenoiseLoop, StopRequested
@@ -118,6 +119,7 @@ class AdmittedJob:
     shareable: bool = False
     key: Any = None
     vector: Any = None
+    embed: bool = True  # False: its write-back is stored without a prompt vector (its lookup was gated)
     capture: list[int] = field(default_factory=list)
     near: Any = None  # the approximate hit the lookup found (cache.ApproxHit)
     runner: Any = None
@@ -193,6 +195,7 @@ class GenerationService:
         engine_options: dict | None = None,  # NodeEngine's stall_s and oom_recover_s (WorkerSettings)
         adapter_registry=None,  # scheduler.adapters.AdapterRegistry, or None: requests naming adapters are refused
         lora_batching: str = "mixed",
+        approx_gate: bool = False,  # workers/approx_gate.py: look up only while lookups pay (WorkerSettings)
     ):
         self.model_name = model_name
         self.pool = pool
@@ -206,6 +209,7 @@ class GenerationService:
         self.engine_options = engine_options or {}
         self.adapter_registry = adapter_registry
         self.lora_batching = lora_batching
+        self.approx_gate = ApproxGate(enabled=approx_gate)
         # Torch's intra-op threads: the device threads keep what the process has now; a job's own CPU work
         # (conditioning, embedding, decode on the CPU) uses ``job_threads`` where set. Where the device is
         # the CPU itself, jobs running at once with 2-thread kernels each oversubscribe the cores the device
@@ -411,6 +415,7 @@ class GenerationService:
                     writeback_queue=self.writeback_queue,
                     batch_max=getattr(settings, "batch_max", 64),
                     embed_threads=getattr(settings, "embed_threads", 1),
+                    gate=self.approx_gate,
                 )
             return self._cache_path
 
@@ -469,9 +474,13 @@ class GenerationService:
             resolve_feature_options(request.cache.feature, self.feature_defaults),
         )
         # Only an approximate lookup that can resume at some K is made (a write-only request's prompt is
-        # embedded by the writer); the engine holds the job at the earliest K until it is answered.
+        # embedded by the writer), and only while this node's lookups pay for themselves or as the gate's
+        # probe (workers/approx_gate.py); the engine holds the job at the earliest K until it is answered.
         ks = self.cache.state_steps(request.steps) if a.use_cache and request.cache.approximate else []
-        near = bool(ks)
+        near = bool(ks) and self.approx_gate.admit()
+        if ks and not near:
+            self.cache_path.note_gated()
+        a.embed = near or self.approx_gate.is_open
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
@@ -487,7 +496,7 @@ class GenerationService:
             is_cancelled=job.is_cancelled,
             on_progress=job.on_progress,
             lookup_pending=near,
-            hold_at=min(ks) if ks else None,
+            hold_at=min(ks) if near else None,
             hold_limit_s=getattr(getattr(self.cache, "settings", None), "lookup_timeout_ms", 50.0) / 1000,
         )
         self.engine.submit(entry)
@@ -524,6 +533,8 @@ class GenerationService:
             report.note = f"approximate hit at K={ahit.k} was found after step {ahit.k} had run: served fresh"
             return
         self.cache.record_hit(ahit.entry_id, ahit.k)
+        step_s = self.engine.stats()[entry.device.name].request_step_s  # this device's seconds a request step
+        self.approx_gate.note_saved(max(0, ahit.k - entry.steps_discarded) * step_s)
         report.hit, report.k, report.similarity, report.source_id = (
             "approximate",
             ahit.k,
@@ -562,7 +573,7 @@ class GenerationService:
         other_s = time.time() - a.started - out.denoise_s - a.decode_s if report.hit == "miss" else None
         self.timer.observe(out.steps_computed, out.denoise_s, a.decode_s, other_s)
         if a.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
-            self.cache_path.write_back(a.key, a.vector, out.captured, a.uri, a.shareable)
+            self.cache_path.write_back(a.key, a.vector, out.captured, a.uri, a.shareable, embed=a.embed)
 
     def _count(self, result: GenerationResult) -> None:
         self.counters["jobs"] += 1

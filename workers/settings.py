@@ -44,6 +44,14 @@ class WorkerSettings(BaseSettings):
     writeback_queue: int = Field(
         64, ge=1, description="Pending cache write-backs a worker keeps before dropping new ones."
     )
+    approx_gate: str = Field(
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="Approximate lookups only while their hits save more device time than the lookups cost "
+        "(measured on the node; while not, one in sixteen is still made and the rest are stored unembedded): "
+        "auto = on a node whose devices are the host's CPU (its embedding takes a device's cores), on = on any "
+        "node, off = every lookup is made.",
+    )
     heartbeat_s: float = Field(10.0, gt=0, description="How often a worker refreshes its entry in the model registry.")
     max_batch: int = Field(
         8, ge=1, le=64, description="Most requests a device steps in one denoiser call (1 = one request at a time)."

@@ -160,6 +160,7 @@ class NodeInfo(bootsteps.StartStopStep):
                 },
                 "queue": getattr(_service, "queue", None),
                 "jobs": dict(_service.counters),
+                "approx_gate": _service.approx_gate.snapshot(),  # whether its approximate lookups pay
                 "engine": metrics.engine_totals(_service),
                 "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # REPRISE_SWITCH_INTERVAL_MS
             }

@@ -17,14 +17,16 @@ from pathlib import Path
 from ops.faults.harness import Harness, Row, _wait_all, account
 
 
-def sentinel_binary() -> list[str]:
-    """Debian's `redis-sentinel` (package redis-sentinel; .ci/run installs it), else `redis-server --sentinel`."""
+def sentinel_command(conf: str) -> list[str]:
+    """Debian's `redis-sentinel CONF` (package redis-sentinel; .ci/run installs it), else `redis-server CONF
+    --sentinel`: the same binary in sentinel mode (what Debian's package links to), which reads its config
+    file only as its first argument (`redis-server --sentinel CONF` is refused as a config line)."""
     found = shutil.which("redis-sentinel")
     if found:
-        return [found]
+        return [found, conf]
     server = shutil.which("redis-server")
     if server:
-        return [server, "--sentinel"]  # the same binary in sentinel mode (what Debian's package links to)
+        return [server, conf, "--sentinel"]
     raise RuntimeError("neither redis-sentinel nor redis-server is installed (apt-get install redis-sentinel)")
 
 
@@ -90,9 +92,7 @@ class SentinelSet:
                 f"sentinel parallel-syncs {self.master_name} 1\n"
             )
             log = open(folder / "sentinel.log", "ab")
-            self.sentinels.append(
-                subprocess.Popen([*sentinel_binary(), str(conf)], stdout=log, stderr=subprocess.STDOUT)
-            )
+            self.sentinels.append(subprocess.Popen(sentinel_command(str(conf)), stdout=log, stderr=subprocess.STDOUT))
             self.sentinel_ports.append(port)
 
         def ready() -> bool:  # every sentinel knows the master, the replica and the two other sentinels
