@@ -79,9 +79,14 @@ def tiny():
 def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_unembedded_and_still_serves_exact_hits(
     tiny, tmp_path, devices
 ):
-    # A table no pair of these prompts reaches: every lookup costs, none saves.
+    # A table no pair of these prompts reaches: every lookup costs, none saves. A long time box: each looked-up
+    # request waits for its answer, so the gate has counted its lookup before the next request asks.
     settings = CacheSettings(
-        backend="edge", path=str(tmp_path / "q"), state_fractions=[0.4], skip_table=[(0.9999, 0.4)]
+        backend="edge",
+        path=str(tmp_path / "q"),
+        state_fractions=[0.4],
+        skip_table=[(0.9999, 0.4)],
+        lookup_timeout_ms=30_000,
     )
     pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(dataclasses.replace(tiny))) for i in range(devices)])
     service = GenerationService(
