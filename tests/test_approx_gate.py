@@ -89,10 +89,9 @@ def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_unembedded_and_still_se
         lookup_timeout_ms=30_000,
     )
     pool = DevicePool([Device(f"cpu{i}", DenoiseLoop(dataclasses.replace(tiny))) for i in range(devices)])
-    service = GenerationService(
-        "tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=LatentCache.open(settings), approx_gate=True
-    )
-    service.approx_gate = gate = ApproxGate(enabled=True, warmup=4, probe_every=4)  # before the first job
+    gate = ApproxGate(enabled=True, warmup=4, probe_every=4)
+    cache = LatentCache.open(settings)
+    service = GenerationService("tiny", pool, ArtifactStore(str(tmp_path / "art")), cache=cache, approx_gate=gate)
     words = "fox heron lantern glacier violin teapot comet orchard dune harbor kite maple".split()
     prompts = [f"a {words[i]} beside a {words[(5 * i + 3) % len(words)]}, ink drawing" for i in range(12)]
     request = lambda i: {"prompt": prompts[i], "seed": i, "steps": STEPS}  # noqa: E731
@@ -104,7 +103,6 @@ def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_unembedded_and_still_se
         # 4 warm-up lookups, then of the 8 others every fourth is a probe: 2 looked up, 6 gated
         assert service.counters["lookup_gated"] == 6
         assert gate.lookups == 6
-        cache = service.cache
         gated = prompts[5]  # after the warm-up and not a probe (those are the 8th and the 12th)
         found = {r.payload["prompt"] for r in cache.store.search(cache.embed(gated), None, limit=12)}
         assert gated not in found  # no prompt vector: no search finds it

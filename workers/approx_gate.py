@@ -48,11 +48,14 @@ class ApproxGate:
         self._with_vector = 0.0
         self._asked = 0  # admit() calls while closed, for the probe turn
 
+    def _coverage(self) -> float:  # under self._lock
+        return self._with_vector / self._written if self._written else 1.0
+
     @property
     def coverage(self) -> float:
         """Share of recent write-backs stored with a prompt vector (1 before any)."""
         with self._lock:
-            return self._with_vector / self._written if self._written else 1.0
+            return self._coverage()
 
     @property
     def is_open(self) -> bool:
@@ -61,8 +64,7 @@ class ApproxGate:
         with self._lock:
             if self.lookups < self.warmup:
                 return True
-            coverage = self._with_vector / self._written if self._written else 1.0
-            return self._value / max(coverage, 1.0 / self.probe_every) >= self._cost
+            return self._value / max(self._coverage(), 1.0 / self.probe_every) >= self._cost
 
     def admit(self) -> bool:
         """Whether this request's approximate lookup is made: always while open, one in ``probe_every`` else."""
@@ -105,5 +107,5 @@ class ApproxGate:
                 "lookups": self.lookups,
                 "cost_s": round(self._cost, 4),
                 "value_s": round(self._value, 4),
-                "coverage": round(self._with_vector / self._written, 4) if self._written else 1.0,
+                "coverage": round(self._coverage(), 4),
             }

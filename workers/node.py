@@ -20,6 +20,7 @@ import torch
 from scheduler.adapters import AdapterRegistry
 from scheduler.registry import ModelRegistry
 from scheduler.settings import ClusterSettings
+from workers.approx_gate import ApproxGate
 from workers.artifacts import ArtifactStore
 from workers.broker_guard import guard_broker_consumer, keep_broker_channels_closable, keep_running_jobs_on_reconnect
 from workers.denoise_loop import DenoiseLoop
@@ -144,7 +145,7 @@ def build_service(
         if redis_client is not None
         else None,
         lora_batching=worker.lora_batching,
-        approx_gate=worker.approx_gate == "on" or (worker.approx_gate == "auto" and n_cpu > 0),
+        approx_gate=ApproxGate(enabled=worker.approx_gate == "on" or (worker.approx_gate == "auto" and n_cpu > 0)),
     )
     service.text_memo = memo
     if redis_client is not None:

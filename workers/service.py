@@ -195,7 +195,7 @@ class GenerationService:
         engine_options: dict | None = None,  # NodeEngine's stall_s and oom_recover_s (WorkerSettings)
         adapter_registry=None,  # scheduler.adapters.AdapterRegistry, or None: requests naming adapters are refused
         lora_batching: str = "mixed",
-        approx_gate: bool = False,  # workers/approx_gate.py: look up only while lookups pay (WorkerSettings)
+        approx_gate: ApproxGate | None = None,  # workers/approx_gate.py (WorkerSettings); None: every lookup made
     ):
         self.model_name = model_name
         self.pool = pool
@@ -209,7 +209,7 @@ class GenerationService:
         self.engine_options = engine_options or {}
         self.adapter_registry = adapter_registry
         self.lora_batching = lora_batching
-        self.approx_gate = ApproxGate(enabled=approx_gate)
+        self.approx_gate = approx_gate or ApproxGate(enabled=False)
         # Torch's intra-op threads: the device threads keep what the process has now; a job's own CPU work
         # (conditioning, embedding, decode on the CPU) uses ``job_threads`` where set. Where the device is
         # the CPU itself, jobs running at once with 2-thread kernels each oversubscribe the cores the device
