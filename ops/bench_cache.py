@@ -98,6 +98,8 @@ def summarise(passes: list[dict]) -> dict:
                 "k": r.cache.k,
                 "lookup_ms": None if r.cache.lookup_ms is None else round(r.cache.lookup_ms, 1),
                 "steps_computed": r.cache.steps_computed + r.cache.steps_discarded,
+                "device": r.device,  # which device ran it (placement across the node's devices)
+                "to_first_step_ms": round(r.timings.load_s * 1000, 1),
             }
             for (round_, i), (lat, r) in zip(order, results)
         ),
@@ -370,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         "-",
         f"{c['writeback_written']} / {c['writeback_raced']} / {c['writeback_dropped']} / {c['writeback_failed']}"
         f" ({c['writeback_retried']})",
+    )
+    stored = c["writeback_written"] + c["writeback_raced"]
+    table.add_row(
+        "writer's wait for the devices' calls (mean ms an entry)",
+        "-",
+        f"{c.get('writeback_wait_ms', 0) / stored:.1f}" if stored else "-",
     )
     for stage in off["stages_p50_s"]:
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731

@@ -103,9 +103,10 @@ def test_waiting_lookups_share_one_embedder_call_and_one_batched_search(cache):
         path.close()
 
 
-def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
-    write = Gate(cache.write_back_outcomes)
-    cache.write_back_outcomes = write
+def test_the_writer_takes_queued_write_backs_together_and_drops_them_when_behind(cache):
+    write, embed = Gate(cache.write_back_outcomes), Gate(cache.embedder.embed_many)
+    embed.release.set()  # recorded only
+    cache.write_back_outcomes, cache.embedder.embed_many = write, embed
     path = CachePath(lambda: cache, {}, writeback_queue=2)
     try:
         keys = [_key(f"a lighthouse number {i}") for i in range(5)]
@@ -116,11 +117,46 @@ def test_the_writer_batches_write_backs_and_drops_them_when_behind(cache):
         assert path.counters["writeback_dropped"] == 2
         write.release.set()
         path.drain(10)
-        assert [len(batch) for batch in write.calls] == [1, 2]  # the two that waited went in one upsert
+        assert [len(batch) for batch in embed.calls] == [1, 2]  # the two that waited: one embedder call
+        assert [len(batch) for batch in write.calls] == [1, 1, 1]  # stored entry by entry (_when_quiet)
         assert path.counters["writeback_written"] == 3 and path.counters["writeback_failed"] == 0
         for i, k in enumerate(keys):  # the written ones are found (their prompts embedded by the writer)
             hit = cache.lookup_exact(k)
             assert (hit is not None) == (i < 3), i
+    finally:
+        path.close()
+
+
+def test_the_writer_stores_each_entry_only_once_the_devices_compute(cache):
+    """Before each entry the writer waits on ``when_quiet`` (NodeEngine.wait_quiet: until no device thread wants
+    the interpreter lock for about one entry's write, QUIET_WAIT_S at most); nothing is stored meanwhile, and
+    the wait is counted."""
+    from workers import cache_path
+
+    asked: list[tuple[float, float]] = []
+    devices_compute = threading.Event()
+
+    def when_quiet(margin_s: float, timeout_s: float) -> bool:
+        asked.append((margin_s, timeout_s))
+        return devices_compute.wait(30)
+
+    path = CachePath(lambda: cache, {}, when_quiet=when_quiet)
+    try:
+        keys = [_key("a lighthouse"), _key("a harbour")]
+        for i, k in enumerate(keys):
+            assert path.write_back(k, None, _captured(i), f"file:///{i}.png", False)
+        deadline = time.monotonic() + 10
+        while not asked:
+            assert time.monotonic() < deadline, "the writer never asked"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert cache.lookup_exact(keys[0]) is None and len(asked) == 1  # held while the devices want the lock
+        devices_compute.set()
+        path.drain(10)
+        assert len(asked) == 2  # one wait per entry
+        assert all(m >= cache_path.QUIET_MARGIN_MIN_S and t == cache_path.QUIET_WAIT_S for m, t in asked)
+        assert all(cache.lookup_exact(k) is not None for k in keys)
+        assert path.counters["writeback_written"] == 2 and path.counters["writeback_wait_ms"] >= 200
     finally:
         path.close()
 

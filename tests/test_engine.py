@@ -241,6 +241,49 @@ def test_the_engine_records_which_jobs_share_the_call_in_flight(tiny, tmp_path):
         service.close()
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_engine_is_quiet_only_while_every_device_waits_in_its_call(tiny, tmp_path, devices):
+    """NodeEngine.quiet_for (what the cache's writer waits for): inside a call expected to last longer than the
+    margin (the last call's length), or idle; never at a call's end, before a first call's length is known,
+    or between calls."""
+    service, spy = _service(tiny, tmp_path, devices=devices)
+    seen: list[tuple[bool, bool]] = []
+    try:
+        assert service.engine.quiet_for(60.0)  # no request anywhere: idle
+
+        def probe():  # at the start of each call, which then lasts at least 50 ms; a margin of 60 s is never met
+            seen.append((service.engine.quiet_for(0.0), service.engine.quiet_for(60.0)))
+            time.sleep(0.05)
+
+        spy.before_call = probe
+        base = {"steps": STEPS, "guidance_scale": 1.0, "cache": NOCACHE}
+        result = service.run({**base, "prompt": "a dog", "seed": 1}, JobContext(job_id="q"))
+        assert result.cache.steps_computed == STEPS
+        assert len(seen) == STEPS
+        assert seen[0] == (False, False)  # the device's first call: how long it lasts is not known yet
+        assert all(quiet_now for quiet_now, _ in seen[1:])  # at a call's start: the last call's 50 ms are ahead
+        assert not any(quiet_long for _, quiet_long in seen)
+        assert service.engine.quiet_for(60.0)  # done: idle again
+        assert service.engine.wait_quiet(60.0, 5.0)  # idle: at once
+
+        waited: list = []
+        spy.before_call = lambda: time.sleep(0.05)
+        job = threading.Thread(
+            target=service.run, args=({**base, "prompt": "a cat", "seed": 2}, JobContext(job_id="w"))
+        )
+        job.start()
+        while not service.engine.schedulers[0].active and not service.engine.schedulers[-1].active:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        waited.append(service.engine.wait_quiet(60.0, 0.2))  # never that long: gives up at its timeout
+        waited.append(time.monotonic() - t0)
+        waited.append(service.engine.wait_quiet(0.001, 10.0))  # the next call's start
+        job.join(60)
+        assert waited[0] is False and 0.2 <= waited[1] < 5.0 and waited[2] is True
+    finally:
+        service.close()
+
+
 def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
     """The cancel, raised while the request's 4th call is in flight, stops it before its 5th step; the time
     limit stops its request at the first step after the deadline; their batch-mate finishes whole."""

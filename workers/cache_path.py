@@ -24,8 +24,10 @@ its own:
 - **The writer** (``reprise-cache-writer``): write-backs queue here, bounded by
   ``REPRISE_WRITEBACK_QUEUE``; a full queue drops the new one (``writeback_dropped``) instead of
   delaying anyone. It takes every queued write-back at once, embeds the prompts the lookup stage did
-  not, and stores them in one insert-only write (``LatentCache.write_back_many``; the embedded store
-  upserts them entry by entry, so the binding never holds the interpreter lock for a whole wave).
+  not in one embedder call, and stores them entry by entry (insert-only), each in a moment when every
+  device thread waits inside its call (``when_quiet``, NodeEngine.wait_quiet; at most QUIET_WAIT_S): an entry
+  holds the interpreter lock for milliseconds, and a device thread that comes back from its call meanwhile
+  waits to step its requests, which below saturation cost 2 % of throughput (docs/measured.md).
 
 Neither thread ever runs on a device thread; the device threads only step and decode.
 """
@@ -76,6 +78,11 @@ ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath.
 AHEAD_MAX = 256  # prompts answered unembedded kept to embed ahead (CachePath._embed_ahead)
 OFFLINE_RETRY_S = 30.0  # how long the writer tries a store that is offline (optimising) again (_write_batch)
 OFFLINE_RETRY_PAUSE_S = 0.25
+# The writer stores each entry in a moment when every device thread is inside its call (``when_quiet``): an entry
+# holds the interpreter lock for milliseconds (qdrant-edge's binding converts it under the lock), and a device
+# thread coming back from its call then waits to step its requests. Never longer than QUIET_WAIT_S an entry.
+QUIET_WAIT_S = 0.1
+QUIET_MARGIN_MIN_S = 0.002
 
 # The node's cache-path counters (``celery inspect stats`` → reprise.jobs; `reprise bench cache` prints them).
 # lookup_wait/embed/search_ms are sums over looked-up requests: the wait in the queue before their batch started, and
@@ -86,6 +93,7 @@ COUNTERS = (
     "writeback_raced",  # another node or job stored the same entry first (insert-only: first writer wins)
     "writeback_retried",  # write-backs tried again because the store was offline (optimising) at the time
     "writeback_written",
+    "writeback_wait_ms",  # the writer's waits for a moment when the devices compute (CachePath._when_quiet)
     "lookup_skipped",
     "lookup_gated",  # not made: this node's approximate lookups did not pay (workers/approx_gate.py)
     "lookup_empty",  # answered at once: no stored entry matched their filter, so no embedding was waited for
@@ -113,9 +121,14 @@ class CachePath:
         embed_threads: int = 1,
         nice: int = 10,
         gate: ApproxGate | None = None,
+        when_quiet: Callable[[float, float], bool] | None = None,
     ):
         # ``cache_of()``: the service's cache now (a node may reopen it; None while it is away)
         self.cache_of, self.counters = cache_of, counters
+        # ``when_quiet(margin_s, timeout_s)``: returns once no device thread wants the interpreter lock within
+        # margin_s, or after timeout_s (NodeEngine.wait_quiet)
+        self.when_quiet = when_quiet
+        self._entry_s = QUIET_MARGIN_MIN_S  # how long the last entry's write took: the margin the writer asks for
         self.gate = gate or ApproxGate(enabled=False)
         self.batch_max, self.embed_threads, self.nice = batch_max, embed_threads, nice
         for name in COUNTERS:
@@ -340,7 +353,7 @@ class CachePath:
         # the bounded queue as behind any slow write.
         deadline = time.monotonic() + OFFLINE_RETRY_S
         while True:
-            outcomes = cache.write_back_outcomes([(w.key, w.vector, w.states, w.uri, w.shareable) for w in items])
+            outcomes = [self._write_one(cache, w) for w in items]
             for outcome, counter in (
                 ("stored", "writeback_written"),
                 ("raced", "writeback_raced"),
@@ -356,6 +369,23 @@ class CachePath:
                 return
             self._count("writeback_retried", len(items))
             time.sleep(OFFLINE_RETRY_PAUSE_S)
+
+    def _write_one(self, cache, w: WriteBack) -> str:
+        """One entry's write, in a moment when the devices compute (its outcome, as write_back_outcomes)."""
+        self._when_quiet()
+        t0 = time.monotonic()
+        outcome = cache.write_back_outcomes([(w.key, w.vector, w.states, w.uri, w.shareable)])[0]
+        self._entry_s = max(QUIET_MARGIN_MIN_S, time.monotonic() - t0)
+        return outcome
+
+    def _when_quiet(self) -> None:
+        """Wait until no device thread will want the interpreter lock for about one entry's write, or
+        QUIET_WAIT_S (a write-back is never held back longer: the queue behind it is bounded)."""
+        if self.when_quiet is None:
+            return
+        t0 = time.monotonic()
+        self.when_quiet(self._entry_s, QUIET_WAIT_S)
+        self._count("writeback_wait_ms", round((time.monotonic() - t0) * 1000))
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until every write-back queued so far has landed or failed."""

@@ -265,6 +265,7 @@ class DeviceScheduler(threading.Thread):
         threads: int | None = None,
         publisher: Publisher | None = None,
         oom_recover_s: float = 30.0,
+        call_began: threading.Condition | None = None,
     ):
         super().__init__(name=f"reprise-engine-{device.name}", daemon=True)
         self.device, self.waiting, self.max_batch = device, waiting, max_batch
@@ -281,6 +282,12 @@ class DeviceScheduler(threading.Thread):
         self.beat = time.monotonic()  # start of the current iteration (the watchdog reads it)
         self.lone_failures = 0  # requests that failed alone since the last call that succeeded
         self.stalled = False  # set by the watchdog: this thread's requests were released; it touches none again
+        # When the call in flight should end (monotonic; the last call's length from its start), None between
+        # calls: NodeEngine.quiet_for reads it so that the cache's writer holds the interpreter lock while
+        # this thread waits in its call, not when it comes back to step its requests.
+        self.call_ends: float | None = None
+        self.last_call_s = 0.0
+        self.call_began = call_began or threading.Condition()  # notified as each call begins (NodeEngine.wait_quiet)
 
     def run(self) -> None:
         if self.threads is not None:
@@ -474,15 +481,20 @@ class DeviceScheduler(threading.Thread):
         self.stats.last_call = tuple(r.job_id for r in group)
         rows = [r.trajectory.rows for r in group]
         start, t0 = time.monotonic(), time.perf_counter()
+        self.call_ends = start + self.last_call_s
+        with self.call_began:
+            self.call_began.notify_all()
         try:
             outputs = self._call(group)
         except Exception as exc:
+            self.call_ends = None
             self.stats.record(start, time.perf_counter() - t0, len(group), sum(rows), ok=False)
             for request, saved in zip(group, counts):
                 if saved is not None:
                     request.runner.full_passes, request.runner.partial_passes = saved
             return self._after_failure(group, exc)
-        self.stats.record(start, time.perf_counter() - t0, len(group), sum(rows), ok=True)
+        self.call_ends, self.last_call_s = None, time.perf_counter() - t0
+        self.stats.record(start, self.last_call_s, len(group), sum(rows), ok=True)
         self.lone_failures = 0
         return list(zip(group, outputs))
 
@@ -585,12 +597,15 @@ class NodeEngine:
         self.waiting: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self.kick = threading.Event()
+        self.call_began = threading.Condition()
         self.healthy = True
         self.unhealthy_reason: str | None = None
         self.publisher = Publisher()
         self.publisher.start()
         self.schedulers = [
-            DeviceScheduler(d, self.waiting, max_batch, self.kick, threads, self.publisher, oom_recover_s)
+            DeviceScheduler(
+                d, self.waiting, max_batch, self.kick, threads, self.publisher, oom_recover_s, self.call_began
+            )
             for d in devices
         ]
         for s in self.schedulers:
@@ -598,6 +613,29 @@ class NodeEngine:
         self._closed = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="reprise-engine-watchdog", daemon=True)
         self.watchdog.start()
+
+    def quiet_for(self, margin_s: float) -> bool:
+        """True while no device thread will want the interpreter lock within ``margin_s``: each is idle (no
+        request) or inside a denoiser call expected to last that long yet. A device thread between calls
+        (stepping, binding, taking requests) or at the end of its call is not quiet."""
+        now = time.monotonic()
+        for s in self.schedulers:
+            ends = s.call_ends
+            if (ends is None and s.active) or (ends is not None and ends - now < margin_s):
+                return False
+        return True
+
+    def wait_quiet(self, margin_s: float, timeout_s: float) -> bool:
+        """Wait until ``quiet_for(margin_s)``, checked as each device call begins (and every 10 ms, for a
+        device that went idle); False after ``timeout_s`` without."""
+        deadline = time.monotonic() + timeout_s
+        with self.call_began:
+            while not self.quiet_for(margin_s):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.call_began.wait(min(left, 0.01))
+        return True
 
     def submit(self, request: EngineRequest) -> None:
         if not self.healthy:

@@ -416,6 +416,9 @@ class GenerationService:
                     batch_max=getattr(settings, "batch_max", 64),
                     embed_threads=getattr(settings, "embed_threads", 1),
                     gate=self.approx_gate,
+                    when_quiet=lambda margin_s, timeout_s: (
+                        self._engine is None or self._engine.wait_quiet(margin_s, timeout_s)
+                    ),
                 )
             return self._cache_path
 
