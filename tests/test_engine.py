@@ -284,6 +284,28 @@ def test_the_engine_is_quiet_only_while_every_device_waits_in_its_call(tiny, tmp
         service.close()
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_writer_waits_for_the_devices_only_where_no_device_computes_on_the_host(tiny, tmp_path, devices):
+    """The writer's wait (``when_quiet``) is for devices whose calls leave the host's cores and lock free
+    (accelerators, ``sim``); a node with a ``cpu`` device, alone or beside a ``sim`` one, stores at once."""
+    from workers.sim import load_sim_components
+
+    sim = [Device(f"sim:{i}", DenoiseLoop(load_sim_components(latent_size=8))) for i in range(devices)]
+    for pool, host in (
+        (sim, False),
+        ([Device(f"cpu{i}", DenoiseLoop(tiny)) for i in range(devices)], True),
+        (sim[:-1] + [Device("cpu", DenoiseLoop(tiny))], True),
+    ):
+        service = GenerationService("tiny", DevicePool(pool), ArtifactStore(str(tmp_path / "art")))
+        try:
+            assert service.host_computes is host
+            assert (service.cache_path.when_quiet is None) is host
+            if not host:  # the engine's own wait: at once, on a node with nothing to run
+                assert service.engine.quiet_for(60.0) and service.cache_path.when_quiet(60.0, 5.0)
+        finally:
+            service.close()
+
+
 def test_cancel_and_time_limit_stop_one_request_of_a_batch(tiny, tmp_path):
     """The cancel, raised while the request's 4th call is in flight, stops it before its 5th step; the time
     limit stops its request at the first step after the deadline; their batch-mate finishes whole."""

@@ -416,11 +416,20 @@ class GenerationService:
                     batch_max=getattr(settings, "batch_max", 64),
                     embed_threads=getattr(settings, "embed_threads", 1),
                     gate=self.approx_gate,
-                    when_quiet=lambda margin_s, timeout_s: (
-                        self._engine is None or self._engine.wait_quiet(margin_s, timeout_s)
-                    ),
+                    when_quiet=None if self.host_computes else self._when_quiet,
                 )
             return self._cache_path
+
+    @property
+    def host_computes(self) -> bool:
+        """Some device of this node computes on the host's own cores (``cpu``; not ``sim``, whose calls
+        sleep). Its calls want the interpreter lock and the cores from start to end, so no moment inside
+        one is quiet, and waiting for one only delays the entry into the next call: the writer then stores
+        each entry at once, on its lower-priority thread (``CachePath`` without ``when_quiet``)."""
+        return any(d.loop.c.device.type == "cpu" and not d.loop.c.extra.get("simulated") for d in self.pool.devices)
+
+    def _when_quiet(self, margin_s: float, timeout_s: float) -> bool:
+        return self._engine is None or self._engine.wait_quiet(margin_s, timeout_s)
 
     def lookup_near(self, a: AdmittedJob, start: DeviceStart, entry: EngineRequest) -> None:
         """Prompt embedding, approximate lookup and state fetch in the node's next lookup batch, while the
