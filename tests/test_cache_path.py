@@ -244,6 +244,41 @@ def test_lookups_that_nothing_stored_could_match_are_answered_at_once_and_embedd
         path.close()
 
 
+def test_lookups_that_trickle_in_never_wait_behind_prompts_embedded_ahead(cache, monkeypatch):
+    """Prompts answered unembedded are embedded ahead only once no lookup has come for AHEAD_IDLE_S, AHEAD_PIECE
+    at a time: the lookups of a wave, which arrive one admission after another, are each answered at once
+    instead of behind the embedding of the ones before them."""
+    from workers import cache_path
+
+    monkeypatch.setattr(cache_path, "AHEAD_IDLE_S", 1.0)
+    encoded: list[list[str]] = []
+    real_encode = cache.embedder._encode_fn
+
+    def slow_encode(prompts):  # a MiniLM forward that a lookup would notice waiting behind
+        encoded.append(list(prompts))
+        time.sleep(0.5)
+        return real_encode(prompts)
+
+    cache.embedder._encode_fn = slow_encode
+    path = CachePath(lambda: cache, {})
+    try:
+        prompts = [f"a harbour at dawn, boat {i}" for i in range(6)]
+        for p in prompts:
+            t0 = time.monotonic()
+            assert path.lookup(_key(p), p, True) == (None, None)  # a cold cache: nothing could match
+            assert time.monotonic() - t0 < 0.45, p  # not behind a 0.5 s embedding
+            time.sleep(0.05)
+        assert encoded == []  # nothing embedded while lookups kept coming
+        memo, deadline = cache.embedder._memo, time.monotonic() + 30
+        while any(memo.get((cache.embedder.version, p)) is None for p in prompts):  # then all, in pieces
+            assert time.monotonic() < deadline, encoded
+            time.sleep(0.05)
+        assert sorted(p for piece in encoded for p in piece) == sorted(prompts)
+        assert all(len(piece) <= cache_path.AHEAD_PIECE for piece in encoded) and len(encoded) >= 2
+    finally:
+        path.close()
+
+
 def test_a_lookup_is_skipped_once_its_request_passed_its_step_and_counted(cache):
     cache.write_back_many([(_key("x"), cache.embed("x"), _states(0), None, False)])  # "a" and "b" could match it
     cache.embedder.drop_memos()

@@ -9,7 +9,8 @@ its own:
 - **The lookup stage** (``reprise-cache-lookup-batch``): every request waiting for its approximate
   lookup is taken at once. Those that no stored entry could match (``LatentCache.could_resume_many``: one
   count per distinct filter) are answered at once, unembedded (``lookup_empty``); their prompts are embedded
-  ahead whenever no lookup waits, into the embedder's memo where their write-backs find them. The rest are
+  ahead once no lookup has come for ``AHEAD_IDLE_S``, a few at a time, into the embedder's memo where their
+  write-backs find them. The rest are
   answered in chunks of ``ANSWER_CHUNK``, the longest waiting first: one
   embedder call for a chunk's prompts (on a node of accelerators or ``sim``, MiniLM in a child process of
   its own, so its many small torch calls neither wait for nor hold this process's interpreter lock:
@@ -76,6 +77,12 @@ class WriteBack:
 _STOP = object()
 ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath._lookup_batch)
 AHEAD_MAX = 256  # prompts answered unembedded kept to embed ahead (CachePath._embed_ahead)
+# Embedding ahead waits until no lookup came for AHEAD_IDLE_S, then takes AHEAD_PIECE prompts (one MiniLM
+# forward, cache/embedding.py ENCODE_BATCH) at a time: a burst's lookups trickle in over the admissions of a
+# whole wave, and each would otherwise wait behind the last one's prompts being embedded (up to 165 ms for
+# lookups that need no embedding at all, docs/measured.md, ninth round).
+AHEAD_IDLE_S = 0.05
+AHEAD_PIECE = 4
 OFFLINE_RETRY_S = 30.0  # how long the writer tries a store that is offline (optimising) again (_write_batch)
 OFFLINE_RETRY_PAUSE_S = 0.25
 # The writer stores each entry in a moment when every device thread is inside its call (``when_quiet``): an entry
@@ -189,10 +196,10 @@ class CachePath:
         later: list[str] = []  # prompts answered unembedded, to embed while no lookup waits
         while True:
             try:
-                first = self._lookups.get(block=not later)
+                first = self._lookups.get(timeout=AHEAD_IDLE_S if later else None)
             except queue.Empty:
-                self._embed_ahead(later[:ANSWER_CHUNK])
-                del later[:ANSWER_CHUNK]
+                self._embed_ahead(later[:AHEAD_PIECE])
+                del later[:AHEAD_PIECE]
                 continue
             items, stop = self._take(self._lookups, first)
             if items:
