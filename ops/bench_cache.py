@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stored = c["writeback_written"] + c["writeback_raced"]
     table.add_row(
-        "writer's wait for the lookups and the devices' calls (mean ms an entry)",
+        "writer's wait for the devices' calls (mean ms an entry)",
         "-",
         f"{c.get('writeback_wait_ms', 0) / stored:.1f}" if stored else "-",
     )

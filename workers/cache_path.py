@@ -145,8 +145,6 @@ class CachePath:
         self._writes: queue.Queue = queue.Queue(maxsize=writeback_queue)
         self._pending_writes = 0  # queued or being written: drain() waits for zero
         self._idle = threading.Condition()
-        self._lookups_idle = threading.Event()  # clear while the lookup thread answers a take (the writer waits)
-        self._lookups_idle.set()
         self._threads = [
             threading.Thread(target=self._lookup_loop, name="reprise-cache-lookup-batch", daemon=True),
             threading.Thread(target=self._write_loop, name="reprise-cache-writer", daemon=True),
@@ -205,13 +203,9 @@ class CachePath:
                 continue
             items, stop = self._take(self._lookups, first)
             if items:
-                self._lookups_idle.clear()
                 self.gate.note_lookups(len(items))
                 t0 = time.monotonic()
-                try:
-                    later.extend(self._lookup_batch(items))
-                finally:
-                    self._lookups_idle.set()
+                later.extend(self._lookup_batch(items))
                 self.gate.note_cost(time.monotonic() - t0)
                 del later[:-AHEAD_MAX]  # a node never idle: the writer embeds the oldest ones itself
             if stop:
@@ -392,15 +386,12 @@ class CachePath:
         return outcome
 
     def _when_quiet(self) -> None:
-        """Wait until the lookup thread has answered what it took (requests wait on those answers; a burst of
-        them arrives just as the wave before finishes and queues its write-backs), then until no device thread
-        will want the interpreter lock for about one entry's write: QUIET_WAIT_S in all at most (a write-back
-        is never held back longer: the queue behind it is bounded)."""
+        """Wait until no device thread will want the interpreter lock for about one entry's write, or
+        QUIET_WAIT_S (a write-back is never held back longer: the queue behind it is bounded)."""
+        if self.when_quiet is None:
+            return
         t0 = time.monotonic()
-        self._lookups_idle.wait(QUIET_WAIT_S)
-        left = QUIET_WAIT_S - (time.monotonic() - t0)
-        if self.when_quiet is not None and left > 0:
-            self.when_quiet(self._entry_s, left)
+        self.when_quiet(self._entry_s, QUIET_WAIT_S)
         self._count("writeback_wait_ms", round((time.monotonic() - t0) * 1000))
 
     def drain(self, timeout: float = 30.0) -> None:
