@@ -28,7 +28,9 @@ its own:
   not in one embedder call, and stores them entry by entry (insert-only), each in a moment when every
   device thread waits inside its call (``when_quiet``, NodeEngine.wait_quiet; at most QUIET_WAIT_S): an entry
   holds the interpreter lock for milliseconds, and a device thread that comes back from its call meanwhile
-  waits to step its requests, which below saturation cost 2 % of throughput (docs/measured.md).
+  waits to step its requests, which below saturation cost 2 % of throughput (docs/measured.md). A node with
+  a ``cpu`` device passes no ``when_quiet`` (GenerationService.host_computes): its calls want the lock and the
+  cores throughout, so its entries are stored at once.
 
 Neither thread ever runs on a device thread; the device threads only step and decode.
 """
@@ -193,7 +195,7 @@ class CachePath:
 
     def _lookup_loop(self) -> None:
         self._background()
-        later: list[str] = []  # prompts answered unembedded, to embed while no lookup waits
+        later: list[str] = []  # prompts answered unembedded, to embed once lookups pause (AHEAD_IDLE_S)
         while True:
             try:
                 first = self._lookups.get(timeout=AHEAD_IDLE_S if later else None)
