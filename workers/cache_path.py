@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from cache.embedding import ENCODE_BATCH
 from workers.approx_gate import ApproxGate
 
 log = logging.getLogger("reprise.worker")
@@ -80,11 +81,11 @@ _STOP = object()
 ANSWER_CHUNK = 8  # lookups embedded, searched and answered together (CachePath._lookup_batch)
 AHEAD_MAX = 256  # prompts answered unembedded kept to embed ahead (CachePath._embed_ahead)
 # Embedding ahead waits until no lookup came for AHEAD_IDLE_S, then takes AHEAD_PIECE prompts (one MiniLM
-# forward, cache/embedding.py ENCODE_BATCH) at a time: a burst's lookups trickle in over the admissions of a
+# forward) at a time: a burst's lookups trickle in over the admissions of a
 # whole wave, and each would otherwise wait behind the last one's prompts being embedded (up to 165 ms for
 # lookups that need no embedding at all, docs/measured.md, ninth round).
 AHEAD_IDLE_S = 0.05
-AHEAD_PIECE = 4
+AHEAD_PIECE = ENCODE_BATCH
 OFFLINE_RETRY_S = 30.0  # how long the writer tries a store that is offline (optimising) again (_write_batch)
 OFFLINE_RETRY_PAUSE_S = 0.25
 # The writer stores each entry in a moment when every device thread is inside its call (``when_quiet``): an entry
