@@ -102,9 +102,9 @@ class StepTimer:
         return (self.per_step_s or 0.0) * steps + self.decode_s + self.other_s
 
 
-@dataclass
-class AdmittedJob:
-    """One job between its stages: what admission fixed, what lookup found, what the device made."""
+@dataclass(frozen=True)
+class Admission:
+    """What admission fixed from the request alone (``GenerationService.admit``)."""
 
     request: GenerationRequest
     width: int
@@ -113,22 +113,50 @@ class AdmittedJob:
     job: JobContext
     started: float
     queue_wait: float
-    report: CacheReport
-    uri: str | None = None  # set once the job has its image (redelivery, exact hit, or stored)
+    adapters: tuple = ()  # the request's LoRA adapters as the registry held them at admission (workers.lora)
     use_cache: bool = False
     shareable: bool = False
-    key: Any = None
-    vector: Any = None
-    embed: bool = True  # False: its write-back is stored without a prompt vector (its lookup was gated)
-    capture: list[int] = field(default_factory=list)
-    near: Any = None  # the approximate hit the lookup found (cache.ApproxHit)
-    runner: Any = None
-    device: str = ""  # the device that ran it; "" when it never needed one
-    loop: DenoiseLoop | None = None  # that device's loop (its VAE decodes the image)
-    load_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    adapters: tuple = ()  # the request's LoRA adapters as the registry held them at admission (workers.lora)
+    stored_uri: str | None = None  # a redelivered job's image, already stored by an earlier delivery
+    note: str | None = None  # why the cache is off, or sharing ignored
+
+
+@dataclass(frozen=True)
+class ExactLookup:
+    """What the exact lookup found, before any device (``GenerationService.lookup``)."""
+
+    key: Any = None  # cache.CacheKey; None where the request does not use the cache
+    generation: int | None = None
+    uri: str | None = None  # an exact hit's image (copied for this tenant where another one stored it)
+    source_id: str | None = None
+    lookup_ms: float | None = None
+    capture: tuple[int, ...] = ()  # the steps after which states are kept for the write-back
+
+
+@dataclass
+class NearAnswer:
+    """The approximate lookup's answer: written once, on the lookup thread, before the engine lets the job
+    past its earliest resume step (so the job's own thread reads it after ``NodeEngine.wait``)."""
+
+    vector: Any = None  # the prompt's embedding, reused by the write-back
+    hit: Any = None  # cache.ApproxHit that can resume this request, or None
+    ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceRun:
+    """What the device stage made (``GenerationService.on_device``), on the device that ran it."""
+
+    out: Any  # workers.denoise_loop.LoopOutput
+    image: Any  # the image where the device thread decoded it (CUDA), else None
+    device: str
+    loop: DenoiseLoop  # that device's loop (its VAE decodes the image)
+    runner: Any  # the feature-cache runner that ran it (a hit's own, where one was swapped in), or None
+    load_s: float  # admission, lookups, and the wait for a batch
+    decode_s: float
+    embed: bool  # False: the write-back is stored without a prompt vector (the lookup was gated)
+    near: NearAnswer | None  # None where no approximate lookup was made
+    resumed: bool  # the engine resumed it from the approximate hit's state
+    steps_discarded: int
 
 
 @dataclass
@@ -304,31 +332,33 @@ class GenerationService:
     # --- one job: admit → lookup → device → decode → store -------------------------------------
     def run(self, payload: Any, job: JobContext) -> GenerationResult:
         """Serve one job. Only the device stage holds a device: admission, lookups, the artifact write
-        and the write-back run on the caller's thread, so a cache miss costs the device nothing."""
+        and the write-back run on the caller's thread, so a cache miss costs the device nothing. Each stage
+        returns what it found or made (``Admission``, ``ExactLookup``, ``DeviceRun``); the report is made
+        once, from them (``_report``)."""
         if self.job_threads is not None and getattr(self._local, "threads", None) != self.job_threads:
             torch.set_num_threads(self.job_threads)  # this thread only (and threads started after it)
             self._local.threads = self.job_threads
-        admitted = self.admit(payload, job)
-        self.lookup(admitted)
-        if admitted.uri is None:
-            out, image = self.on_device(admitted)
-            image = self.decode(admitted, out, image)
-            self.store(admitted, out, image)
-        self._pad_for_isolation(admitted)
-        result = self._result(admitted)
+        admission = self.admit(payload, job)
+        found = self.lookup(admission)
+        ran, uri, decode_s = None, admission.stored_uri or found.uri, 0.0
+        if uri is None:
+            ran = self.on_device(admission, found)
+            image, decode_s = self.decode(ran)
+            uri = self.store(admission, found, ran, image, decode_s)
+        report = self._report(admission, found, ran)
+        self._pad_for_isolation(admission, report.hit)
+        result = self._result(admission, report, uri, ran, decode_s)
         self._count(result)
         return result
 
-    def admit(self, payload: Any, job: JobContext) -> AdmittedJob:
-        """Validate, fix the seed, and reuse the image of a redelivered job that was already stored."""
+    def admit(self, payload: Any, job: JobContext) -> Admission:
+        """Validate, fix the seed, and find the image of a redelivered job that was already stored."""
         started = time.time()
         request, width, height = self.validate(payload)
         # A redelivered job (worker died, visibility timeout) must redo the same image: no seed, one per job id.
         seed = request.seed if request.seed is not None else seed_for_job(job.job_id)
-        report = CacheReport(
-            hit="off" if self.cache is None else "miss", note=self.cache_note if self.cache is None else None
-        )
-        a = AdmittedJob(
+        adapters = self.resolve_adapters(request)
+        admission = Admission(
             request=request,
             width=width,
             height=height,
@@ -336,23 +366,18 @@ class GenerationService:
             job=job,
             started=started,
             queue_wait=max(0.0, started - job.queued_at) if job.queued_at else 0.0,
-            report=report,
+            adapters=adapters,
+            note=self.cache_note if self.cache is None else None,
         )
-        a.adapters = self.resolve_adapters(request)
-        done = self._already_stored(request, seed, width, height, job, a.adapters)
+        done = self._already_stored(request, seed, width, height, job, adapters)
         if done is not None:  # a redelivery of a job whose image was fully written: reuse it, never redo it
-            report.hit, report.steps_saved = "exact", request.steps
-            report.note = "redelivered job: its image was already stored"
-            a.uri = done
-            return a
-        a.shareable = request.cache.share
-        if a.shareable and self.share_grants is not None and request.tenant not in self.share_grants:
-            a.shareable = False
-            report.note = f"share ignored: tenant {request.tenant!r} is not granted sharing (REPRISE_SHARE_TENANTS)"
-        a.use_cache = self.cache is not None and (
-            request.cache.exact or request.cache.approximate or request.cache.write
-        )
-        return a
+            return replace(admission, stored_uri=done, note="redelivered job: its image was already stored")
+        shareable, note = request.cache.share, admission.note
+        if shareable and self.share_grants is not None and request.tenant not in self.share_grants:
+            shareable = False
+            note = f"share ignored: tenant {request.tenant!r} is not granted sharing (REPRISE_SHARE_TENANTS)"
+        use_cache = self.cache is not None and (request.cache.exact or request.cache.approximate or request.cache.write)
+        return replace(admission, shareable=shareable, use_cache=use_cache, note=note)
 
     def resolve_adapters(self, request: GenerationRequest) -> tuple:
         """The request's adapters, resolved again here (the producer checked them before queueing, but an
@@ -375,33 +400,34 @@ class GenerationService:
                 )
         return tuple(ActiveLora(a.name, a.version, scale, a.uri, a.text_encoder) for a, scale in resolved)
 
-    def lookup(self, a: AdmittedJob) -> None:
+    def lookup(self, admission: Admission) -> ExactLookup:
         """The exact lookup, before any device: a hit ends the job here. The rest of the lookup (prompt
         embedding, approximate lookup, state fetch) overlaps the job's first steps (``on_device``)."""
-        if a.uri is not None or not a.use_cache:
-            return
-        request, report = a.request, a.report
+        if admission.stored_uri is not None or not admission.use_cache:
+            return ExactLookup()
+        request = admission.request
         began = time.perf_counter()
         if self.before_lookup is not None:
             self.before_lookup()
-        a.key, report.generation = self._cache_key(request, a.seed, a.width, a.height, a.adapters)
+        key, generation = self._cache_key(
+            request, admission.seed, admission.width, admission.height, admission.adapters
+        )
+        capture = tuple(self.cache.state_steps(request.steps)) if request.cache.write else ()
         t = time.perf_counter()
+        uri = source_id = None
         if request.cache.exact:
-            hit = self.cache.lookup_exact(a.key, allow_shared=request.cache.use_shared)
+            hit = self.cache.lookup_exact(key, allow_shared=request.cache.use_shared)
             if hit is not None and self.artifacts.exists(hit.image_uri):
-                uri = hit.image_uri
+                uri, source_id = hit.image_uri, hit.entry_id
                 if hit.tenant != request.tenant:
-                    uri = self.artifacts.copy_for(hit.image_uri, request.tenant, a.job.job_id)
+                    uri = self.artifacts.copy_for(hit.image_uri, request.tenant, admission.job.job_id)
                 # An exact hit saves all N steps; LCBFU scores states, so credit the deepest one
                 # (K_max x hits keeps the entry, and with it the image, among the most beneficial).
                 ks = self.cache.state_steps(request.steps)
                 self.cache.record_hit(hit.entry_id, ks[-1] if ks else request.steps)
-                report.hit, report.source_id, report.steps_saved = "exact", hit.entry_id, request.steps
-                a.uri = uri
-        report.lookup_ms = (time.perf_counter() - t) * 1000
+        lookup_ms = (time.perf_counter() - t) * 1000
         self.cache_path.note_exact(time.perf_counter() - began)
-        if request.cache.write:
-            a.capture = list(self.cache.state_steps(request.steps))
+        return ExactLookup(key, generation, uri, source_id, lookup_ms, capture)
 
     @property
     def cache_path(self) -> CachePath:
@@ -431,39 +457,39 @@ class GenerationService:
     def _when_quiet(self, margin_s: float, timeout_s: float) -> bool:
         return self._engine is None or self._engine.wait_quiet(margin_s, timeout_s)
 
-    def lookup_near(self, a: AdmittedJob, start: DeviceStart, entry: EngineRequest) -> None:
+    def lookup_near(self, key, request: GenerationRequest, start: DeviceStart, entry: EngineRequest) -> NearAnswer:
         """Prompt embedding, approximate lookup and state fetch in the node's next lookup batch, while the
-        job's first steps run: the lookup thread resolves ``entry`` (resumed at K for a hit, None otherwise),
-        or skips the lookup if the engine already ran the job on fresh (held past the lookup's time box)."""
-        request, report = a.request, a.report
-        t = time.perf_counter()
+        job's first steps run: the lookup thread fills the answer and resolves ``entry`` (resumed at K for a
+        hit, None otherwise), or skips the lookup if the engine already ran the job on fresh (held past the
+        lookup's time box)."""
+        answer, t = NearAnswer(), time.perf_counter()
 
         def answered(vector, ahit) -> None:  # on the lookup thread, before the engine lets the job past K
             resume = None
             try:
-                a.vector = vector
+                answer.vector = vector
                 if ahit is not None and 0 < ahit.k < request.steps:
-                    a.near = ahit
+                    answer.hit = ahit
                     resume = start.resumed(ahit.state, ahit.k)
             finally:
-                report.lookup_ms = (report.lookup_ms or 0.0) + (time.perf_counter() - t) * 1000
+                answer.ms = (time.perf_counter() - t) * 1000
                 self.engine.resolve(entry, resume)
 
         # past its useful step: held there beyond the lookup's time box, the job runs on fresh
-        self.cache_path.submit(a.key, request.prompt, request.cache.use_shared, lambda: entry.lookup_expired, answered)
+        self.cache_path.submit(key, request.prompt, request.cache.use_shared, lambda: entry.lookup_expired, answered)
+        return answer
 
-    def on_device(self, a: AdmittedJob):
+    def on_device(self, admission: Admission, found: ExactLookup) -> DeviceRun:
         """The device stage: the job's start (its conditioning computed here, off the device) goes to the
         node engine, whose device thread that takes it binds it to its device and steps it in batches with
         the other active jobs, while the node's lookup thread answers its approximate lookup
         (``lookup_near``); a hit is bound and swapped in by the engine before the earliest step a stored
-        state can resume at, so the image never depends on which finished first. Returns (LoopOutput, the
-        image where the device decoded it)."""
-        loop, request, job = self.pool.devices[0].loop, a.request, a.job
+        state can resume at, so the image never depends on which finished first."""
+        loop, request, job = self.pool.devices[0].loop, admission.request, admission.job
         # The conditioning is the one device-free tensor computed here; the device thread that takes the
         # request moves it onto its device and binds the rest. Adapters with text-encoder weights apply them
         # for this encode only, alone on the text encoders (workers/lora.py), and bypass the text memo.
-        text_adapters = any(x.text_encoder for x in a.adapters)
+        text_adapters = any(x.text_encoder for x in admission.adapters)
 
         def conditioning():
             return loop.conditioning(
@@ -471,37 +497,43 @@ class GenerationService:
                 request.negative_prompt,
                 request.guidance_scale,
                 request.cache.feature.text_memo and not text_adapters,
-                a.width,
-                a.height,
+                admission.width,
+                admission.height,
             )
 
-        context = loop.c.adapters.encode(a.adapters, conditioning) if text_adapters else conditioning()
+        context = loop.c.adapters.encode(admission.adapters, conditioning) if text_adapters else conditioning()
         start = DeviceStart(
             request,
-            a.seed,
-            a.width,
-            a.height,
-            a.capture,
+            admission.seed,
+            admission.width,
+            admission.height,
+            list(found.capture),
             context,
             resolve_feature_options(request.cache.feature, self.feature_defaults),
         )
         # Only an approximate lookup that can resume at some K is made (a write-only request's prompt is
         # embedded by the writer), and only while this node's lookups pay for themselves or as the gate's
         # probe (workers/approx_gate.py); the engine holds the job at the earliest K until it is answered.
-        ks = self.cache.state_steps(request.steps) if a.use_cache and request.cache.approximate else []
+        ks = self.cache.state_steps(request.steps) if admission.use_cache and request.cache.approximate else []
         near = bool(ks) and self.approx_gate.admit()
         if ks and not near:
             self.cache_path.note_gated()
-        a.embed = near or self.approx_gate.is_open
+        embed = near or self.approx_gate.is_open
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
             start,
             group=("solo", job.job_id)
             if alone
-            else ("shared", a.width, a.height, start.method, *batch_key(a.adapters, self.lora_batching)),
+            else (
+                "shared",
+                admission.width,
+                admission.height,
+                start.method,
+                *batch_key(admission.adapters, self.lora_batching),
+            ),
             job_id=job.job_id,
-            adapters=a.adapters,
+            adapters=admission.adapters,
             priority=request.priority,
             deadline=job.deadline,
             decode_on_device=loop.c.device.type == "cuda",
@@ -512,48 +544,41 @@ class GenerationService:
             hold_limit_s=getattr(getattr(self.cache, "settings", None), "lookup_timeout_ms", 50.0) / 1000,
         )
         self.engine.submit(entry)
-        if near:
-            self.lookup_near(a, start, entry)
+        answer = self.lookup_near(found.key, request, start, entry) if near else None
         try:
-            out, image, a.decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
+            out, image, decode_s = self.engine.wait(entry, job.on_progress, job.is_cancelled)
         except StopRequested as exc:
             error = JobCancelled if exc.reason == "cancelled" else JobTimeout
             raise error(f"job {job.job_id}: {exc}", {"step": exc.step, "steps": exc.steps}) from None
         if entry.held_s:
             self.cache_path.note_hold(entry.held_s)
-        self._report_near(a, entry)
-        a.runner = entry.runner  # made by the device thread (a hit's own, where one was swapped in)
-        a.device = entry.device.name
-        a.loop = entry.device.loop
-        a.load_s = max(0.0, (entry.first_step_at or time.time()) - a.started)  # admission, lookups, the wait
-        return out, image
-
-    def decode(self, a: AdmittedJob, out, image):
-        """The image: decoded by the device thread where decoding is device work (CUDA: ``image`` is given),
-        here otherwise, on this thread with the VAE of the device that ran the job (off the device)."""
-        if image is None:
-            t = time.perf_counter()
-            image = a.loop.decode(out.latents)
-            a.decode_s = time.perf_counter() - t
-        return image
-
-    def _report_near(self, a: AdmittedJob, entry: EngineRequest) -> None:
-        ahit, report = a.near, a.report
-        if ahit is None:
-            return
-        if not entry.resumed:  # a state stored under other settings, before this request's earliest resume step
-            report.note = f"approximate hit at K={ahit.k} was found after step {ahit.k} had run: served fresh"
-            return
-        self.cache.record_hit(ahit.entry_id, ahit.k)
-        step_s = self.engine.stats()[entry.device.name].request_step_s  # this device's seconds a request step
-        self.approx_gate.note_saved(max(0, ahit.k - entry.steps_discarded) * step_s)
-        report.hit, report.k, report.similarity, report.source_id = (
-            "approximate",
-            ahit.k,
-            float(ahit.similarity),
-            ahit.entry_id,
+        if answer is not None and answer.hit is not None and entry.resumed:
+            self.cache.record_hit(answer.hit.entry_id, answer.hit.k)
+            step_s = self.engine.stats()[entry.device.name].request_step_s  # this device's seconds a request step
+            self.approx_gate.note_saved(max(0, answer.hit.k - entry.steps_discarded) * step_s)
+        return DeviceRun(
+            out=out,
+            image=image,
+            device=entry.device.name,
+            loop=entry.device.loop,
+            runner=entry.runner,  # made by the device thread (a hit's own, where one was swapped in)
+            load_s=max(0.0, (entry.first_step_at or time.time()) - admission.started),
+            decode_s=decode_s,
+            embed=embed,
+            near=answer,
+            resumed=entry.resumed,
+            steps_discarded=entry.steps_discarded,
         )
-        report.steps_discarded = entry.steps_discarded
+
+    def decode(self, ran: DeviceRun) -> tuple[Any, float]:
+        """(The image, seconds to decode it): decoded by the device thread where decoding is device work
+        (CUDA: ``ran.image`` is given), here otherwise, on this thread with the VAE of the device that ran
+        the job (off the device)."""
+        if ran.image is not None:
+            return ran.image, ran.decode_s
+        t = time.perf_counter()
+        image = ran.loop.decode(ran.out.latents)
+        return image, time.perf_counter() - t
 
     @property
     def engine(self) -> NodeEngine:
@@ -565,27 +590,59 @@ class GenerationService:
                 )
             return self._engine
 
-    def store(self, a: AdmittedJob, out, image) -> None:
-        """After the device: the artifact, the step timer, and the write-back (queued, never awaited)."""
-        request, report = a.request, a.report
-        a.denoise_s = out.denoise_s
-        report.steps_computed = out.steps_computed
-        report.steps_saved = request.steps - out.steps_computed
-        if a.runner is not None and hasattr(a.runner, "report"):
-            report.feature = FeatureReport(**a.runner.report())
+    def store(self, admission: Admission, found: ExactLookup, ran: DeviceRun, image, decode_s: float) -> str:
+        """After the device: the artifact (its URI returned), the step timer, and the write-back (queued,
+        never awaited)."""
+        request, out = admission.request, ran.out
         metadata = {
             "request": request.model_dump(mode="json"),
-            "seed": a.seed,
+            "seed": admission.seed,
             "model_version": self.components.fingerprint,
-            "adapters": adapter_identity(a.adapters),
-            "job_id": a.job.job_id,
+            "adapters": adapter_identity(admission.adapters),
+            "job_id": admission.job.job_id,
         }
-        a.uri = self.artifacts.write_png(image, request.tenant, a.job.job_id, metadata)
+        uri = self.artifacts.write_png(image, request.tenant, admission.job.job_id, metadata)
         # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
-        other_s = time.time() - a.started - out.denoise_s - a.decode_s if report.hit == "miss" else None
-        self.timer.observe(out.steps_computed, out.denoise_s, a.decode_s, other_s)
-        if a.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
-            self.cache_path.write_back(a.key, a.vector, out.captured, a.uri, a.shareable, embed=a.embed)
+        other_s = None if ran.resumed else time.time() - admission.started - out.denoise_s - decode_s
+        self.timer.observe(out.steps_computed, out.denoise_s, decode_s, other_s)
+        if admission.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
+            vector = ran.near.vector if ran.near is not None else None
+            self.cache_path.write_back(found.key, vector, out.captured, uri, admission.shareable, embed=ran.embed)
+        return uri
+
+    def _report(self, admission: Admission, found: ExactLookup, ran: DeviceRun | None) -> CacheReport:
+        """The request's cache report, made once from what its stages found."""
+        steps = admission.request.steps
+        report = CacheReport(
+            hit="off" if self.cache is None else "miss",
+            note=admission.note,
+            generation=found.generation,
+            lookup_ms=found.lookup_ms,
+        )
+        if admission.stored_uri is not None or found.uri is not None:
+            report.hit, report.source_id, report.steps_saved = "exact", found.source_id, steps
+            return report
+        report.steps_computed = ran.out.steps_computed
+        report.steps_saved = steps - ran.out.steps_computed
+        if ran.runner is not None and hasattr(ran.runner, "report"):
+            report.feature = FeatureReport(**ran.runner.report())
+        if ran.near is None:
+            return report
+        report.lookup_ms = (report.lookup_ms or 0.0) + ran.near.ms
+        ahit = ran.near.hit
+        if ahit is None:
+            return report
+        if not ran.resumed:  # a state stored under other settings, before this request's earliest resume step
+            report.note = f"approximate hit at K={ahit.k} was found after step {ahit.k} had run: served fresh"
+            return report
+        report.hit, report.k, report.similarity, report.source_id = (
+            "approximate",
+            ahit.k,
+            float(ahit.similarity),
+            ahit.entry_id,
+        )
+        report.steps_discarded = ran.steps_discarded
+        return report
 
     def _count(self, result: GenerationResult) -> None:
         self.counters["jobs"] += 1
@@ -635,11 +692,11 @@ class GenerationService:
         )
         return key, generation
 
-    def _pad_for_isolation(self, a: AdmittedJob) -> None:
+    def _pad_for_isolation(self, admission: Admission, hit: str) -> None:
         """A hit answers no sooner than a miss would (off the device: the padding holds no device)."""
-        if not a.request.cache.isolate_timing or a.report.hit not in ("exact", "approximate"):
+        if not admission.request.cache.isolate_timing or hit not in ("exact", "approximate"):
             return
-        remaining = self.timer.miss_time(a.request.steps) - (time.time() - a.started)
+        remaining = self.timer.miss_time(admission.request.steps) - (time.time() - admission.started)
         if remaining > 0:
             time.sleep(remaining)
 
@@ -648,27 +705,29 @@ class GenerationService:
         if self._cache_path is not None:
             self._cache_path.drain(timeout)
 
-    def _result(self, a: AdmittedJob) -> GenerationResult:
-        total = time.time() - a.started
+    def _result(
+        self, admission: Admission, report: CacheReport, uri: str, ran: DeviceRun | None, decode_s: float
+    ) -> GenerationResult:
+        total = time.time() - admission.started
         return GenerationResult(
-            job_id=a.job.job_id,
-            image_uri=a.uri,
-            seed=a.seed,
-            width=a.width,
-            height=a.height,
-            steps=a.request.steps,
+            job_id=admission.job.job_id,
+            image_uri=uri,
+            seed=admission.seed,
+            width=admission.width,
+            height=admission.height,
+            steps=admission.request.steps,
             model=self.model_name,
             model_version=self.components.fingerprint,
-            device=a.device,
+            device=ran.device if ran is not None else "",
             worker=self.hostname,
             timings=Timings(
-                queue_wait_s=round(a.queue_wait, 4),
-                load_s=round(a.load_s if a.device else total, 4),
-                denoise_s=round(a.denoise_s, 4),
-                decode_s=round(a.decode_s, 4),
-                total_s=round(total + a.queue_wait, 4),
+                queue_wait_s=round(admission.queue_wait, 4),
+                load_s=round(ran.load_s if ran is not None else total, 4),
+                denoise_s=round(ran.out.denoise_s if ran is not None else 0.0, 4),
+                decode_s=round(decode_s, 4),
+                total_s=round(total + admission.queue_wait, 4),
             ),
-            cache=a.report,
+            cache=report,
         )
 
     def close(self) -> None:
