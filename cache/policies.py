@@ -51,14 +51,15 @@ class _OrderedPolicy:
 
 class LcbfuPolicy(_OrderedPolicy):
     """Least Computationally Beneficial and Frequently Used (NIRVANA): each (entry, K) state
-    scores K x hits; the lowest goes first, older first on ties. Victims are single states."""
+    scores K x hits; the lowest goes first, older first on ties. Victims are single states. An entry
+    without states (its image only, for exact lookups) goes whole, and scores what its exact hits
+    saved (``record_hit`` credits an exact hit at the deepest K the cache keeps)."""
 
     name = "lcbfu"
 
     def order(self, entries: list[EntryStats]) -> list[Victim]:
         units = [(k * e.hits.get(k, 0), e.created_at, e.entry_id, k) for e in entries for k in e.ks]
-        # an entry without states (exact-match image only) saves no steps: score 0, goes whole
-        units += [(0, e.created_at, e.entry_id, None) for e in entries if not e.ks]
+        units += [(sum(k * n for k, n in e.hits.items()), e.created_at, e.entry_id, None) for e in entries if not e.ks]
         units.sort(key=lambda u: (u[0], u[1], u[2], -1 if u[3] is None else u[3]))
         return [(entry_id, k) for _, _, entry_id, k in units]
 

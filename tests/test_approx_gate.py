@@ -76,7 +76,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_unembedded_and_still_serves_exact_hits(
+def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_its_image_alone_and_still_serves_exact_hits(
     tiny, tmp_path, devices
 ):
     # A table no pair of these prompts reaches: every lookup costs, none saves. A long time box: each looked-up
@@ -107,7 +107,12 @@ def test_a_cpu_node_stops_lookups_that_do_not_pay_stores_unembedded_and_still_se
         found = {r.payload["prompt"] for r in cache.store.search(cache.embed(gated), None, limit=12)}
         assert gated not in found  # no prompt vector: no search finds it
         assert prompts[0] in found and prompts[7] in found  # a warm-up entry and a probe's have one
-        assert gated in {r.payload["prompt"] for r in cache.store.iter_records(fields=["prompt"])}
+        kept = {
+            r.payload["prompt"]: r.payload["ks_present"]
+            for r in cache.store.iter_records(fields=["prompt", "ks_present"])
+        }
+        assert kept[gated] == []  # and no states: nothing could resume from them, so none were captured
+        assert kept[prompts[0]] == [4] and kept[prompts[7]] == [4]
         again = service.run(request(5), JobContext("j5-again"))
         assert again.cache.hit == "exact"  # found by its exact key all the same
         # hits that would pay (as a probe could find them) open it again: the next request is looked up

@@ -21,7 +21,7 @@ def entry_lists(draw, max_entries=12):
             EntryStats(
                 entry_id=f"e{i:02d}",
                 ks=ks,
-                hits={k: draw(st.integers(0, 5)) for k in ks},
+                hits={k: draw(st.integers(0, 5)) for k in ks or [25]},  # an image-only entry's exact hits at K_max
                 created_at=float(draw(st.integers(0, 20))),
                 last_hit_at=draw(st.one_of(st.none(), st.integers(0, 40).map(float))),
                 bytes_per_state={k: 32768 for k in ks},
@@ -36,7 +36,8 @@ def brute_force_lcbfu(entries, n):
     units = []
     for e in entries:
         if not e.ks:
-            units.append(((0, e.created_at, e.entry_id, -1), (e.entry_id, None)))
+            saved = sum(k * n for k, n in e.hits.items())
+            units.append(((saved, e.created_at, e.entry_id, -1), (e.entry_id, None)))
         for k in e.ks:
             units.append(((k * e.hits.get(k, 0), e.created_at, e.entry_id, k), (e.entry_id, k)))
     return [u for _, u in sorted(units)][:n]
@@ -129,6 +130,21 @@ def test_lcbfu_example_from_nirvana():
     assert LcbfuPolicy().select_victims(entries, 3) == [("b", 10), ("c", 20), ("a", 25)]
     plan = plan_eviction(LcbfuPolicy(), entries, max_entries=1)
     assert plan.delete_entries == ["b", "c"] and not plan.delete_states
+
+
+def test_lcbfu_keeps_an_image_only_entry_by_what_its_exact_hits_saved():
+    """An entry stored without states (its request's write-back was not embedded) is found by exact
+    lookups only; each exact hit is credited at the deepest K (``record_hit``), so a popular one outlives
+    states nobody resumed from, and one never hit goes first."""
+    stats = dict(last_hit_at=None, bytes_per_state={10: 32768}, overhead_bytes=2560)
+    popular = EntryStats(entry_id="image-hit", ks=[], hits={15: 3}, created_at=0.0, **stats)
+    unhit = EntryStats(entry_id="image-cold", ks=[], hits={}, created_at=5.0, **stats)
+    states = EntryStats(entry_id="states", ks=[10], hits={10: 1}, created_at=1.0, **stats)
+    assert LcbfuPolicy().select_victims([popular, unhit, states], 3) == [
+        ("image-cold", None),
+        ("states", 10),
+        ("image-hit", None),
+    ]
 
 
 def test_unknown_policy():

@@ -18,7 +18,8 @@ While the value covers the cost, or for the first ``warmup`` lookups, every appr
 Otherwise the gate is closed: one lookup in ``probe_every`` is still made (a probe, so the estimate
 follows the stream), and the others are answered at once, unembedded (``lookup_gated``); their
 write-backs are stored without a prompt vector (exact hits still find them; approximate searches do
-not), so nothing of MiniLM runs for them at all. Probes then search a store whose recent entries mostly
+not), so nothing of MiniLM runs for them at all, and without states, which nothing could resume from (the
+request captures none: GenerationService.on_device). Probes then search a store whose recent entries mostly
 have no vector, so their hits are scaled up by the share of recent write-backs stored with one
 (``coverage``): a hit that one entry in eight could give is counted eight times.
 

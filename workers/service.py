@@ -502,15 +502,6 @@ class GenerationService:
             )
 
         context = loop.c.adapters.encode(admission.adapters, conditioning) if text_adapters else conditioning()
-        start = DeviceStart(
-            request,
-            admission.seed,
-            admission.width,
-            admission.height,
-            list(found.capture),
-            context,
-            resolve_feature_options(request.cache.feature, self.feature_defaults),
-        )
         # Only an approximate lookup that can resume at some K is made (a write-only request's prompt is
         # embedded by the writer), and only while this node's lookups pay for themselves or as the gate's
         # probe (workers/approx_gate.py); the engine holds the job at the earliest K until it is answered.
@@ -519,6 +510,18 @@ class GenerationService:
         if ks and not near:
             self.cache_path.note_gated()
         embed = near or self.approx_gate.is_open
+        # An entry stored without a prompt vector is found by exact lookups only, and they need its image, not
+        # its states: a request whose write-back will not be embedded captures none (no copies on the device,
+        # nothing to convert or store).
+        start = DeviceStart(
+            request,
+            admission.seed,
+            admission.width,
+            admission.height,
+            list(found.capture) if embed else [],
+            context,
+            resolve_feature_options(request.cache.feature, self.feature_defaults),
+        )
         # A feature cache that cannot batch (block caching, diffusers' hooks) runs alone, as a deterministic request does.
         alone = request.deterministic or not batches(start.method)
         entry = EngineRequest(
@@ -605,7 +608,9 @@ class GenerationService:
         # Misses teach the timer what a miss costs end to end (hits are padded to it under isolate_timing).
         other_s = None if ran.resumed else time.time() - admission.started - out.denoise_s - decode_s
         self.timer.observe(out.steps_computed, out.denoise_s, decode_s, other_s)
-        if admission.use_cache and request.cache.write and out.captured:  # queued for the writer, never awaited
+        # Queued for the writer, never awaited; a request that captured no states on purpose (its entry stored
+        # unembedded) still leaves its image for exact lookups.
+        if admission.use_cache and request.cache.write and (out.captured or (found.capture and not ran.embed)):
             vector = ran.near.vector if ran.near is not None else None
             self.cache_path.write_back(found.key, vector, out.captured, uri, admission.shareable, embed=ran.embed)
         return uri
