@@ -1,7 +1,8 @@
 """`reprise bench cache`: what the latent cache buys on a prompt stream, measured through the cluster.
 
 Replays one stream twice through the same running workers and model — caches off, then on (the
-model's cache generation is bumped first, so the second pass starts cold) — and reports throughput,
+model's cache generation is bumped before every pass, so each starts cold, the node's memos included)
+— and reports throughput,
 hit rates, steps computed and latency. The stream is a prompt file plus the repeat/refinement model
 of ops/workload.py (its parameters are in the JSON); `--as-is` replays the file as it is.
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=1,
-        help="replay the stream this many times each way (off/on, then on/off, ...; every caches-on pass cold); "
+        help="replay the stream this many times each way (off/on, then on/off, ...; every pass cold); "
         "the figures pool the rounds, and each round's on/off ratio is printed beside",
     )
     p.add_argument("--as-is", action="store_true", help="replay the file in order, no synthetic repeats")
@@ -254,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             # off then on, then on then off, ...: a drift of the machine over the run weighs on both alike
             for kind in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 n_pass = len(offs) + len(ons) + 1
-                if kind == "off":
-                    console.print(f"pass {n_pass}/{2 * args.rounds}: caches off, {len(stream)} requests ...")
-                else:
-                    admin.invalidate_model(args.model, reason="bench cache: cold start for the caches-on pass")
-                    console.print(f"pass {n_pass}/{2 * args.rounds}: caches on (cold), {len(stream)} requests ...")
+                # Before every pass, not only the caches-on ones: an invalidation also drops the node's memos (the
+                # text encoder's and MiniLM's), and a caches-off pass after an earlier one would otherwise find
+                # every prompt's conditioning memoised while each caches-on pass encoded them all again.
+                admin.invalidate_model(args.model, reason=f"bench cache: cold start for pass {n_pass}")
+                label = "caches off" if kind == "off" else "caches on (cold)"
+                console.print(f"pass {n_pass}/{2 * args.rounds}: {label}, {len(stream)} requests ...")
                 before = node_counters(admin.app)
                 done = replay_pass(stream, args.concurrency, CACHE_OFF if kind == "off" else on_cache)
                 after = node_counters(admin.app)
