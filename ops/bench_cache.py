@@ -121,6 +121,9 @@ def summarise(passes: list[dict]) -> dict:
         # the device side: mean requests per denoiser call, and the devices' time inside calls per second
         "mean_batch": counted["requests_stepped"] / counted["calls"] if counted.get("calls") else None,
         "device_busy_s_per_s": counted["call_s"] / wall if counted and wall else None,
+        # CPU the worker processes spent per image: unlike throughput, idle moments and a machine that
+        # runs slower for a while (other tenants) barely move it, so it shows what the caches cost the host
+        "worker_cpu_ms_per_image": counted["worker_cpu_s"] * 1000 / n if counted.get("worker_cpu_s") and n else None,
         "mean_latency": statistics.fmean(latencies) if latencies else None,
         "p50_latency": _pct(latencies, 0.5),
         "p95_latency": _pct(latencies, 0.95),
@@ -143,10 +146,14 @@ ENGINE = ("calls", "requests_stepped", "call_s")  # the engine's denoiser calls 
 
 
 def node_counters(app) -> dict[str, float]:
-    """The cache path's counters and the engine's call totals, summed over the live nodes (`celery inspect
-    stats`, as Flower reads them)."""
-    totals: dict[str, float] = dict.fromkeys((*COUNTERS, *ENGINE), 0)
+    """The cache path's counters, the engine's call totals and the worker processes' CPU seconds (Celery's
+    ``rusage`` of each worker process: every thread of it, not MiniLM's child process where it has one),
+    summed over the live nodes (`celery inspect stats`, as Flower reads them)."""
+    totals: dict[str, float] = dict.fromkeys((*COUNTERS, *ENGINE, "worker_cpu_s"), 0)
     for stats in (app.control.inspect(timeout=5).stats() or {}).values():
+        usage = stats.get("rusage")
+        if isinstance(usage, dict):  # "N/A" where the platform has no getrusage
+            totals["worker_cpu_s"] += float(usage.get("utime") or 0) + float(usage.get("stime") or 0)
         node = stats.get("reprise") or {}
         for name in COUNTERS:
             totals[name] += int((node.get("jobs") or {}).get(name) or 0)
@@ -301,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "device_busy_on": on["device_busy_s_per_s"] / devices if on["device_busy_s_per_s"] is not None else None,
         "mean_latency_off": off["mean_latency"],
         "mean_latency_on": on["mean_latency"],
+        "worker_cpu_ms_per_image_off": off["worker_cpu_ms_per_image"],
+        "worker_cpu_ms_per_image_on": on["worker_cpu_ms_per_image"],
         "hit_rate_exact": on["hit_rate_exact"],
         "hit_rate_approx": on["hit_rate_approx"],
         "approx_hits_by_k": on["approx_hits_by_k"],
@@ -335,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt(report['mean_batch_on'])} / {fmt(report['device_busy_on'], '{:.1%}')}",
     )
     table.add_row("mean latency (s)", fmt(off["mean_latency"], "{:.3f}"), fmt(on["mean_latency"], "{:.3f}"))
+    table.add_row(
+        "worker CPU per image (ms)",
+        fmt(report["worker_cpu_ms_per_image_off"], "{:.1f}"),
+        fmt(report["worker_cpu_ms_per_image_on"], "{:.1f}"),
+    )
     table.add_row(
         "p50 / p95 latency (s)",
         f"{fmt(off['p50_latency'])} / {fmt(off['p95_latency'])}",
